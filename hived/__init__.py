@@ -1,0 +1,39 @@
+"""hived: a brokerless Python compute mesh on ZeroMQ.
+
+    from hived import hive
+    squares = list(hive.map(pow2, range(10_000)))
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from hived.errors import (  # noqa: E402
+    HiveError,
+    HiveUnavailable,
+    SerializationError,
+    TaskTimeout,
+    WorkerCrashed,
+)
+
+__all__ = [
+    "Hive",
+    "HiveError",
+    "HiveUnavailable",
+    "SerializationError",
+    "TaskTimeout",
+    "WorkerCrashed",
+    "__version__",
+    "connect",
+    "hive",
+]
+
+
+def __getattr__(name: str):
+    # The client pulls in zmq and threads; import it only when first used so
+    # `import hived` stays cheap (worker processes import hived.worker only).
+    if name in ("Hive", "connect", "hive"):
+        from hived import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'hived' has no attribute {name!r}")

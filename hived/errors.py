@@ -1,0 +1,47 @@
+"""Every error hived raises, in one place.
+
+User-facing errors derive from `HiveError`. Protocol errors follow h11's split:
+`LocalProtocolError` means our own caller misused us, `RemoteProtocolError`
+means a peer sent something malformed or hostile; the latter is logged with the
+peer's name and the peer is dropped, never allowed to crash the daemon.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+
+class HiveError(Exception):
+    """Base class of hived's own errors."""
+
+
+class WorkerCrashed(HiveError):
+    """The process running a task died (segfault, OOM kill, os._exit) on every try."""
+
+
+class TaskTimeout(HiveError, concurrent.futures.TimeoutError):
+    """A result did not arrive within the caller's `timeout`."""
+
+
+class HiveUnavailable(HiveError):
+    """No daemon answered where one was named."""
+
+
+class SerializationError(HiveError):
+    """A function, argument or result could not be pickled or unpickled."""
+
+
+class RemoteError(HiveError):
+    """Carries a remote traceback; set as `__cause__` of a task's own exception."""
+
+
+class ConfigError(HiveError):
+    """A configuration file, flag or environment variable is invalid."""
+
+
+class LocalProtocolError(HiveError):
+    """Our caller asked a protocol core for something it cannot do in its state."""
+
+
+class RemoteProtocolError(HiveError):
+    """A peer sent a malformed, truncated or hostile message."""
