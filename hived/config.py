@@ -1,0 +1,753 @@
+"""The daemon's configuration: four layers merged, every value checked once.
+
+Theory of operation
+-------------------
+A setting can come from four places. Highest first::
+
+    flags (hived --bind ...)  >  TOML file  >  HIVED_* environment  >  defaults
+
+(The environment sits *below* the file on purpose: a unit file or container
+image may export HIVED_* as site defaults, and the operator's
+/etc/hived/hived.toml must still win over them.)
+
+Each layer is flattened to ``dotted.key -> Raw(value, where, text)``, where
+``where`` is what an error message names ("/etc/hived/hived.toml",
+"flag --cpus", "environment HIVED_CPUS") and ``text`` says the value arrived
+as a string to be parsed (flags, environment) rather than as a typed TOML
+value. The top value of each key goes through that key's validator exactly
+once; a failure becomes one ``ConfigError`` line::
+
+    /etc/hived/hived.toml: pool.cpus: expected "auto" or an integer >= 1, got -2
+
+The result is a tree of frozen dataclasses, so nothing downstream re-checks
+or mutates it. ``Config.origins`` remembers where each value came from, for
+``hived --check-config`` and for errors found later (``check_security``).
+
+This module must stay cheap to import: the client calls
+``default_control_address`` to find the local daemon.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import math
+import os
+import re
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+from hived.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = "/etc/hived/hived.toml"
+DEFAULT_BIND = "tcp://127.0.0.1:7700"
+# Where the packaged systemd unit puts the control socket (RuntimeDirectory=hived).
+SYSTEM_CONTROL_ADDRESS = "ipc:///run/hived/hived.sock"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+# sockaddr_un.sun_path is 108 bytes including the terminating NUL on Linux;
+# zmq refuses longer ipc paths with an obscure errno, so we say it up front.
+_MAX_IPC_PATH = 107
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    bind: str
+    advertise: str
+    seeds: tuple[str, ...]
+    control: str
+    data_dir: str
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    cpus: int | Literal["auto"] = "auto"
+    gpus: int | Literal["auto"] = "auto"
+    max_tasks_per_worker: int = 0
+    # Normalised: bytes as an int (0 = no limit) or a percentage string "90%"
+    # of the machine's memory; resources.memory_limit_bytes turns it into bytes.
+    memory_limit: int | str = "90%"
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    heartbeat: float = 0.5
+    dead_after: float = 3.0
+    lease: float = 2.0
+    drain_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    key_file: str | None = None
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeConfig
+    pool: PoolConfig
+    timing: TimingConfig
+    security: SecurityConfig
+    log_level: str = "info"
+    source: str | None = None
+    # dotted key -> "default" | file path | "flag --x" | "environment HIVED_X"
+    origins: Mapping[str, str] = field(
+        default_factory=lambda: MappingProxyType({}), compare=False, repr=False
+    )
+
+    def to_toml(self) -> str:
+        """The effective configuration as TOML that `load_config` reads back.
+
+        Values that did not come from the file carry a comment naming their
+        origin, so `hived --check-config` also answers "why is it this?".
+        """
+        lines = [f"# hived effective configuration (file: {self.source or 'none'})"]
+
+        def put(key: str, value: Any) -> None:
+            origin = self.origins.get(key)
+            note = f"  # {origin}" if origin and origin != self.source else ""
+            lines.append(f"{key.rsplit('.', 1)[-1]} = {_toml_value(value)}{note}")
+
+        put("log_level", self.log_level)
+        for section in ("node", "pool", "timing", "security"):
+            lines.append("")
+            lines.append(f"[{section}]")
+            for key, value in vars(getattr(self, section)).items():
+                if value is None:  # TOML has no null: an absent key means "not set"
+                    lines.append(f"# {key} is not set")
+                else:
+                    put(f"{section}.{key}", value)
+        return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------
+# Public helpers
+
+
+def default_control_address(environ: Mapping[str, str] = os.environ) -> str:
+    """Where the daemon listens for clients and hivectl unless told otherwise.
+
+    Pure and cheap (no I/O): the client calls it to find the local daemon.
+    """
+    runtime = environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return f"ipc://{runtime.rstrip('/')}/hived/hived.sock"
+    if os.geteuid() == 0:
+        return SYSTEM_CONTROL_ADDRESS
+    return f"ipc:///tmp/hived-{os.getuid()}/hived.sock"
+
+
+def local_control_addresses(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """Control addresses a client should try, in order, to reach a local daemon.
+
+    A user's own daemon (under $XDG_RUNTIME_DIR) first, then the system
+    service's socket, which a user shell's default never points at.
+    """
+    found = [default_control_address(environ)]
+    if SYSTEM_CONTROL_ADDRESS not in found:
+        found.append(SYSTEM_CONTROL_ADDRESS)
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    """True when only this machine can reach `address`.
+
+    ipc:// is local by nature. For tcp:// the host must be in 127.0.0.0/8, ::1
+    or be "localhost"; other names are not resolved (slow, and a name can
+    change), so they count as reachable from elsewhere.
+    """
+    if address.startswith("ipc://"):
+        return True
+    host = address
+    if "://" in address:
+        parsed = _split_tcp(address)
+        if parsed is None:
+            return False
+        host = parsed[0]
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def parse_memory_limit(spec: int | str) -> int | str:
+    """Normalise a memory_limit: bytes as an int (0 = none) or "N%" of memory.
+
+    Accepts 0, a byte count, "90%", "4GiB", "512MiB", "512MB", "1.5GB", "0".
+    Raises ValueError with the expectation on anything else.
+    """
+    if isinstance(spec, bool) or not isinstance(spec, int | str):
+        raise ValueError(_MEMORY_EXPECTED)
+    if isinstance(spec, int):
+        if spec < 0:
+            raise ValueError(_MEMORY_EXPECTED)
+        return spec
+    text = spec.strip()
+    if text.endswith("%"):
+        try:
+            pct = float(text[:-1])
+        except ValueError:
+            raise ValueError(_MEMORY_EXPECTED) from None
+        if not 0 <= pct <= 100:
+            raise ValueError(_MEMORY_EXPECTED)
+        return 0 if pct == 0 else f"{pct:g}%"
+    match = _SIZE.fullmatch(text)
+    if not match:
+        raise ValueError(_MEMORY_EXPECTED)
+    number, unit = match.groups()
+    return int(float(number) * (_UNITS[unit.lower()] if unit else 1))
+
+
+def check_security(config: Config) -> None:
+    """Refuse a setup that lets other machines in without authentication.
+
+    A mesh or control socket reachable from other machines accepts pickled
+    code to run, so without a CURVE key anyone on the network could run
+    anything as the daemon's user. Loopback and ipc are exempt.
+    """
+    if config.security.key_file or config.security.insecure:
+        return
+    for key, address in (("node.bind", config.node.bind), ("node.control", config.node.control)):
+        if not is_loopback(address):
+            origin = config.origins.get(key, "default")
+            raise ConfigError(
+                f"{origin}: {key}: {address} is reachable from other machines but no key "
+                "file is set, and peers would run unauthenticated code; make a key with "
+                "`hivectl keygen /etc/hived/cluster.key`, then set "
+                '[security] key_file = "/etc/hived/cluster.key" '
+                "(or insecure = true to accept the risk on a trusted network)"
+            )
+
+
+def load_config(
+    path: str | None = None,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Merge flags > file > HIVED_* environment > defaults, and validate.
+
+    `path` None reads /etc/hived/hived.toml where it exists; a path given
+    explicitly must exist. `flags` keys are the long options with "_"
+    (name, bind, advertise, seeds, control, data_dir, cpus, gpus, key_file,
+    log_level); a None value means the flag was not given.
+    """
+    environ = os.environ if environ is None else environ
+    layers: dict[str, _Raw] = {}
+    # Lowest layer first; each later layer overwrites what it sets.
+    for key, value in _defaults(environ).items():
+        layers[key] = _Raw(value, "default", text=False)
+    layers.update(_env_layer(environ))
+    source = os.fspath(path) if path is not None else _default_path()
+    if source is not None:
+        layers.update(_file_layer(source))
+    layers.update(_flag_layer(flags or {}))
+
+    values: dict[str, Any] = {}
+    for key, raw in layers.items():
+        values[key] = _validate(key, raw)
+
+    # Otherwise a healthy peer would be declared dead between two of its heartbeats.
+    heartbeat, dead_after = values["timing.heartbeat"], values["timing.dead_after"]
+    if dead_after <= heartbeat:
+        raise _error(
+            layers["timing.dead_after"],
+            "timing.dead_after",
+            f"a number of seconds > timing.heartbeat ({heartbeat:g})",
+        )
+    if "node.advertise" not in layers:
+        values["node.advertise"] = _derive_advertise(values["node.bind"])
+        layers["node.advertise"] = _Raw(None, "default (derived from node.bind)", text=False)
+
+    sections: dict[str, dict[str, Any]] = {s: {} for s in _SCHEMA}
+    for key, value in values.items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            sections[section][name] = value
+    return Config(
+        node=NodeConfig(**sections["node"]),
+        pool=PoolConfig(**sections["pool"]),
+        timing=TimingConfig(**sections["timing"]),
+        security=SecurityConfig(**sections["security"]),
+        log_level=values["log_level"],
+        source=source,
+        origins=MappingProxyType({k: raw.where for k, raw in layers.items()}),
+    )
+
+
+# --------------------------------------------------------------------------
+# Layers
+
+
+@dataclass(frozen=True)
+class _Raw:
+    value: Any
+    where: str
+    text: bool  # arrived as a string to parse (flag/environment), not a typed TOML value
+
+
+class _Invalid(Exception):
+    """A validator's complaint: what it expected. The caller adds where and got."""
+
+    _WHOLE = object()
+
+    def __init__(self, expected: str, got: Any = _WHOLE) -> None:
+        super().__init__(expected)
+        # Which part of the value was wrong (one bad seed, not the whole list).
+        self.got = got
+
+
+def _defaults(environ: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "log_level": "info",
+        "node.name": socket.gethostname(),
+        "node.bind": DEFAULT_BIND,
+        "node.seeds": [],
+        "node.control": default_control_address(environ),
+        "node.data_dir": _default_data_dir(environ, os.geteuid()),
+        "pool.cpus": "auto",
+        "pool.gpus": "auto",
+        "pool.max_tasks_per_worker": 0,
+        "pool.memory_limit": "90%",
+        "timing.heartbeat": 0.5,
+        "timing.dead_after": 3.0,
+        "timing.lease": 2.0,
+        "timing.drain_timeout": 30.0,
+        "security.key_file": None,
+        "security.insecure": False,
+    }
+
+
+def _default_data_dir(environ: Mapping[str, str], euid: int) -> str:
+    if euid == 0:
+        return "/var/lib/hived"
+    state = environ.get("XDG_STATE_HOME")
+    if state:
+        return os.path.join(state, "hived")
+    home = environ.get("HOME") or os.path.expanduser("~")
+    return os.path.join(home, ".local", "state", "hived")
+
+
+def _default_path() -> str | None:
+    return DEFAULT_CONFIG_PATH if os.path.exists(DEFAULT_CONFIG_PATH) else None
+
+
+_ENV = {
+    "HIVED_NAME": "node.name",
+    "HIVED_BIND": "node.bind",
+    "HIVED_ADVERTISE": "node.advertise",
+    "HIVED_SEEDS": "node.seeds",
+    "HIVED_CONTROL": "node.control",
+    "HIVED_DATA_DIR": "node.data_dir",
+    "HIVED_CPUS": "pool.cpus",
+    "HIVED_GPUS": "pool.gpus",
+    "HIVED_KEY_FILE": "security.key_file",
+    "HIVED_INSECURE": "security.insecure",
+    "HIVED_LOG_LEVEL": "log_level",
+}
+
+# flags key -> (dotted key, how the user typed it)
+_FLAGS = {
+    "name": ("node.name", "--name"),
+    "bind": ("node.bind", "--bind"),
+    "advertise": ("node.advertise", "--advertise"),
+    "seeds": ("node.seeds", "--seed"),
+    "control": ("node.control", "--control"),
+    "data_dir": ("node.data_dir", "--data-dir"),
+    "cpus": ("pool.cpus", "--cpus"),
+    "gpus": ("pool.gpus", "--gpus"),
+    "key_file": ("security.key_file", "--key-file"),
+    "log_level": ("log_level", "--log-level"),
+}
+
+
+def _env_layer(environ: Mapping[str, str]) -> dict[str, _Raw]:
+    layer = {}
+    for var, key in _ENV.items():
+        value = environ.get(var)
+        # An empty variable counts as unset, so `HIVED_BIND= hived` clears it.
+        if value is None or value.strip() == "":
+            continue
+        if key == "node.seeds":
+            layer[key] = _Raw(
+                [s.strip() for s in value.split(",") if s.strip()], f"environment {var}", True
+            )
+        else:
+            layer[key] = _Raw(value.strip(), f"environment {var}", True)
+    return layer
+
+
+def _flag_layer(flags: Mapping[str, Any]) -> dict[str, _Raw]:
+    layer = {}
+    for name, value in flags.items():
+        if name not in _FLAGS:
+            raise ConfigError(
+                f"flag {name!r}: expected one of {', '.join(sorted(_FLAGS))}, got an unknown flag"
+            )
+        if value is None:
+            continue
+        key, spelled = _FLAGS[name]
+        if key == "node.seeds" and isinstance(value, str):
+            value = [value]
+        layer[key] = _Raw(list(value) if key == "node.seeds" else value, f"flag {spelled}", True)
+    return layer
+
+
+def _file_layer(path: str) -> dict[str, _Raw]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+    layer = {}
+    for top, body in data.items():
+        if top in _TOP:
+            layer[top] = _Raw(body, path, text=False)
+            continue
+        if top not in _SCHEMA:
+            choices = [f"[{s}]" for s in _SCHEMA] + list(_TOP)
+            raise ConfigError(
+                f"{path}: {top}: expected one of {', '.join(choices)}, "
+                f"got an unknown {'section' if isinstance(body, dict) else 'key'}"
+                f"{_did_you_mean(top, list(_SCHEMA) + list(_TOP))}"
+            )
+        if not isinstance(body, dict):
+            raise ConfigError(f"{path}: {top}: expected a table [{top}], got {_show(body)}")
+        for key, value in body.items():
+            if key not in _SCHEMA[top]:
+                raise ConfigError(
+                    f"{path}: {top}.{key}: expected one of {', '.join(_SCHEMA[top])}, "
+                    f"got an unknown key{_did_you_mean(key, list(_SCHEMA[top]))}"
+                )
+            layer[f"{top}.{key}"] = _Raw(value, path, text=False)
+    return layer
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+def _validate(key: str, raw: _Raw) -> Any:
+    section, _, name = key.rpartition(".")
+    check = _SCHEMA[section][name] if section else _TOP[name]
+    try:
+        return check(raw.value, raw.text)
+    except _Invalid as exc:
+        got = raw.value if exc.got is _Invalid._WHOLE else exc.got
+        raise _error(raw, key, str(exc), got) from None
+
+
+def _error(raw: _Raw, key: str, expected: str, got: Any = None) -> ConfigError:
+    shown = _show(raw.value if got is None else got)
+    return ConfigError(f"{raw.where}: {key}: expected {expected}, got {shown}")
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it (TOML-ish), on one line, not too long."""
+    if isinstance(value, bool):
+        shown = "true" if value else "false"
+    elif isinstance(value, str):
+        shown = json.dumps(value)  # quotes, and escapes newlines: stays one line
+    elif isinstance(value, int | float):
+        shown = repr(value)
+    elif isinstance(value, list | tuple):
+        shown = "[" + ", ".join(_show(v) for v in value) + "]"
+    elif isinstance(value, dict):
+        shown = "a table"
+    else:
+        shown = json.dumps(str(value))
+    return shown if len(shown) <= 120 else shown[:117] + "..."
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def _toml_string(text: str) -> str:
+    # Not json.dumps: JSON writes astral characters as surrogate pairs and
+    # leaves DEL raw, and TOML forbids both.
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+# --------------------------------------------------------------------------
+# Validators: (value, text) -> normalised value, or raise _Invalid(expected)
+
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+_WILDCARDS = ("*", "0.0.0.0", "::")
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
+_UNITS = {
+    "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+_MEMORY_EXPECTED = (
+    'a percentage like "90%", a byte count, or a size like "4GiB", "512MiB" or "512MB" (0 disables)'
+)
+
+
+def _split_tcp(address: str) -> tuple[str, int] | None:
+    """("host", port) of a tcp://host:port address, or None if malformed."""
+    if not address.startswith("tcp://"):
+        return None
+    rest = address[len("tcp://") :]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return None
+    if host.startswith("["):
+        if not host.endswith("]"):
+            return None
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return None
+        return host, int(port)
+    if host == "*":
+        return host, int(port)
+    try:
+        ipaddress.IPv4Address(host)
+        return host, int(port)
+    except ValueError:
+        pass
+    if _HOSTNAME.fullmatch(host) and not host.replace(".", "").isdigit():
+        return host, int(port)
+    return None
+
+
+def _is_wildcard(host: str) -> bool:
+    return host.strip("[]") in _WILDCARDS
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid("a non-empty string")
+    return value.strip()
+
+
+def _v_name(value: Any, text: bool) -> str:
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise _Invalid('a node name of letters, digits, ".", "_" and "-" (at most 253)')
+    return value
+
+
+def _v_bind(value: Any, text: bool) -> str:
+    if not isinstance(value, str) or _split_tcp(value) is None:
+        raise _Invalid('"tcp://host:port" (host an IP, a name, * or 0.0.0.0; port 1..65535)')
+    return value
+
+
+def _v_advertise(value: Any, text: bool) -> str:
+    parsed = _split_tcp(value) if isinstance(value, str) else None
+    if parsed is None or _is_wildcard(parsed[0]):
+        raise _Invalid('"tcp://host:port" that peers can dial (not * or 0.0.0.0; port 1..65535)')
+    return value
+
+
+def _v_seeds(value: Any, text: bool) -> tuple[str, ...]:
+    expected = 'a list of "tcp://host:port" addresses that peers can dial, each once'
+    if not isinstance(value, list | tuple):
+        raise _Invalid(expected)
+    seen: list[str] = []
+    for item in value:
+        # Seeds are the election's voters: a duplicate would count one vote twice.
+        if not isinstance(item, str) or item in seen:
+            raise _Invalid(expected, got=item)
+        try:
+            _v_advertise(item, text)
+        except _Invalid:
+            raise _Invalid(expected, got=item) from None
+        seen.append(item)
+    return tuple(seen)
+
+
+def _v_control(value: Any, text: bool) -> str:
+    expected = '"ipc://PATH" (at most 107 bytes) or "tcp://host:port"'
+    if isinstance(value, str) and value.startswith("ipc://"):
+        path = value[len("ipc://") :]
+        if path and len(path.encode()) <= _MAX_IPC_PATH:
+            return value
+    elif isinstance(value, str) and _split_tcp(value) is not None:
+        return value
+    raise _Invalid(expected)
+
+
+def _v_path(value: Any, text: bool) -> str:
+    try:
+        return os.path.expanduser(_string(value))
+    except _Invalid:
+        raise _Invalid("a non-empty path string") from None
+
+
+def _v_optional_path(value: Any, text: bool) -> str | None:
+    return None if value is None else _v_path(value, text)
+
+
+def _int(value: Any, text: bool) -> int | None:
+    """An int from TOML (never a bool) or from a flag/environment string."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if text and isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+        return int(value)
+    return None
+
+
+def _slots(minimum: int) -> Callable[[Any, bool], int | str]:
+    def check(value: Any, text: bool) -> int | str:
+        if value == "auto" or (text and isinstance(value, str) and value.strip().lower() == "auto"):
+            return "auto"
+        number = _int(value, text)
+        if number is None or number < minimum:
+            raise _Invalid(f'"auto" or an integer >= {minimum}')
+        return number
+
+    return check
+
+
+def _v_max_tasks(value: Any, text: bool) -> int:
+    number = _int(value, text)
+    if number is None or number < 0:
+        raise _Invalid("an integer >= 0 (0 = never recycle)")
+    return number
+
+
+def _v_memory_limit(value: Any, text: bool) -> int | str:
+    try:
+        return parse_memory_limit(value)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+
+
+def _v_seconds(value: Any, text: bool) -> float:
+    number: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif text and isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if number is None or not math.isfinite(number) or number <= 0:
+        raise _Invalid("a number of seconds > 0")
+    return number
+
+
+def _v_bool(value: Any, text: bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if text and isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("1", "true", "yes", "on"):
+            return True
+        if word in ("0", "false", "no", "off"):
+            return False
+    raise _Invalid("true or false")
+
+
+def _v_log_level(value: Any, text: bool) -> str:
+    if isinstance(value, str) and value.strip().lower() in LOG_LEVELS:
+        return value.strip().lower()
+    raise _Invalid("one of " + ", ".join(f'"{level}"' for level in LOG_LEVELS))
+
+
+_SCHEMA: dict[str, dict[str, Callable[[Any, bool], Any]]] = {
+    "node": {
+        "name": _v_name,
+        "bind": _v_bind,
+        "advertise": _v_advertise,
+        "seeds": _v_seeds,
+        "control": _v_control,
+        "data_dir": _v_path,
+    },
+    "pool": {
+        "cpus": _slots(1),
+        "gpus": _slots(0),
+        "max_tasks_per_worker": _v_max_tasks,
+        "memory_limit": _v_memory_limit,
+    },
+    "timing": {
+        "heartbeat": _v_seconds,
+        "dead_after": _v_seconds,
+        "lease": _v_seconds,
+        "drain_timeout": _v_seconds,
+    },
+    "security": {"key_file": _v_optional_path, "insecure": _v_bool},
+}
+_TOP: dict[str, Callable[[Any, bool], Any]] = {"log_level": _v_log_level}
+
+
+# --------------------------------------------------------------------------
+# Deriving the advertised address
+
+
+def _derive_advertise(bind: str) -> str:
+    """What peers should dial when only `bind` was given.
+
+    A specific host is dialable as is. For a wildcard we ask the kernel which
+    source address it would use towards a documentation-range address (a UDP
+    connect sends nothing); with no route we fall back to loopback.
+    """
+    parsed = _split_tcp(bind)
+    if parsed is None:  # cannot happen after validation; keep what we were given
+        return bind
+    host, port = parsed
+    if not _is_wildcard(host):
+        return bind
+    v6 = host.startswith("[")
+    family, probe, fallback = (
+        (socket.AF_INET6, "2001:db8::1", "::1")
+        if v6
+        else (socket.AF_INET, "192.0.2.1", "127.0.0.1")
+    )
+    address = fallback
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((probe, 9))
+            found = s.getsockname()[0]
+            if found and not is_loopback(found):
+                address = found
+    except OSError:
+        pass
+    return f"tcp://[{address}]:{port}" if v6 else f"tcp://{address}:{port}"
