@@ -2,9 +2,12 @@
 
 Every message on every socket (mesh, control, worker) is
 
-    [b"HV" + major.minor, TYPE, msgpack(header), payload...]
+    [b"HV" + major.minor + b" " + TYPE + b"\n" + msgpack(header), payload...]
 
-The header is a msgpack map of the message's fields; payload frames are raw
+The first frame is the envelope: protocol version, message type and header
+together, so a control message is one frame (each frame costs a send call,
+and that is most of the per-message cost on the hot path). The header is a
+msgpack map of the message's fields; payload frames are raw
 bytes (user pickles, with their out-of-band buffers as frames of their own) and
 are never looked at here. The control plane is never unpickled: a header is
 plain msgpack, decoded once into its dataclass and checked field by field
@@ -21,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar, Union
 
 import msgpack
@@ -30,20 +33,24 @@ from hived.errors import LocalProtocolError, RemoteProtocolError
 
 PROTOCOL_MAJOR = 1
 PROTOCOL_MINOR = 0
-VERSION_FRAME = b"HV%d.%d" % (PROTOCOL_MAJOR, PROTOCOL_MINOR)
+VERSION = b"HV%d.%d" % (PROTOCOL_MAJOR, PROTOCOL_MINOR)
 
 # A header bigger than this is hostile: control-plane headers are small and
 # bulk data travels in payload frames.
 MAX_HEADER_BYTES = 1 << 20
 
-Frame = Union[bytes, memoryview, Any]  # bytes-like, or a zmq.Frame
+Frame = Any  # bytes-like, or a zmq.Frame
+ZERO_COPY_MIN = 64 * 1024
 
 
 class Message:
     """Base of all wire messages; subclasses are dataclasses made by `message`."""
 
     TYPE: ClassVar[bytes] = b""
-    _checks: ClassVar[tuple[tuple[str, Any], ...]] = ()
+    # (field name, annotation, predicate) for each field, in declaration order
+    _checks: ClassVar[tuple[tuple[str, Any, Any], ...]] = ()
+    _tuples: ClassVar[frozenset[str]] = frozenset()  # fields sent as lists, kept as tuples
+    _prefix: ClassVar[bytes] = b""  # version and type, the start of the envelope
 
 
 _REGISTRY: dict[bytes, type[Message]] = {}
@@ -57,9 +64,17 @@ def message(type_name: bytes):
         if type_name in _REGISTRY:
             raise LocalProtocolError(f"message type {type_name!r} is registered twice")
         cls = dataclasses.dataclass(frozen=True, slots=True)(cls)
+        if b" " in type_name or b"\n" in type_name:
+            raise LocalProtocolError(f"message type {type_name!r} may not hold a space or newline")
         cls.TYPE = type_name
+        cls._prefix = VERSION + b" " + type_name + b"\n"
         hints = typing.get_type_hints(cls)
-        cls._checks = tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
+        cls._checks = tuple(
+            (f.name, hints[f.name], _checker(hints[f.name])) for f in dataclasses.fields(cls)
+        )
+        cls._tuples = frozenset(
+            name for name, hint, _ in cls._checks if typing.get_origin(hint) is tuple
+        )
         _REGISTRY[type_name] = cls
         return cls
 
@@ -68,17 +83,32 @@ def message(type_name: bytes):
 
 def encode(msg: Message, payload: Sequence[Frame] = ()) -> list[Frame]:
     """The frames that carry `msg` and its payload."""
-    header = msgpack.packb({name: getattr(msg, name) for name, _ in msg._checks})
-    return [VERSION_FRAME, msg.TYPE, header, *payload]
+    header = msgpack.packb({name: getattr(msg, name) for name, _, _ in msg._checks})
+    return [msg._prefix + header, *payload]
+
+
+def zero_copy(frames: Sequence[Frame]) -> bool:
+    """Whether sending `frames` without a copy pays: only when one is large.
+
+    pyzmq's zero-copy send costs a Python object per frame, more than copying
+    a small frame does.
+    """
+    return any(len(f) >= ZERO_COPY_MIN for f in frames)
+
+
+def frame_bytes(frame: Frame) -> bytes:
+    """The bytes of a frame, whether a zmq.Frame or a bytes-like object."""
+    data = getattr(frame, "bytes", None)
+    return data if isinstance(data, bytes) else bytes(frame)
 
 
 def peer_version(frames: Sequence[Frame]) -> tuple[int, int] | None:
-    """The protocol version a peer speaks, or None if the first frame is not one."""
+    """The protocol version a peer speaks, or None if its first frame is not ours."""
     try:
-        first = bytes(frames[0])
-        major, minor = first[2:].split(b".")
+        first = frame_bytes(frames[0])[:16]
         if not first.startswith(b"HV"):
             return None
+        major, minor = first[2:].split(b" ", 1)[0].split(b".")
         return int(major), int(minor)
     except (IndexError, ValueError):
         return None
@@ -86,22 +116,24 @@ def peer_version(frames: Sequence[Frame]) -> tuple[int, int] | None:
 
 def decode(frames: Sequence[Frame]) -> tuple[Message, list[Frame]]:
     """Decode and check one message; return it and its payload frames."""
-    if len(frames) < 3:
-        raise RemoteProtocolError(f"truncated message: {len(frames)} frames, expected at least 3")
-    version = bytes(frames[0])
-    if version != VERSION_FRAME:
+    if not frames:
+        raise RemoteProtocolError("empty message")
+    envelope = frame_bytes(frames[0])
+    head, sep, raw = envelope.partition(b"\n")
+    version, _, type_name = head.partition(b" ")
+    if version != VERSION or not sep:
         got = peer_version(frames)
         if got is None:
-            raise RemoteProtocolError(f"not a hived message (first frame {version[:16]!r})")
+            raise RemoteProtocolError(f"not a hived message (starts {envelope[:16]!r})")
+        if got == (PROTOCOL_MAJOR, PROTOCOL_MINOR):
+            raise RemoteProtocolError(f"truncated envelope {envelope[:32]!r}")
         raise RemoteProtocolError(
             f"protocol version {got[0]}.{got[1]} is not ours "
             f"({PROTOCOL_MAJOR}.{PROTOCOL_MINOR}); upgrade the older side"
         )
-    type_name = bytes(frames[1])
     cls = _REGISTRY.get(type_name)
     if cls is None:
         raise RemoteProtocolError(f"unknown message type {type_name[:32]!r}")
-    raw = frames[2]
     if len(raw) > MAX_HEADER_BYTES:
         raise RemoteProtocolError(f"{type_name.decode()} header of {len(raw)} bytes is too large")
     try:
@@ -110,46 +142,43 @@ def decode(frames: Sequence[Frame]) -> tuple[Message, list[Frame]]:
         raise RemoteProtocolError(f"{type_name.decode()} header is not msgpack: {exc}") from None
     if not isinstance(header, dict):
         raise RemoteProtocolError(f"{type_name.decode()} header is not a map")
-    values = {}
-    for name, hint in cls._checks:
-        if name not in header:
-            raise RemoteProtocolError(f"{type_name.decode()} lacks field {name!r}")
-        values[name] = _check(header[name], hint, type_name, name)
-    return cls(**values), list(frames[3:])
+    values = []
+    for name, hint, ok in cls._checks:
+        try:
+            value = header[name]
+        except KeyError:
+            raise RemoteProtocolError(f"{type_name.decode()} lacks field {name!r}") from None
+        if not ok(value):
+            raise RemoteProtocolError(
+                f"{type_name.decode()} field {name!r} should be {_describe(hint)}, "
+                f"got {type(value).__name__}"
+            )
+        values.append(tuple(value) if name in cls._tuples else value)
+    return cls(*values), list(frames[1:])
 
 
-def _check(value: Any, hint: Any, type_name: bytes, field: str) -> Any:
-    """`value` if it matches the annotation `hint`, else RemoteProtocolError."""
-    if _matches(value, hint):
-        return tuple(value) if typing.get_origin(hint) is tuple else value
-    raise RemoteProtocolError(
-        f"{type_name.decode()} field {field!r} should be {_describe(hint)}, "
-        f"got {type(value).__name__}"
-    )
-
-
-def _matches(value: Any, hint: Any) -> bool:
+def _checker(hint: Any) -> Callable[[Any], bool]:
+    """A predicate for values that match the annotation `hint`, built once per field."""
     origin = typing.get_origin(hint)
     if hint is Any:
-        return True
+        return lambda value: True
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint in (str, bytes, bool):
-        return isinstance(value, hint)
+        return lambda value: type(value) is float or type(value) is int
+    if hint in (int, str, bytes, bool):
+        return lambda value: type(value) is hint
     if hint is type(None):
-        return value is None
+        return lambda value: value is None
     if origin in (Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(hint))
+        options = [_checker(arg) for arg in typing.get_args(hint)]
+        return lambda value: any(ok(value) for ok in options)
     if origin in (list, tuple):
         args = typing.get_args(hint)
-        item = args[0] if args else Any
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
+        item = _checker(args[0] if args else Any)
+        return lambda value: type(value) is list and all(item(v) for v in value)
     if origin is dict:
-        key, val = typing.get_args(hint) or (Any, Any)
-        return isinstance(value, dict) and all(
-            _matches(k, key) and _matches(v, val) for k, v in value.items()
+        key, val = (_checker(a) for a in (typing.get_args(hint) or (Any, Any)))
+        return lambda value: type(value) is dict and all(
+            key(k) and val(v) for k, v in value.items()
         )
     raise LocalProtocolError(f"field annotation {hint!r} is not supported on the wire")
 

@@ -1,0 +1,134 @@
+"""`hivectl`: look at and steer a hive from a shell.
+
+    hivectl [--connect ADDR] [--key-file PATH] status [--json]
+    hivectl jobs [--json]
+    hivectl drain NAME
+    hivectl keygen PATH
+
+Each command is one query to a node's control socket. `--json` output keeps
+the shape DESIGN.md fixes; scripts rely on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from typing import Any
+
+from hived.config import local_control_addresses
+from hived.control import Answer, DrainRequest, JobsQuery, StatusQuery, ask
+from hived.errors import HiveError
+
+TIMEOUT = 3.0
+_requests = itertools.count(1)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hivectl", description="Look at and steer a hived hive.")
+    p.add_argument("--connect", metavar="ADDR", help="a node's control address (default: the local daemon)")
+    p.add_argument("--key-file", metavar="PATH", help="cluster key, for a tcp:// address")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    status = sub.add_parser("status", help="the coordinator and every node")
+    status.add_argument("--json", action="store_true")
+    jobs = sub.add_parser("jobs", help="jobs running in the hive")
+    jobs.add_argument("--json", action="store_true")
+    drain = sub.add_parser("drain", help="let a node finish what it runs and take nothing new")
+    drain.add_argument("name")
+    keygen = sub.add_parser("keygen", help="write a new cluster key")
+    keygen.add_argument("path")
+    return p
+
+
+def _query(args: argparse.Namespace, query: Any) -> dict[str, Any]:
+    named = args.connect or os.environ.get("HIVED_ADDRESS")
+    addresses = [named] if named else local_control_addresses()
+    answer: Answer | None = None
+    for address in addresses:
+        answer = ask(address, query, TIMEOUT)
+        if answer is not None:
+            break
+    if answer is None:
+        raise HiveError(
+            f"no daemon answered at {' or '.join(addresses)}; is hived running? "
+            "`systemctl status hived`"
+        )
+    if "error" in answer.body:
+        raise HiveError(answer.body["error"])
+    return answer.body
+
+
+def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    cells = [[str(row.get(key, "")) for key, _ in columns] for row in rows]
+    widths = [max([len(title)] + [len(c[i]) for c in cells]) for i, (_, title) in enumerate(columns)]
+    lines = ["  ".join(title.ljust(w) for (_, title), w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+NODE_COLUMNS = [
+    ("name", "NAME"), ("address", "ADDRESS"), ("state", "STATE"), ("role", "ROLE"),
+    ("cpus", "CPUS"), ("gpus", "GPUS"), ("slots_busy", "BUSY"), ("slots_free", "FREE"),
+    ("tasks_done", "DONE"), ("load", "LOAD"), ("version", "VERSION"), ("uptime", "UPTIME"),
+]
+JOB_COLUMNS = [
+    ("id", "JOB"), ("owner", "OWNER"), ("function", "FUNCTION"), ("queued", "QUEUED"),
+    ("running", "RUNNING"), ("done", "DONE"), ("failed", "FAILED"), ("rate", "RATE/S"),
+]
+
+
+def status(args: argparse.Namespace) -> None:
+    body = _query(args, StatusQuery(next(_requests)))
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return
+    coordinator = body.get("coordinator")
+    if coordinator:
+        print(f"coordinator: {coordinator['name']} (term {coordinator['term']})")
+    else:
+        print("coordinator: none known (no valid lease seen from here)")
+    print(_table(body["nodes"], NODE_COLUMNS))
+
+
+def jobs(args: argparse.Namespace) -> None:
+    body = _query(args, JobsQuery(next(_requests)))
+    if args.json:
+        print(json.dumps(body, indent=2))
+    elif not body["jobs"]:
+        print("no jobs")
+    else:
+        print(_table(body["jobs"], JOB_COLUMNS))
+
+
+def drain(args: argparse.Namespace) -> None:
+    body = _query(args, DrainRequest(next(_requests), args.name))
+    print(f"{body['draining']} is draining: it finishes what it runs and takes nothing new")
+
+
+def keygen(args: argparse.Namespace) -> None:
+    from hived.security import write_key
+
+    write_key(args.path)
+    print(f"wrote {args.path}; copy it to every node (mode 0600) and set [security] key_file")
+
+
+COMMANDS = {"status": status, "jobs": jobs, "drain": drain, "keygen": keygen}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except HiveError as exc:
+        print(f"hivectl: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"hivectl: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""The control plane between clients (and hivectl) and the node they talk to.
+
+A client speaks to one node, its job's *owner*: through the node's control
+socket (a ROUTER on a Unix socket, or TCP with CURVE) when a daemon runs, or
+through an in-process link when the node is embedded in the caller. Both
+carry the same messages, so the node cannot tell them apart.
+
+    client                                   node (owner)
+      HELLO ─────────────────────────────────▶
+      ◀───────────────────────────────── WELCOME (name, slots)
+      JOB (function blob once per client) ──▶
+      CHUNK × n (opaque payload) ───────────▶
+      CLOSE (no more chunks) ───────────────▶
+      ◀──────────── RESULT × n / ERROR / OUT
+      PING every heartbeat; a silent client is dropped with its jobs.
+
+The node never unpickles a payload frame: only headers are decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import zmq
+
+from hived.errors import RemoteProtocolError
+from hived.reactor import Channel
+from hived.wire import Message, decode, encode, message
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_CLIENT = b"embedded"
+
+
+@message(b"C.HELLO")
+class Hello(Message):
+    client: str  # a label for logs: host and pid
+    version: str
+
+
+@message(b"C.WELCOME")
+class Welcome(Message):
+    node: str
+    version: str
+    slots: int  # worker slots the caller may count on, for sizing its window
+    heartbeat: float  # how often the client must show it is alive
+
+
+@message(b"C.JOB")
+class OpenJob(Message):
+    job: int
+    fn: bytes
+    has_blob: bool  # the function blob is the first payload frame
+    cpus: int
+    gpus: int
+    retries: int
+    label: str  # the function's name, for `hivectl jobs`
+
+
+@message(b"C.CHUNK")
+class AddChunk(Message):
+    job: int
+    chunk: int
+    count: int
+
+
+@message(b"C.CLOSE")
+class CloseJob(Message):
+    job: int
+
+
+@message(b"C.CANCEL")
+class CancelJob(Message):
+    job: int
+
+
+@message(b"C.PING")
+class Ping(Message):
+    pass
+
+
+@message(b"C.BYE")
+class Bye(Message):
+    pass
+
+
+@message(b"C.RESULT")
+class Result(Message):
+    job: int
+    chunk: int
+    start: int
+    stop: int
+    elapsed: float  # seconds the worker spent on these items, for chunk sizing
+
+
+@message(b"C.ERROR")
+class ItemsFailed(Message):
+    """Items [start, stop) of a chunk failed for a reason of hived's, not the task's."""
+
+    job: int
+    chunk: int
+    start: int
+    stop: int
+    kind: str  # "crashed", "serialization", "unavailable"
+    text: str
+
+
+@message(b"C.JOBERR")
+class JobRefused(Message):
+    job: int
+    kind: str  # "unknown-blob", "invalid", "unavailable"
+    text: str
+
+
+@message(b"C.OUT")
+class Output(Message):
+    job: int
+    stream: int
+    text: str
+    source: str  # "node pid=1234"
+
+
+@message(b"C.STATUS")
+class StatusQuery(Message):
+    request: int
+
+
+@message(b"C.JOBS")
+class JobsQuery(Message):
+    request: int
+
+
+@message(b"C.DRAIN")
+class DrainRequest(Message):
+    request: int
+    node: str
+
+
+@message(b"C.ANSWER")
+class Answer(Message):
+    request: int
+    body: dict[str, Any]
+
+
+Handler = Callable[[bytes, Message, list[Any]], None]
+
+
+def ask(
+    address: str,
+    query: Message,
+    timeout: float,
+    curve: Callable[[zmq.Socket], None] | None = None,
+) -> Answer | None:
+    """Send one query to a node's control socket; its Answer, or None if none came in time."""
+    if address.startswith("ipc://") and not os.path.exists(address[len("ipc://") :]):
+        return None
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        if curve is not None:
+            curve(sock)
+        sock.connect(address)
+        sock.send_multipart(encode(query))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not sock.poll(int(left * 1000) + 1):
+                return None
+            try:
+                msg, _ = decode(sock.recv_multipart())
+            except RemoteProtocolError as exc:
+                log.warning("ignored a malformed answer from %s: %s", address, exc)
+                continue
+            if isinstance(msg, Answer) and msg.request == query.request:
+                return msg
+        return None
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+class ControlServer:
+    """Receives clients' messages on a socket and/or in-process links."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_message: Handler) -> None:
+        self.loop, self.on_message = loop, on_message
+        self.channel: Channel | None = None
+        self.local: dict[bytes, Callable[[list[Any]], None]] = {}
+
+    def bind(self, ctx: zmq.Context, address: str, curve: Callable[[zmq.Socket], None] | None) -> None:
+        sock = ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if curve is not None:
+            curve(sock)
+        if address.startswith("ipc://"):
+            path = address[len("ipc://") :]
+            os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+            # Group members may connect (the systemd unit puts users in the
+            # daemon's group); nobody else may.
+            old = os.umask(0o117)
+            try:
+                sock.bind(address)
+            finally:
+                os.umask(old)
+        else:
+            sock.bind(address)
+        self.channel = Channel(self.loop, sock, self._on_frames)
+
+    def attach(self, client: bytes, deliver: Callable[[list[Any]], None]) -> Callable[..., None]:
+        """Link an in-process client; returns `send(*messages)` for it (any thread)."""
+        self.local[client] = deliver
+
+        def send(*messages: list[Any]) -> None:
+            self.loop.call_soon_threadsafe(self._on_local, client, messages)
+
+        return send
+
+    def detach(self, client: bytes) -> None:
+        self.local.pop(client, None)
+
+    def send(self, client: bytes, msg: Message, payload: Sequence[Any] = ()) -> None:
+        local = self.local.get(client)
+        if local is not None:
+            local(encode(msg, payload))
+        elif self.channel is not None:
+            self.channel.send([client, *encode(msg, payload)])
+
+    def _on_local(self, client: bytes, messages: tuple[list[Any], ...]) -> None:
+        for frames in messages:
+            self._dispatch(client, frames)
+
+    def _on_frames(self, frames: list[Any]) -> None:
+        self._dispatch(frames[0].bytes, frames[1:])
+
+    def _dispatch(self, client: bytes, frames: list[Any]) -> None:
+        try:
+            msg, payload = decode(frames)
+        except RemoteProtocolError as exc:
+            log.warning("control: dropped a message from client %s: %s", client.hex(), exc)
+            return
+        self.on_message(client, msg, payload)
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None

@@ -1,0 +1,178 @@
+"""`hived`: the daemon's entry point and lifecycle.
+
+    startup:   config → node (pool, control socket) → READY=1
+    main loop: serve; WATCHDOG=1 from the loop itself; STATUS= every few seconds
+    shutdown:  first SIGTERM/SIGINT drains (no new work, running tasks finish
+               up to drain_timeout), then stops workers and exits 0;
+               a second signal stops at once.
+
+Runs in the foreground and logs to stderr, as systemd expects. This is the
+only place (with the CLI) that turns errors into exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any
+
+import zmq
+
+from hived import __version__
+from hived.config import Config, check_security, load_config
+from hived.control import StatusQuery, ask
+from hived.errors import ConfigError, HiveError
+from hived.links import _new_event_loop
+from hived.node import Node, NodeSettings
+from hived.resources import memory_limit_bytes, resolve_cpus, resolve_gpus, total_memory
+from hived.sdnotify import Notifier
+
+log = logging.getLogger("hived")
+
+STATUS_EVERY = 5.0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hived", description="Run a hived node in the foreground.")
+    p.add_argument("--config", metavar="PATH", help="TOML file (default /etc/hived/hived.toml if present)")
+    p.add_argument("--name", help="node name (default: hostname)")
+    p.add_argument("--bind", metavar="ADDR", help="mesh address to bind, tcp://HOST:PORT")
+    p.add_argument("--advertise", metavar="ADDR", help="address peers dial")
+    p.add_argument("--seed", dest="seeds", action="append", metavar="ADDR", help="a seed (repeat)")
+    p.add_argument("--control", metavar="ADDR", help="control socket, ipc://PATH")
+    p.add_argument("--cpus", help='CPU slots: "auto" or a number')
+    p.add_argument("--gpus", help='GPU slots: "auto" or a number')
+    p.add_argument("--key-file", metavar="PATH", help="cluster key from `hivectl keygen`")
+    p.add_argument("--data-dir", metavar="DIR")
+    p.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning, error")
+    p.add_argument("--check-config", action="store_true", help="print the effective config and exit")
+    p.add_argument("--version", action="version", version=f"hived {__version__}")
+    return p
+
+
+def settings_from(config: Config) -> NodeSettings:
+    pool, timing = config.pool, config.timing
+    return NodeSettings(
+        name=config.node.name,
+        cpus=resolve_cpus(pool.cpus),
+        gpus=resolve_gpus(pool.gpus),
+        control=config.node.control,
+        max_tasks_per_worker=pool.max_tasks_per_worker,
+        memory_limit=memory_limit_bytes(pool.memory_limit, total_memory()),
+        heartbeat=timing.heartbeat,
+        drain_timeout=timing.drain_timeout,
+    )
+
+
+class Daemon:
+    def __init__(self, config: Config, notifier: Notifier) -> None:
+        self.config, self.notifier = config, notifier
+        self.node = Node(settings_from(config), zmq.Context())
+        self.stop_requested = asyncio.Event()
+        self.stop_now = asyncio.Event()
+        self.signals = 0
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        control = self.node.settings.control
+        if ask(control, StatusQuery(0), timeout=0.3) is not None:
+            raise HiveError(f"another hived already serves {control}; stop it first")
+        self.node.start()
+        await self.node.pool.ready.wait()
+        s = self.node.settings
+        log.info(
+            "hived %s: node %s serving %s with %d CPU and %d GPU slots",
+            __version__, s.name, s.control, s.cpus, len(s.gpus),
+        )
+        self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
+        pulses = [asyncio.ensure_future(self._report())]
+        interval = self.notifier.watchdog_interval()
+        if interval:
+            pulses.append(asyncio.ensure_future(self._watchdog(interval)))
+        await self.stop_requested.wait()
+        self.notifier.notify("STOPPING=1", "STATUS=draining")
+        drain = asyncio.ensure_future(self.node.drain())
+        second = asyncio.ensure_future(self.stop_now.wait())
+        await asyncio.wait([drain, second], return_when=asyncio.FIRST_COMPLETED)
+        drain.cancel()
+        second.cancel()
+        for task in pulses:
+            task.cancel()
+        await self.node.close()
+        self.node.ctx.term()
+        log.info("hived stopped")
+        return 0
+
+    def _on_signal(self, sig: int) -> None:
+        self.signals += 1
+        log.info("%s: %s", signal.Signals(sig).name, "draining" if self.signals == 1 else "stopping now")
+        self.stop_requested.set()
+        if self.signals > 1:
+            self.stop_now.set()
+
+    async def _watchdog(self, interval: float) -> None:
+        # Pinged from the event loop itself: a blocked loop stops the pings
+        # and systemd restarts us, which is the point.
+        while True:
+            self.notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def _report(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_EVERY)
+            self.notifier.notify(f"STATUS={self._status_line()}")
+
+    def _status_line(self) -> str:
+        pool = self.node.pool
+        return f"coordinator; 0 peers; {pool.slots_busy}/{pool.slots_total} slots busy"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    flags: dict[str, Any] = {
+        "name": args.name,
+        "bind": args.bind,
+        "advertise": args.advertise,
+        "seeds": args.seeds,
+        "control": args.control,
+        "cpus": args.cpus,
+        "gpus": args.gpus,
+        "key_file": args.key_file,
+        "data_dir": args.data_dir,
+        "log_level": args.log_level,
+    }
+    try:
+        config = load_config(args.config, flags)
+        if args.check_config:
+            sys.stdout.write(config.to_toml())
+            check_security(config)
+            return 0
+        check_security(config)
+    except ConfigError as exc:
+        print(f"hived: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    notifier = Notifier.from_env(unset_environment=True)
+    loop = _new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        daemon = Daemon(config, notifier)
+        return loop.run_until_complete(daemon.run())
+    except (HiveError, OSError, zmq.ZMQError) as exc:
+        print(f"hived: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        loop.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

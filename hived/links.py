@@ -1,0 +1,159 @@
+"""How a client reaches its node: a socket to a daemon, or an embedded node.
+
+Both links offer the same two things: `send(*messages)` (each a list of
+frames), callable from any thread and handing all its messages over at once, and a callback `on_frames(frames)` that the link calls, on a thread of
+its own, for every message from the node. Neither ever blocks the caller on
+the network.
+
+- `SocketLink`: a DEALER to the daemon's control socket, owned by one I/O
+  thread (ZeroMQ sockets are not thread-safe). Callers append to an outbox
+  and wake the thread through a pipe; the thread also sends the PING that
+  tells the node this client is alive.
+- `EmbeddedLink`: a whole `Node` on its own event-loop thread in this
+  process, without a network socket. Frames cross between threads as Python
+  lists, with no copy and no socket hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from hived.control import EMBEDDED_CLIENT, Ping
+from hived.errors import HiveError
+from hived.node import Node, NodeSettings
+from hived.wire import encode, zero_copy
+
+OnFrames = Callable[[list[Any]], None]
+
+
+class SocketLink:
+    def __init__(
+        self,
+        address: str,
+        on_frames: OnFrames,
+        *,
+        heartbeat: float = 0.5,
+        curve: Callable[[zmq.Socket], None] | None = None,
+    ) -> None:
+        self.address, self.on_frames, self.heartbeat = address, on_frames, heartbeat
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        if curve is not None:
+            curve(self.sock)
+        self.sock.connect(address)
+        self.outbox: collections.deque[list[Any]] = collections.deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._closing = False
+        self.thread = threading.Thread(target=self._run, name="hived-link", daemon=True)
+        self.thread.start()
+
+    def send(self, *messages: list[Any]) -> None:
+        self.outbox.extend(messages)
+        os.write(self._wake_w, b"\0")
+
+    def _run(self) -> None:
+        sock, poller = self.sock, zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        ping = encode(Ping())
+        next_ping = time.monotonic() + self.heartbeat
+        try:
+            while not self._closing:
+                # The node hears from us at least every heartbeat, busy or not.
+                now = time.monotonic()
+                if now >= next_ping:
+                    sock.send_multipart(ping)
+                    next_ping = now + self.heartbeat
+                events = dict(poller.poll(int((next_ping - now) * 1000) + 1))
+                if self._wake_r in events:
+                    try:
+                        os.read(self._wake_r, 65536)
+                    except BlockingIOError:
+                        pass
+                while self.outbox:
+                    frames = self.outbox.popleft()
+                    sock.send_multipart(frames, copy=not zero_copy(frames))
+                while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    self.on_frames(sock.recv_multipart(copy=False))
+        finally:
+            sock.close(linger=0)
+            self.ctx.term()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            os.write(self._wake_w, b"\0")
+            if threading.current_thread() is not self.thread:
+                self.thread.join(5)
+
+
+class EmbeddedLink:
+    """Runs a Node on a thread of its own and links this process's client to it."""
+
+    def __init__(self, settings: NodeSettings, on_frames: OnFrames) -> None:
+        self.on_frames = on_frames
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.node: Node | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread = threading.Thread(
+            target=self._run, args=(settings,), name="hived-embedded", daemon=True
+        )
+        self.thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise HiveError(f"the embedded hive did not start: {self._error}") from self._error
+        self.send = self.node.attach(EMBEDDED_CLIENT, on_frames)
+
+    def _run(self, settings: NodeSettings) -> None:
+        loop = _new_event_loop()
+        self.loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._serve(settings))
+        finally:
+            loop.close()
+
+    async def _serve(self, settings: NodeSettings) -> None:
+        try:
+            self.node = Node(settings, zmq.Context())
+            self.node.start()
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        await self.node.stopped.wait()
+
+    def close(self) -> None:
+        """Stop the node and its workers; returns once none is left."""
+        loop = self.loop
+        if loop is None or loop.is_closed() or self.node is None:
+            return
+        node, self.node = self.node, None
+        try:
+            asyncio.run_coroutine_threadsafe(node.close(), loop).result(30)
+        except RuntimeError:  # the loop already stopped (interpreter exit)
+            pass
+        self.thread.join(30)
+        node.ctx.term()
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()

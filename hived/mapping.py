@@ -1,0 +1,306 @@
+"""One `map` call, as the caller sees it: a window of chunks out, results back in order.
+
+Theory of operation
+-------------------
+`MapStream` reads the caller's iterables lazily and keeps a bounded window of
+chunks in flight: it sends a chunk whenever one comes back, so an endless
+generator works and memory stays flat. Results arrive per range of a chunk
+(a crashed range is split and retried item by item), land in their chunk's
+slots, and are yielded in input order (or as chunks complete, with
+`ordered=False`). Each slot is filled once: a duplicate range is ignored, so
+delivery is exactly-once even if the node sent something twice.
+
+Chunk size (`chunksize=None`) adapts: the first chunks hold one item each;
+every result reports the seconds its worker spent, and the next chunks hold
+about `TARGET_CHUNK_SECONDS` of work, capped (like multiprocessing's map) at a
+quarter of the known items per slot, so that long tasks are never batched and
+the last chunks finish together.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import operator
+import queue
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from hived import serialization
+from hived.control import AddChunk, CancelJob, CloseJob, ItemsFailed, JobRefused, Result
+from hived.errors import HiveError, HiveUnavailable, SerializationError, TaskTimeout, WorkerCrashed
+from hived.wire import Message, encode
+from hived.worker import TaskError
+
+TARGET_CHUNK_SECONDS = 0.02
+MAX_UNSIZED_CHUNK = 4096  # cap when the input's length is unknown
+_EMPTY = object()
+
+FAILURE_TYPES: dict[str, type[HiveError]] = {
+    "crashed": WorkerCrashed,
+    "serialization": SerializationError,
+    "unavailable": HiveUnavailable,
+}
+
+
+def raise_for(value: Any) -> Any:
+    """The value itself, or raise what a TaskError stands for."""
+    if type(value) is not TaskError:
+        return value
+    cause = HiveError(f"remote traceback (on {value.where}):\n{value.text.rstrip()}")
+    if value.exc is not None:
+        raise value.exc from cause
+    if value.type_name == "SerializationError":
+        raise SerializationError(value.text.strip())
+    raise HiveError(f"{value.type_name} (its exception could not be pickled)") from cause
+
+
+class ChunkSizer:
+    def __init__(self, fixed: int | None, slots: int, total: int | None) -> None:
+        self.fixed, self.slots = fixed, max(slots, 1)
+        self.cap = max(1, math.ceil(total / (4 * self.slots))) if total else MAX_UNSIZED_CHUNK
+        self.items = 0
+        self.seconds = 0.0
+
+    def learn(self, count: int, elapsed: float) -> None:
+        self.items += count
+        self.seconds += elapsed
+
+    def next_size(self) -> int:
+        if self.fixed:
+            return self.fixed
+        if not self.items:
+            return 1
+        per_item = self.seconds / self.items
+        if per_item <= 0:
+            return self.cap
+        return max(1, min(self.cap, int(TARGET_CHUNK_SECONDS / per_item)))
+
+
+class Progress:
+    """A one-line progress bar on stderr, redrawn at most ten times a second."""
+
+    def __init__(self, total: int | None) -> None:
+        self.total, self.done, self.began, self.drawn = total, 0, time.monotonic(), 0.0
+
+    def advance(self, n: int, final: bool = False) -> None:
+        self.done += n
+        now = time.monotonic()
+        if not final and now - self.drawn < 0.1:
+            return
+        self.drawn = now
+        rate = self.done / max(now - self.began, 1e-9)
+        if self.total:
+            width = 30
+            filled = int(width * self.done / self.total)
+            bar = "#" * filled + "-" * (width - filled)
+            line = f"\rhived [{bar}] {self.done}/{self.total} {rate:,.0f}/s"
+        else:
+            line = f"\rhived {self.done} done {rate:,.0f}/s"
+        sys.stderr.write(line + ("\n" if final else ""))
+        sys.stderr.flush()
+
+
+@dataclass
+class ChunkSlots:
+    count: int
+    frames: list[Any]
+    values: list[Any] = field(default_factory=list)
+    filled: bytearray = field(default_factory=bytearray)
+    missing: int = 0
+
+    def __post_init__(self) -> None:
+        self.values = [_EMPTY] * self.count
+        self.filled = bytearray(self.count)
+        self.missing = self.count
+
+
+class MapStream:
+    """Drives one job; iterate `results()` in the caller's thread."""
+
+    def __init__(
+        self,
+        *,
+        job: int,
+        send: Callable[..., None],
+        opener: Callable[[bool], list[Any]],
+        forget: Callable[[int], None],
+        iterables: tuple[Iterable[Any], ...],
+        slots: int,
+        chunksize: int | None,
+        ordered: bool,
+        timeout: float | None,
+        progress: bool,
+    ) -> None:
+        self.job, self.send, self.opener, self.forget = job, send, opener, forget
+        self.inbox: queue.SimpleQueue[tuple[Message, list[Any]]] = queue.SimpleQueue()
+        self.nargs = len(iterables)
+        self.items = iter(iterables[0]) if self.nargs == 1 else zip(*iterables, strict=False)
+        total = _length_hint(iterables)
+        self.sizer = ChunkSizer(chunksize, slots, total)
+        self.window = 2 * max(slots, 1) + 1
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.timeout = timeout
+        self.ordered = ordered
+        self.progress = Progress(total) if progress else None
+        self.chunks: dict[int, ChunkSlots] = {}
+        self.numbers = itertools.count()
+        self.next_out = 0
+        self.exhausted = False
+        self.finished = False
+        self.refusal: HiveError | None = None
+        self.fill_window(self.opener(False))
+
+    # -- sending ---------------------------------------------------------------
+
+    def fill_window(self, *first: list[Any]) -> None:
+        """Read and send chunks until the window is full; one hand-over to the link."""
+        out = list(first)
+        while not self.exhausted and len(self.chunks) < self.window:
+            items = list(itertools.islice(self.items, self.sizer.next_size()))
+            if not items:
+                self.exhausted = True
+                out.append(encode(CloseJob(self.job)))
+                break
+            number = next(self.numbers)
+            frames = serialization.dumps((self.nargs, items), f"the arguments of chunk {number}")
+            self.chunks[number] = ChunkSlots(len(items), frames)
+            out.append(encode(AddChunk(self.job, number, len(items)), frames))
+        if out:
+            self.send(*out)
+
+    def resend_all(self) -> None:
+        """The node lost our function (it restarted): open the job again, resend."""
+        out = [self.opener(True)]
+        for number, chunk in self.chunks.items():
+            if chunk.missing:
+                out.append(encode(AddChunk(self.job, number, chunk.count), chunk.frames))
+        if self.exhausted:
+            out.append(encode(CloseJob(self.job)))
+        self.send(*out)
+
+    # -- receiving (the link's thread puts, the caller's thread takes) ----------
+
+    def deliver(self, msg: Message, payload: list[Any]) -> None:
+        self.inbox.put((msg, payload))
+
+    def _wait(self) -> None:
+        remaining = None
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TaskTimeout(f"map: results did not arrive within timeout={self.timeout}s")
+        try:
+            msg, payload = self.inbox.get(timeout=remaining)
+        except queue.Empty:
+            raise TaskTimeout(
+                f"map: results did not arrive within timeout={self.timeout}s"
+            ) from None
+        self._absorb(msg, payload)
+        while True:  # take whatever else is already here
+            try:
+                msg, payload = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            self._absorb(msg, payload)
+
+    def _absorb(self, msg: Message, payload: list[Any]) -> None:
+        if isinstance(msg, Result):
+            chunk = self.chunks.get(msg.chunk)
+            if chunk is None:
+                return
+            try:
+                values = serialization.loads(payload, f"the results of chunk {msg.chunk}")
+            except SerializationError as exc:
+                values = [TaskError(None, "SerializationError", str(exc), "the caller")] * (
+                    msg.stop - msg.start
+                )
+            self.sizer.learn(msg.stop - msg.start, msg.elapsed)
+            self._fill(chunk, msg.start, values)
+        elif isinstance(msg, ItemsFailed):
+            chunk = self.chunks.get(msg.chunk)
+            if chunk is not None:
+                error = FAILURE_TYPES.get(msg.kind, HiveError)
+                self._fill(chunk, msg.start, [_Failed(error, msg.text)] * (msg.stop - msg.start))
+        elif isinstance(msg, JobRefused):
+            if msg.kind == "unknown-blob":
+                self.resend_all()
+            else:
+                self.refusal = FAILURE_TYPES.get(msg.kind, HiveError)(msg.text)
+
+    def _fill(self, chunk: ChunkSlots, start: int, values: list[Any]) -> None:
+        for offset, value in enumerate(values):
+            i = start + offset
+            if not chunk.filled[i]:  # exactly once, whatever the node sent
+                chunk.filled[i] = 1
+                chunk.values[i] = value
+                chunk.missing -= 1
+
+    # -- the caller's iterator -------------------------------------------------
+
+    def results(self) -> Iterator[Any]:
+        try:
+            while True:
+                ready = self._ready_chunk()
+                if ready is None:
+                    if self.exhausted and not self.chunks:
+                        self.finished = True
+                        return
+                    if self.refusal is not None:
+                        raise self.refusal
+                    self._wait()
+                    continue
+                values = ready.values
+                if self.progress:
+                    self.progress.advance(len(values))
+                self.fill_window()
+                if not any(type(v) in (TaskError, _Failed) for v in values):
+                    yield from values
+                else:
+                    for value in values:
+                        yield _raise_failed(value)
+        finally:
+            if self.progress:
+                self.progress.advance(0, final=True)
+            if not self.finished:
+                self.send(encode(CancelJob(self.job)))
+            self.forget(self.job)
+
+    def _ready_chunk(self) -> ChunkSlots | None:
+        if self.ordered:
+            chunk = self.chunks.get(self.next_out)
+            if chunk is None or chunk.missing:
+                return None
+            del self.chunks[self.next_out]
+            self.next_out += 1
+            return chunk
+        for number, chunk in self.chunks.items():
+            if not chunk.missing:
+                del self.chunks[number]
+                return chunk
+        return None
+
+
+class _Failed:
+    """A slot that hived (not the task) failed: raised as a fresh exception each time."""
+
+    __slots__ = ("error", "text")
+
+    def __init__(self, error: type[HiveError], text: str) -> None:
+        self.error, self.text = error, text
+
+
+def _raise_failed(value: Any) -> Any:
+    if type(value) is _Failed:
+        raise value.error(value.text)
+    return raise_for(value)
+
+
+def _length_hint(iterables: tuple[Iterable[Any], ...]) -> int | None:
+    hints = [operator.length_hint(it, -1) for it in iterables]
+    if any(h < 0 for h in hints) or not hints:
+        return None
+    return min(hints) or None

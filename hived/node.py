@@ -1,0 +1,410 @@
+"""A node: one hived, with the roles of owner and worker node (and, alone, coordinator).
+
+Data flow inside one node
+-------------------------
+
+      clients / hivectl                                   worker processes
+    (ipc/tcp ROUTER, or an                              (spawned, ipc DEALERs)
+     in-process link)                                          ▲   │
+            │ JOB, CHUNK, CLOSE, CANCEL, PING                  │   │ DONE, FAIL, OUT
+            ▼                                                  │   ▼
+     ControlServer ──▶ Node._handlers ──▶ Owner (sans-IO) ◀── Pool.kick / Pool sink
+            ▲                               jobs, ranges,          │
+            │ RESULT, ERROR, OUT            dedup, retries         │ pidfd: worker died
+            └───────────────────────────────────────────────────◀──┘
+
+- The ControlServer decodes headers only; payload frames pass through the
+  node untouched (they are never unpickled here).
+- The Owner decides what runs next and what may be delivered; the Pool runs
+  what it is given and reports back; the Node only wires the two to clients.
+- Every callback runs on the node's one event loop thread, so none of these
+  parts need locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from hived import __version__
+from hived.control import (
+    AddChunk,
+    Answer,
+    Bye,
+    CancelJob,
+    CloseJob,
+    ControlServer,
+    DrainRequest,
+    Hello,
+    ItemsFailed,
+    JobRefused,
+    JobsQuery,
+    OpenJob,
+    Output,
+    Ping,
+    Result,
+    StatusQuery,
+    Welcome,
+)
+from hived.errors import LocalProtocolError
+from hived.pool import Pool
+from hived.scheduling import JobKey, Needs, Owner
+from hived.wire import Message, frame_bytes
+
+log = logging.getLogger(__name__)
+
+# How long a cancelled job's running tasks may finish before their workers are stopped.
+CANCEL_GRACE = 1.0
+
+
+@dataclass
+class NodeSettings:
+    name: str = field(default_factory=socket.gethostname)
+    cpus: int = 1
+    gpus: list[str] = field(default_factory=list)
+    control: str | None = None  # None: in-process clients only (embedded)
+    max_tasks_per_worker: int = 0
+    memory_limit: int | None = None
+    heartbeat: float = 0.5
+    client_timeout: float = 5.0  # a client silent this long is gone
+    drain_timeout: float = 30.0
+
+
+@dataclass
+class ClientState:
+    id: bytes
+    label: str
+    last_seen: float
+    jobs: set[int] = field(default_factory=set)
+    fns: set[bytes] = field(default_factory=set)
+
+
+class Node:
+    def __init__(self, settings: NodeSettings, ctx: zmq.Context | None = None) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.ctx = ctx or zmq.Context.instance()
+        self.owner = Owner()
+        self.clients: dict[bytes, ClientState] = {}
+        self.blobs: dict[bytes, bytes] = {}
+        self._blob_users: dict[bytes, int] = {}
+        self._tags: dict[JobKey, int] = {}
+        self._tagged: dict[int, JobKey] = {}
+        self._labels: dict[JobKey, str] = {}
+        self._next_tag = 0
+        self.started_at = time.monotonic()
+        self.draining = False
+        self.stopped = asyncio.Event()
+        self._drained = asyncio.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.pool: Pool | None = None
+        self.control: ControlServer | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._handlers: dict[type[Message], Callable[[ClientState, Any, list[Any]], None]] = {
+            OpenJob: self._open_job,
+            AddChunk: self._add_chunk,
+            CloseJob: self._close_job,
+            CancelJob: self._cancel_job,
+            Ping: lambda client, msg, payload: None,
+            Bye: lambda client, msg, payload: self._drop_client(client, "said goodbye"),
+            StatusQuery: self._status_query,
+            JobsQuery: self._jobs_query,
+            DrainRequest: self._drain_request,
+        }
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self, curve: Callable[[zmq.Socket], None] | None = None) -> None:
+        """Start the pool and bind the control socket; call on the loop thread."""
+        self.loop = asyncio.get_running_loop()
+        s = self.settings
+        self.pool = Pool(
+            self.loop,
+            self.ctx,
+            node_name=self.name,
+            cpus=s.cpus,
+            gpus=s.gpus,
+            source=self.owner,
+            sink=self,
+            blobs=self.blobs,
+            job_tag=self._tag,
+            max_tasks_per_worker=s.max_tasks_per_worker,
+            memory_limit=s.memory_limit,
+        )
+        self.pool.start()
+        self.control = ControlServer(self.loop, self._on_client_message)
+        if s.control is not None:
+            self.control.bind(self.ctx, s.control, curve)
+        self._spawn(self._housekeeping())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat)
+            now = self.loop.time()
+            for client in list(self.clients.values()):
+                if client.id in self.control.local:
+                    continue
+                if now - client.last_seen > self.settings.client_timeout:
+                    self._drop_client(client, "went silent")
+            self.pool.check_memory()
+
+    async def drain(self) -> None:
+        """Take no new jobs; let running tasks finish up to the drain timeout."""
+        self.draining = True
+        if self.pool.slots_busy:
+            try:
+                await asyncio.wait_for(self._drained.wait(), self.settings.drain_timeout)
+            except asyncio.TimeoutError:
+                log.warning("drain timeout: %d task(s) still running", self.pool.slots_busy)
+
+    async def close(self) -> None:
+        """Fail what is left to its clients, stop the workers, release sockets."""
+        self.draining = True
+        for key in list(self.owner.jobs):
+            client = self.clients.get(key[0])
+            if client is not None:
+                self._refuse(client, key[1], "unavailable", f"hived on {self.name} stopped")
+            self.owner.cancel_job(key)
+        for task in list(self._tasks):
+            task.cancel()
+        await self.pool.stop()
+        self.control.close()
+        self.stopped.set()
+
+    # -- clients ---------------------------------------------------------------
+
+    def attach(self, client: bytes, deliver: Callable[[list[Any]], None]) -> Callable[[list[Any]], None]:
+        """Link an in-process client (the embedded hive)."""
+        return self.control.attach(client, deliver)
+
+    def _on_client_message(self, cid: bytes, msg: Message, payload: list[Any]) -> None:
+        client = self.clients.get(cid)
+        if client is None:
+            if not isinstance(msg, (Hello, StatusQuery, JobsQuery, DrainRequest)):
+                log.warning("control: %s from an unknown client %s; ignored", type(msg).__name__, cid.hex())
+                return
+            client = ClientState(cid, "", self.loop.time())
+            if isinstance(msg, Hello):
+                client.label = msg.client
+                self.clients[cid] = client
+                self.control.send(cid, Welcome(self.name, __version__, self.pool.slots_total, self.settings.heartbeat))
+                return
+        client.last_seen = self.loop.time()
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            log.warning("control: unexpected %s from client %s", type(msg).__name__, client.label)
+            return
+        try:
+            handler(client, msg, payload)
+        except LocalProtocolError as exc:
+            log.warning("control: client %s: %s", client.label, exc)
+
+    def _open_job(self, client: ClientState, msg: OpenJob, payload: list[Any]) -> None:
+        key = (client.id, msg.job)
+        problem = self._job_problem(msg)
+        if problem:
+            self._refuse(client, msg.job, *problem)
+            return
+        if msg.has_blob:
+            if not payload:
+                self._refuse(client, msg.job, "invalid", "the job says it carries its function but has no frame")
+                return
+            self.blobs.setdefault(msg.fn, frame_bytes(payload[0]))
+        if msg.fn not in self.blobs:
+            self._refuse(client, msg.job, "unknown-blob", "this node does not have the job's function")
+            return
+        if msg.fn not in client.fns:
+            client.fns.add(msg.fn)
+            self._blob_users[msg.fn] = self._blob_users.get(msg.fn, 0) + 1
+        self.owner.open_job(key, msg.fn, Needs(msg.cpus, msg.gpus), msg.retries, self.loop.time())
+        self._labels[key] = msg.label
+        client.jobs.add(msg.job)
+
+    def _job_problem(self, msg: OpenJob) -> tuple[str, str] | None:
+        s = self.settings
+        if self.draining:
+            return "unavailable", f"hived on {self.name} is draining and takes no new jobs"
+        if msg.cpus < 1 or msg.gpus < 0 or msg.retries < 0:
+            return "invalid", "cpus must be >= 1, gpus >= 0 and retries >= 0"
+        if msg.gpus > 1:
+            return "invalid", f"a task may ask for at most 1 GPU (a worker owns one GPU); got gpus={msg.gpus}"
+        if msg.gpus == 1 and not s.gpus:
+            return "unavailable", f"the tasks ask for a GPU but no node in this hive has one ({self.name} has 0)"
+        if msg.gpus == 0 and msg.cpus > s.cpus:
+            return "unavailable", f"the tasks ask for {msg.cpus} CPUs but the largest node has {s.cpus} ({self.name})"
+        return None
+
+    def _add_chunk(self, client: ClientState, msg: AddChunk, payload: list[Any]) -> None:
+        key = (client.id, msg.job)
+        if key not in self.owner.jobs:
+            return  # cancelled meanwhile
+        self.owner.add_chunk(key, msg.chunk, msg.count, payload)
+        self.pool.kick()
+
+    def _close_job(self, client: ClientState, msg: CloseJob, payload: list[Any]) -> None:
+        key = (client.id, msg.job)
+        if key in self.owner.jobs and self.owner.close_job(key) is not None:
+            self._forget_job(key)
+
+    def _cancel_job(self, client: ClientState, msg: CancelJob, payload: list[Any]) -> None:
+        self._cancel((client.id, msg.job), grace=CANCEL_GRACE)
+
+    def _cancel(self, key: JobKey, grace: float) -> None:
+        aids = set(self.owner.cancel_job(key))
+        self._forget_job(key)
+        if aids:
+            reason = "its job was cancelled"
+            if grace:
+                self.loop.call_later(grace, self.pool.abort, aids, reason)
+            else:
+                self.pool.abort(aids, reason)
+
+    def _forget_job(self, key: JobKey) -> None:
+        client = self.clients.get(key[0])
+        if client is not None:
+            client.jobs.discard(key[1])
+        tag = self._tags.pop(key, None)
+        self._tagged.pop(tag, None)
+        self._labels.pop(key, None)
+
+    def _drop_client(self, client: ClientState, why: str) -> None:
+        if client.jobs:
+            log.info("client %s %s; dropping its %d job(s)", client.label, why, len(client.jobs))
+        for job in list(client.jobs):
+            self._cancel((client.id, job), grace=0)
+        for fn in client.fns:
+            self._blob_users[fn] -= 1
+            if not self._blob_users[fn]:
+                del self._blob_users[fn]
+                self.blobs.pop(fn, None)
+        self.clients.pop(client.id, None)
+        self.control.detach(client.id)
+
+    def _refuse(self, client: ClientState, job: int, kind: str, text: str) -> None:
+        self.control.send(client.id, JobRefused(job, kind, text))
+
+    # -- the pool's reports (Pool's Sink) --------------------------------------
+
+    def _tag(self, key: JobKey) -> int:
+        tag = self._tags.get(key)
+        if tag is None:
+            self._next_tag += 1
+            tag = self._tags[key] = self._next_tag
+            self._tagged[tag] = key
+        return tag
+
+    def on_done(self, aid: int, start: int, stop: int, elapsed: float, frames: list[Any]) -> None:
+        key = self.owner.assignment(aid)
+        if key is None:
+            return
+        delivery = self.owner.completed(aid, start, stop, final=True)
+        if delivery is not None:
+            self.control.send(key[0], Result(key[1], delivery.chunk, start, stop, elapsed), frames)
+        self._retire_if_finished(key)
+
+    def on_fail(self, aid: int, text: str) -> None:
+        key = self.owner.assignment(aid)
+        if key is None:
+            return
+        failed = self.owner.refused(aid)
+        if failed is not None:
+            msg = ItemsFailed(key[1], failed.chunk, failed.start, failed.stop, "serialization", text)
+            self.control.send(key[0], msg)
+        self._retire_if_finished(key)
+
+    def on_lost(self, aid: int, crashed_at: int | None, why: str) -> None:
+        key = self.owner.assignment(aid)
+        if key is None:
+            return
+        for f in self.owner.lost(aid, crashed_at):
+            text = f"{why} (tried {f.tries} times)"
+            self.control.send(key[0], ItemsFailed(key[1], f.chunk, f.index, f.index + 1, "crashed", text))
+        self._retire_if_finished(key)
+
+    def on_output(self, tag: int, stream: int, text: str, pid: int) -> None:
+        key = self._tagged.get(tag)
+        source = f"{self.name} pid={pid}"
+        if key is None or key[0] not in self.clients:
+            log.info("(%s) %s", source, text.rstrip("\n"))
+            return
+        self.control.send(key[0], Output(key[1], stream, text, source))
+
+    def _retire_if_finished(self, key: JobKey) -> None:
+        if key not in self.owner.jobs:  # the Owner retires a job once all is delivered
+            self._forget_job(key)
+        if self.draining and not self.pool.slots_busy:
+            self._drained.set()
+
+    # -- hivectl ---------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        pool = self.pool
+        return {
+            "coordinator": {"name": self.name, "term": 1},
+            "nodes": [
+                {
+                    "name": self.name,
+                    "address": self.settings.control or "embedded",
+                    "state": "draining" if self.draining else "alive",
+                    "role": "coordinator",
+                    "cpus": self.settings.cpus,
+                    "gpus": len(self.settings.gpus),
+                    "slots_busy": pool.slots_busy,
+                    "slots_free": pool.slots_total - pool.slots_busy,
+                    "tasks_done": pool.items_done,
+                    "version": __version__,
+                    "load": round(os.getloadavg()[0], 2),
+                    "uptime": round(time.monotonic() - self.started_at, 1),
+                }
+            ],
+        }
+
+    def jobs(self) -> dict[str, Any]:
+        now = self.loop.time()
+        rows = []
+        for key, job in self.owner.jobs.items():
+            client = self.clients.get(key[0])
+            age = max(now - job.opened_at, 1e-9)
+            rows.append(
+                {
+                    "id": f"{key[0].hex()[:8]}/{key[1]}",
+                    "owner": self.name,
+                    "client": client.label if client else "",
+                    "function": self._labels.get(key, ""),
+                    "queued": job.items_queued,
+                    "running": len(job.running),
+                    "done": job.items_done,
+                    "failed": job.items_failed,
+                    "total": job.items_total,
+                    "rate": round(job.items_done / age, 1),
+                    "age": round(age, 1),
+                }
+            )
+        return {"jobs": rows}
+
+    def _status_query(self, client: ClientState, msg: StatusQuery, payload: list[Any]) -> None:
+        self.control.send(client.id, Answer(msg.request, self.status()))
+
+    def _jobs_query(self, client: ClientState, msg: JobsQuery, payload: list[Any]) -> None:
+        self.control.send(client.id, Answer(msg.request, self.jobs()))
+
+    def _drain_request(self, client: ClientState, msg: DrainRequest, payload: list[Any]) -> None:
+        if msg.node != self.name:
+            body = {"error": f"no node named {msg.node!r} in this hive (this node is {self.name!r})"}
+        else:
+            self.draining = True
+            body = {"draining": msg.node}
+        self.control.send(client.id, Answer(msg.request, body))

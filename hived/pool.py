@@ -1,0 +1,355 @@
+"""The local pool: long-lived worker processes and the slots they fill.
+
+Theory of operation
+-------------------
+The pool starts one worker process per CPU slot and one per GPU (with
+`CUDA_VISIBLE_DEVICES` set to that device), each a fresh interpreter running
+`hived.worker`, connected to the pool's ROUTER over an ipc socket. A worker
+is *idle* or runs exactly one assignment; whenever a worker becomes idle the
+pool asks its source (the node) for an assignment that fits, so work is
+pulled, never pushed.
+
+    source.assign(fits) ──RUN──▶ worker ──DONE/FAIL/OUT──▶ sink.on_*
+                                   │
+                 pidfd readable ───┘──▶ black box ──▶ sink.on_lost(crashed_at)
+
+A worker's death is noticed at once through its pidfd (Linux), not by a
+timeout; its black box says which item it was running. The pool replaces
+dead workers, and recycles workers after `max_tasks_per_worker` items or
+when their resident memory passes `memory_limit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import zmq
+
+import hived
+from hived.reactor import Channel
+from hived.scheduling import Assignment, Needs
+from hived.wire import decode, encode
+from hived.worker import BLACK_BOX, Done, Exit, Fail, Output, Ready, Run
+
+log = logging.getLogger(__name__)
+
+# Signals, what they most likely mean for a Python task, for crash messages.
+LIKELY_CAUSE = {
+    signal.SIGKILL: "killed from outside: out of memory (the kernel's OOM killer) or kill -9",
+    signal.SIGSEGV: "segmentation fault in native code (a C extension, ctypes, or a stack overflow)",
+    signal.SIGBUS: "bus error in native code (a truncated memory-mapped file?)",
+    signal.SIGABRT: "aborted by native code (a failed C assertion or abort())",
+    signal.SIGFPE: "arithmetic fault in native code",
+    signal.SIGTERM: "terminated from outside (SIGTERM)",
+    signal.SIGILL: "illegal instruction in native code (a binary built for another CPU?)",
+}
+
+
+class Source(Protocol):
+    def assign(self, fits: Callable[[Needs], bool]) -> Assignment | None: ...
+
+
+class Sink(Protocol):
+    def on_done(self, aid: int, start: int, stop: int, elapsed: float, frames: list[Any]) -> None: ...
+    def on_fail(self, aid: int, message: str) -> None: ...
+    def on_lost(self, aid: int, crashed_at: int | None, why: str) -> None: ...
+    def on_output(self, job: int, stream: int, text: str, pid: int) -> None: ...
+
+
+@dataclass(eq=False)
+class WorkerProc:
+    number: int
+    device: str | None  # GPU id, None for a CPU worker
+    proc: subprocess.Popen
+    box_path: str
+    route: bytes | None = None  # ROUTER identity, known once READY arrives
+    running: Assignment | None = None
+    blobs: set[bytes] = field(default_factory=set)
+    items_done: int = 0
+    retiring: bool = False
+    kill_reason: str | None = None
+
+    @property
+    def idle(self) -> bool:
+        return self.route is not None and self.running is None and not self.retiring
+
+
+class Pool:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        ctx: zmq.Context,
+        *,
+        node_name: str,
+        cpus: int,
+        gpus: list[str],
+        source: Source,
+        sink: Sink,
+        blobs: Mapping[bytes, bytes],
+        job_tag: Callable[[Any], int],
+        max_tasks_per_worker: int = 0,
+        memory_limit: int | None = None,
+    ) -> None:
+        self.loop, self.node_name = loop, node_name
+        self.cpus, self.gpus = cpus, list(gpus)
+        self.source, self.sink, self.blobs = source, sink, blobs
+        self.job_tag = job_tag
+        self.max_tasks_per_worker, self.memory_limit = max_tasks_per_worker, memory_limit
+        self.dir = tempfile.mkdtemp(prefix="hived-pool-")
+        sock = ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.address = f"ipc://{self.dir}/workers.sock"
+        sock.bind(self.address)
+        self.channel = Channel(loop, sock, self._on_frames)
+        self.workers: dict[int, WorkerProc] = {}
+        self.by_route: dict[bytes, WorkerProc] = {}
+        self._numbers = iter(range(1, 1 << 62))
+        self.closing = False
+        self.items_done = 0
+        self._all_exited = asyncio.Event()
+        self.ready = asyncio.Event()  # every worker started so far has said READY
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        for _ in range(self.cpus):
+            self._spawn(None)
+        for device in self.gpus:
+            self._spawn(device)
+
+    def _spawn(self, device: str | None) -> None:
+        number = next(self._numbers)
+        box_path = os.path.join(self.dir, f"worker-{number}.box")
+        with open(box_path, "wb") as f:
+            f.write(BLACK_BOX.pack(0, -1))
+        env = dict(os.environ)
+        # Run the very hived this node runs, installed or not.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(hived.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = device
+        where = f"{self.node_name}" + (f" gpu {device}" if device is not None else "")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hived.worker", self.address, str(number), box_path, where],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C at the caller's terminal is not the task's
+            close_fds=True,
+        )
+        worker = WorkerProc(number, device, proc, box_path)
+        self.workers[number] = worker
+        pidfd = os.pidfd_open(proc.pid)
+        self.loop.add_reader(pidfd, self._on_exit, worker, pidfd)
+
+    def _on_exit(self, worker: WorkerProc, pidfd: int) -> None:
+        self.loop.remove_reader(pidfd)
+        os.close(pidfd)
+        code = worker.proc.wait()
+        self.workers.pop(worker.number, None)
+        if worker.route is not None:
+            self.by_route.pop(worker.route, None)
+        try:
+            os.unlink(worker.box_path)
+        except OSError:
+            pass
+        if worker.running is not None:
+            _, crashed_at = self._read_box(worker)
+            why = self._describe_death(worker, code, crashed_at)
+            log.warning("%s", why)
+            aid, worker.running = worker.running.id, None
+            self.sink.on_lost(aid, crashed_at, why)
+        elif not worker.retiring and not self.closing:
+            log.warning("worker pid %d exited with code %s while idle", worker.proc.pid, code)
+        if self.closing:
+            if not self.workers:
+                self._all_exited.set()
+        elif not worker.retiring:  # a retiring worker's successor is already up
+            self._spawn(worker.device)
+            self.kick()
+
+    def _read_box(self, worker: WorkerProc) -> tuple[int, int | None]:
+        try:
+            with open(worker.box_path, "rb") as f:
+                aid, index = BLACK_BOX.unpack(f.read(BLACK_BOX.size))
+        except (OSError, ValueError):
+            return 0, None
+        if worker.running is None or aid != worker.running.id or index < 0:
+            return aid, None
+        return aid, index
+
+    def _describe_death(self, worker: WorkerProc, code: int, index: int | None) -> str:
+        item = f" while running item {index}" if index is not None else ""
+        head = f"worker pid {worker.proc.pid} on {self.node_name}"
+        if worker.kill_reason:
+            return f"{head} was stopped{item}: {worker.kill_reason}"
+        if code < 0:
+            sig = signal.Signals(-code)
+            cause = LIKELY_CAUSE.get(sig, "killed by a signal")
+            return f"{head} died from {sig.name}({code}){item}: {cause}"
+        return (
+            f"{head} exited with code {code}{item}: the task ended the process "
+            "(os._exit, or sys.exit from native code)"
+        )
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Ask every worker to exit, wait up to `timeout`, then kill what is left."""
+        self.closing = True
+        if not self.workers:
+            self._all_exited.set()
+        for worker in list(self.workers.values()):
+            if worker.route is not None:
+                self.channel.send([worker.route, *encode(Exit())])
+            else:  # still starting: it has no way to hear us yet
+                worker.proc.kill()
+        # Exits arrive through the pidfd callbacks, which set the event.
+        try:
+            await asyncio.wait_for(self._all_exited.wait(), timeout)
+        except asyncio.TimeoutError:
+            for worker in list(self.workers.values()):
+                worker.proc.kill()
+            await asyncio.wait_for(self._all_exited.wait(), 5.0)
+        self.channel.close()
+        for name in os.listdir(self.dir):
+            os.unlink(os.path.join(self.dir, name))
+        os.rmdir(self.dir)
+
+    # -- slots -----------------------------------------------------------------
+
+    @property
+    def cpu_slots_busy(self) -> int:
+        return sum(
+            w.running.needs.cpus for w in self.workers.values() if w.running and w.device is None
+        )
+
+    @property
+    def slots_busy(self) -> int:
+        return sum(1 for w in self.workers.values() if w.running is not None)
+
+    @property
+    def slots_total(self) -> int:
+        return self.cpus + len(self.gpus)
+
+    def kick(self) -> None:
+        """Fill every idle worker with an assignment that fits it."""
+        if self.closing:
+            return
+        free_cpus = self.cpus - self.cpu_slots_busy
+        for worker in list(self.workers.values()):
+            if not worker.idle:
+                continue
+            if worker.device is None:
+                if free_cpus <= 0:
+                    continue
+                budget = free_cpus
+
+                def fits(needs: Needs, budget: int = budget) -> bool:
+                    return needs.gpus == 0 and needs.cpus <= budget
+            else:
+
+                def fits(needs: Needs) -> bool:
+                    return needs.gpus == 1
+
+            assignment = self.source.assign(fits)
+            if assignment is None:
+                continue
+            self._run(worker, assignment)
+            if worker.device is None:
+                free_cpus -= assignment.needs.cpus
+
+    def _run(self, worker: WorkerProc, a: Assignment) -> None:
+        worker.running = a
+        has_blob = a.fn not in worker.blobs
+        payload = [self.blobs[a.fn], *a.frames] if has_blob else a.frames
+        run = Run(a.id, a.fn, has_blob, a.start, a.stop, self.job_tag(a.job))
+        if self.channel.send([worker.route, *encode(run, payload)]):
+            worker.blobs.add(a.fn)
+        # else: the worker is gone; its pidfd callback hands the assignment back
+
+    def abort(self, aids: set[int], reason: str) -> None:
+        """Stop the workers running these assignments (their job was cancelled)."""
+        for worker in self.workers.values():
+            if worker.running is not None and worker.running.id in aids:
+                worker.kill_reason = reason
+                worker.proc.kill()
+
+    def check_memory(self) -> None:
+        """Replace workers whose resident memory passed the limit (runs each second)."""
+        if not self.memory_limit:
+            return
+        import psutil
+
+        for worker in list(self.workers.values()):
+            try:
+                rss = psutil.Process(worker.proc.pid).memory_info().rss
+            except psutil.Error:
+                continue
+            if rss > self.memory_limit:
+                if worker.running is not None:
+                    worker.kill_reason = (
+                        f"its resident memory {rss >> 20} MiB passed memory_limit "
+                        f"{self.memory_limit >> 20} MiB"
+                    )
+                    worker.proc.kill()
+                else:
+                    self._retire(worker)
+
+    def _retire(self, worker: WorkerProc) -> None:
+        """Let an idle worker exit and start its successor now."""
+        worker.retiring = True
+        self.channel.send([worker.route, *encode(Exit())])
+        self._spawn(worker.device)
+
+    # -- messages from workers -------------------------------------------------
+
+    def _on_frames(self, frames: list[Any]) -> None:
+        route, body = frames[0].bytes, frames[1:]
+        try:
+            msg, payload = decode(body)
+        except Exception as exc:
+            log.warning("dropping a malformed message from a worker: %s", exc)
+            return
+        if isinstance(msg, Ready):
+            worker = self.workers.get(msg.worker)
+            if worker is not None and worker.proc.pid == msg.pid:
+                worker.route = route
+                self.by_route[route] = worker
+                if all(w.route is not None for w in self.workers.values()):
+                    self.ready.set()
+                self.kick()
+            return
+        worker = self.by_route.get(route)
+        if worker is None:
+            return
+        if isinstance(msg, Output):
+            self.sink.on_output(msg.job, msg.stream, msg.text, worker.proc.pid)
+        elif isinstance(msg, Done):
+            self._finished(worker, msg.assignment)
+            worker.items_done += msg.stop - msg.start
+            self.items_done += msg.stop - msg.start
+            self._maybe_recycle(worker, msg.rss)
+            self.sink.on_done(msg.assignment, msg.start, msg.stop, msg.elapsed, payload)
+            self.kick()
+        elif isinstance(msg, Fail):
+            self._finished(worker, msg.assignment)
+            self.sink.on_fail(msg.assignment, msg.message)
+            self.kick()
+
+    def _finished(self, worker: WorkerProc, aid: int) -> None:
+        if worker.running is not None and worker.running.id == aid:
+            worker.running = None
+
+    def _maybe_recycle(self, worker: WorkerProc, rss: int) -> None:
+        worn = self.max_tasks_per_worker and worker.items_done >= self.max_tasks_per_worker
+        heavy = self.memory_limit and rss > self.memory_limit
+        if worn or heavy:
+            self._retire(worker)

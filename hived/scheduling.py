@@ -1,0 +1,325 @@
+"""The owner's book of jobs: which items are queued, running, delivered.
+
+Theory of operation
+-------------------
+A client submits a *job* (one function, its options) and streams *chunks* of
+items into it; a chunk's items travel as one opaque payload that only workers
+unpickle. The owner hands out *assignments*: a range [start, stop) of one
+chunk, to be run by one worker. Results come back per range.
+
+    client ──chunk──▶ queue ──assign──▶ running ──completed──▶ delivered
+                        ▲                  │
+                        └──── lost ────────┘  (requeue, split, count tries)
+
+Invariants (checked by `validate`, which the tests call after every step):
+- every item of a chunk is in exactly one of: a queued range, a running
+  assignment's range, or delivered (result or failure sent to the client);
+- an item is delivered at most once: a late or duplicate result for items
+  already delivered is dropped here (the client dedups too, by item);
+- an item that has crashed its worker more than `retries` times is failed
+  alone: when a worker dies, the worker's own record of the item it was
+  running (`crashed_at`) splits the range into before / culprit / after, and
+  only the culprit's count of tries goes up.
+
+Jobs share workers fairly: `assign` walks jobs round-robin, so two jobs with
+queued work each get about half of the assignments.
+
+This module imports no sockets and reads no clock; the node feeds it events.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from hived.errors import LocalProtocolError
+
+JobKey = tuple[bytes, int]  # (client id, job number within that client)
+
+
+@dataclass(frozen=True, slots=True)
+class Needs:
+    """What one task of a job occupies on a worker node."""
+
+    cpus: int = 1
+    gpus: int = 0
+
+
+@dataclass(slots=True)
+class Chunk:
+    number: int
+    count: int
+    frames: list[Any]
+    delivered: bytearray
+    tries: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def remaining(self) -> int:
+        return self.count - sum(self.delivered)
+
+
+@dataclass(slots=True)
+class Range:
+    chunk: Chunk
+    start: int
+    stop: int
+
+
+@dataclass(slots=True)
+class Job:
+    key: JobKey
+    fn: bytes
+    needs: Needs
+    retries: int
+    opened_at: float
+    queue: deque[Range] = field(default_factory=deque)
+    chunks: dict[int, Chunk] = field(default_factory=dict)
+    running: set[int] = field(default_factory=set)
+    closed: bool = False
+    items_total: int = 0
+    items_done: int = 0
+    items_failed: int = 0
+
+    @property
+    def items_queued(self) -> int:
+        return sum(r.stop - r.start for r in self.queue)
+
+    @property
+    def finished(self) -> bool:
+        return self.closed and not self.chunks
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    id: int
+    job: JobKey
+    fn: bytes
+    chunk: int
+    start: int
+    stop: int
+    frames: list[Any]
+    needs: Needs
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Results for [start, stop) of a chunk may go to the client."""
+
+    job: JobKey
+    chunk: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Item `index` of a chunk failed for good; tell the client why."""
+
+    job: JobKey
+    chunk: int
+    index: int
+    tries: int
+
+
+class Owner:
+    """Jobs submitted to this node, and the assignments out on workers."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[JobKey, Job] = {}
+        self._running: dict[int, tuple[Job, Range]] = {}
+        self._ids = itertools.count(1)
+        self._turn: deque[JobKey] = deque()  # round-robin order of jobs
+
+    # -- the client's side ---------------------------------------------------
+
+    def open_job(self, key: JobKey, fn: bytes, needs: Needs, retries: int, now: float) -> Job:
+        if key in self.jobs:
+            raise LocalProtocolError(f"job {key[1]} of this client is already open")
+        job = Job(key, fn, needs, retries, now)
+        self.jobs[key] = job
+        self._turn.append(key)
+        return job
+
+    def add_chunk(self, key: JobKey, number: int, count: int, frames: list[Any]) -> None:
+        job = self._job(key)
+        if job.closed:
+            raise LocalProtocolError(f"job {key[1]} is closed; no chunk may be added")
+        if number in job.chunks or count < 1:
+            raise LocalProtocolError(f"job {key[1]}: chunk {number} is a repeat or empty")
+        chunk = Chunk(number, count, frames, bytearray(count))
+        job.chunks[number] = chunk
+        job.queue.append(Range(chunk, 0, count))
+        job.items_total += count
+
+    def close_job(self, key: JobKey) -> Job | None:
+        """No more chunks will come; returns the job if that finishes it."""
+        job = self._job(key)
+        job.closed = True
+        return self._retire_if_finished(job)
+
+    def cancel_job(self, key: JobKey) -> list[int]:
+        """Forget the job; returns the ids of its assignments still running."""
+        job = self.jobs.pop(key, None)
+        if job is None:
+            return []
+        self._turn.remove(key)
+        for aid in job.running:
+            del self._running[aid]
+        return sorted(job.running)
+
+    # -- the workers' side ---------------------------------------------------
+
+    def assign(self, fits: Any = None) -> Assignment | None:
+        """Hand the next range of the next job in turn whose needs `fits(needs)`."""
+        for _ in range(len(self._turn)):
+            key = self._turn[0]
+            self._turn.rotate(-1)
+            job = self.jobs[key]
+            if not job.queue or (fits is not None and not fits(job.needs)):
+                continue
+            rng = job.queue.popleft()
+            aid = next(self._ids)
+            self._running[aid] = (job, rng)
+            job.running.add(aid)
+            return Assignment(
+                aid, key, job.fn, rng.chunk.number, rng.start, rng.stop, rng.chunk.frames, job.needs
+            )
+        return None
+
+    def completed(self, aid: int, start: int, stop: int, final: bool) -> Delivery | None:
+        """A worker returned results for [start, stop) of assignment `aid`.
+
+        Returns what to deliver, or None for a duplicate or a cancelled job.
+        `final` marks the assignment's last message.
+        """
+        entry = self._running.get(aid)
+        if entry is None:
+            return None
+        job, rng = entry
+        if not (rng.start <= start < stop <= rng.stop):
+            raise LocalProtocolError(
+                f"assignment {aid} covers [{rng.start}, {rng.stop}), not [{start}, {stop})"
+            )
+        if final:
+            del self._running[aid]
+            job.running.discard(aid)
+        fresh = self._settle(job, rng.chunk, start, stop)
+        if not fresh:
+            self._retire_if_finished(job)
+            return None
+        job.items_done += fresh
+        self._retire_chunk_if_done(job, rng.chunk)
+        return Delivery(job.key, rng.chunk.number, start, stop)
+
+    def refused(self, aid: int) -> Delivery | None:
+        """The worker could not start assignment `aid` (its function or arguments
+        did not unpickle): its items fail for good, since no retry can help."""
+        entry = self._running.pop(aid, None)
+        if entry is None:
+            return None
+        job, rng = entry
+        job.running.discard(aid)
+        fresh = self._settle(job, rng.chunk, rng.start, rng.stop)
+        job.items_failed += fresh
+        self._retire_chunk_if_done(job, rng.chunk)
+        self._retire_if_finished(job)
+        return Delivery(job.key, rng.chunk.number, rng.start, rng.stop) if fresh else None
+
+    @staticmethod
+    def _settle(job: Job, chunk: Chunk, start: int, stop: int) -> int:
+        """Mark [start, stop) delivered; returns how many were not already."""
+        if chunk.number not in job.chunks:
+            return 0
+        fresh = chunk.delivered[start:stop].count(0)
+        chunk.delivered[start:stop] = b"\x01" * (stop - start)
+        return fresh
+
+    def lost(self, aid: int, crashed_at: int | None) -> list[Failure]:
+        """Assignment `aid` will never report again (its worker or node is gone).
+
+        `crashed_at` is the item the dead worker was running, when known: it
+        alone is charged a try; the rest of the range is requeued as it was.
+        """
+        entry = self._running.pop(aid, None)
+        if entry is None:
+            return []
+        job, rng = entry
+        job.running.discard(aid)
+        chunk = rng.chunk
+        undelivered = [i for i in range(rng.start, rng.stop) if not chunk.delivered[i]]
+        if not undelivered:
+            return []
+        if crashed_at is None or not rng.start <= crashed_at < rng.stop:
+            # The node is gone, not necessarily because of these items.
+            job.queue.appendleft(Range(chunk, rng.start, rng.stop))
+            return []
+        failures = []
+        tries = chunk.tries.get(crashed_at, 0) + 1
+        chunk.tries[crashed_at] = tries
+        pieces = [Range(chunk, rng.start, crashed_at), Range(chunk, crashed_at + 1, rng.stop)]
+        if tries > job.retries:
+            chunk.delivered[crashed_at] = 1
+            job.items_failed += 1
+            failures.append(Failure(job.key, chunk.number, crashed_at, tries))
+        else:
+            pieces.insert(1, Range(chunk, crashed_at, crashed_at + 1))
+        for piece in reversed(pieces):
+            if piece.start < piece.stop:
+                job.queue.appendleft(piece)
+        self._retire_chunk_if_done(job, chunk)
+        return failures
+
+    def assignment(self, aid: int) -> JobKey | None:
+        entry = self._running.get(aid)
+        return entry[0].key if entry else None
+
+    # -- bookkeeping ---------------------------------------------------------
+
+    def queued_items(self) -> int:
+        return sum(job.items_queued for job in self.jobs.values())
+
+    def running_ids(self) -> Iterator[int]:
+        return iter(list(self._running))
+
+    def _job(self, key: JobKey) -> Job:
+        job = self.jobs.get(key)
+        if job is None:
+            raise LocalProtocolError(f"job {key[1]} is not open")
+        return job
+
+    def _retire_chunk_if_done(self, job: Job, chunk: Chunk) -> None:
+        if chunk.number in job.chunks and all(chunk.delivered):
+            # Queued ranges of a fully delivered chunk are dead weight.
+            job.queue = deque(r for r in job.queue if r.chunk is not chunk)
+            del job.chunks[chunk.number]
+            self._retire_if_finished(job)
+
+    def _retire_if_finished(self, job: Job) -> Job | None:
+        if job.finished and not job.running and job.key in self.jobs:
+            del self.jobs[job.key]
+            self._turn.remove(job.key)
+            return job
+        return None
+
+    def validate(self) -> None:
+        """Check the invariants in the module docstring (for tests)."""
+        for job in self.jobs.values():
+            for chunk in job.chunks.values():
+                cover = bytearray(chunk.delivered)
+                ranges = [r for r in job.queue if r.chunk is chunk] + [
+                    rng for j, rng in self._running.values() if j is job and rng.chunk is chunk
+                ]
+                for rng in ranges:
+                    for i in range(rng.start, rng.stop):
+                        if not chunk.delivered[i]:
+                            if cover[i] > 1:
+                                raise LocalProtocolError(f"item {i} of chunk {chunk.number} twice")
+                            cover[i] += 2
+                missing = [i for i, c in enumerate(cover) if c == 0]
+                if missing:
+                    raise LocalProtocolError(
+                        f"items {missing[:5]} of chunk {chunk.number} are nowhere"
+                    )

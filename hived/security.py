@@ -1,0 +1,126 @@
+"""The cluster key and CURVE on every TCP socket.
+
+A hive shares one CURVE key pair, the *cluster key*, written by `hivectl
+keygen` and copied to every node (mode 0600). Every server socket uses it as
+its own key; every client socket (a node dialling a peer, a remote client)
+presents it too. A ZAP handler on each node admits a connection only when the
+client's public key is the cluster's: holding the key file is membership.
+CURVE encrypts and authenticates before any frame reaches our code, so a peer
+without the key never gets a byte of ours decoded, let alone unpickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from hived.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+
+
+@dataclass(frozen=True)
+class ClusterKey:
+    public: bytes  # Z85, 40 bytes
+    secret: bytes
+
+    def server(self, sock: zmq.Socket) -> None:
+        """Make `sock` a CURVE server that asks ZAP who may connect."""
+        sock.curve_server = True
+        sock.curve_secretkey = self.secret
+        sock.curve_publickey = self.public
+        sock.zap_domain = b"hived"
+
+    def client(self, sock: zmq.Socket) -> None:
+        """Make `sock` a CURVE client presenting the cluster key."""
+        sock.curve_serverkey = self.public
+        sock.curve_publickey = self.public
+        sock.curve_secretkey = self.secret
+
+
+def write_key(path: str) -> ClusterKey:
+    """Write a new cluster key to `path`, readable by its owner only."""
+    public, secret = zmq.curve_keypair()
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".hived-key-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write("# hived cluster key: whoever holds this file can join the hive and run code.\n")
+            f.write(f'public = "{public.decode()}"\nsecret = "{secret.decode()}"\n')
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return ClusterKey(public, secret)
+
+
+def load_key(path: str) -> ClusterKey:
+    """Read a cluster key file; ConfigError naming the file if it is unusable."""
+    try:
+        with open(path) as f:
+            text = f.read()
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the cluster key: {exc.strerror}") from None
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        log.warning("%s is readable by others; `chmod 600 %s`", path, path)
+    values = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.lstrip().startswith("#"):
+            values[key.strip()] = value.strip().strip('"').encode()
+    public, secret = values.get("public", b""), values.get("secret", b"")
+    if len(public) != 40 or len(secret) != 40:
+        raise ConfigError(
+            f"{path}: expected a cluster key (public and secret, 40 Z85 characters each), "
+            "as written by `hivectl keygen PATH`"
+        )
+    try:
+        derived = zmq.curve_public(secret)
+    except zmq.ZMQError:
+        derived = b""
+    if derived != public:
+        raise ConfigError(f"{path}: the public key does not match the secret key")
+    return ClusterKey(public, secret)
+
+
+class ZapHandler:
+    """Answers ZeroMQ's authentication requests: the cluster key or nothing."""
+
+    def __init__(self, ctx: zmq.Context, key: ClusterKey, on_denied: Callable[[str], None] | None = None):
+        self.key_raw = zmq.utils.z85.decode(key.public)
+        self.sock = ctx.socket(zmq.REP)
+        self.sock.linger = 0
+        self.sock.bind(ZAP_ENDPOINT)
+        self.on_denied = on_denied
+
+    def handle(self, frames: list[Any]) -> None:
+        """One ZAP request (RFC 27) in, one reply out."""
+        parts = [bytes(f.bytes if hasattr(f, "bytes") else f) for f in frames]
+        if len(parts) < 6:
+            return
+        version, request_id, _domain, address, _identity, mechanism = parts[:6]
+        credentials = parts[6:]
+        ok = mechanism == b"CURVE" and credentials[:1] == [self.key_raw]
+        if not ok:
+            peer = address.decode(errors="replace")
+            log.warning("refused a %s connection from %s: not a holder of the cluster key",
+                        mechanism.decode(errors="replace"), peer)
+            if self.on_denied:
+                self.on_denied(peer)
+        code, text = (b"200", b"OK") if ok else (b"400", b"not a holder of the cluster key")
+        self.sock.send_multipart([version, request_id, code, text, b"", b""])
+
+    def close(self) -> None:
+        self.sock.close(linger=0)

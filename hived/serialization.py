@@ -1,0 +1,140 @@
+"""Turning user code and data into frames, and back.
+
+Functions travel as cloudpickle blobs named by their hash, so a node and each
+worker keep one copy per function however many tasks use it. Code from
+`__main__` and from the caller's own modules (anything not installed as a
+package) is pickled by value, so a worker needs the caller's installed
+packages but not its working directory.
+
+Arguments and results use pickle protocol 5 with out-of-band buffers: a numpy
+array's memory becomes a frame of its own, sent by ZeroMQ without a copy and
+unpickled in place on the other side. Nothing here is ever called on the
+control plane; only worker processes and the client unpickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import sys
+import sysconfig
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import cloudpickle
+
+from hived.errors import SerializationError
+
+# Buffers smaller than this ride inside the main pickle: a frame of their own
+# costs more than the copy.
+OUT_OF_BAND_MIN = 64 * 1024
+
+_INSTALLED_ROOTS = tuple(
+    os.path.realpath(p)
+    for p in {
+        sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")
+    }
+    | {os.path.dirname(os.__file__)}
+)
+_by_value: set[str] = set()
+_modules_seen = 0
+
+
+def _is_callers_own(module: Any) -> bool:
+    """True for a module of the caller's own (not stdlib, not an installed package)."""
+    name = getattr(module, "__name__", "")
+    if name == "__main__" or name.split(".")[0] == "hived":
+        return False
+    path = getattr(module, "__file__", None)
+    if not path:
+        return False
+    path = os.path.realpath(path)
+    return not path.startswith(_INSTALLED_ROOTS)
+
+
+def _register_callers_modules() -> None:
+    """Pickle the caller's own modules by value; rescan only when new ones load."""
+    global _modules_seen
+    if len(sys.modules) == _modules_seen:
+        return
+    for name, module in list(sys.modules.items()):
+        if name not in _by_value and "." not in name and _is_callers_own(module):
+            try:
+                cloudpickle.register_pickle_by_value(module)
+            except ValueError:  # not importable under that name any more
+                continue
+            _by_value.add(name)
+    _modules_seen = len(sys.modules)
+
+
+def dumps_function(fn: Callable[..., Any]) -> tuple[bytes, bytes]:
+    """The function's blob and its hash."""
+    if not callable(fn):
+        raise TypeError(f"expected a callable, got {type(fn).__name__}")
+    _register_callers_modules()
+    try:
+        blob = cloudpickle.dumps(fn, protocol=5)
+    except Exception as exc:
+        raise SerializationError(
+            f"function {_name_of(fn)} could not be pickled: {type(exc).__name__}: {exc}"
+        ) from exc
+    return blob, hashlib.blake2b(blob, digest_size=16).digest()
+
+
+def _out_of_band(dump: Callable[..., bytes], obj: Any) -> list[Any]:
+    """Pickle with `dump`, large buffers as frames of their own."""
+    buffers: list[pickle.PickleBuffer] = []
+
+    def keep_large(buf: pickle.PickleBuffer) -> bool:
+        if buf.raw().nbytes >= OUT_OF_BAND_MIN:
+            buffers.append(buf)
+            return False
+        return True
+
+    head = dump(obj, protocol=5, buffer_callback=keep_large)
+    return [head, *(b.raw() for b in buffers)]
+
+
+def dumps(obj: Any, what: str) -> list[Any]:
+    """Frames for `obj`: the pickle, then its large buffers. `what` names it in errors."""
+    try:
+        return _out_of_band(cloudpickle.dumps, obj)
+    except Exception as exc:
+        raise SerializationError(f"{what} could not be pickled: {type(exc).__name__}: {exc}") from exc
+
+
+def dumps_result(obj: Any, what: str) -> list[Any]:
+    """Frames for a worker's results: plain pickle when it can, cloudpickle when not.
+
+    Results are mostly plain data, which the C pickler handles several times
+    faster. pickle checks that every class it names by reference is the very
+    object importable under that name, so a class that only exists by value
+    (from the caller's __main__, say) fails here and goes through cloudpickle.
+    """
+    try:
+        return _out_of_band(pickle.dumps, obj)
+    except Exception:
+        return dumps(obj, what)
+
+
+def loads(frames: Sequence[Any], what: str) -> Any:
+    """The object in `frames` (as made by `dumps`); buffers are used in place."""
+    try:
+        return pickle.loads(frames[0], buffers=[_view(f) for f in frames[1:]])
+    except ModuleNotFoundError as exc:
+        raise SerializationError(
+            f"{what} could not be unpickled: module {exc.name!r} is not installed here"
+        ) from exc
+    except Exception as exc:
+        raise SerializationError(
+            f"{what} could not be unpickled: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _view(frame: Any) -> Any:
+    return getattr(frame, "buffer", frame)  # zmq.Frame → its memory, without a copy
+
+
+def _name_of(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)

@@ -1,0 +1,233 @@
+"""A worker process: runs tasks the node sends it, one range at a time.
+
+Started by the node's pool as `python -m hived.worker` (a fresh interpreter,
+never a fork of the event loop), it connects a DEALER to the node's worker
+ROUTER over ipc and loops: receive RUN, run each item, send DONE. It imports
+as little as it can, so it starts fast; the user's function and data are
+unpickled only here.
+
+Before each item the worker writes (assignment, item) into a small shared
+file, its *black box*. If the process dies in the middle of an item
+(segfault, OOM kill, os._exit), the node reads the black box to learn which
+item killed it: that item alone is charged a try, and its neighbours run
+again untouched.
+
+What a task prints goes, a line at a time, to the node with the job's id, so
+the caller sees it prefixed with node and pid.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import struct
+import sys
+import time
+import traceback
+from typing import Any
+
+from hived import serialization
+from hived.wire import Message, decode, encode, message, zero_copy
+
+BLACK_BOX = struct.Struct("<qq")  # assignment id, item index (-1: between items)
+# A chunk is (nargs, items): nargs 1 means each item is the one argument, n > 1
+# a tuple of n arguments, KEYWORDS an (args, kwargs) pair as `submit` makes.
+KEYWORDS = -1
+
+
+@message(b"W.READY")
+class Ready(Message):
+    worker: int
+    pid: int
+
+
+@message(b"W.RUN")
+class Run(Message):
+    assignment: int
+    fn: bytes  # hash of the function blob
+    has_blob: bool  # the blob is the first payload frame (the worker lacks it)
+    start: int
+    stop: int
+    job: int  # the node's short id for the job, tags printed output
+
+
+@message(b"W.DONE")
+class Done(Message):
+    assignment: int
+    start: int
+    stop: int
+    elapsed: float  # seconds spent running the items
+    rss: int  # resident memory after the range, bytes
+
+
+@message(b"W.FAIL")
+class Fail(Message):
+    """The range could not even start: the function or its arguments did not unpickle."""
+
+    assignment: int
+    message: str
+
+
+@message(b"W.OUT")
+class Output(Message):
+    job: int
+    stream: int  # 1 stdout, 2 stderr
+    text: str
+
+
+@message(b"W.EXIT")
+class Exit(Message):
+    pass
+
+
+class TaskError:
+    """Stands in a result list for an item whose function raised.
+
+    Holds the exception (or, if it cannot be pickled, its description) and
+    the remote traceback text; the client re-raises it at the item's place.
+    """
+
+    __slots__ = ("exc", "type_name", "text", "where")
+
+    def __init__(self, exc: BaseException | None, type_name: str, text: str, where: str):
+        self.exc, self.type_name, self.text, self.where = exc, type_name, text, where
+
+    def __reduce__(self):
+        return (TaskError, (self.exc, self.type_name, self.text, self.where))
+
+
+class _Lines(io.TextIOBase):
+    """A sys.stdout/stderr that sends whole lines to the node."""
+
+    def __init__(self, worker: Worker, stream: int):
+        self._worker, self._stream, self._buf = worker, stream, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._buf += text
+        if "\n" in self._buf:
+            head, _, self._buf = self._buf.rpartition("\n")
+            self._worker.send_output(self._stream, head + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._buf:
+            text, self._buf = self._buf, ""
+            self._worker.send_output(self._stream, text)
+
+
+class Worker:
+    def __init__(self, zmq: Any, address: str, number: int, black_box: str, where: str):
+        self.zmq = zmq
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.connect(address)
+        self.number, self.where = number, where
+        self.functions: dict[bytes, Any] = {}
+        self.job = -1
+        fd = os.open(black_box, os.O_RDWR)
+        self.box = mmap.mmap(fd, BLACK_BOX.size)
+        os.close(fd)
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.statm = os.open("/proc/self/statm", os.O_RDONLY)
+        self.parent = os.getppid()
+
+    def send_output(self, stream: int, text: str) -> None:
+        self.sock.send_multipart(encode(Output(self.job, stream, text)))
+
+    def serve(self) -> None:
+        self.sock.send_multipart(encode(Ready(self.number, os.getpid())))
+        sys.stdout, sys.stderr = _Lines(self, 1), _Lines(self, 2)
+        self.sock.rcvtimeo = 1000
+        while True:
+            try:
+                frames = self.sock.recv_multipart(copy=False)
+            except self.zmq.Again:
+                if os.getppid() != self.parent:
+                    return  # the node is gone; never outlive it
+                continue
+            msg, payload = decode(frames)
+            if isinstance(msg, Exit):
+                return
+            if isinstance(msg, Run):
+                self.run(msg, payload)
+
+    def run(self, msg: Run, payload: list[Any]) -> None:
+        self.job, where = msg.job, f"{self.where} pid {os.getpid()}"
+        try:
+            if msg.has_blob:
+                blob, payload = payload[0], payload[1:]
+                self.functions[msg.fn] = serialization.loads([blob], f"the function (on {where})")
+            fn = self.functions[msg.fn]
+            nargs, items = serialization.loads(payload, f"the arguments (on {where})")
+        except Exception as exc:
+            self.sock.send_multipart(encode(Fail(msg.assignment, str(exc))))
+            return
+        box, results = self.box, []
+        began = time.perf_counter()
+        for index in range(msg.start, msg.stop):
+            BLACK_BOX.pack_into(box, 0, msg.assignment, index)
+            item = items[index]
+            try:
+                if nargs == 1:
+                    results.append(fn(item))
+                elif nargs == KEYWORDS:
+                    results.append(fn(*item[0], **item[1]))
+                else:
+                    results.append(fn(*item))
+            except BaseException as exc:  # a task's own error, KeyboardInterrupt included
+                results.append(_task_error(exc, where))
+        BLACK_BOX.pack_into(box, 0, msg.assignment, -1)
+        elapsed = time.perf_counter() - began
+        sys.stdout.flush()
+        sys.stderr.flush()
+        frames = _pickle_results(results, msg.start, where)
+        done = Done(msg.assignment, msg.start, msg.stop, elapsed, self._rss())
+        self.sock.send_multipart(encode(done, frames), copy=not zero_copy(frames))
+
+    def _rss(self) -> int:
+        return int(os.pread(self.statm, 128, 0).split()[1]) * self.page
+
+
+def _task_error(exc: BaseException, where: str) -> TaskError:
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return TaskError(exc, type(exc).__qualname__, text, where)
+
+
+def _pickle_results(results: list[Any], start: int, where: str) -> list[Any]:
+    """Frames for the results; an item that will not pickle becomes an error alone."""
+    try:
+        return serialization.dumps_result(results, "results")
+    except Exception:
+        pass
+    for i, value in enumerate(results):
+        try:
+            serialization.dumps_result(value, "a result")
+        except Exception as exc:
+            if isinstance(value, TaskError):  # keep the error's text, drop the object
+                results[i] = TaskError(None, value.type_name, value.text, where)
+            else:
+                results[i] = TaskError(
+                    None,
+                    "SerializationError",
+                    f"the result of item {start + i} could not be pickled "
+                    f"(on {where}): {type(exc).__name__}: {exc}\n",
+                    where,
+                )
+    return serialization.dumps_result(results, "results")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import zmq  # imported here so `import hived.worker` stays light for the node
+
+    args = argv if argv is not None else sys.argv[1:]
+    address, number, black_box, where = args[0], int(args[1]), args[2], args[3]
+    Worker(zmq, address, number, black_box, where).serve()
+
+
+if __name__ == "__main__":
+    main()
