@@ -1,0 +1,104 @@
+"""The wire format: round trips, and hostile frames become RemoteProtocolError only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hived import control, worker  # noqa: F401 - registers their message types
+from hived.errors import LocalProtocolError, RemoteProtocolError
+from hived.wire import Message, decode, encode, message, peer_version
+
+
+@message(b"T.SAMPLE")
+class Sample(Message):
+    seq: int
+    name: str
+    tags: tuple[str, ...]
+    load: float
+    note: str | None  # noqa: UP007 - the wire checker reads typing forms too
+    extra: dict[str, Any]
+
+
+def test_round_trip_keeps_types_and_payload():
+    msg = Sample(7, "n", ("a", "b"), 0.5, None, {"k": [1, 2]})
+    got, payload = decode(encode(msg, [b"p1", b"p2"]))
+    assert got == msg and payload == [b"p1", b"p2"]
+
+
+def test_a_control_message_is_one_frame():
+    assert len(encode(control.Ping())) == 1
+
+
+@pytest.mark.parametrize(
+    "frames, match",
+    [
+        ([], "empty"),
+        ([b"GET / HTTP/1.1\r\n"], "not a hived message"),
+        ([b"HV9.9 C.PING\n\x80"], "protocol version 9.9"),
+        ([b"HV1.0 NOPE\n\x80"], "unknown message type"),
+        ([b"HV1.0 C.PING"], "truncated"),
+        ([b"HV1.0 T.SAMPLE\n\xc1"], "not msgpack"),
+        ([b"HV1.0 T.SAMPLE\n" + msgpack.packb([1, 2])], "not a map"),
+        ([b"HV1.0 T.SAMPLE\n" + msgpack.packb({"seq": 1})], "lacks field 'name'"),
+        ([b"HV1.0 T.SAMPLE\n" + msgpack.packb(
+            {"seq": "1", "name": "", "tags": [], "load": 1, "note": None, "extra": {}})],
+         "field 'seq' should be int, got str"),
+        ([b"HV1.0 T.SAMPLE\n" + msgpack.packb(
+            {"seq": True, "name": "", "tags": [], "load": 1, "note": None, "extra": {}})],
+         "field 'seq' should be int, got bool"),
+        ([b"HV1.0 T.SAMPLE\n" + msgpack.packb(
+            {"seq": 1, "name": "", "tags": [1], "load": 1, "note": None, "extra": {}})],
+         "field 'tags'"),
+        ([b"HV1.0 T.SAMPLE\n" + b"\x00" * (2 << 20)], "too large"),
+    ],
+)
+def test_bad_frames_name_what_was_wrong(frames, match):
+    with pytest.raises(RemoteProtocolError, match=match):
+        decode(frames)
+
+
+def test_peer_version_reads_other_versions():
+    assert peer_version([b"HV2.3 X\n"]) == (2, 3)
+    assert peer_version([b"junk"]) is None
+
+
+def test_registering_a_type_twice_is_refused():
+    with pytest.raises(LocalProtocolError, match="twice"):
+
+        @message(b"T.SAMPLE")
+        class Again(Message):
+            x: int
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=4))
+def test_random_bytes_never_escape_as_anything_but_a_protocol_error(frames):
+    try:
+        decode(frames)
+    except RemoteProtocolError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from([b"T.SAMPLE", b"C.JOB", b"C.CHUNK", b"W.RUN", b"W.DONE", b"C.ANSWER"]),
+    st.dictionaries(
+        st.sampled_from(["seq", "name", "job", "fn", "chunk", "count", "start", "stop", "body",
+                         "assignment", "has_blob", "tags", "load", "note", "extra"]),
+        st.recursive(
+            st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text() | st.binary(),
+            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+            max_leaves=8,
+        ),
+    ),
+)
+def test_hostile_headers_of_real_types_are_refused_cleanly(type_name, header):
+    try:
+        decode([b"HV1.0 " + type_name + b"\n" + msgpack.packb(header)])
+    except RemoteProtocolError:
+        pass
