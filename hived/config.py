@@ -172,7 +172,7 @@ def is_loopback(address: str) -> bool:
         return True
     host = address
     if "://" in address:
-        parsed = _split_tcp(address)
+        parsed = _split_tcp(address, lowest_port=0)
         if parsed is None:
             return False
         host = parsed[0]
@@ -264,13 +264,20 @@ def load_config(
     for key, raw in layers.items():
         values[key] = _validate(key, raw)
 
-    # Otherwise a healthy peer would be declared dead between two of its heartbeats.
+    # A peer is suspect after two quiet heartbeats and dead after dead_after;
+    # anything shorter would declare a healthy peer dead between its beats.
     heartbeat, dead_after = values["timing.heartbeat"], values["timing.dead_after"]
-    if dead_after <= heartbeat:
+    if dead_after <= 2 * heartbeat:
+        if layers["timing.dead_after"].where == "default":
+            raise _error(
+                layers["timing.heartbeat"],
+                "timing.heartbeat",
+                f"a number of seconds < timing.dead_after / 2 ({dead_after / 2:g})",
+            )
         raise _error(
             layers["timing.dead_after"],
             "timing.dead_after",
-            f"a number of seconds > timing.heartbeat ({heartbeat:g})",
+            f"a number of seconds > 2 × timing.heartbeat ({2 * heartbeat:g})",
         )
     if "node.advertise" not in layers:
         values["node.advertise"] = _derive_advertise(values["node.bind"])
@@ -527,13 +534,13 @@ _MEMORY_EXPECTED = (
 )
 
 
-def _split_tcp(address: str) -> tuple[str, int] | None:
+def _split_tcp(address: str, lowest_port: int = 1) -> tuple[str, int] | None:
     """("host", port) of a tcp://host:port address, or None if malformed."""
     if not address.startswith("tcp://"):
         return None
     rest = address[len("tcp://") :]
     host, sep, port = rest.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not sep or not host or not port.isdigit() or not lowest_port <= int(port) <= 65535:
         return None
     if host.startswith("["):
         if not host.endswith("]"):
@@ -572,13 +579,15 @@ def _v_name(value: Any, text: bool) -> str:
 
 
 def _v_bind(value: Any, text: bool) -> str:
-    if not isinstance(value, str) or _split_tcp(value) is None:
-        raise _Invalid('"tcp://host:port" (host an IP, a name, * or 0.0.0.0; port 1..65535)')
+    # Port 0 binds any free port (tests, several nodes on one machine); the
+    # advertised address then takes the port actually bound.
+    if not isinstance(value, str) or _split_tcp(value, lowest_port=0) is None:
+        raise _Invalid('"tcp://host:port" (host an IP, a name, * or 0.0.0.0; port 0..65535)')
     return value
 
 
 def _v_advertise(value: Any, text: bool) -> str:
-    parsed = _split_tcp(value) if isinstance(value, str) else None
+    parsed = _split_tcp(value, lowest_port=0) if isinstance(value, str) else None
     if parsed is None or _is_wildcard(parsed[0]):
         raise _Invalid('"tcp://host:port" that peers can dial (not * or 0.0.0.0; port 1..65535)')
     return value

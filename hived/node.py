@@ -162,8 +162,11 @@ class Node:
             self.pool.check_memory()
 
     async def drain(self) -> None:
-        """Take no new jobs; let running tasks finish up to the drain timeout."""
+        """Take no new jobs and start no queued task; let running tasks finish
+        up to the drain timeout (what never started fails in `close`)."""
         self.draining = True
+        self.pool.holding = True
+        self._drained.clear()  # a `hivectl drain` may have set it while tasks still ran
         if self.pool.slots_busy:
             try:
                 await asyncio.wait_for(self._drained.wait(), self.settings.drain_timeout)

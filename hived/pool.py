@@ -42,6 +42,8 @@ from hived.worker import BLACK_BOX, Done, Exit, Fail, Output, Ready, Run
 
 log = logging.getLogger(__name__)
 
+WORKER_MAIN = "from hived.worker import main; main()"
+
 # Signals, what they most likely mean for a Python task, for crash messages.
 LIKELY_CAUSE = {
     signal.SIGKILL: "killed from outside: out of memory (the kernel's OOM killer) or kill -9",
@@ -115,6 +117,7 @@ class Pool:
         self.by_route: dict[bytes, WorkerProc] = {}
         self._numbers = iter(range(1, 1 << 62))
         self.closing = False
+        self.holding = False  # draining: running tasks finish, no new one starts
         self.items_done = 0
         self._all_exited = asyncio.Event()
         self.ready = asyncio.Event()  # every worker started so far has said READY
@@ -138,9 +141,14 @@ class Pool:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
+        elif self.gpus:  # the GPUs belong to the GPU workers; CPU tasks must not contend
+            env["CUDA_VISIBLE_DEVICES"] = ""
         where = f"{self.node_name}" + (f" gpu {device}" if device is not None else "")
+        # `-c`, not `-m hived.worker`: run as __main__, the worker's classes
+        # (TaskError in results) would pickle as `__main__.TaskError`.
         proc = subprocess.Popen(
-            [sys.executable, "-m", "hived.worker", self.address, str(number), box_path, where],
+            [sys.executable, "-c", WORKER_MAIN, self.address, str(number), box_path, where,
+             str(os.getpid())],
             env=env,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # a Ctrl-C at the caller's terminal is not the task's
@@ -158,12 +166,12 @@ class Pool:
         self.workers.pop(worker.number, None)
         if worker.route is not None:
             self.by_route.pop(worker.route, None)
-        try:
+        crashed_at = self._read_box(worker)[1] if worker.running is not None else None
+        try:  # only once read: the black box says which item killed the worker
             os.unlink(worker.box_path)
         except OSError:
             pass
         if worker.running is not None:
-            _, crashed_at = self._read_box(worker)
             why = self._describe_death(worker, code, crashed_at)
             log.warning("%s", why)
             aid, worker.running = worker.running.id, None
@@ -207,9 +215,9 @@ class Pool:
         if not self.workers:
             self._all_exited.set()
         for worker in list(self.workers.values()):
-            if worker.route is not None:
+            if worker.route is not None and worker.running is None:
                 self.channel.send([worker.route, *encode(Exit())])
-            else:  # still starting: it has no way to hear us yet
+            else:  # still starting, or busy with a task: it cannot hear us
                 worker.proc.kill()
         # Exits arrive through the pidfd callbacks, which set the event.
         try:
@@ -241,7 +249,7 @@ class Pool:
 
     def kick(self) -> None:
         """Fill every idle worker with an assignment that fits it."""
-        if self.closing:
+        if self.closing or self.holding:
             return
         free_cpus = self.cpus - self.cpu_slots_busy
         for worker in list(self.workers.values()):
@@ -289,6 +297,8 @@ class Pool:
         import psutil
 
         for worker in list(self.workers.values()):
+            if worker.retiring:  # on its way out, its successor already started
+                continue
             try:
                 rss = psutil.Process(worker.proc.pid).memory_info().rss
             except psutil.Error:

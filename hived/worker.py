@@ -1,6 +1,6 @@
 """A worker process: runs tasks the node sends it, one range at a time.
 
-Started by the node's pool as `python -m hived.worker` (a fresh interpreter,
+Started by the node's pool as `python -c 'from hived.worker import main; main()'` (a fresh interpreter,
 never a fork of the event loop), it connects a DEALER to the node's worker
 ROUTER over ipc and loops: receive RUN, run each item, send DONE. It imports
 as little as it can, so it starts fast; the user's function and data are
@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import mmap
 import os
+import signal
 import struct
 import sys
 import time
@@ -97,6 +98,10 @@ class TaskError:
         return (TaskError, (self.exc, self.type_name, self.text, self.where))
 
 
+class _Unloadable(Exception):
+    """Stands in `Worker.functions` for a function blob that did not unpickle."""
+
+
 class _Lines(io.TextIOBase):
     """A sys.stdout/stderr that sends whole lines to the node."""
 
@@ -161,8 +166,16 @@ class Worker:
         try:
             if msg.has_blob:
                 blob, payload = payload[0], payload[1:]
-                self.functions[msg.fn] = serialization.loads([blob], f"the function (on {where})")
+                try:
+                    fn = serialization.loads([blob], f"the function (on {where})")
+                except Exception as exc:
+                    # Kept: the node sends a worker each blob once, so later
+                    # ranges of this job must fail with the same reason.
+                    fn = _Unloadable(str(exc))
+                self.functions[msg.fn] = fn
             fn = self.functions[msg.fn]
+            if type(fn) is _Unloadable:
+                raise fn
             nargs, items = serialization.loads(payload, f"the arguments (on {where})")
         except Exception as exc:
             self.sock.send_multipart(encode(Fail(msg.assignment, str(exc))))
@@ -185,7 +198,7 @@ class Worker:
         elapsed = time.perf_counter() - began
         sys.stdout.flush()
         sys.stderr.flush()
-        frames = _pickle_results(results, msg.start, where)
+        frames = _pickle_results(results, where)
         done = Done(msg.assignment, msg.start, msg.stop, elapsed, self._rss())
         self.sock.send_multipart(encode(done, frames), copy=not zero_copy(frames))
 
@@ -198,7 +211,7 @@ def _task_error(exc: BaseException, where: str) -> TaskError:
     return TaskError(exc, type(exc).__qualname__, text, where)
 
 
-def _pickle_results(results: list[Any], start: int, where: str) -> list[Any]:
+def _pickle_results(results: list[Any], where: str) -> list[Any]:
     """Frames for the results; an item that will not pickle becomes an error alone."""
     try:
         return serialization.dumps_result(results, "results")
@@ -214,18 +227,35 @@ def _pickle_results(results: list[Any], start: int, where: str) -> list[Any]:
                 results[i] = TaskError(
                     None,
                     "SerializationError",
-                    f"the result of item {start + i} could not be pickled "
+                    # No index: the worker knows positions in a chunk, not in
+                    # the caller's input; the error is raised at the item's place.
+                    f"the task's result could not be pickled "
                     f"(on {where}): {type(exc).__name__}: {exc}\n",
                     where,
                 )
     return serialization.dumps_result(results, "results")
 
 
+def _die_with(parent: int) -> None:
+    """Never outlive the node: the kernel kills us when it dies (Linux), and
+    if it died before we got here, we go at once. `serve` also polls."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
+    args = argv if argv is not None else sys.argv[1:]
+    address, number, black_box, where, parent = args[0], int(args[1]), args[2], args[3], int(args[4])
+    _die_with(parent)
     import zmq  # imported here so `import hived.worker` stays light for the node
 
-    args = argv if argv is not None else sys.argv[1:]
-    address, number, black_box, where = args[0], int(args[1]), args[2], args[3]
     Worker(zmq, address, number, black_box, where).serve()
 
 

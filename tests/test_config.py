@@ -258,7 +258,7 @@ def test_advertise_is_derived_from_bind() -> None:
 
 E_CPUS = 'expected "auto" or an integer >= 1'
 E_GPUS = 'expected "auto" or an integer >= 0'
-E_BIND = 'expected "tcp://host:port" (host an IP, a name, * or 0.0.0.0; port 1..65535)'
+E_BIND = 'expected "tcp://host:port" (host an IP, a name, * or 0.0.0.0; port 0..65535)'
 E_ADV = 'expected "tcp://host:port" that peers can dial (not * or 0.0.0.0; port 1..65535)'
 E_SEEDS = 'expected a list of "tcp://host:port" addresses that peers can dial, each once'
 E_CONTROL = 'expected "ipc://PATH" (at most 107 bytes) or "tcp://host:port"'
@@ -284,7 +284,7 @@ BAD_FILES = [
     ("[pool]\nmemory_limit = -5", "pool.memory_limit", E_MEM, "-5"),
     ('[node]\nbind = "0.0.0.0:7700"', "node.bind", E_BIND, '"0.0.0.0:7700"'),
     ('[node]\nbind = "tcp://0.0.0.0:70000"', "node.bind", E_BIND, '"tcp://0.0.0.0:70000"'),
-    ('[node]\nbind = "tcp://0.0.0.0:0"', "node.bind", E_BIND, '"tcp://0.0.0.0:0"'),
+    ('[node]\nbind = "tcp://0.0.0.0:65536"', "node.bind", E_BIND, '"tcp://0.0.0.0:65536"'),
     ('[node]\nbind = "tcp://bad host:1"', "node.bind", E_BIND, '"tcp://bad host:1"'),
     ('[node]\nbind = "tcp://[::1:1"', "node.bind", E_BIND, '"tcp://[::1:1"'),
     ('[node]\nbind = "udp://1.2.3.4:5"', "node.bind", E_BIND, '"udp://1.2.3.4:5"'),
@@ -307,10 +307,12 @@ BAD_FILES = [
     ("[timing]\ndrain_timeout = inf", "timing.drain_timeout", E_SECONDS, "inf"),
     ("[timing]\nlease = nan", "timing.lease", E_SECONDS, "nan"),
     ('[timing]\nheartbeat = "1s"', "timing.heartbeat", E_SECONDS, '"1s"'),
-    ("[timing]\nheartbeat = 1.0\ndead_after = 1.0", "timing.dead_after",
-     "expected a number of seconds > timing.heartbeat (1)", "1.0"),
-    ("[timing]\ndead_after = 0.4", "timing.dead_after",
-     "expected a number of seconds > timing.heartbeat (0.5)", "0.4"),
+    ("[timing]\nheartbeat = 1.0\ndead_after = 2.0", "timing.dead_after",
+     "expected a number of seconds > 2 × timing.heartbeat (2)", "2.0"),
+    ("[timing]\ndead_after = 0.9", "timing.dead_after",
+     "expected a number of seconds > 2 × timing.heartbeat (1)", "0.9"),
+    ("[timing]\nheartbeat = 2.0", "timing.heartbeat",
+     "expected a number of seconds < timing.dead_after / 2 (1.5)", "2.0"),
     ('[security]\ninsecure = "yes"', "security.insecure", "expected true or false", '"yes"'),
     ("[security]\nkey_file = 1", "security.key_file", "expected a non-empty path string", "1"),
     ('log_level = "loud"', "log_level",

@@ -1,0 +1,220 @@
+"""`hivectl` as a shell user and a script meet it, against a real daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import child_env
+from netns import wait_for
+
+import hived
+from hived.security import load_key
+
+NODE_FIELDS = {
+    "name": str,
+    "address": str,
+    "state": str,
+    "role": str,
+    "cpus": int,
+    "gpus": int,
+    "slots_busy": int,
+    "slots_free": int,
+    "tasks_done": int,
+    "version": str,
+}
+JOB_FIELDS = {"owner": str, "queued": int, "running": int, "done": int, "failed": int}
+
+
+def hivectl(
+    *args: str, address: str | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess:
+    connect = ["--connect", address] if address else []
+    return subprocess.run(
+        [sys.executable, "-m", "hived.cli", *connect, *args],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def ok(*args: str, address: str) -> str:
+    out = hivectl(*args, address=address)
+    assert out.returncode == 0, f"hivectl {' '.join(args)}: {out.stderr}"
+    return out.stdout
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def held(release: str) -> int:
+    """Runs until the test creates `release` (or a minute passes)."""
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return os.getpid()
+
+
+def test_status_table_has_the_node_row(daemon) -> None:
+    out = ok("status", address=daemon.address)
+    lines = out.splitlines()
+    assert lines[0] == "coordinator: testnode (term 1)"
+    header = lines[1].split()
+    assert header[:4] == ["NAME", "ADDRESS", "STATE", "ROLE"]
+    for title in ("CPUS", "GPUS", "BUSY", "FREE", "DONE", "LOAD", "VERSION", "UPTIME"):
+        assert title in header
+    rows = [line.split() for line in lines[2:]]
+    assert len(rows) == 1
+    row = dict(zip(header, rows[0], strict=True))
+    assert row["NAME"] == "testnode"
+    assert row["ADDRESS"] == daemon.address
+    assert row["STATE"] == "alive"
+    assert row["CPUS"] == "2" and row["GPUS"] == "0"
+    assert row["VERSION"] == hived.__version__
+
+
+def check_status_shape(body: dict) -> dict:
+    """The documented `status --json` shape; returns the one node's row."""
+    assert {"coordinator", "nodes"} <= set(body)
+    coordinator = body["coordinator"]
+    assert coordinator is None or set(coordinator) == {"name", "term"}
+    if coordinator is not None:
+        assert type(coordinator["name"]) is str and type(coordinator["term"]) is int
+    assert isinstance(body["nodes"], list) and len(body["nodes"]) == 1
+    node = body["nodes"][0]
+    for key, kind in NODE_FIELDS.items():
+        assert key in node, f"status --json: a node lacks {key!r}"
+        assert type(node[key]) is kind, f"{key}: expected {kind.__name__}, got {node[key]!r}"
+    assert node["state"] in {"alive", "suspect", "dead", "draining"}
+    return node
+
+
+def test_status_json_shape_and_tasks_done(daemon) -> None:
+    body = json.loads(ok("status", "--json", address=daemon.address))
+    node = check_status_shape(body)
+    assert body["coordinator"] == {"name": "testnode", "term": 1}
+    assert node["name"] == "testnode"
+    assert node["address"] == daemon.address
+    assert node["state"] == "alive"
+    assert node["role"] == "coordinator"
+    assert (node["cpus"], node["gpus"]) == (2, 0)
+    assert (node["slots_busy"], node["slots_free"]) == (0, 2)
+    assert node["version"] == hived.__version__
+    before = node["tasks_done"]
+
+    with hived.connect(daemon.address) as h:
+        assert list(h.map(square, range(30))) == [x * x for x in range(30)]
+    after = check_status_shape(json.loads(ok("status", "--json", address=daemon.address)))
+    assert after["tasks_done"] >= before + 30
+
+
+def test_jobs_show_a_running_job(daemon, tmp_path) -> None:
+    assert ok("jobs", address=daemon.address).strip() == "no jobs"
+    assert json.loads(ok("jobs", "--json", address=daemon.address)) == {"jobs": []}
+    release = str(tmp_path / "release")
+    results: list[int] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with hived.connect(daemon.address) as h:
+                results.extend(h.map(held, [release] * 6, chunksize=1, timeout=90))
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    client = threading.Thread(target=run)
+    client.start()
+    try:
+
+        def running_job() -> dict | None:
+            rows = json.loads(ok("jobs", "--json", address=daemon.address))["jobs"]
+            return rows[0] if rows and rows[0]["running"] == 2 else None
+
+        job = wait_for(running_job, 30, what="the job to be running on both slots")
+        for key, kind in JOB_FIELDS.items():
+            assert type(job[key]) is kind, f"{key}: expected {kind.__name__}, got {job[key]!r}"
+        assert isinstance(job["rate"], (int, float))
+        assert job["owner"] == "testnode"
+        assert job["done"] == 0 and job["failed"] == 0
+        assert job["queued"] >= 1  # the window holds more than the two running
+
+        table = ok("jobs", address=daemon.address).splitlines()
+        assert table[0].split() == [
+            "JOB",
+            "OWNER",
+            "FUNCTION",
+            "QUEUED",
+            "RUNNING",
+            "DONE",
+            "FAILED",
+            "RATE/S",
+        ]
+        assert len(table) == 2
+        assert table[1].split()[1:3] == ["testnode", "held"]
+    finally:
+        open(release, "w").close()
+        client.join(90)
+    assert not errors, errors
+    assert len(results) == 6
+    wait_for(
+        lambda: ok("jobs", address=daemon.address).strip() == "no jobs",
+        10,
+        what="the finished job to leave the list",
+    )
+
+
+def test_drain_refuses_new_jobs(daemon) -> None:
+    out = ok("drain", "testnode", address=daemon.address)
+    assert "testnode is draining" in out
+    node = check_status_shape(json.loads(ok("status", "--json", address=daemon.address)))
+    assert node["state"] == "draining"
+    assert "draining" in ok("status", address=daemon.address).splitlines()[2]
+    with hived.connect(daemon.address) as h:
+        with pytest.raises(hived.HiveUnavailable, match="testnode is draining"):
+            list(h.map(square, range(3)))
+        with pytest.raises(hived.HiveUnavailable, match="draining"):
+            h.submit(square, 3).result(timeout=30)
+
+
+def test_drain_of_an_unknown_node_fails(daemon) -> None:
+    out = hivectl("drain", "nosuch", address=daemon.address)
+    assert out.returncode != 0
+    assert "nosuch" in out.stderr and "no node named" in out.stderr
+    assert (
+        json.loads(ok("status", "--json", address=daemon.address))["nodes"][0]["state"] == "alive"
+    )
+
+
+@pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["jobs"], ["drain", "x"]])
+def test_no_daemon_answering(tmp_path, command) -> None:
+    out = hivectl(*command, address=f"ipc://{tmp_path}/nobody.sock")
+    assert out.returncode != 0
+    assert "is hived running" in out.stderr
+    assert out.stdout == ""
+
+
+def test_no_daemon_answering_on_a_dead_socket_file(daemon) -> None:
+    # A socket file that no process listens on (the daemon was killed -9).
+    address = daemon.address
+    daemon.kill()
+    out = hivectl("status", address=address)
+    assert out.returncode != 0
+    assert "is hived running" in out.stderr
+
+
+def test_keygen_writes_a_private_key(tmp_path) -> None:
+    path = tmp_path / "keys" / "cluster.key"
+    out = hivectl("keygen", str(path))
+    assert out.returncode == 0, out.stderr
+    assert str(path) in out.stdout
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    key = load_key(str(path))
+    assert len(key.public) == 40 and len(key.secret) == 40

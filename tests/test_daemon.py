@@ -1,0 +1,457 @@
+"""The daemon as systemd and users meet it: a real `hived` subprocess, real workers.
+
+Covers issue 2 items 3 and 6: maps through a daemon, a client that dies
+mid-job, malformed control frames, SIGTERM/SIGINT draining, sd_notify, and
+the ways the daemon refuses to start.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import msgpack
+import psutil
+import pytest
+import zmq
+from conftest import child_env
+from netns import wait_for
+
+import hived
+from hived.control import JobsQuery, ask
+from hived.wire import MAX_HEADER_BYTES
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def rendezvous(directory: str, n: int) -> int | None:
+    """Check in, then wait until `n` tasks have: proves `n` run at the same time."""
+    open(os.path.join(directory, str(os.getpid())), "w").close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if len(os.listdir(directory)) >= n:
+            return os.getpid()
+        time.sleep(0.02)
+    return None
+
+
+def node_row(daemon) -> dict:
+    return daemon.status()["nodes"][0]
+
+
+def jobs(daemon) -> list[dict]:
+    answer = ask(daemon.address, JobsQuery(7), timeout=3)
+    assert answer is not None, f"hived did not answer; log:\n{daemon.log}"
+    return answer.body["jobs"]
+
+
+def all_slots_at_once(address: str, tmp_path, n: int = 2) -> None:
+    """A fresh client gets `n` tasks running together."""
+    directory = tmp_path / f"rendezvous-{time.monotonic_ns()}"
+    directory.mkdir()
+    with hived.connect(address) as h:
+        pids = list(h.map(rendezvous, [str(directory)] * n, [n] * n, chunksize=1, timeout=60))
+    assert None not in pids, "the tasks never ran at the same time: not every slot was free"
+    assert len(set(pids)) == n
+
+
+def client_script(tmp_path, body: str) -> str:
+    """A client program (its functions pickle by value, as __main__'s do)."""
+    path = tmp_path / f"client-{time.monotonic_ns()}.py"
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+def start_client(script: str, address: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, script],
+        env=child_env(HIVED_ADDRESS=address),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+# -- serving ---------------------------------------------------------------------
+
+
+def test_map_through_a_daemon(daemon) -> None:
+    with hived.connect(daemon.address) as h:
+        assert h.node_name == "testnode"
+        assert list(h.map(square, range(200))) == [x * x for x in range(200)]
+        assert h.submit(square, 12).result(timeout=30) == 144
+    assert node_row(daemon)["tasks_done"] >= 201
+
+
+def test_hived_address_env_reaches_the_daemon(daemon, tmp_path) -> None:
+    script = client_script(
+        tmp_path,
+        """
+        from hived import hive
+
+        def cube(x):
+            return x ** 3
+
+        print("sum", sum(hive.map(cube, range(100))))
+        print("node", hive.node_name)
+        """,
+    )
+    out = subprocess.run(
+        [sys.executable, script],
+        env=child_env(HIVED_ADDRESS=daemon.address),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"sum {sum(x**3 for x in range(100))}" in out.stdout
+    assert "node testnode" in out.stdout  # the daemon's node, not an embedded one
+    assert node_row(daemon)["tasks_done"] >= 100
+
+
+def test_client_killed_mid_job_frees_its_slots(daemon, tmp_path) -> None:
+    script = client_script(
+        tmp_path,
+        """
+        import time
+        from hived import hive
+
+        def slow(x):
+            time.sleep(120)
+            return x
+
+        for r in hive.map(slow, range(20), chunksize=1):
+            print(r, flush=True)
+        """,
+    )
+    client = start_client(script, daemon.address)
+    try:
+        wait_for(lambda: node_row(daemon)["slots_busy"] == 2, 30, what="both slots busy")
+        assert len(jobs(daemon)) == 1
+    finally:
+        client.kill()
+        client.communicate()
+    # The client's heartbeats stop; the daemon drops its job within seconds.
+    wait_for(lambda: not jobs(daemon), 15, what=f"the dead client's job to go; log:\n{daemon.log}")
+    wait_for(lambda: node_row(daemon)["slots_busy"] == 0, 10, what="slots freed")
+    assert "dropping its 1 job" in daemon.log
+    wait_for(lambda: len(daemon.worker_pids()) == 2, 20, what="workers replaced")
+    all_slots_at_once(daemon.address, tmp_path)
+
+
+# -- malformed frames ------------------------------------------------------------
+
+BAD_FRAMES = [
+    # (frames, what the log must say)
+    ([random.Random(7).randbytes(64)], "not a hived message"),
+    ([b""], "not a hived message"),
+    ([b"HV1.0 C.JOB"], "truncated envelope"),
+    ([b"HV9.9 C.PING\n" + msgpack.packb({})], "protocol version 9.9 is not ours"),
+    ([b"HV1.0 C.NOSUCH\n" + msgpack.packb({})], "unknown message type"),
+    ([b"HV1.0 C.STATUS\n" + msgpack.packb({"request": "seven"})], "field 'request' should be int"),
+    ([b"HV1.0 C.STATUS\n" + msgpack.packb({})], "lacks field 'request'"),
+    ([b"HV1.0 C.STATUS\n\xc1\xff\x00"], "header is not msgpack"),
+    ([b"HV1.0 C.STATUS\n" + msgpack.packb([1, 2])], "header is not a map"),
+    ([b"HV1.0 C.PING\n" + b"\x00" * (MAX_HEADER_BYTES + 1)], "is too large"),
+]
+
+
+def test_malformed_frames_are_logged_and_ignored(daemon) -> None:
+    results: list[int] = []
+    errors: list[BaseException] = []
+
+    def good_client() -> None:
+        try:
+            with hived.connect(daemon.address) as h:
+                results.extend(h.map(square, range(300), chunksize=3, timeout=60))
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=good_client)
+    worker.start()
+    ctx = zmq.Context()
+    try:
+        hostile = ctx.socket(zmq.DEALER)
+        hostile.linger = 5000  # closing must not drop what is still queued
+        hostile.connect(daemon.address)
+        for _ in range(3):
+            for frames, _ in BAD_FRAMES:
+                hostile.send_multipart(frames)
+        # A valid job from a client that never said HELLO, and a wrongly typed one after HELLO.
+        hostile.send_multipart([b"HV1.0 C.CLOSE\n" + msgpack.packb({"job": 1})])
+        hostile.close()
+        worker.join(90)
+    finally:
+        ctx.term()
+    assert not worker.is_alive()
+    assert not errors, errors
+    assert results == [x * x for x in range(300)]  # nothing lost for the good client
+
+    def all_logged() -> bool:
+        log = daemon.log
+        return all(say in log for _, say in BAD_FRAMES) and "from an unknown client" in log
+
+    wait_for(all_logged, 10, what=f"every problem to be logged; log:\n{daemon.log}")
+    assert "Traceback" not in daemon.log
+    with hived.connect(daemon.address) as h:  # still serving
+        assert list(h.map(square, range(20))) == [x * x for x in range(20)]
+
+
+# -- signals ---------------------------------------------------------------------
+
+DRAIN_CLIENT = """
+import sys, time
+from hived import hive, HiveError
+
+def slow(x):
+    time.sleep(1.5)
+    return x
+
+try:
+    for r in hive.map(slow, range(8), chunksize=1):
+        print("result", r, flush=True)
+    print("complete", flush=True)
+except HiveError as exc:
+    print("error", type(exc).__name__, exc, flush=True)
+"""
+
+
+def gone(pids: list[int]) -> bool:
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            pass
+    return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_drains_running_tasks_then_exits(make_daemon, tmp_path, sig) -> None:
+    daemon = make_daemon()
+    client = start_client(client_script(tmp_path, DRAIN_CLIENT), daemon.address)
+    try:
+        wait_for(lambda: node_row(daemon)["slots_busy"] == 2, 30, what="both slots busy")
+        pids = daemon.worker_pids()
+        assert len(pids) == 2
+        assert daemon.stop(sig, timeout=40) == 0, daemon.log
+        out, _ = client.communicate(timeout=30)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.communicate()
+    assert client.returncode == 0, out
+    lines = out.splitlines()
+    # The two tasks running at the signal finished and their results arrived;
+    # the six that had not started never will, and the client is told so.
+    assert lines[:2] == ["result 0", "result 1"], out
+    assert len(lines) == 3, out
+    assert lines[2].startswith("error HiveUnavailable"), out
+    assert "testnode" in lines[2] and "stopped" in lines[2], out
+    assert f"{signal.Signals(sig).name}: draining" in daemon.log
+    wait_for(lambda: gone(pids), 10, what=f"workers {pids} to exit")
+
+
+def test_second_signal_stops_at_once(make_daemon, tmp_path) -> None:
+    daemon = make_daemon()
+    script = client_script(
+        tmp_path,
+        """
+        import time
+        from hived import hive, HiveError
+
+        def forever(x):
+            time.sleep(300)
+
+        try:
+            list(hive.map(forever, range(4), chunksize=1))
+        except HiveError as exc:
+            print("error", type(exc).__name__, exc, flush=True)
+        """,
+    )
+    client = start_client(script, daemon.address)
+    try:
+        wait_for(lambda: node_row(daemon)["slots_busy"] == 2, 30, what="both slots busy")
+        pids = daemon.worker_pids()
+        daemon.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "SIGTERM: draining" in daemon.log, 10, what="the drain to begin")
+        began = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(20) == 0, daemon.log
+        # The drain would wait 30 s for tasks that sleep 300 s; the second signal
+        # kills the busy workers at once (they cannot hear a polite exit).
+        assert time.monotonic() - began < 4.5
+        assert "stopping now" in daemon.log
+        wait_for(lambda: gone(pids), 10, what=f"workers {pids} to exit")
+        out, _ = client.communicate(timeout=30)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.communicate()
+    assert "error HiveUnavailable" in out, out
+
+
+# -- sd_notify -------------------------------------------------------------------
+
+
+class NotifySocket:
+    """systemd's end of NOTIFY_SOCKET: collects datagrams."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(0.05)
+        self.lines: list[str] = []
+
+    def pump(self) -> list[str]:
+        """Everything that has arrived so far (also kept in `lines`)."""
+        new: list[str] = []
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except (TimeoutError, BlockingIOError):
+                break
+            new += data.decode().split("\n")
+        self.lines += new
+        return new
+
+    def count(self, line: str) -> int:
+        """How often `line` has arrived (since `lines` was last cleared)."""
+        self.pump()
+        return self.lines.count(line)
+
+    def wait_line(self, line: str, timeout: float, times: int = 1) -> None:
+        wait_for(lambda: self.count(line) >= times, timeout, what=f"{line} via sd_notify")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_sd_notify_ready_status_watchdog_stopping(make_daemon, tmp_path) -> None:
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    try:
+        env = child_env(NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="200000")
+        daemon = make_daemon(start=False, env=env)
+        daemon.start(wait=False)
+        notify.wait_line("READY=1", 30)
+        assert daemon.status()["nodes"][0]["name"] == "testnode"  # READY means it answers
+        status = [line for line in notify.lines if line.startswith("STATUS=")]
+        assert status and "slots" in status[0], notify.lines
+        assert notify.count("READY=1") == 1
+
+        # WATCHDOG=1 every 0.1 s (half of WATCHDOG_USEC), and it keeps coming.
+        notify.lines.clear()
+        notify.wait_line("WATCHDOG=1", 10, times=4)
+
+        # Frozen, the daemon falls silent: what systemd's watchdog is for.
+        os.kill(daemon.proc.pid, signal.SIGSTOP)
+        try:
+            wait_for(
+                lambda: psutil.Process(daemon.proc.pid).status() == psutil.STATUS_STOPPED,
+                10,
+                what="the daemon to stop",
+            )
+            notify.pump()  # what was sent before it froze
+            notify.lines.clear()
+            deadline = time.monotonic() + 1.0  # ten watchdog periods
+            while time.monotonic() < deadline:
+                notify.pump()
+            assert "WATCHDOG=1" not in notify.lines, "a frozen daemon must not ping the watchdog"
+        finally:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
+        notify.wait_line("WATCHDOG=1", 10)  # thawed, it pings again
+
+        assert daemon.stop(signal.SIGTERM) == 0, daemon.log
+        assert notify.count("STOPPING=1") == 1
+        assert "STATUS=draining" in notify.lines
+    finally:
+        notify.close()
+
+
+def test_workers_do_not_inherit_notify_socket(make_daemon, tmp_path) -> None:
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    try:
+        daemon = make_daemon(env=child_env(NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="200000"))
+        with hived.connect(daemon.address) as h:
+            seen = h.submit(os.environ.get, "NOTIFY_SOCKET").result(timeout=30)
+            watchdog = h.submit(os.environ.get, "WATCHDOG_USEC").result(timeout=30)
+        assert seen is None and watchdog is None
+    finally:
+        notify.close()
+
+
+# -- refusing to start -----------------------------------------------------------
+
+
+def run_hived(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hived.daemon", *args],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_second_daemon_on_the_same_control_address_refuses(daemon, make_daemon) -> None:
+    second = make_daemon("--control", daemon.address, start=False)
+    second.start(wait=False)
+    assert second.proc.wait(30) != 0
+    assert f"another hived already serves {daemon.address}" in second.log
+    # The first one is undisturbed.
+    with hived.connect(daemon.address) as h:
+        assert list(h.map(square, range(10))) == [x * x for x in range(10)]
+
+
+def test_bad_cpus_flag_exits_2_naming_the_key(tmp_path) -> None:
+    out = run_hived("--cpus", "-1", "--control", f"ipc://{tmp_path}/s")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert "cpus" in lines[0] and "-1" in lines[0]
+
+
+def test_unknown_config_key_exits_2_naming_file_and_key(tmp_path) -> None:
+    config = tmp_path / "hived.toml"
+    config.write_text("[pool]\ncpus = 2\nmax_taks_per_worker = 5\n")
+    out = run_hived("--config", str(config), "--control", f"ipc://{tmp_path}/s")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert str(config) in lines[0] and "max_taks_per_worker" in lines[0]
+
+
+def test_check_config_prints_toml(tmp_path) -> None:
+    config = tmp_path / "hived.toml"
+    config.write_text('[node]\nname = "from-file"\n[pool]\nmax_tasks_per_worker = 7\n')
+    out = run_hived("--config", str(config), "--cpus", "3", "--check-config")
+    assert out.returncode == 0, out.stderr
+    parsed = tomllib.loads(out.stdout)
+    assert parsed["node"]["name"] == "from-file"
+    assert parsed["pool"]["cpus"] == 3
+    assert parsed["pool"]["max_tasks_per_worker"] == 7
+    assert {"node", "pool", "timing", "security"} <= set(parsed)
+
+
+def test_public_bind_without_key_refuses_to_start(tmp_path) -> None:
+    out = run_hived("--bind", "tcp://0.0.0.0:7700", "--control", f"ipc://{tmp_path}/s")
+    assert out.returncode != 0
+    assert "hivectl keygen" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not os.path.exists(tmp_path / "s")
