@@ -4,6 +4,7 @@
     hivectl jobs [--json]
     hivectl drain NAME
     hivectl keygen PATH
+    hivectl doctor [--config PATH] [--user NAME]
 
 Each command is one query to a node's control socket. `--json` output keeps
 the shape DESIGN.md fixes; scripts rely on it.
@@ -18,9 +19,10 @@ import os
 import sys
 from typing import Any
 
-from hived.config import local_control_addresses
+from hived.config import DEFAULT_CONFIG_PATH, local_control_addresses
 from hived.control import Answer, DrainRequest, JobsQuery, StatusQuery, ask
 from hived.errors import HiveError
+from hived.security import client_curve
 
 TIMEOUT = 3.0
 _requests = itertools.count(1)
@@ -39,6 +41,11 @@ def parser() -> argparse.ArgumentParser:
     drain.add_argument("name")
     keygen = sub.add_parser("keygen", help="write a new cluster key")
     keygen.add_argument("path")
+    doctor = sub.add_parser("doctor", help="check this machine's set-up: config, key, daemon, seeds, clock")
+    doctor.add_argument("--config", metavar="PATH", default=DEFAULT_CONFIG_PATH,
+                        help=f"the daemon's config file (default {DEFAULT_CONFIG_PATH})")
+    doctor.add_argument("--user", metavar="NAME", default="hived",
+                        help="the user the daemon runs as (default hived), to check it can read the key")
     return p
 
 
@@ -47,7 +54,7 @@ def _query(args: argparse.Namespace, query: Any) -> dict[str, Any]:
     addresses = [named] if named else local_control_addresses()
     answer: Answer | None = None
     for address in addresses:
-        answer = ask(address, query, TIMEOUT)
+        answer = ask(address, query, TIMEOUT, curve=client_curve(address, args.key_file))
         if answer is not None:
             break
     if answer is None:
@@ -111,23 +118,32 @@ def keygen(args: argparse.Namespace) -> None:
     from hived.security import write_key
 
     write_key(args.path)
-    print(f"wrote {args.path}; copy it to every node (mode 0600) and set [security] key_file")
+    print(f"wrote {args.path}; copy it to every node (mode 0640, owner root:hived) and set [security] key_file")
 
 
-COMMANDS = {"status": status, "jobs": jobs, "drain": drain, "keygen": keygen}
+def doctor(args: argparse.Namespace) -> int:
+    from hived.doctor import diagnose
+
+    findings = diagnose(args.config, args.connect, args.key_file, args.user)
+    for finding in findings:
+        print(finding.line())
+    return 1 if any(f.level == "FAIL" for f in findings) else 0
+
+
+COMMANDS = {"status": status, "jobs": jobs, "drain": drain, "keygen": keygen, "doctor": doctor}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except HiveError as exc:
         print(f"hivectl: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"hivectl: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The cluster key and CURVE on every TCP socket.
 
 A hive shares one CURVE key pair, the *cluster key*, written by `hivectl
-keygen` and copied to every node (mode 0600). Every server socket uses it as
+keygen` and copied to every node (mode 0640, root:hived). Every server socket uses it as
 its own key; every client socket (a node dialling a peer, a remote client)
 presents it too. A ZAP handler on each node admits a connection only when the
 client's public key is the cluster's: holding the key file is membership.
@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
+from zmq.utils import z85
 
-from hived.errors import ConfigError
+from hived.errors import ConfigError, HiveError
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +96,29 @@ def load_key(path: str) -> ClusterKey:
     return ClusterKey(public, secret)
 
 
+def client_curve(address: str, key_file: str | None) -> Callable[[zmq.Socket], None] | None:
+    """How a client socket dialling `address` must be set up: CURVE with the
+    cluster key (from `key_file`, else $HIVED_KEY_FILE), or nothing on ipc."""
+    from hived.config import is_loopback
+
+    key_file = key_file or os.environ.get("HIVED_KEY_FILE") or None
+    if not address.startswith("tcp://"):
+        return None
+    if key_file:
+        return load_key(key_file).client
+    if not is_loopback(address):
+        raise HiveError(
+            f"{address} is another machine: connecting needs the cluster key; pass "
+            "key_file= (hivectl --key-file) or set HIVED_KEY_FILE"
+        )
+    return None
+
+
 class ZapHandler:
     """Answers ZeroMQ's authentication requests: the cluster key or nothing."""
 
     def __init__(self, ctx: zmq.Context, key: ClusterKey, on_denied: Callable[[str], None] | None = None):
-        self.key_raw = zmq.utils.z85.decode(key.public)
+        self.key_raw = z85.decode(key.public)
         self.sock = ctx.socket(zmq.REP)
         self.sock.linger = 0
         self.sock.bind(ZAP_ENDPOINT)

@@ -1,0 +1,443 @@
+"""`hivectl doctor`: the mistakes operators make, checked one line each.
+
+    ok    config /etc/hived/hived.toml loads and validates
+    FAIL  key file /etc/hived/cluster.key does not exist — `hivectl keygen ...`
+    warn  seed tcp://192.0.2.13:7700 is not reachable: Connection refused — ...
+
+Each check is a function returning `Finding`s (level, what, how to fix), so
+tests call them one by one and the CLI prints them in order; nothing here
+prints or exits. The order follows what depends on what: the config names the
+key, the key opens a tcp:// control socket, and the daemon's status answer
+lists the nodes whose versions are compared.
+
+Doctor only looks: it reads files, asks the local daemon for its status
+(the same query as `hivectl status`), and opens and closes a TCP connection
+to each seed without sending a byte (a seed with a key still notices a
+connection that never finished the CURVE handshake, and logs it).
+"""
+
+from __future__ import annotations
+
+import grp
+import itertools
+import logging
+import os
+import pwd
+import socket
+import stat
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from hived import __version__
+from hived.config import Config, is_loopback, load_config, local_control_addresses
+from hived.control import StatusQuery, ask
+from hived.errors import ConfigError
+from hived.security import ClusterKey, load_key
+
+Level = Literal["ok", "warn", "FAIL"]
+
+DAEMON_USER = "hived"  # User= in systemd/hived.service
+CLOCK_SPAN = 0.5  # seconds the clock-rate check watches both clocks
+CLOCK_TOLERANCE = 0.01  # relative rate difference above which we warn
+SEED_TIMEOUT = 1.0
+CONTROL_TIMEOUT = 2.0
+
+_requests = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: Level
+    what: str
+    fix: str = ""
+
+    def line(self) -> str:
+        return f"{self.level:<4}  {self.what}" + (f" — {self.fix}" if self.fix else "")
+
+
+def ok(what: str) -> Finding:
+    return Finding("ok", what)
+
+
+def warn(what: str, fix: str) -> Finding:
+    return Finding("warn", what, fix)
+
+
+def fail(what: str, fix: str) -> Finding:
+    return Finding("FAIL", what, fix)
+
+
+# --------------------------------------------------------------------------
+# Config and security
+
+
+def check_config(path: str) -> tuple[Config | None, list[Finding]]:
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        return None, [
+            fail(
+                f"config {path} does not exist",
+                "write one (examples/cluster/node1.toml is a start) or pass --config PATH",
+            )
+        ]
+    except OSError as exc:
+        me = _user_name(os.geteuid())
+        return None, [
+            fail(f"cannot read config {path} as {me}: {exc.strerror}", "run `sudo hivectl doctor`")
+        ]
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        return None, [
+            fail(f"config: {exc}", f"fix it, then `hived --config {path} --check-config`")
+        ]
+    return config, [ok(f"config {path} loads and validates")]
+
+
+def check_exposure(config: Config) -> list[Finding]:
+    """A socket other machines reach must be behind the cluster key."""
+    exposed = [
+        f"{key} {address}"
+        for key, address in (("node.bind", config.node.bind), ("node.control", config.node.control))
+        if not is_loopback(address)
+    ]
+    if not exposed:
+        return [ok("mesh and control sockets are loopback/ipc only")]
+    where = " and ".join(exposed)
+    if config.security.key_file:
+        return [ok(f"{where} reachable from other machines, behind the cluster key")]
+    if config.security.insecure:
+        return [
+            warn(
+                f"{where} reachable from other machines without a key (insecure = true): "
+                "anyone who reaches it runs code as the daemon's user",
+                "set [security] key_file unless this network is trusted",
+            )
+        ]
+    return [
+        fail(
+            f"{where} reachable from other machines but no key file is set; hived refuses to start",
+            "`hivectl keygen /etc/hived/cluster.key`, copy it to every node, set "
+            '[security] key_file = "/etc/hived/cluster.key" (or insecure = true on a trusted network)',
+        )
+    ]
+
+
+def check_key(path: str, daemon_user: str = DAEMON_USER) -> tuple[ClusterKey | None, list[Finding]]:
+    """The cluster key: present, private, readable by the daemon, well-formed."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None, [
+            fail(
+                f"key file {path} does not exist",
+                f"`hivectl keygen {path}` on one node, then copy that file to every node "
+                "(see examples/cluster/README.md)",
+            )
+        ]
+    except OSError as exc:
+        return None, [
+            warn(f"cannot look at key file {path}: {exc.strerror}", "run `sudo hivectl doctor`")
+        ]
+    found: list[Finding] = []
+    mode = stat.S_IMODE(st.st_mode)
+    owner = f"{_user_name(st.st_uid)}:{_group_name(st.st_gid)}"
+    fix_mode = f"`chmod 0640 {path}; chown root:{daemon_user} {path}`"
+    if mode & stat.S_IROTH:
+        found.append(
+            warn(
+                f"key file {path} is world-readable (mode {mode:04o}): "
+                "anyone on this machine can join the hive and run code",
+                fix_mode,
+            )
+        )
+    elif mode & 0o137:
+        found.append(warn(f"key file {path} has mode {mode:04o}, looser than 0640", fix_mode))
+    else:
+        found.append(ok(f"key file {path} is mode {mode:04o}, owned by {owner}"))
+
+    reader = _can_read(st, daemon_user)
+    if reader is False:
+        found.append(
+            fail(
+                f"user {daemon_user} (the daemon's) cannot read key file {path} "
+                f"(mode {mode:04o}, owned by {owner})",
+                fix_mode,
+            )
+        )
+
+    if not os.access(path, os.R_OK):
+        me = _user_name(os.geteuid())
+        found.append(
+            warn(
+                f"cannot read key file {path} as {me}, so its contents were not checked",
+                "run `sudo hivectl doctor`",
+            )
+        )
+        return None, found
+    quiet = logging.getLogger("hived.security")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its own world-readable warning: we said it above
+    try:
+        key = load_key(path)
+    except ConfigError as exc:
+        found.append(fail(str(exc), f"`hivectl keygen {path}` and copy it to every node again"))
+        return None, found
+    finally:
+        quiet.setLevel(level)
+    found.append(ok(f"key file {path} holds a valid cluster key"))
+    return key, found
+
+
+def _can_read(st: os.stat_result, user: str) -> bool | None:
+    """Whether `user` may read a file with this stat; None if there is no such user."""
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        return None
+    if pw.pw_uid == 0:
+        return True
+    if st.st_uid == pw.pw_uid:
+        return bool(st.st_mode & stat.S_IRUSR)
+    groups = {pw.pw_gid} | {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
+    if st.st_gid in groups:
+        return bool(st.st_mode & stat.S_IRGRP)
+    return bool(st.st_mode & stat.S_IROTH)
+
+
+# --------------------------------------------------------------------------
+# The local daemon
+
+
+def check_control(
+    addresses: Sequence[str], curve: Callable[[Any], None] | None = None
+) -> tuple[dict[str, Any] | None, list[Finding]]:
+    """Ask the first address that answers for the hive's status; look at its directory."""
+    for address in addresses:
+        # A daemon with a key puts CURVE on its TCP control socket; ipc goes without.
+        secured = curve if address.startswith("tcp://") else None
+        answer = ask(address, StatusQuery(next(_requests)), CONTROL_TIMEOUT, secured)
+        if answer is not None and "nodes" in answer.body:
+            found = [ok(f"control socket {address} answers")]
+            if address.startswith("ipc://"):
+                found += _socket_permissions(address[len("ipc://") :])
+            return answer.body, found
+    found = []
+    for address in addresses:
+        if address.startswith("ipc://"):
+            found += _socket_access(address[len("ipc://") :])
+    found.append(
+        fail(
+            f"no daemon answered at {' or '.join(addresses)}",
+            "is hived running? `systemctl status hived`, `journalctl -u hived`",
+        )
+    )
+    return None, found
+
+
+def _socket_permissions(path: str) -> list[Finding]:
+    directory = os.path.dirname(path) or "."
+    try:
+        dst, sst = os.stat(directory), os.stat(path)
+    except OSError:
+        return []
+    dmode, smode = stat.S_IMODE(dst.st_mode), stat.S_IMODE(sst.st_mode)
+    owner = f"{_user_name(dst.st_uid)}:{_group_name(dst.st_gid)}"
+    fix = f"`chmod 0750 {directory}` (the unit sets RuntimeDirectoryMode=0750)"
+    if dmode & stat.S_IWOTH and not dmode & stat.S_ISVTX:
+        return [
+            warn(
+                f"control directory {directory} is world-writable (mode {dmode:04o}): "
+                "anyone can replace the socket",
+                fix,
+            )
+        ]
+    if dmode & stat.S_IXOTH and smode & stat.S_IWOTH:
+        return [
+            warn(
+                f"anyone on this machine can use control socket {path} and run code as "
+                f"{_user_name(sst.st_uid)} (directory mode {dmode:04o}, socket {smode:04o})",
+                fix,
+            )
+        ]
+    return [
+        ok(
+            f"control directory {directory} is mode {dmode:04o}, owned by {owner}; "
+            f"socket mode {smode:04o}"
+        )
+    ]
+
+
+def _socket_access(path: str) -> list[Finding]:
+    """Why a socket may not answer us: permissions, most often."""
+    directory = os.path.dirname(path) or "."
+    if os.path.exists(path):
+        allowed = os.access(path, os.R_OK | os.W_OK)
+    else:  # or hidden from us by a directory we may not enter
+        allowed = not os.path.isdir(directory) or os.access(directory, os.X_OK)
+    if allowed:
+        return []
+    try:
+        group = _group_name(os.stat(directory).st_gid)
+    except OSError:
+        group = DAEMON_USER
+    me = _user_name(os.geteuid())
+    return [
+        fail(
+            f"{me} may not use control socket {path}",
+            f"`usermod -aG {group} {me}` and log in again, or run as root",
+        )
+    ]
+
+
+def check_versions(status: dict[str, Any], ours: str = __version__) -> list[Finding]:
+    """Every node should run our release: peers of another protocol are refused."""
+    nodes = status.get("nodes") or []
+    other = [n for n in nodes if str(n.get("version")) != ours]
+    if not other:
+        return [ok(f"all {len(nodes)} node(s) run hived {ours}")]
+    return [
+        warn(
+            f"node {n.get('name')} runs hived {n.get('version')}, this hivectl is {ours}",
+            "install the same hived release on every node (peers of another "
+            "protocol version are refused)",
+        )
+        for n in other
+    ]
+
+
+# --------------------------------------------------------------------------
+# The network and the machine
+
+
+def check_seeds(seeds: Sequence[str], timeout: float = SEED_TIMEOUT) -> list[Finding]:
+    """TCP connect to every seed, at once; connect and close, nothing sent."""
+    if not seeds:
+        return [ok("no seeds: this node is a hive of its own")]
+    with ThreadPoolExecutor(max_workers=min(len(seeds), 16)) as ex:
+        errors = list(ex.map(lambda s: _connect(s, timeout), seeds))
+    found = []
+    for seed, error in zip(seeds, errors, strict=True):
+        if error is None:
+            found.append(ok(f"seed {seed} accepts connections"))
+        else:
+            found.append(
+                warn(
+                    f"seed {seed} is not reachable: {error}",
+                    "is hived running there, and port open in its firewall? "
+                    "(`hivectl doctor` on that machine)",
+                )
+            )
+    if all(error is not None for error in errors):
+        found.append(
+            fail(
+                "no seed is reachable: this node cannot join the hive",
+                "check the seeds in the config, the network and the peers' firewalls",
+            )
+        )
+    return found
+
+
+def _connect(seed: str, timeout: float) -> str | None:
+    """None if a TCP connection to `seed` opened, else why not."""
+    rest = seed[len("tcp://") :] if seed.startswith("tcp://") else seed
+    host, _, port = rest.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return None
+    except TimeoutError:
+        return f"no answer within {timeout:g} s"
+    except socket.gaierror as exc:
+        return f"cannot resolve {host}: {exc.strerror}"
+    except (OSError, ValueError) as exc:
+        return getattr(exc, "strerror", None) or str(exc)
+
+
+def check_clock(
+    span: float = CLOCK_SPAN,
+    monotonic: Callable[[], float] = time.monotonic,
+    wall: Callable[[], float] = time.time,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[Finding]:
+    """The monotonic clock (leases, timeouts) should run at the wall clock's rate.
+
+    A broken clock source in a VM makes leases and timeouts run fast or
+    slow; NTP disciplines the wall clock, so comparing the two over a short
+    span shows it. A wall-clock step during the span shows up here too.
+    """
+    m0, w0 = monotonic(), wall()
+    sleep(span)
+    m1, w1 = monotonic(), wall()
+    elapsed = m1 - m0
+    if elapsed <= 0:
+        return [
+            fail(
+                "the monotonic clock did not advance",
+                "check the clock source: "
+                "`cat /sys/devices/system/clocksource/clocksource0/current_clocksource`",
+            )
+        ]
+    drift = abs((w1 - w0) - elapsed) / elapsed
+    if drift > CLOCK_TOLERANCE:
+        return [
+            warn(
+                f"the wall clock ran at {(w1 - w0) / elapsed:.3f}x the monotonic clock "
+                f"over {elapsed:.2f} s; leases and timeouts depend on it",
+                "is NTP stepping the clock, or the VM's clock source unstable? "
+                "`timedatectl timesync-status` or `chronyc tracking`",
+            )
+        ]
+    return [ok(f"monotonic and wall clocks agree within {drift:.2%} over {elapsed:.2f} s")]
+
+
+# --------------------------------------------------------------------------
+
+
+def diagnose(
+    config_path: str,
+    connect: str | None = None,
+    key_file: str | None = None,
+    daemon_user: str = DAEMON_USER,
+) -> list[Finding]:
+    """Every check, in order; a check whose input is missing is left out."""
+    config, found = check_config(config_path)
+    key: ClusterKey | None = None
+    if config is not None:
+        found += check_exposure(config)
+    key_path = key_file or (config.security.key_file if config else None)
+    if key_path:
+        key, more = check_key(key_path, daemon_user)
+        found += more
+    if connect:
+        addresses = [connect]
+    elif config is not None and config.origins.get("node.control", "default") != "default":
+        addresses = [config.node.control]
+    else:
+        addresses = local_control_addresses()
+    status, more = check_control(addresses, key.client if key else None)
+    found += more
+    if config is not None:
+        found += check_seeds(config.node.seeds)
+    found += check_clock()
+    if status is not None:
+        found += check_versions(status)
+    return found
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
