@@ -35,11 +35,12 @@ from hived.control import (
     Result,
     Welcome,
 )
-from hived.errors import HiveError, HiveUnavailable
+from hived.errors import HiveError, HiveUnavailable, SerializationError
 from hived.links import EmbeddedLink, SocketLink
 from hived.mapping import FAILURE_TYPES, MapStream, raise_for
 from hived.node import NodeSettings
 from hived.resources import detect_gpus, usable_cpus
+from hived.security import client_curve
 from hived.wire import Message, decode, encode
 from hived.worker import KEYWORDS
 
@@ -60,6 +61,8 @@ class Hive(concurrent.futures.Executor):
         self._welcome = threading.Event()
         self._futures: set[concurrent.futures.Future] = set()
         self._closed = False
+        self._link_closing = False
+        self._link_closed = False
         self.node_name = ""
         self.slots = 1
         self.link = self._open_link(address, key_file)
@@ -88,7 +91,8 @@ class Hive(concurrent.futures.Executor):
                 f"address {address!r}: expected 'embedded', 'ipc://PATH' or 'tcp://HOST:PORT'"
             )
         self.address = address
-        return self._greet(SocketLink(address, self._on_frames))
+        curve = client_curve(address, key_file)
+        return self._greet(SocketLink(address, self._on_frames, curve=curve))
 
     def _greet(self, link: Any) -> Any:
         """Say HELLO on `link` and wait for the node's WELCOME."""
@@ -175,7 +179,7 @@ class Hive(concurrent.futures.Executor):
         job, opener = self._open_job(fn, cpus, gpus, retries)
         stream = MapStream(
             job=job,
-            send=self.link.send,
+            send=self._send,
             opener=opener,
             forget=self._forget,
             iterables=iterables,
@@ -185,15 +189,25 @@ class Hive(concurrent.futures.Executor):
             timeout=timeout,
             progress=progress,
         )
-        self._streams[job] = stream
+        self._streams[job] = stream  # before the first send: results may come back at once
+        try:
+            stream.start()
+        except BaseException:
+            self._forget(job)
+            raise
         return stream.results()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         """Run fn(*args, **kwargs) on the hive; returns a concurrent.futures.Future."""
         self._check_open()
-        job, opener = self._open_job(fn, 1, 0, 2)
-        frames = serialization.dumps((KEYWORDS, [(args, kwargs)]), "the arguments")
         future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            job, opener = self._open_job(fn, 1, 0, 2)
+            frames = serialization.dumps((KEYWORDS, [(args, kwargs)]), "the arguments")
+        except SerializationError as exc:
+            # The task's failure, so the future's (as in ProcessPoolExecutor).
+            future.set_exception(exc)
+            return future
         single = _Single(self, job, future, opener, frames)
         self._streams[job] = single
         with self._lock:
@@ -207,12 +221,44 @@ class Hive(concurrent.futures.Executor):
             if self._closed:
                 return
             self._closed = True
+            self._link_closing = wait  # else the last future's callback closes it
             futures = list(self._futures)
         if cancel_futures:
             for future in futures:
                 future.cancel()
+        # A map still being read ends with an error where it would wait for
+        # the node, rather than waiting for ever (maps read their input
+        # lazily, so what they have not sent yet cannot complete).
+        for stream in list(self._streams.values()):
+            if isinstance(stream, MapStream):
+                stream.deliver(JobRefused(stream.job, "shutdown", _SHUT_DOWN), [])
         if wait:
             concurrent.futures.wait(futures)
+            self._close_link()
+        else:
+            # As ProcessPoolExecutor does: what was submitted still completes;
+            # the link closes once the last future is done.
+            self._close_if_idle(in_callback=False)
+
+    def _close_if_idle(self, in_callback: bool = True) -> None:
+        with self._lock:
+            if not self._closed or self._futures or self._link_closing:
+                return
+            self._link_closing = True
+        if in_callback:  # maybe on the link's own thread, which close() waits for
+            threading.Thread(target=self._close_link, name="hived-close", daemon=True).start()
+        else:
+            self._close_link()
+
+    def _send(self, *messages: list[Any]) -> None:
+        """link.send while the link is open; after, nothing (a map's last CancelJob)."""
+        with self._lock:
+            if not self._link_closed:
+                self.link.send(*messages)
+
+    def _close_link(self) -> None:
+        with self._lock:  # no send is under way once this is set
+            self._link_closed = True
         self.link.close()
 
     def _check_open(self) -> None:
@@ -238,7 +284,7 @@ class _Single:
         self.opener, self.frames = opener, frames
 
     def send(self, force_blob: bool) -> None:
-        self.hive.link.send(
+        self.hive._send(
             self.opener(force_blob),
             encode(AddChunk(self.job, 0, 1), self.frames),
             encode(CloseJob(self.job)),
@@ -267,7 +313,14 @@ class _Single:
         with self.hive._lock:
             self.hive._futures.discard(future)
         if future.cancelled():
-            self.hive.link.send(encode(CancelJob(self.job)))
+            # What an executor owes a cancelled future: without it,
+            # concurrent.futures.wait/as_completed never count it as done.
+            future.set_running_or_notify_cancel()
+            self.hive._send(encode(CancelJob(self.job)))
+        self.hive._close_if_idle()
+
+
+_SHUT_DOWN = "the hive was shut down while this map was running; no more results will come"
 
 
 def _check_count(name: str, value: Any, least: int) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import os
 import threading
 import time
@@ -30,6 +31,8 @@ from hived.control import EMBEDDED_CLIENT, Ping
 from hived.errors import HiveError
 from hived.node import Node, NodeSettings
 from hived.wire import encode, zero_copy
+
+log = logging.getLogger(__name__)
 
 OnFrames = Callable[[list[Any]], None]
 
@@ -84,19 +87,27 @@ class SocketLink:
                     frames = self.outbox.popleft()
                     sock.send_multipart(frames, copy=not zero_copy(frames))
                 while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    self.on_frames(sock.recv_multipart(copy=False))
+                    frames = sock.recv_multipart(copy=False)
+                    try:
+                        self.on_frames(frames)
+                    except Exception:  # one bad message must not end the link
+                        log.exception("error handling a message from %s", self.address)
+        except Exception:
+            log.exception("the link to %s failed", self.address)
+            raise
         finally:
             sock.close(linger=0)
             self.ctx.term()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
 
     def close(self) -> None:
-        if not self._closing:
-            self._closing = True
-            os.write(self._wake_w, b"\0")
-            if threading.current_thread() is not self.thread:
-                self.thread.join(5)
+        if self._closing:
+            return
+        self._closing = True
+        os.write(self._wake_w, b"\0")
+        if threading.current_thread() is not self.thread:
+            self.thread.join(5)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
 
 class EmbeddedLink:

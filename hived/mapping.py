@@ -10,6 +10,13 @@ slots, and are yielded in input order (or as chunks complete, with
 `ordered=False`). Each slot is filled once: a duplicate range is ignored, so
 delivery is exactly-once even if the node sent something twice.
 
+A pickling problem fails only the item at fault: a chunk that will not
+pickle here is sent item by item (the unpicklable items fail at once), and a
+range that failed for pickling elsewhere (an argument did not unpickle in the
+worker, a result did not unpickle here) is sent again item by item, as
+chunks with negative numbers that map back to the original slots. So the job
+stays open (CloseJob) until the last result is in.
+
 Chunk size (`chunksize=None`) adapts: the first chunks hold one item each;
 every result reports the seconds its worker spent, and the next chunks hold
 about `TARGET_CHUNK_SECONDS` of work, capped (like multiprocessing's map) at a
@@ -108,6 +115,8 @@ class Progress:
 class ChunkSlots:
     count: int
     frames: list[Any]
+    items: list[Any]  # the arguments, kept to send items again one by one
+    first: int  # the input position of item 0, for error messages
     values: list[Any] = field(default_factory=list)
     filled: bytearray = field(default_factory=bytearray)
     missing: int = 0
@@ -148,10 +157,18 @@ class MapStream:
         self.progress = Progress(total) if progress else None
         self.chunks: dict[int, ChunkSlots] = {}
         self.numbers = itertools.count()
+        # An item sent again alone goes as a chunk with a negative number.
+        self.alone = itertools.count(-1, -1)
+        self.parts: dict[int, tuple[int, int]] = {}  # its number: (chunk, index)
+        self.read = 0  # items taken from the input so far
         self.next_out = 0
         self.exhausted = False
         self.finished = False
         self.refusal: HiveError | None = None
+
+    def start(self) -> None:
+        """Open the job and send the first window; call once the stream can
+        receive (results may come back before this returns)."""
         self.fill_window(self.opener(False))
 
     # -- sending ---------------------------------------------------------------
@@ -162,13 +179,51 @@ class MapStream:
         while not self.exhausted and len(self.chunks) < self.window:
             items = list(itertools.islice(self.items, self.sizer.next_size()))
             if not items:
+                # CloseJob waits for the last result: until then an item may
+                # still have to be sent again alone (see _send_alone).
                 self.exhausted = True
-                out.append(encode(CloseJob(self.job)))
                 break
+            first, self.read = self.read, self.read + len(items)
+            try:
+                frames = serialization.dumps((self.nargs, items), "the arguments")
+            except SerializationError:
+                out.extend(self._add_one_by_one(items, first))
+                continue
             number = next(self.numbers)
-            frames = serialization.dumps((self.nargs, items), f"the arguments of chunk {number}")
-            self.chunks[number] = ChunkSlots(len(items), frames)
+            self.chunks[number] = ChunkSlots(len(items), frames, items, first)
             out.append(encode(AddChunk(self.job, number, len(items)), frames))
+        if out:
+            self.send(*out)
+
+    def _add_one_by_one(self, items: list[Any], first: int) -> list[list[Any]]:
+        """A chunk that will not pickle: each item a chunk of its own, so that
+        only the items that cannot be pickled fail."""
+        out = []
+        for offset, item in enumerate(items):
+            number = next(self.numbers)
+            what = f"the argument{'s' if self.nargs > 1 else ''} of item {first + offset}"
+            try:
+                frames = serialization.dumps((self.nargs, [item]), what)
+            except SerializationError as exc:
+                chunk = self.chunks[number] = ChunkSlots(1, [], [], first + offset)
+                self._fill(chunk, 0, [_Failed(SerializationError, str(exc))])
+                continue
+            self.chunks[number] = ChunkSlots(1, frames, [item], first + offset)
+            out.append(encode(AddChunk(self.job, number, 1), frames))
+        return out
+
+    def _send_alone(self, number: int, chunk: ChunkSlots, start: int, stop: int) -> None:
+        """Items [start, stop) failed together for a reason of pickling (an
+        argument did not unpickle in the worker, or a result here): send each
+        again alone, so the one at fault fails alone and the rest succeed."""
+        out = []
+        for i in range(start, stop):
+            if chunk.filled[i]:
+                continue
+            alone = next(self.alone)
+            frames = serialization.dumps((self.nargs, [chunk.items[i]]), "the arguments")
+            self.parts[alone] = (number, i)
+            out.append(encode(AddChunk(self.job, alone, 1), frames))
         if out:
             self.send(*out)
 
@@ -176,10 +231,9 @@ class MapStream:
         """The node lost our function (it restarted): open the job again, resend."""
         out = [self.opener(True)]
         for number, chunk in self.chunks.items():
-            if chunk.missing:
+            if chunk.missing and chunk.frames:
                 out.append(encode(AddChunk(self.job, number, chunk.count), chunk.frames))
-        if self.exhausted:
-            out.append(encode(CloseJob(self.job)))
+        self.parts.clear()
         self.send(*out)
 
     # -- receiving (the link's thread puts, the caller's thread takes) ----------
@@ -208,28 +262,40 @@ class MapStream:
             self._absorb(msg, payload)
 
     def _absorb(self, msg: Message, payload: list[Any]) -> None:
-        if isinstance(msg, Result):
-            chunk = self.chunks.get(msg.chunk)
+        if isinstance(msg, (Result, ItemsFailed)):
+            number, start, stop = msg.chunk, msg.start, msg.stop
+            if number < 0:  # an item sent again alone
+                number, start = self.parts.pop(number, (-1, 0))
+                stop = start + 1
+            chunk = self.chunks.get(number)
             if chunk is None:
                 return
-            try:
-                values = serialization.loads(payload, f"the results of chunk {msg.chunk}")
-            except SerializationError as exc:
-                values = [TaskError(None, "SerializationError", str(exc), "the caller")] * (
-                    msg.stop - msg.start
-                )
-            self.sizer.learn(msg.stop - msg.start, msg.elapsed)
-            self._fill(chunk, msg.start, values)
-        elif isinstance(msg, ItemsFailed):
-            chunk = self.chunks.get(msg.chunk)
-            if chunk is not None:
+            if isinstance(msg, Result):
+                self.sizer.learn(stop - start, msg.elapsed)
+                self._take_results(number, chunk, start, stop, payload)
+            elif msg.kind == "serialization" and stop - start > 1:
+                self._send_alone(number, chunk, start, stop)
+            else:
                 error = FAILURE_TYPES.get(msg.kind, HiveError)
-                self._fill(chunk, msg.start, [_Failed(error, msg.text)] * (msg.stop - msg.start))
+                self._fill(chunk, start, [_Failed(error, msg.text)] * (stop - start))
         elif isinstance(msg, JobRefused):
             if msg.kind == "unknown-blob":
                 self.resend_all()
             else:
                 self.refusal = FAILURE_TYPES.get(msg.kind, HiveError)(msg.text)
+
+    def _take_results(
+        self, number: int, chunk: ChunkSlots, start: int, stop: int, payload: list[Any]
+    ) -> None:
+        what = f"the result of item {chunk.first + start}"
+        try:
+            values = serialization.loads(payload, what if stop - start == 1 else "results")
+        except SerializationError as exc:
+            if stop - start > 1:
+                self._send_alone(number, chunk, start, stop)
+                return
+            values = [TaskError(None, "SerializationError", str(exc), "the caller")]
+        self._fill(chunk, start, values)
 
     def _fill(self, chunk: ChunkSlots, start: int, values: list[Any]) -> None:
         for offset, value in enumerate(values):
@@ -247,6 +313,7 @@ class MapStream:
                 ready = self._ready_chunk()
                 if ready is None:
                     if self.exhausted and not self.chunks:
+                        self.send(encode(CloseJob(self.job)))
                         self.finished = True
                         return
                     if self.refusal is not None:

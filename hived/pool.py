@@ -218,12 +218,14 @@ class Pool:
             if worker.route is not None and worker.running is None:
                 self.channel.send([worker.route, *encode(Exit())])
             else:  # still starting, or busy with a task: it cannot hear us
+                worker.kill_reason = "the pool is stopping"  # not "out of memory"
                 worker.proc.kill()
         # Exits arrive through the pidfd callbacks, which set the event.
         try:
             await asyncio.wait_for(self._all_exited.wait(), timeout)
         except asyncio.TimeoutError:
             for worker in list(self.workers.values()):
+                worker.kill_reason = "the pool is stopping"
                 worker.proc.kill()
             await asyncio.wait_for(self._all_exited.wait(), 5.0)
         self.channel.close()

@@ -38,6 +38,9 @@ class Channel:
         self._scheduled = False
         self._closed = False
         loop.add_reader(sock.FD, self._drain)
+        # The FD only signals changes: look once now, in case something is
+        # already waiting (it would never signal for that).
+        self._schedule()
 
     def send(self, frames: Sequence[Any]) -> bool:
         """Send without blocking; False if the peer's queue is full or it is gone."""

@@ -175,7 +175,7 @@ class Worker:
                 self.functions[msg.fn] = fn
             fn = self.functions[msg.fn]
             if type(fn) is _Unloadable:
-                raise fn
+                raise _Unloadable(str(fn))  # a fresh one: no traceback piling up
             nargs, items = serialization.loads(payload, f"the arguments (on {where})")
         except Exception as exc:
             self.sock.send_multipart(encode(Fail(msg.assignment, str(exc))))

@@ -1,0 +1,368 @@
+"""`Hive.map` as a user drives it, on an embedded hive (and one real daemon).
+
+Ordering, chunking, the bounded read-ahead of an endless input, flat memory,
+progress and printed output, timeouts, Ctrl-C and break (each cancels the
+job on the node), argument checks, large arrays, and worker recycling.
+
+The embedded node is reached as `hive.link.node` to see its owner's book of
+jobs; chunks sent are counted by wrapping `hive.link.send`. Nothing here
+asserts on timing beyond generous deadlines.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import tracemalloc
+
+import psutil
+import pytest
+from netns import wait_for
+
+import hived
+from hived.control import AddChunk
+from hived.mapping import MAX_UNSIZED_CHUNK, TARGET_CHUNK_SECONDS, ChunkSizer
+from hived.wire import decode
+
+# -- task functions ---------------------------------------------------------------------
+
+
+def square(x):
+    return x * x
+
+
+def nap(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def nap_then(args):
+    seconds, value = args
+    time.sleep(seconds)
+    return value
+
+
+def kilobyte(i):
+    return bytes(1024)
+
+
+def chatty(x):
+    print(f"hello {x}")
+    print(f"complaint {x}", file=sys.stderr)
+    return x
+
+
+def pid_of(_):
+    return os.getpid()
+
+
+def reverse(a):
+    return a[::-1].copy()
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def count_chunks(hive, monkeypatch) -> list[int]:
+    """The item count of every chunk the client sends from now on."""
+    counts: list[int] = []
+    real = hive.link.send
+
+    def send(*messages):
+        for frames in messages:
+            msg, _ = decode(frames)
+            if isinstance(msg, AddChunk):
+                counts.append(msg.count)
+        real(*messages)
+
+    monkeypatch.setattr(hive.link, "send", send)
+    return counts
+
+
+def jobs_of(hive) -> dict:
+    return hive.link.node.owner.jobs
+
+
+def wait_no_jobs(hive) -> None:
+    wait_for(lambda: not jobs_of(hive), 30, what="the node to drop the job")
+
+
+def worker_pids() -> set[int]:
+    pids = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and "hived.worker" in " ".join(p.cmdline()):
+                pids.add(p.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return pids
+
+
+def wait_workers_ready(hive) -> None:
+    pool = hive.link.node.pool
+    wait_for(
+        lambda: len(pool.workers) == hive.slots
+        and all(w.route for w in list(pool.workers.values())),
+        30,
+        what="every worker to be ready",
+    )
+
+
+# -- order and chunks -------------------------------------------------------------------
+
+
+def test_unordered_map_yields_every_result_in_completion_order(hive):
+    wait_workers_ready(hive)
+    items = [(2.0, "slow")] + [(0.0, i) for i in range(1, 8)]
+    got = list(hive.map(nap_then, items, ordered=False))
+    assert collections.Counter(got) == collections.Counter(["slow", *range(1, 8)])
+    assert got[-1] == "slow"
+
+
+def test_explicit_chunksize_is_used(hive, monkeypatch):
+    counts = count_chunks(hive, monkeypatch)
+    assert list(hive.map(square, range(100), chunksize=7)) == [x * x for x in range(100)]
+    assert counts == [7] * 14 + [2]
+
+
+def test_chunk_sizer():
+    # A fixed size is a fixed size.
+    assert ChunkSizer(7, slots=2, total=100).next_size() == 7
+    # Unsized: one item per chunk until a result tells what an item costs.
+    sizer = ChunkSizer(None, slots=2, total=20_000)
+    assert sizer.next_size() == 1
+    # Tiny tasks: batched up to a quarter of the items per slot.
+    sizer.learn(10, 10e-6)
+    assert sizer.next_size() == 2500 == 20_000 // (4 * 2)
+    # Tasks of a tenth of TARGET_CHUNK_SECONDS (a bit more) each: ten to a chunk.
+    sizer = ChunkSizer(None, slots=2, total=20_000)
+    sizer.learn(4, 4 * TARGET_CHUNK_SECONDS / 10.5)
+    assert sizer.next_size() == 10
+    # Long tasks are never batched.
+    sizer = ChunkSizer(None, slots=2, total=20_000)
+    sizer.learn(3, 1.5)
+    assert sizer.next_size() == 1
+    # Unknown length: a fixed cap.
+    sizer = ChunkSizer(None, slots=2, total=None)
+    sizer.learn(100, 0.0)
+    assert sizer.next_size() == MAX_UNSIZED_CHUNK
+    # A short input is spread over the slots, a chunk per slot at least.
+    sizer = ChunkSizer(None, slots=2, total=6)
+    sizer.learn(3, 0.0)
+    assert sizer.next_size() == 1
+
+
+def test_unsized_map_batches_twenty_thousand_tiny_tasks(hive, monkeypatch):
+    counts = count_chunks(hive, monkeypatch)
+    assert list(hive.map(square, range(20_000))) == [x * x for x in range(20_000)]
+    assert sum(counts) == 20_000
+    assert len(counts) < 2_000  # batched: an item per chunk would be 20,000 chunks
+
+
+def test_several_iterables(hive):
+    assert list(hive.map(pow, range(5), itertools.repeat(2))) == [0, 1, 4, 9, 16]
+    assert list(hive.map(pow, [2, 3], [3, 2], [100, 100])) == [8, 9]
+
+
+# -- endless inputs ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunksize", [10, None])
+def test_break_out_of_an_endless_map_cancels_it(hive, chunksize):
+    pulled = 0
+
+    def endless():
+        nonlocal pulled
+        for i in itertools.count():
+            pulled += 1
+            yield i
+
+    got = []
+    for value in hive.map(square, endless(), chunksize=chunksize):
+        got.append(value)
+        if len(got) == 500:
+            break
+    assert got == [x * x for x in range(500)]
+    wait_no_jobs(hive)
+    # Read ahead by at most the window (2 * slots + 1 chunks) and the chunk
+    # being yielded.
+    window = 2 * hive.slots + 1
+    assert pulled <= 500 + (window + 1) * (chunksize or MAX_UNSIZED_CHUNK)
+    assert list(hive.map(square, range(3))) == [0, 1, 4]  # the hive goes on
+
+
+def test_memory_stays_flat_over_a_long_endless_map(hive):
+    results = hive.map(kilobyte, itertools.count(), chunksize=100)
+    for _ in range(20_000):  # warm up: the window is full, caches are made
+        next(results)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(180_000):
+            assert len(next(results)) == 1024
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        results.close()
+    # Keeping 180,000 results of 1 KiB would take 180 MiB; the window holds
+    # a few hundred.
+    assert peak - before < 16 << 20, f"peak grew by {(peak - before) >> 20} MiB"
+    wait_no_jobs(hive)
+
+
+# -- what the caller sees -----------------------------------------------------------------
+
+
+def test_progress_bar_on_stderr(hive, capsys):
+    assert list(hive.map(square, range(50), progress=True)) == [x * x for x in range(50)]
+    err = capsys.readouterr().err
+    assert "hived [" in err and "50/50" in err, err
+    assert err.endswith("\n")
+
+
+def test_what_a_task_prints_reaches_the_caller_with_node_and_pid(hive, capfd):
+    assert list(hive.map(chatty, range(3))) == [0, 1, 2]
+    out, err = "", ""
+
+    def all_lines_in() -> bool:
+        nonlocal out, err
+        o, e = capfd.readouterr()
+        out, err = out + o, err + e
+        return all(f"hello {i}" in out and f"complaint {i}" in err for i in range(3))
+
+    wait_for(all_lines_in, 30, what="the tasks' output")
+    node = re.escape(hive.node_name)
+    for i in range(3):
+        match = re.search(rf"^\({node} pid=(\d+)\) hello {i}$", out, re.M)
+        assert match, out
+        assert re.search(rf"^\({node} pid=\d+\) complaint {i}$", err, re.M), err
+    assert int(match.group(1)) in worker_pids()
+
+
+# -- stopping early -------------------------------------------------------------------------
+
+
+def test_timeout_raises_task_timeout_and_cancels_the_job(hive):
+    wait_workers_ready(hive)
+    before = worker_pids()
+    with pytest.raises(hived.TaskTimeout, match="timeout=0.5"):
+        list(hive.map(nap, [60] * hive.slots, timeout=0.5))
+    wait_no_jobs(hive)
+    # The workers still sleeping are stopped (after a grace) and replaced.
+    wait_for(
+        lambda: len(worker_pids()) == hive.slots and not worker_pids() & before,
+        30,
+        what="the cancelled tasks' workers to be replaced",
+    )
+    assert list(hive.map(square, range(4))) == [0, 1, 4, 9]
+
+
+def test_keyboard_interrupt_in_the_loop_cancels_the_job(hive):
+    with pytest.raises(KeyboardInterrupt):
+        for _ in hive.map(nap, itertools.repeat(0.01)):
+            raise KeyboardInterrupt
+    wait_no_jobs(hive)
+    assert list(hive.map(square, range(4))) == [0, 1, 4, 9]
+
+
+def test_ctrl_c_while_waiting_for_a_result_cancels_the_job(hive):
+    wait_workers_ready(hive)
+    main = threading.main_thread().ident
+    timer = threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            list(hive.map(nap, [60, 60, 60]))
+    finally:
+        timer.cancel()
+    wait_no_jobs(hive)
+    assert list(hive.map(square, range(4))) == [0, 1, 4, 9]
+
+
+@pytest.mark.parametrize("where", ["embedded", "daemon"])
+def test_a_map_read_after_shutdown_raises_rather_than_hangs(where, request):
+    if where == "embedded":
+        h = hived.connect("embedded")
+    else:
+        h = hived.connect(request.getfixturevalue("daemon").address)
+    results = h.map(square, itertools.count())
+    assert next(results) == 0
+    h.shutdown()
+    with pytest.raises(hived.HiveError, match="shut down|stopped"):
+        for _ in results:  # what had arrived, then the error
+            pass
+
+
+# -- bad requests ---------------------------------------------------------------------------
+
+
+def test_gpus_on_a_hive_without_gpus(hive):
+    if hive.link.node.settings.gpus:
+        pytest.skip("this machine has GPUs")
+    with pytest.raises(hived.HiveError, match="GPU"):
+        list(hive.map(square, [1, 2], gpus=1))
+    wait_no_jobs(hive)
+    assert list(hive.map(square, [3])) == [9]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"cpus": 0}, ValueError, "cpus"),
+        ({"cpus": 1.5}, ValueError, "cpus"),
+        ({"chunksize": 0}, ValueError, "chunksize"),
+        ({"chunksize": -3}, ValueError, "chunksize"),
+        ({"retries": -1}, ValueError, "retries"),
+        ({"gpus": -1}, ValueError, "gpus"),
+        ({"timeout": -1}, ValueError, "timeout"),
+    ],
+    ids=lambda v: str(v) if isinstance(v, dict) else "",
+)
+def test_invalid_arguments_raise_at_call_time(hive, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        hive.map(square, range(3), **kwargs)  # not iterated: raised by the call
+    assert not jobs_of(hive)
+
+
+def test_map_needs_an_iterable_and_a_callable(hive):
+    with pytest.raises(TypeError, match="iterable"):
+        hive.map(square)
+    with pytest.raises(TypeError, match="callable"):
+        hive.map(42, range(3))
+    assert not jobs_of(hive)
+    assert list(hive.map(square, [2])) == [4]
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def test_a_32_mb_numpy_array_goes_and_comes_back_intact(hive):
+    np = pytest.importorskip("numpy")
+    a = np.random.default_rng(7).random(4 << 20)  # 4 Mi float64 = 32 MiB
+    assert a.nbytes == 32 << 20
+    out = hive.submit(reverse, a).result(timeout=60)
+    assert out.dtype == a.dtype and np.array_equal(out, a[::-1])
+    b = a.reshape(1024, -1)
+    back = list(hive.map(reverse, [a, b]))
+    assert np.array_equal(back[0], a[::-1]) and np.array_equal(back[1], b[::-1])
+
+
+# -- worker recycling ------------------------------------------------------------------------
+
+
+def test_max_tasks_per_worker_recycles_workers(make_daemon, tmp_path):
+    config = tmp_path / "hived.toml"
+    config.write_text("[pool]\nmax_tasks_per_worker = 5\n")
+    daemon = make_daemon("--config", str(config))
+    with hived.connect(daemon.address) as h:
+        pids = list(h.map(pid_of, range(40), chunksize=1))
+    per_worker = collections.Counter(pids)
+    assert max(per_worker.values()) <= 5, per_worker
+    assert len(per_worker) >= 40 // 5, per_worker
+    wait_for(lambda: len(daemon.worker_pids()) == 2, 30, what="the daemon's pool to settle at 2")
