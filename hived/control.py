@@ -28,7 +28,7 @@ from typing import Any
 
 import zmq
 
-from hived.errors import RemoteProtocolError
+from hived.errors import HiveError, RemoteProtocolError
 from hived.reactor import Channel
 from hived.wire import Message, decode, encode, message
 
@@ -157,6 +157,8 @@ def ask(
     curve: Callable[[zmq.Socket], None] | None = None,
 ) -> Answer | None:
     """Send one query to a node's control socket; its Answer, or None if none came in time."""
+    if not address.startswith(("ipc://", "tcp://")):
+        raise HiveError(f"address {address!r}: expected ipc://PATH or tcp://HOST:PORT")
     if address.startswith("ipc://") and not os.path.exists(address[len("ipc://") :]):
         return None
     ctx = zmq.Context()
@@ -185,12 +187,18 @@ def ask(
 
 
 class ControlServer:
-    """Receives clients' messages on a socket and/or in-process links."""
+    """Receives clients' messages on sockets and/or in-process links.
+
+    Clients arrive on the control socket, on the mesh inbox (remote clients
+    and `hivectl --connect tcp://...`), or in-process; each answer goes back
+    the way its client came.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_message: Handler) -> None:
         self.loop, self.on_message = loop, on_message
         self.channel: Channel | None = None
         self.local: dict[bytes, Callable[[list[Any]], None]] = {}
+        self.routes: dict[bytes, Channel] = {}  # client -> the socket it came on
 
     def bind(self, ctx: zmq.Context, address: str, curve: Callable[[zmq.Socket], None] | None) -> None:
         sock = ctx.socket(zmq.ROUTER)
@@ -223,20 +231,30 @@ class ControlServer:
 
     def detach(self, client: bytes) -> None:
         self.local.pop(client, None)
+        self.routes.pop(client, None)
 
     def send(self, client: bytes, msg: Message, payload: Sequence[Any] = ()) -> None:
         local = self.local.get(client)
         if local is not None:
             local(encode(msg, payload))
-        elif self.channel is not None:
-            self.channel.send([client, *encode(msg, payload)])
+            return
+        channel = self.routes.get(client, self.channel)
+        if channel is not None:
+            channel.send([client, *encode(msg, payload)])
 
     def _on_local(self, client: bytes, messages: tuple[list[Any], ...]) -> None:
         for frames in messages:
             self._dispatch(client, frames)
 
     def _on_frames(self, frames: list[Any]) -> None:
-        self._dispatch(frames[0].bytes, frames[1:])
+        self.accept(self.channel, frames)
+
+    def accept(self, channel: Channel, frames: list[Any]) -> None:
+        """A client's message from a ROUTER socket (routing id first)."""
+        client = frames[0].bytes
+        if channel is not self.channel:
+            self.routes[client] = channel
+        self._dispatch(client, frames[1:])
 
     def _dispatch(self, client: bytes, frames: list[Any]) -> None:
         try:

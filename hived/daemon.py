@@ -29,6 +29,7 @@ from hived.links import _new_event_loop
 from hived.node import Node, NodeSettings
 from hived.resources import memory_limit_bytes, resolve_cpus, resolve_gpus, total_memory
 from hived.sdnotify import Notifier
+from hived.security import load_key
 
 log = logging.getLogger("hived")
 
@@ -64,6 +65,13 @@ def settings_from(config: Config) -> NodeSettings:
         memory_limit=memory_limit_bytes(pool.memory_limit, total_memory()),
         heartbeat=timing.heartbeat,
         drain_timeout=timing.drain_timeout,
+        bind=config.node.bind,
+        advertise=config.node.advertise,
+        seeds=list(config.node.seeds),
+        dead_after=timing.dead_after,
+        lease=timing.lease,
+        data_dir=config.node.data_dir,
+        key=load_key(config.security.key_file) if config.security.key_file else None,
     )
 
 
@@ -128,8 +136,10 @@ class Daemon:
             self.notifier.notify(f"STATUS={self._status_line()}")
 
     def _status_line(self) -> str:
-        pool = self.node.pool
-        return f"coordinator; 0 peers; {pool.slots_busy}/{pool.slots_total} slots busy"
+        pool, mesh = self.node.pool, self.node.mesh
+        role = "coordinator" if mesh is None or mesh.is_coordinator() else "member"
+        peers = len(mesh.members()) - 1 if mesh is not None else 0
+        return f"{role}; {peers} peers; {pool.slots_busy}/{pool.slots_total} slots busy"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         daemon = Daemon(config, notifier)
         return loop.run_until_complete(daemon.run())
+    except ConfigError as exc:  # found late: the key file, GPUs asked for
+        print(f"hived: {exc}", file=sys.stderr)
+        return 2
     except (HiveError, OSError, zmq.ZMQError) as exc:
         print(f"hived: {exc}", file=sys.stderr)
         return 1

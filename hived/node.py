@@ -57,6 +57,8 @@ from hived.control import (
 from hived.errors import LocalProtocolError
 from hived.pool import Pool
 from hived.scheduling import JobKey, Needs, Owner
+from hived.security import ClusterKey
+from hived.status import node_status
 from hived.wire import Message, frame_bytes
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,14 @@ class NodeSettings:
     heartbeat: float = 0.5
     client_timeout: float = 5.0  # a client silent this long is gone
     drain_timeout: float = 30.0
+    # The mesh (None: a node of its own, as the embedded one is)
+    bind: str | None = None
+    advertise: str | None = None
+    seeds: list[str] = field(default_factory=list)
+    dead_after: float = 3.0
+    lease: float = 2.0
+    data_dir: str | None = None
+    key: ClusterKey | None = None  # CURVE on every TCP socket when set
 
 
 @dataclass
@@ -107,6 +117,7 @@ class Node:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.pool: Pool | None = None
         self.control: ControlServer | None = None
+        self.mesh: Any = None  # a hived.mesh.Mesh once joined
         self._tasks: set[asyncio.Task] = set()
         self._handlers: dict[type[Message], Callable[[ClientState, Any, list[Any]], None]] = {
             OpenJob: self._open_job,
@@ -122,8 +133,8 @@ class Node:
 
     # -- lifecycle -------------------------------------------------------------
 
-    def start(self, curve: Callable[[zmq.Socket], None] | None = None) -> None:
-        """Start the pool and bind the control socket; call on the loop thread."""
+    def start(self) -> None:
+        """Start the pool, bind the control socket, join the mesh; call on the loop thread."""
         self.loop = asyncio.get_running_loop()
         s = self.settings
         self.pool = Pool(
@@ -142,7 +153,18 @@ class Node:
         self.pool.start()
         self.control = ControlServer(self.loop, self._on_client_message)
         if s.control is not None:
-            self.control.bind(self.ctx, s.control, curve)
+            tcp = s.control.startswith("tcp://")
+            self.control.bind(self.ctx, s.control, s.key.server if tcp and s.key else None)
+        if s.bind is not None:
+            from hived.mesh import Mesh  # the embedded node never needs the mesh: start faster
+
+            self.mesh = Mesh(
+                self.loop, self.ctx, name=self.name, bind=s.bind,
+                advertise=s.advertise or s.bind, seeds=s.seeds, heartbeat=s.heartbeat,
+                dead_after=s.dead_after, lease=s.lease, key=s.key, data_dir=s.data_dir,
+                cpus=s.cpus, gpus=len(s.gpus), on_client_frames=self.control.accept,
+            )
+            self.mesh.start()
         self._spawn(self._housekeeping())
 
     def _spawn(self, coro: Any) -> None:
@@ -160,6 +182,13 @@ class Node:
                 if now - client.last_seen > self.settings.client_timeout:
                     self._drop_client(client, "went silent")
             self.pool.check_memory()
+            if self.mesh is not None:  # what our next heartbeats say
+                self.mesh.update(
+                    load=os.getloadavg()[0],
+                    slots_free=self.pool.slots_total - self.pool.slots_busy,
+                    state="draining" if self.draining else "alive",
+                    tasks_done=self.pool.items_done,
+                )
 
     async def drain(self) -> None:
         """Take no new jobs and start no queued task; let running tasks finish
@@ -183,8 +212,12 @@ class Node:
             self.owner.cancel_job(key)
         for task in list(self._tasks):
             task.cancel()
+        if self.mesh is not None:
+            self.mesh.leave()
         await self.pool.stop()
         self.control.close()
+        if self.mesh is not None:
+            self.mesh.close()
         self.stopped.set()
 
     # -- clients ---------------------------------------------------------------
@@ -354,26 +387,7 @@ class Node:
     # -- hivectl ---------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        pool = self.pool
-        return {
-            "coordinator": {"name": self.name, "term": 1},
-            "nodes": [
-                {
-                    "name": self.name,
-                    "address": self.settings.control or "embedded",
-                    "state": "draining" if self.draining else "alive",
-                    "role": "coordinator",
-                    "cpus": self.settings.cpus,
-                    "gpus": len(self.settings.gpus),
-                    "slots_busy": pool.slots_busy,
-                    "slots_free": pool.slots_total - pool.slots_busy,
-                    "tasks_done": pool.items_done,
-                    "version": __version__,
-                    "load": round(os.getloadavg()[0], 2),
-                    "uptime": round(time.monotonic() - self.started_at, 1),
-                }
-            ],
-        }
+        return node_status(self)
 
     def jobs(self) -> dict[str, Any]:
         now = self.loop.time()

@@ -44,6 +44,7 @@ class Daemon:
         self.args = [
             sys.executable, "-m", "hived.daemon", "--control", self.address,
             "--name", "testnode", "--cpus", "2", "--gpus", "0", "--log-level", "info",
+            "--bind", "tcp://127.0.0.1:0",
             "--data-dir", os.path.join(tmp, "data"), *args,
         ]
         self.env = env or child_env()

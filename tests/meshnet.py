@@ -1,0 +1,119 @@
+"""Real hived daemons on real test hosts (network namespaces), for mesh tests.
+
+`Cluster` starts one daemon per host of a `TestNet`, each binding its host's
+address with the cluster key (CURVE), the first `voters` hosts as seeds, and
+short timings. The test reaches every daemon through its control socket,
+an ipc path in a shared temp dir (Unix sockets cross network namespaces).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+from conftest import child_env
+from netns import Host, TestNet, wait_for
+
+from hived.control import StatusQuery, ask
+from hived.security import write_key
+
+PORT = 7700
+TIMING = {"heartbeat": 0.1, "dead_after": 0.6, "lease": 0.6}
+
+
+class MeshNode:
+    def __init__(self, cluster: Cluster, host: Host) -> None:
+        self.cluster, self.host = cluster, host
+        self.name = host.name
+        self.address = f"tcp://{host.addr}:{PORT}"
+        self.control = f"ipc://{cluster.dir}/{host.name}.sock"
+        self.log_path = os.path.join(cluster.dir, f"{host.name}.log")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> MeshNode:
+        c = self.cluster
+        config = os.path.join(c.dir, f"{self.name}.toml")
+        with open(config, "w") as f:
+            f.write("[timing]\n" + "".join(f"{k} = {v}\n" for k, v in c.timing.items()))
+        args = [
+            sys.executable, "-m", "hived.daemon", "--config", config, "--name", self.name,
+            "--bind", self.address, "--control", self.control, "--key-file", c.key_path,
+            "--cpus", "1", "--gpus", "0", "--data-dir", os.path.join(c.dir, self.name),
+            "--log-level", "info",
+        ]
+        for seed in c.seeds:
+            args += ["--seed", seed]
+        log = open(self.log_path, "ab")
+        self.proc = self.host.popen(args, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        return self
+
+    def status(self, timeout: float = 1.0) -> dict[str, Any] | None:
+        answer = ask(self.control, StatusQuery(1), timeout=timeout)
+        return answer.body if answer is not None else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self) -> None:
+        self.host.kill9(self.proc)
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        return self.proc.wait(20)
+
+    @property
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+
+class Cluster:
+    def __init__(self, net: TestNet, tmp: str, voters: int | None = None,
+                 timing: dict[str, float] | None = None) -> None:
+        self.net, self.dir = net, tmp
+        self.timing = timing or TIMING
+        self.key_path = os.path.join(tmp, "cluster.key")
+        write_key(self.key_path)
+        self.nodes = [MeshNode(self, host) for host in net]
+        self.seeds = [n.address for n in self.nodes[: voters or len(self.nodes)]]
+
+    def start(self) -> Cluster:
+        for node in self.nodes:
+            node.start()
+        return self
+
+    def __getitem__(self, i: int) -> MeshNode:
+        return self.nodes[i]
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n.name}\n{n.log[-3000:]}" for n in self.nodes)
+
+    def views(self, nodes: list[MeshNode] | None = None) -> dict[str, dict[str, Any] | None]:
+        return {n.name: n.status() for n in (nodes or self.nodes) if n.alive()}
+
+    def agreed_coordinator(self, nodes: list[MeshNode] | None = None) -> tuple[str, int] | None:
+        """The (name, term) every given node names, when they all name the same one."""
+        seen = set()
+        for view in self.views(nodes).values():
+            if view is None or view["coordinator"] is None:
+                return None
+            seen.add((view["coordinator"]["name"], view["coordinator"]["term"]))
+        return seen.pop() if len(seen) == 1 else None
+
+    def wait_agreed(self, nodes: list[MeshNode] | None = None, timeout: float = 15,
+                    exclude: str | None = None) -> tuple[str, int]:
+        def agreed():
+            got = self.agreed_coordinator(nodes)
+            return got if got and got[0] != exclude else None
+
+        return wait_for(agreed, timeout, what=f"one agreed coordinator\n{self.logs()}")
+
+    def states(self, node: MeshNode) -> dict[str, str]:
+        view = node.status() or {"nodes": []}
+        return {row["name"]: row["state"] for row in view["nodes"]}
+
+    def node(self, name: str) -> MeshNode:
+        return next(n for n in self.nodes if n.name == name)

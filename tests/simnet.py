@@ -1,0 +1,429 @@
+"""A simulated network that drives the sans-IO mesh cores with a manual clock.
+
+Each simulated node runs what a real node's shell runs: one `Membership` and
+one `Election`, fed every message addressed to it and ticked at their
+deadlines, with actions carried out the way the asyncio shell does:
+
+    Send / Broadcast ──▶ faults (partition, drop, dup, delay, reorder) ──▶ heap
+    heap ──▶ DELIVER: membership.handle, or heard_from + election.handle
+         ──▶ WAKE:    membership.tick + election.tick  (at their deadlines)
+    TermSeen ──▶ election.accept_term;  Persist ──▶ the node's "disk"
+
+Time is a real (simulated) clock `net.now`; each node reads its own monotonic
+clock `offset + rate * now`, with rates skewed within the drift bound so that
+any two clocks' rates differ by a ratio of at most 1 - max_drift. A killed
+node loses its cores and everything in flight to it; a restarted node gets
+fresh cores (new incarnation, the persisted terms, the same clock). Every
+random choice comes from one seeded `random.Random`, so a run is a pure
+function of its seed and the operations applied.
+
+With `check=True` (tests), after every event the net checks: no two nodes
+believe `is_coordinator` at the same real instant, no node's term goes
+backwards (across restarts too), no term has two holders, and each core's own
+`validate()`. A failure raises `InvariantViolation` with the cores' stories.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from hived import election as el
+from hived import membership as mb
+from hived.wire import Message, decode, encode
+
+DELIVER, WAKE = 0, 1
+MEMBERSHIP_TYPES = frozenset(mb.MESSAGES)
+ELECTION_TYPES = frozenset(el.MESSAGES)
+
+
+class InvariantViolation(AssertionError):
+    pass
+
+
+@dataclass
+class Faults:
+    """What the network does to each message (probabilities per message)."""
+
+    drop: float = 0.0
+    dup: float = 0.0
+    reorder: float = 0.0  # chance of an extra delay of up to `reorder_delay`
+    latency: tuple[float, float] = (0.0005, 0.005)
+    reorder_delay: float = 0.3
+
+
+@dataclass
+class SimNode:
+    name: str
+    address: str
+    seeds: list[str]
+    voters: list[str]  # the shell uses the seeds; tests of gossip may differ
+    rate: float
+    offset: float
+    cpus: int = 4
+    gpus: int = 0
+    alive: bool = False
+    epoch: int = 0
+    incarnation: int = 0
+    disk: tuple[int, int] = (0, 0)  # what Persist wrote: (term, promised)
+    membership: mb.Membership | None = None
+    election: el.Election | None = None
+    wake_at: float = math.inf
+    election_due: float | None = None  # the election's next_deadline(), kept current
+    last_term: int = 0
+    spins: int = 0
+    events: list = field(default_factory=list)  # (real time, event) when recording
+
+    def local(self, real: float) -> float:
+        return self.offset + self.rate * real
+
+
+class SimNet:
+    def __init__(
+        self,
+        seed: int = 0,
+        *,
+        heartbeat: float = 0.5,
+        dead_after: float = 3.0,
+        lease: float = 2.0,
+        max_drift: float = 0.01,
+        min_margin: float = 0.01,
+        skew: bool = True,
+        check: bool = True,
+        codec: bool = False,
+        record: bool = False,
+        faults: Faults | None = None,
+        membership_options: dict | None = None,
+    ) -> None:
+        self.rng = random.Random(seed)
+        self.heartbeat, self.dead_after, self.lease = heartbeat, dead_after, lease
+        self.max_drift, self.min_margin = max_drift, min_margin
+        self.skew, self.check, self.codec, self.record = skew, check, codec, record
+        self.faults = faults or Faults()
+        self.membership_options = membership_options or {}
+        self.now = 0.0
+        self.nodes: dict[str, SimNode] = {}
+        self._by_address: dict[str, SimNode] = {}
+        self._heap: list[tuple] = []
+        self._seq = 0
+        self._groups: dict[str, int] | None = None  # None: no partition
+        self.holders: dict[int, str] = {}  # term -> the node that held it
+        self.elections: list[tuple[float, str, int]] = []  # (real time, name, term) won
+        self.log: deque[str] = deque(maxlen=200)
+        self.delivered = 0
+        # traffic meter: (node name, message type) -> count / bytes
+        self.meter_on = False
+        self.meter_bytes_for: set[str] = set()
+        self.sent = Counter()
+        self.sent_bytes = Counter()
+
+    # -- building ----------------------------------------------------------
+
+    @classmethod
+    def cluster(cls, n: int, voters: int = 3, seed: int = 0, **options) -> SimNet:
+        """n nodes n0..n{n-1}; the first `voters` are the seeds everyone knows."""
+        net = cls(seed, **options)
+        seeds = [net.address_of(f"n{i}") for i in range(min(voters, n))]
+        for i in range(n):
+            net.add_node(f"n{i}", seeds)
+        return net
+
+    @staticmethod
+    def address_of(name: str) -> str:
+        return f"tcp://{name}:7700"
+
+    def add_node(
+        self,
+        name: str,
+        seeds: list[str],
+        *,
+        voters: list[str] | None = None,
+        start: bool = True,
+        **resources,
+    ) -> SimNode:
+        half = self.max_drift / 2
+        rate = 1.0 + self.rng.uniform(-half, half) if self.skew else 1.0
+        voters = list(seeds if voters is None else voters)
+        node = SimNode(name, self.address_of(name), list(seeds), voters, rate,
+                       self.rng.uniform(0, 100), **resources)  # fmt: skip
+        self.nodes[name] = node
+        self._by_address[node.address] = node
+        if start:
+            self.start(name)
+        return node
+
+    def start(self, name: str) -> None:
+        node = self.nodes[name]
+        if node.alive:
+            raise ValueError(f"{name} is already running")
+        node.alive = True
+        node.epoch += 1
+        node.wake_at = math.inf
+        now = node.local(self.now)
+        node.incarnation = max(node.incarnation + 1, int(now * 1000))
+        rng = random.Random(self.rng.getrandbits(64))
+        info = mb.NodeInfo(name, node.address, "0.1.0", node.cpus, node.gpus, node.cpus,
+                           incarnation=node.incarnation)  # fmt: skip
+        node.membership = mb.Membership(info, node.seeds, self.heartbeat, self.dead_after, now,
+                                        rng, **self.membership_options)  # fmt: skip
+        node.election = el.Election(
+            name, node.address, node.voters, now, rng, lease=self.lease,
+            max_drift=self.max_drift, min_margin=self.min_margin,
+            initial_term=node.disk[0], initial_promised=node.disk[1],
+        )  # fmt: skip
+        node.membership.set_term(node.election.term)
+        node.election_due = node.election.next_deadline()
+        self.log.append(f"{self.now:.4f} start {name} inc {node.incarnation}")
+        self._schedule_wake(node)
+
+    def kill(self, name: str) -> None:
+        node = self.nodes[name]
+        if node.alive:
+            node.alive = False
+            node.epoch += 1
+            self.log.append(f"{self.now:.4f} kill {name}")
+
+    def restart(self, name: str) -> None:
+        self.kill(name)
+        self.start(name)
+
+    def leave(self, name: str) -> None:
+        """A graceful stop: LEAVE to every peer, then the process ends."""
+        node = self.nodes[name]
+        if node.alive:
+            now = node.local(self.now)
+            self._apply(node, node.membership.leave(now), self.now)
+            self.kill(name)
+
+    def partition(self, *groups: Iterable[str]) -> None:
+        """Split the nodes into groups; nodes in no group form one more group."""
+        where = {name: len(groups) for name in self.nodes}
+        for i, group in enumerate(groups):
+            for name in group:
+                where[name] = i
+        self._groups = where
+        self.log.append(f"{self.now:.4f} partition {[sorted(g) for g in groups]}")
+
+    def heal(self) -> None:
+        self._groups = None
+        self.log.append(f"{self.now:.4f} heal")
+
+    def connected(self, a: str, b: str) -> bool:
+        return self._groups is None or self._groups.get(a) == self._groups.get(b)
+
+    # -- running -----------------------------------------------------------
+
+    def run_for(self, dt: float, stop: Callable[[], bool] | None = None) -> bool:
+        return self.run_until(self.now + dt, stop)
+
+    def run_until(self, until: float, stop: Callable[[], bool] | None = None) -> bool:
+        """Process events up to real time `until`; True if `stop()` became true."""
+        heap = self._heap
+        pop = heapq.heappop
+        deliver, wake, check = self._deliver, self._wake, self.check
+        while heap and heap[0][0] <= until:
+            t, _, kind, node, epoch, src, msg = pop(heap)
+            if node.epoch != epoch:
+                continue  # sent to (or scheduled for) a process that has died
+            self.now = t
+            if kind == DELIVER:
+                deliver(node, src, msg, t)
+            elif t == node.wake_at:
+                wake(node, t)
+            else:
+                continue
+            if check:
+                self.check_invariants(node)
+            if stop is not None and stop():
+                return True
+        self.now = max(self.now, until)
+        return stop is not None and stop()
+
+    def _deliver(self, node: SimNode, src: SimNode, msg: Message, real: float) -> None:
+        if self._groups is not None and self._groups[src.name] != self._groups[node.name]:
+            return  # the cable was cut while it was in flight
+        self.delivered += 1
+        now = node.offset + node.rate * real
+        if type(msg) in MEMBERSHIP_TYPES:
+            actions = node.membership.handle(src.address, msg, now)
+        else:
+            actions = node.membership.heard_from(src.address, now)
+            actions += node.election.handle(src.address, msg, now)
+            node.election_due = node.election.next_deadline()
+        if actions:
+            self._apply(node, actions, real)
+        self._schedule_wake(node)
+
+    def _wake(self, node: SimNode, real: float) -> None:
+        node.wake_at = math.inf
+        now = node.offset + node.rate * real
+        actions = node.membership.tick(now)
+        actions += node.election.tick(now)
+        node.election_due = node.election.next_deadline()
+        if actions:
+            self._apply(node, actions, real)
+        self._schedule_wake(node, ticked=real)
+
+    def _schedule_wake(self, node: SimNode, ticked: float | None = None) -> None:
+        due = node.membership.next_deadline()
+        d2 = node.election_due  # only election calls change it, and they refresh it
+        if due is None or (d2 is not None and d2 < due):
+            due = d2
+        if due is None:
+            return
+        real = (due - node.offset) / node.rate + 1e-9
+        if real <= self.now:
+            real = self.now
+            if ticked is not None:
+                node.spins += 1
+                if node.spins > 1000:
+                    raise InvariantViolation(f"{node.name} asks for a tick at {due} forever")
+        elif ticked is not None:
+            node.spins = 0
+        if real < node.wake_at:
+            node.wake_at = real
+            self._seq += 1
+            heapq.heappush(self._heap, (real, self._seq, WAKE, node, node.epoch, None, None))
+
+    def _apply(self, node: SimNode, actions: list, real: float) -> None:
+        send = self._send
+        for a in actions:
+            kind = type(a)
+            if kind is mb.Send:
+                send(node, a.to, a.msg, real)
+            elif kind is el.Broadcast:
+                for address in node.membership.live_addresses():
+                    send(node, address, a.msg, real)
+            elif kind is mb.TermSeen:
+                node.election.accept_term(a.term)
+                node.election_due = node.election.next_deadline()
+            elif kind is el.Persist:
+                node.disk = (a.term, a.promised)
+            elif kind is el.BecameCoordinator:
+                holder = self.holders.setdefault(a.term, node.name)
+                if holder != node.name:
+                    self._violation(f"term {a.term} held by {holder} and {node.name}", [node])
+                if not self.elections or self.elections[-1][1:] != (node.name, a.term):
+                    self.elections.append((real, node.name, a.term))
+                    self.log.append(f"{real:.4f} {node.name} coordinator term {a.term}")
+            elif self.record and kind not in (mb.Connect, mb.Disconnect):
+                node.events.append((real, a))
+        node.membership.set_term(node.election.term)
+
+    def _send(self, node: SimNode, to: str, msg: Message, real: float) -> None:
+        if self.meter_on:
+            self.sent[node.name, msg.TYPE] += 1
+            if node.name in self.meter_bytes_for:
+                self.sent_bytes[node.name, msg.TYPE] += sum(len(f) for f in encode(msg))
+        dst = self._by_address.get(to)
+        if dst is None or not dst.alive:
+            return
+        if self._groups is not None and self._groups[node.name] != self._groups[dst.name]:
+            return
+        f, rng = self.faults, self.rng
+        if f.drop and rng.random() < f.drop:
+            return
+        if self.codec:
+            msg = decode(encode(msg))[0]  # every message must survive the wire
+        lo, hi = f.latency
+        for _ in range(2 if f.dup and rng.random() < f.dup else 1):
+            delay = lo + (hi - lo) * rng.random()
+            if f.reorder and rng.random() < f.reorder:
+                delay += f.reorder_delay * rng.random()
+            self._seq += 1
+            heapq.heappush(
+                self._heap, (real + delay, self._seq, DELIVER, dst, dst.epoch, node, msg)
+            )
+
+    # -- looking -----------------------------------------------------------
+
+    def alive(self) -> list[SimNode]:
+        return [n for n in self.nodes.values() if n.alive]
+
+    def coordinators(self) -> list[str]:
+        """Nodes that believe, right now, that they hold the lease."""
+        return [n.name for n in self.alive() if n.election.is_coordinator(n.local(self.now))]
+
+    def views(self) -> dict[str, tuple[str, int] | None]:
+        return {n.name: n.election.coordinator(n.local(self.now)) for n in self.alive()}
+
+    def agreed(self, names: Iterable[str] | None = None) -> tuple[str, int] | None:
+        """The coordinator every named (default: every live) node believes in, if one."""
+        nodes = self.alive() if names is None else [self.nodes[n] for n in names]
+        views = {n.election.coordinator(n.local(self.now)) for n in nodes}
+        if len(views) == 1:
+            (view,) = views
+            if view is not None and len(self.coordinators()) == 1:
+                return view
+        return None
+
+    def converged(self, exact: bool = False) -> bool:
+        """Every live node sees every other live node alive (membership).
+        Without `exact`, by counting live members (fast; right when no node
+        was killed); with it, by looking up each one's current incarnation."""
+        live = self.alive()
+        if not exact:
+            return all(n.membership.live_count >= len(live) - 1 for n in live)
+        for n in live:
+            for other in live:
+                if other is not n:
+                    view = n.membership.member(other.name)
+                    if view is None or view.state not in ("alive", "draining"):
+                        return False
+                    if view.incarnation != other.incarnation:
+                        return False
+        return True
+
+    # -- invariants --------------------------------------------------------
+
+    def check_invariants(self, node: SimNode | None = None) -> None:
+        believers = []
+        for n in self.nodes.values():
+            if n.alive and n.election.state == el.COORDINATOR:
+                if n.election.is_coordinator(n.local(self.now)):
+                    believers.append(n)
+        if len(believers) > 1:
+            names = [n.name for n in believers]
+            self._violation(f"{names} all believe they are coordinator", believers)
+        for n in [node] if node is not None else self.alive():
+            if not n.alive:
+                continue
+            term = n.election.term
+            if term < n.last_term:
+                self._violation(f"{n.name}'s term went back from {n.last_term} to {term}", [n])
+            n.last_term = term
+            try:
+                n.membership.validate()
+                n.election.validate()
+            except Exception as exc:
+                self._violation(str(exc), [n])
+
+    def _violation(self, what: str, nodes: list[SimNode]) -> None:
+        parts = [f"at t={self.now:.4f}: {what}", "net log:", *self.log]
+        for n in nodes:
+            parts.append(n.election.story.format(40))
+        raise InvariantViolation("\n".join(parts))
+
+
+# Hypothesis profiles for the simulated-network property tests: "sim" keeps
+# the suite fast; HIVED_SIM_PROFILE=sim-thorough runs many more schedules.
+def _profiles():
+    import os
+
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile(
+        "sim",
+        max_examples=500,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    settings.register_profile("sim-thorough", settings.get_profile("sim"), max_examples=2000)
+    return settings.get_profile(os.environ.get("HIVED_SIM_PROFILE", "sim"))
+
+
+SIM_SETTINGS = _profiles()

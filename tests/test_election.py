@@ -1,0 +1,355 @@
+"""The lease election core, alone and on the simulated network (no event loop)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from simnet import SIM_SETTINGS, Faults, InvariantViolation, SimNet
+
+from hived import election as el
+from hived.errors import LocalProtocolError, RemoteProtocolError
+from hived.membership import Send
+from hived.wire import decode, encode
+
+LEASE, HEARTBEAT = 2.0, 0.5
+HOLD = LEASE - (LEASE * 0.01 + 0.01)
+FAILOVER = 2 * LEASE + HEARTBEAT  # the DESIGN.md target for a new agreed coordinator
+A, B, C = "tcp://a:7700", "tcp://b:7700", "tcp://c:7700"
+
+
+def core(address=A, voters=(A, B, C), now=0.0, **options) -> el.Election:
+    name = address.split("/")[-1].split(":")[0]
+    return el.Election(name, address, list(voters), now, random.Random(7), **options)
+
+
+def of(actions, kind):
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def sent(actions, kind):
+    return [a for a in of(actions, Send) if isinstance(a.msg, kind)]
+
+
+def elect(net: SimNet, within: float) -> tuple[str, int]:
+    """Run until every live node agrees on one coordinator; return it."""
+    start = net.now
+    assert net.run_for(within, stop=lambda: net.agreed() is not None), (
+        f"no agreed coordinator within {within}s: {net.views()}"
+    )
+    assert net.now - start <= within
+    return net.agreed()
+
+
+# -- one core ---------------------------------------------------------------
+
+
+def test_a_node_without_seeds_elects_itself_at_once():
+    solo = el.Election("solo", A, [], 100.0, random.Random(1))
+    assert solo.next_deadline() == 100.0
+    actions = solo.tick(100.0)
+    assert of(actions, el.BecameCoordinator) == [el.BecameCoordinator(1, 100.0 + HOLD)]
+    assert isinstance(actions[0], el.Persist)  # persisted before anything leaves
+    assert solo.is_coordinator(100.0) and solo.coordinator(100.0) == ("solo", 1)
+    assert solo.term == 1
+    # it renews on its own and never lapses
+    now = 100.0
+    while now < 130.0:
+        now = solo.next_deadline()
+        solo.tick(now)
+        assert solo.is_coordinator(now)
+    assert solo.term == 1
+
+
+def test_a_restarted_voter_grants_nothing_for_one_lease():
+    voter = core(B, now=50.0)
+    early = voter.handle(A, el.Ask(1, 9, "a"), 50.5)
+    (deny,) = sent(early, el.Deny)
+    assert deny.to == A and deny.msg.wait == pytest.approx(1.5)
+    later = voter.handle(A, el.Ask(1, 10, "a"), 52.0)
+    assert sent(later, el.Grant) and isinstance(later[0], el.Persist)
+
+
+def test_voter_grants_one_holder_at_a_time_and_only_rising_terms():
+    v = core(B, now=-10.0)
+    assert sent(v.handle(A, el.Ask(3, 1, "a"), 0.0), el.Grant)
+    # another candidate is refused while A's grant stands, and told how long
+    (deny,) = sent(v.handle(C, el.Ask(4, 2, "c"), 1.0), el.Deny)
+    assert deny.msg.wait == pytest.approx(1.0) and deny.msg.seen == 3
+    # A renews the same term
+    assert sent(v.handle(A, el.Ask(3, 3, "a"), 1.5), el.Grant)
+    # after the grant ran out: a term not above the promise is refused ...
+    assert sent(v.handle(C, el.Ask(3, 4, "c"), 3.6), el.Deny)
+    # ... a higher one is granted
+    assert sent(v.handle(C, el.Ask(4, 5, "c"), 3.6), el.Grant)
+    assert sent(v.handle(A, el.Ask(4, 6, "a"), 3.7), el.Deny)
+
+
+def test_candidate_counts_its_lease_from_when_it_asked():
+    a = core(A, now=-10.0)
+    asks = a.tick(0.0)
+    assert a.state == el.CANDIDATE
+    (to_b, to_c) = sent(asks, el.Ask)
+    assert {to_b.to, to_c.to} == {B, C} and to_b.msg.term == 1
+    won = a.handle(B, el.Grant(1, to_b.msg.round), 0.3)  # self + B: a majority of 3
+    (became,) = of(won, el.BecameCoordinator)
+    assert became == el.BecameCoordinator(1, 0.0 + HOLD)
+    (announce,) = of(won, el.Broadcast)
+    assert announce.msg == el.Leader(1, "a", A, pytest.approx(HOLD - 0.3))
+    assert a.is_coordinator(HOLD - 1e-6) and not a.is_coordinator(HOLD)
+    # unrenewed, it steps down at the end of its lease
+    now = a.next_deadline()
+    while now < HOLD:
+        a.tick(now)  # renewal asks go unanswered
+        now = a.next_deadline()
+    assert now == HOLD and el.LostCoordinator(1) in a.tick(now)
+    assert a.coordinator(now) is None
+
+
+def test_grants_for_terms_or_rounds_never_asked_are_ignored():
+    a = core(A, now=-10.0)
+    (ask, _) = sent(a.tick(0.0), el.Ask)
+    assert a.handle(B, el.Grant(7, ask.msg.round), 0.1) == []
+    assert a.handle(B, el.Grant(1, ask.msg.round + 1), 0.1) == []
+    assert a.handle("tcp://stranger:1", el.Grant(1, ask.msg.round), 0.1) == []
+    assert a.state == el.CANDIDATE
+
+
+def test_a_deny_teaches_the_candidate_higher_terms_and_how_long_to_wait():
+    a = core(A, now=-10.0)
+    (ask, _) = sent(a.tick(0.0), el.Ask)
+    a.handle(B, el.Deny(1, ask.msg.round, 6, 1.5), 0.01)
+    a.handle(C, el.Deny(1, ask.msg.round, 2, 0.0), 0.01)
+    assert a.state == el.FOLLOWER and a.next_deadline() >= 1.51
+    (again, _) = sent(a.tick(a.next_deadline()), el.Ask)
+    assert again.msg.term == 7
+
+
+def test_stale_terms_are_fenced():
+    f = core("tcp://f:7700", now=0.0)
+    f.handle(B, el.Leader(5, "b", B, 1.0), 1.0)
+    assert f.coordinator(1.5) == ("b", 5) and f.coordinator_address(1.5) == B
+    assert f.term == 5
+    assert not f.accept_term(4) and f.accept_term(5)
+    f.handle(C, el.Leader(4, "c", C, 1.9), 1.6)  # an old coordinator's late message
+    assert f.coordinator(1.7) == ("b", 5)
+    # belief runs out on our own clock, minus the drift margin
+    assert f.coordinator(1.0 + 1.0 - 0.02) is None
+    # a higher term seen (e.g. in a heartbeat) raises the floor at once
+    assert f.accept_term(6) and f.term == 6 and not f.accept_term(5)
+
+
+def test_a_coordinator_that_sees_a_higher_term_steps_down():
+    solo = el.Election("solo", A, [], 0.0, random.Random(1))
+    solo.tick(0.0)
+    assert solo.accept_term(3)
+    assert not solo.is_coordinator(0.1)
+    assert solo.next_deadline() == -math.inf
+    actions = solo.tick(0.1)
+    assert el.LostCoordinator(1) in actions and el.Persist(3, 1) in actions
+
+
+def test_persisted_terms_come_back_after_a_restart():
+    again = core(A, now=0.0, initial_term=8, initial_promised=11)
+    assert again.term == 8
+    assert not again.accept_term(7)
+    (ask, _) = sent(again.tick(10.0), el.Ask)
+    assert ask.msg.term == 12
+
+
+def test_peer_nonsense_raises_remote_protocol_error():
+    a = core(A, now=-10.0)
+    with pytest.raises(RemoteProtocolError, match="term"):
+        a.handle(B, el.Ask(-1, 1, "b"), 0.0)
+    with pytest.raises(RemoteProtocolError, match="lease"):
+        a.handle(B, el.Leader(1, "b", B, math.nan), 0.0)
+    with pytest.raises(RemoteProtocolError, match="wait"):
+        a.handle(B, el.Deny(1, 1, 1, -1.0), 0.0)
+    with pytest.raises(RemoteProtocolError):
+        a.handle(B, el.Grant(1, 1 << 70), 0.0)
+    # a hostile lease is clamped to our own
+    a.handle(B, el.Leader(1, "b", B, 1e9), 0.0)
+    assert a.coordinator(LEASE) is None
+
+
+def test_misuse_raises_local_protocol_error_naming_state_and_term():
+    with pytest.raises(LocalProtocolError, match="follower -> coordinator in term 3"):
+        el.check_move(el.FOLLOWER, el.COORDINATOR, 3)
+    with pytest.raises(LocalProtocolError, match="not one of its messages"):
+        core().handle(B, Send(A, el.Grant(1, 1)), 0.0)  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError, match="drift"):
+        core(lease=0.01, min_margin=0.02)
+
+
+@pytest.mark.parametrize(
+    "msg", [el.Ask(3, 2**40, "a"), el.Grant(3, 9), el.Deny(3, 9, 4, 0.5), el.Leader(3, "a", A, 1.5)]
+)
+def test_messages_survive_the_wire(msg):
+    assert decode(encode(msg))[0] == msg
+
+
+@given(
+    rate_c=st.floats(1 - 0.005, 1 + 0.005),
+    rate_v=st.floats(1 - 0.005, 1 + 0.005),
+    delay=st.floats(0, 0.5),
+)
+def test_a_holder_stops_before_any_voters_grant_ends(rate_c, rate_v, delay):
+    """Invariant 2 in real time, for any two clock rates within the drift bound."""
+    cand = core(A, now=-10.0)
+    (ask, _) = sent(cand.tick(0.0), el.Ask)  # sent at real time 0 (local 0 / rate_c)
+    voter = core(B, now=-10.0)
+    voter.handle(A, ask.msg, delay * rate_v)  # received `delay` later, on its clock
+    (became,) = of(cand.handle(B, el.Grant(1, ask.msg.round), 0.0), el.BecameCoordinator)
+    holder_ends = became.until / rate_c
+    grant_ends = (delay * rate_v + LEASE) / rate_v
+    assert holder_ends < grant_ends
+
+
+# -- the simulated network ----------------------------------------------------
+
+
+@pytest.mark.parametrize("voters", [1, 3, 5])
+def test_voters_elect_exactly_one(voters):
+    net = SimNet.cluster(voters + 2, voters=voters, seed=voters, codec=True)
+    name, term = elect(net, within=LEASE + 1.5)  # every voter waits one lease at start
+    assert net.coordinators() == [name] and term >= 1
+    net.run_for(20.0)  # and it holds on
+    assert net.agreed() == (name, term) and len(net.elections) == 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_killed_coordinator_is_replaced_with_a_higher_term(seed):
+    net = SimNet.cluster(5, voters=3, seed=seed)
+    old, term = elect(net, within=4.0)
+    net.kill(old)
+    new, new_term = elect(net, within=FAILOVER)
+    assert new != old and new_term > term
+
+
+def test_coordinator_cut_off_in_a_minority_steps_down_and_the_majority_elects():
+    net = SimNet.cluster(5, voters=5, seed=11)
+    old, term = elect(net, within=4.0)
+    minority = [old, next(n for n in net.nodes if n != old)]
+    majority = [n for n in net.nodes if n not in minority]
+    net.partition(minority, majority)
+    cut = net.now
+    # the old coordinator stops on its own before its lease could have ended
+    net.run_until(cut + HOLD * 1.006, stop=lambda: old not in net.coordinators())
+    assert old not in net.coordinators()
+    new, new_term = elect_among(net, majority, within=FAILOVER)
+    assert new in majority and new_term > term
+    # the minority side knows of no coordinator
+    net.run_for(LEASE)
+    assert all(net.views()[n] is None for n in minority)
+    # healing leaves exactly one, the majority's
+    net.heal()
+    assert elect(net, within=net.dead_after + LEASE) == (new, new_term)
+    net.run_for(10.0)
+    assert net.agreed() == (new, new_term)
+
+
+def elect_among(net: SimNet, names: list[str], within: float) -> tuple[str, int]:
+    assert net.run_for(within, stop=lambda: net.agreed(names) is not None), net.views()
+    return net.agreed(names)
+
+
+def test_restarting_every_node_keeps_terms_rising():
+    net = SimNet.cluster(3, voters=3, seed=3)
+    _, term = elect(net, within=4.0)
+    for name in net.nodes:
+        net.restart(name)
+    restarted = net.now
+    _, new_term = elect(net, within=2 * LEASE + 1.0)
+    assert new_term > term
+    assert net.elections[-1][0] >= restarted + LEASE  # voters waited a lease
+
+
+def test_non_voters_stand_only_after_the_voters():
+    net = SimNet.cluster(6, voters=3, seed=5)
+    name, _ = elect(net, within=4.0)
+    assert name in ("n0", "n1", "n2")
+
+
+def test_the_checker_catches_two_coordinators():
+    """Two nodes without seeds are two one-node clusters: both elect themselves.
+    That is a configuration error, and the checker must see it."""
+    net = SimNet(0)
+    net.add_node("x", [])
+    net.add_node("y", [])
+    with pytest.raises(
+        InvariantViolation, match="held by x and y|all believe they are coordinator"
+    ):
+        net.run_for(1.0)
+
+
+# -- properties over random schedules -----------------------------------------
+
+NODE = st.integers(0, 6)
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("run"), st.floats(0.01, 4.0)),
+        st.tuples(st.just("kill"), NODE),
+        st.tuples(st.just("restart"), NODE),
+        st.tuples(st.just("partition"), st.lists(st.integers(0, 2), min_size=7, max_size=7)),
+        st.tuples(st.just("heal")),
+        st.tuples(st.just("faults"), st.floats(0, 0.3), st.floats(0, 0.2), st.floats(0, 0.5)),
+    ),
+    max_size=30,
+)
+ELECTION_BOUND = 4 * LEASE  # stale grants + a quarantine + back-off, see below
+AGREEMENT_BOUND = ELECTION_BOUND + 3.0 + LEASE  # + probe_cap to re-find peers + one announcement
+
+
+def apply(net: SimNet, op: tuple) -> None:
+    names = list(net.nodes)
+    kind = op[0]
+    if kind == "run":
+        net.run_for(op[1])
+    elif kind == "kill":
+        net.kill(names[op[1] % len(names)])
+    elif kind == "restart":
+        net.restart(names[op[1] % len(names)])
+    elif kind == "partition":
+        groups: dict[int, list[str]] = {}
+        for name, group in zip(names, op[1], strict=False):
+            groups.setdefault(group, []).append(name)
+        net.partition(*groups.values())
+    elif kind == "heal":
+        net.heal()
+    else:
+        net.faults = Faults(drop=op[1], dup=op[2], reorder=op[3])
+    net.run_for(0.05)
+
+
+@SIM_SETTINGS
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    voters=st.sampled_from([1, 3, 5]),
+    others=st.integers(0, 2),
+    ops=OPS,
+)
+def test_one_coordinator_rising_terms_and_a_bounded_election(seed, voters, others, ops):
+    """After every event (SimNet checks): never two coordinators at one real
+    instant, no term going backwards, no term with two holders. Then, once a
+    majority of voters is up, connected and the network is clean, one
+    coordinator is elected within ELECTION_BOUND: at most one lease for old
+    grants and restarted voters' quarantine, plus the back-off (rank plus at
+    most eight slots of lease/8) and a refused round or two."""
+    net = SimNet.cluster(voters + others, voters=voters, seed=seed)
+    for op in ops:
+        apply(net, op)
+    net.heal()
+    net.faults = Faults()
+    dead = [f"n{i}" for i in range(voters) if not net.nodes[f"n{i}"].alive]
+    while voters - len(dead) < voters // 2 + 1:
+        net.start(dead.pop())
+    stable = net.now
+    assert net.run_for(ELECTION_BOUND, stop=lambda: len(net.coordinators()) == 1), (
+        f"no coordinator {ELECTION_BOUND}s after the majority came together: {net.views()}"
+    )
+    assert net.run_until(stable + AGREEMENT_BOUND, stop=lambda: net.agreed() is not None), (
+        f"no agreement {AGREEMENT_BOUND}s after the majority came together: {net.views()}"
+    )

@@ -1,0 +1,160 @@
+"""The mesh across real hosts: membership, one coordinator, faults, the cluster key."""
+
+from __future__ import annotations
+
+import random
+import tempfile
+
+import pytest
+import zmq
+from meshnet import Cluster
+from netns import wait_for
+
+import hived
+from hived.control import StatusQuery, ask
+from hived.security import load_key, write_key
+
+
+@pytest.fixture
+def cluster(testnet):
+    made = []
+
+    def make(n: int, voters: int | None = None) -> Cluster:
+        tmp = tempfile.TemporaryDirectory(prefix="hived-mesh-")
+        c = Cluster(testnet(n), tmp.name, voters=voters).start()
+        made.append((c, tmp))
+        return c
+
+    yield make
+    for c, tmp in made:
+        for node in c.nodes:
+            if node.alive():
+                node.kill9()
+        c.net.close()
+        tmp.cleanup()
+
+
+def all_see_all(c: Cluster, names: set[str]) -> bool:
+    for node in c.nodes:
+        if node.name not in names or not node.alive():
+            continue
+        states = c.states(node)
+        if {n for n, s in states.items() if s == "alive"} != names:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_every_node_sees_every_node_and_one_coordinator(cluster, n):
+    c = cluster(n)
+    names = {node.name for node in c.nodes}
+    wait_for(lambda: all_see_all(c, names), 20, what=f"full membership\n{c.logs()}")
+    name, term = c.wait_agreed()
+    assert name in names and term >= 1
+    view = c[0].status()
+    roles = {row["name"]: row["role"] for row in view["nodes"]}
+    assert [k for k, v in roles.items() if v == "coordinator"] == [name]
+    row = view["nodes"][0]
+    assert set(row) >= {"name", "address", "state", "role", "cpus", "gpus", "slots_busy",
+                        "slots_free", "tasks_done", "version"}
+
+
+def test_kill9_of_the_coordinator_elects_another_with_a_higher_term(cluster):
+    c = cluster(3)
+    name, term = c.wait_agreed()
+    c.node(name).kill9()
+    rest = [n for n in c.nodes if n.name != name]
+    new, new_term = c.wait_agreed(rest, exclude=name)
+    assert new != name and new_term > term
+    wait_for(lambda: all(c.states(n).get(name) == "dead" for n in rest), 10,
+             what=f"{name} marked dead\n{c.logs()}")
+
+
+def test_a_coordinator_cut_off_in_a_minority_steps_down_and_healing_leaves_one(cluster):
+    c = cluster(5)
+    name, term = c.wait_agreed()
+    old = c.node(name)
+    others = [n for n in c.nodes if n is not old]
+    minority = [old, others[0]]
+    majority = others[1:]
+    c.net.partition([n.host for n in minority], [n.host for n in majority])
+    new, new_term = c.wait_agreed(majority, exclude=name)
+    assert new_term > term
+    # The minority knows of no valid lease: its coordinator is null.
+    wait_for(lambda: all((n.status() or {}).get("coordinator", 1) is None for n in minority), 10,
+             what=f"the minority to see no coordinator\n{c.logs()}")
+    c.net.heal_all()
+    final, final_term = c.wait_agreed(timeout=20)
+    assert final_term >= new_term
+    wait_for(lambda: all_see_all(c, {n.name for n in c.nodes}), 20, what="membership healed")
+
+
+def test_a_killed_node_is_marked_dead_and_rejoins_after_restart(cluster):
+    c = cluster(3)
+    c.wait_agreed()
+    victim = c[2]
+    victim.kill9()
+    wait_for(lambda: c.states(c[0]).get(victim.name) == "dead", 10, what="marked dead")
+    victim.start()
+    wait_for(lambda: all_see_all(c, {n.name for n in c.nodes}), 20,
+             what=f"the restarted node to rejoin\n{c.logs()}")
+
+
+def test_a_graceful_stop_is_seen_at_once(cluster):
+    c = cluster(3)
+    wait_for(lambda: all_see_all(c, {n.name for n in c.nodes}), 20, what="membership")
+    assert c[2].stop() == 0
+    wait_for(lambda: c[2].name not in c.states(c[0]), 5, what="the leaver dropped")
+
+
+def test_remote_hivectl_and_client_with_the_key(cluster):
+    c = cluster(3)
+    c.wait_agreed()
+    key = load_key(c.key_path)
+    with c.net[0].enter():  # a client on host 0 reaching host 1 over TCP
+        answer = ask(c[1].address, StatusQuery(1), timeout=5, curve=key.client)
+        assert answer is not None and len(answer.body["nodes"]) == 3
+        with hived.connect(c[1].address, key_file=c.key_path) as h:
+            assert list(h.map(abs, [-1, -2, -3])) == [1, 2, 3]
+
+    def done_on_1_seen_from_0():
+        rows = {r["name"]: r for r in (c[0].status() or {"nodes": []})["nodes"]}
+        return rows.get(c[1].name, {}).get("tasks_done", 0) >= 3
+
+    wait_for(done_on_1_seen_from_0, 10, what="tasks done on node 1 reported to node 0")
+
+
+def test_a_wrong_key_and_junk_frames_get_nothing_and_disturb_nothing(cluster, tmp_path):
+    c = cluster(3)
+    c.wait_agreed()
+    wrong = write_key(str(tmp_path / "wrong.key"))
+    public = load_key(c.key_path).public
+
+    def impostor(sock):  # knows the cluster's public key, not its secret
+        wrong.client(sock)
+        sock.curve_serverkey = public
+
+    with c.net[0].enter():
+        # Wrong key: the handshake fails, nothing is answered.
+        assert ask(c[1].address, StatusQuery(1), timeout=1.5, curve=wrong.client) is None
+        assert ask(c[1].address, StatusQuery(1), timeout=1.5, curve=impostor) is None
+        # No CURVE at all, and a stream of junk: nothing is read.
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(c[1].address)
+        rng = random.Random(7)
+        for _ in range(200):
+            sock.send_multipart([rng.randbytes(rng.randrange(1, 200)) for _ in range(rng.randrange(1, 4))],
+                                zmq.NOBLOCK)
+        sock.close()
+        ctx.term()
+    wait_for(lambda: "refused a CURVE connection" in c[1].log, 10, what="the ZAP refusal logged")
+    wait_for(lambda: "failed the CURVE handshake" in c[1].log, 10, what="the failed handshake logged")
+    # The node still serves, and the cluster still agrees.
+    assert c[1].status() is not None
+    c.wait_agreed()
+    key = load_key(c.key_path)
+    with c.net[0].enter():
+        answer = ask(c[1].address, StatusQuery(1), timeout=5, curve=key.client)
+    assert answer is not None
