@@ -96,6 +96,7 @@ class Result(Message):
     start: int
     stop: int
     elapsed: float  # seconds the worker spent on these items, for chunk sizing
+    failures: int  # how many of them raised: none spares the caller a scan
 
 
 @message(b"C.ERROR")

@@ -120,6 +120,7 @@ class ChunkSlots:
     values: list[Any] = field(default_factory=list)
     filled: bytearray = field(default_factory=bytearray)
     missing: int = 0
+    failed: bool = False  # some slot holds a failure: yield item by item, raising there
 
     def __post_init__(self) -> None:
         self.values = [_EMPTY] * self.count
@@ -206,7 +207,7 @@ class MapStream:
                 frames = serialization.dumps((self.nargs, [item]), what)
             except SerializationError as exc:
                 chunk = self.chunks[number] = ChunkSlots(1, [], [], first + offset)
-                self._fill(chunk, 0, [_Failed(SerializationError, str(exc))])
+                self._fill(chunk, 0, [_Failed(SerializationError, str(exc))], failures=1)
                 continue
             self.chunks[number] = ChunkSlots(1, frames, [item], first + offset)
             out.append(encode(AddChunk(self.job, number, 1), frames))
@@ -272,12 +273,13 @@ class MapStream:
                 return
             if isinstance(msg, Result):
                 self.sizer.learn(stop - start, msg.elapsed)
-                self._take_results(number, chunk, start, stop, payload)
+                self._take_results(number, chunk, start, stop, payload, msg.failures)
             elif msg.kind == "serialization" and stop - start > 1:
                 self._send_alone(number, chunk, start, stop)
             else:
                 error = FAILURE_TYPES.get(msg.kind, HiveError)
-                self._fill(chunk, start, [_Failed(error, msg.text)] * (stop - start))
+                failed = [_Failed(error, msg.text)] * (stop - start)
+                self._fill(chunk, start, failed, failures=len(failed))
         elif isinstance(msg, JobRefused):
             if msg.kind == "unknown-blob":
                 self.resend_all()
@@ -285,7 +287,8 @@ class MapStream:
                 self.refusal = FAILURE_TYPES.get(msg.kind, HiveError)(msg.text)
 
     def _take_results(
-        self, number: int, chunk: ChunkSlots, start: int, stop: int, payload: list[Any]
+        self, number: int, chunk: ChunkSlots, start: int, stop: int, payload: list[Any],
+        failures: int,
     ) -> None:
         what = f"the result of item {chunk.first + start}"
         try:
@@ -295,12 +298,21 @@ class MapStream:
                 self._send_alone(number, chunk, start, stop)
                 return
             values = [TaskError(None, "SerializationError", str(exc), "the caller")]
-        self._fill(chunk, start, values)
+            failures = 1
+        self._fill(chunk, start, values, failures)
 
-    def _fill(self, chunk: ChunkSlots, start: int, values: list[Any]) -> None:
+    def _fill(self, chunk: ChunkSlots, start: int, values: list[Any], failures: int) -> None:
+        """Put values in their slots, each slot filled once whatever the node sent."""
+        stop = start + len(values)
+        chunk.failed = chunk.failed or failures > 0
+        if chunk.filled.find(1, start, stop) < 0:  # the usual case: all new, at C speed
+            chunk.values[start:stop] = values
+            chunk.filled[start:stop] = b"\x01" * len(values)
+            chunk.missing -= len(values)
+            return
         for offset, value in enumerate(values):
             i = start + offset
-            if not chunk.filled[i]:  # exactly once, whatever the node sent
+            if not chunk.filled[i]:
                 chunk.filled[i] = 1
                 chunk.values[i] = value
                 chunk.missing -= 1
@@ -324,7 +336,7 @@ class MapStream:
                 if self.progress:
                     self.progress.advance(len(values))
                 self.fill_window()
-                if not any(type(v) in (TaskError, _Failed) for v in values):
+                if not ready.failed:
                     yield from values
                 else:
                     for value in values:

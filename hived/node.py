@@ -342,13 +342,15 @@ class Node:
             self._tagged[tag] = key
         return tag
 
-    def on_done(self, aid: int, start: int, stop: int, elapsed: float, frames: list[Any]) -> None:
+    def on_done(
+        self, aid: int, start: int, stop: int, elapsed: float, failures: int, frames: list[Any]
+    ) -> None:
         key = self.owner.assignment(aid)
         if key is None:
             return
         delivery = self.owner.completed(aid, start, stop, final=True)
         if delivery is not None:
-            self.control.send(key[0], Result(key[1], delivery.chunk, start, stop, elapsed), frames)
+            self.control.send(key[0], Result(key[1], delivery.chunk, start, stop, elapsed, failures), frames)
         self._retire_if_finished(key)
 
     def on_fail(self, aid: int, text: str) -> None:

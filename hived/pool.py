@@ -38,7 +38,7 @@ import hived
 from hived.reactor import Channel
 from hived.scheduling import Assignment, Needs
 from hived.wire import decode, encode
-from hived.worker import BLACK_BOX, Done, Exit, Fail, Output, Ready, Run
+from hived.worker import BETWEEN, BLACK_BOX, SOMEWHERE, Done, Exit, Fail, Output, Ready, Run
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,9 @@ class Source(Protocol):
 
 
 class Sink(Protocol):
-    def on_done(self, aid: int, start: int, stop: int, elapsed: float, frames: list[Any]) -> None: ...
+    def on_done(
+        self, aid: int, start: int, stop: int, elapsed: float, failures: int, frames: list[Any]
+    ) -> None: ...
     def on_fail(self, aid: int, message: str) -> None: ...
     def on_lost(self, aid: int, crashed_at: int | None, why: str) -> None: ...
     def on_output(self, job: int, stream: int, text: str, pid: int) -> None: ...
@@ -134,7 +136,7 @@ class Pool:
         number = next(self._numbers)
         box_path = os.path.join(self.dir, f"worker-{number}.box")
         with open(box_path, "wb") as f:
-            f.write(BLACK_BOX.pack(0, -1))
+            f.write(BLACK_BOX.pack(0, BETWEEN))
         env = dict(os.environ)
         # Run the very hived this node runs, installed or not.
         root = os.path.dirname(os.path.dirname(os.path.abspath(hived.__file__)))
@@ -186,17 +188,23 @@ class Pool:
             self.kick()
 
     def _read_box(self, worker: WorkerProc) -> tuple[int, int | None]:
+        """The item the dead worker was running: an index, SOMEWHERE in its
+        range, or None when it was not running that range's items at all."""
         try:
             with open(worker.box_path, "rb") as f:
                 aid, index = BLACK_BOX.unpack(f.read(BLACK_BOX.size))
         except (OSError, ValueError):
             return 0, None
-        if worker.running is None or aid != worker.running.id or index < 0:
+        if worker.running is None or aid != worker.running.id or index == BETWEEN:
             return aid, None
         return aid, index
 
     def _describe_death(self, worker: WorkerProc, code: int, index: int | None) -> str:
-        item = f" while running item {index}" if index is not None else ""
+        if index == SOMEWHERE:
+            running = worker.running
+            item = f" while running items {running.start}-{running.stop - 1} of a chunk"
+        else:
+            item = f" while running item {index} of a chunk" if index is not None else ""
         head = f"worker pid {worker.proc.pid} on {self.node_name}"
         if worker.kill_reason:
             return f"{head} was stopped{item}: {worker.kill_reason}"
@@ -280,7 +288,7 @@ class Pool:
         worker.running = a
         has_blob = a.fn not in worker.blobs
         payload = [self.blobs[a.fn], *a.frames] if has_blob else a.frames
-        run = Run(a.id, a.fn, has_blob, a.start, a.stop, self.job_tag(a.job))
+        run = Run(a.id, a.fn, has_blob, a.start, a.stop, self.job_tag(a.job), a.precise)
         if self.channel.send([worker.route, *encode(run, payload)]):
             worker.blobs.add(a.fn)
         # else: the worker is gone; its pidfd callback hands the assignment back
@@ -349,7 +357,7 @@ class Pool:
             worker.items_done += msg.stop - msg.start
             self.items_done += msg.stop - msg.start
             self._maybe_recycle(worker, msg.rss)
-            self.sink.on_done(msg.assignment, msg.start, msg.stop, msg.elapsed, payload)
+            self.sink.on_done(msg.assignment, msg.start, msg.stop, msg.elapsed, msg.failures, payload)
             self.kick()
         elif isinstance(msg, Fail):
             self._finished(worker, msg.assignment)

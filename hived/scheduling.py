@@ -38,6 +38,7 @@ from typing import Any
 from hived.errors import LocalProtocolError
 
 JobKey = tuple[bytes, int]  # (client id, job number within that client)
+SOMEWHERE = -2  # a worker died in a range, at an item it did not record
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +67,7 @@ class Range:
     chunk: Chunk
     start: int
     stop: int
+    precise: bool = False  # the worker records each item it starts (after an unplaced crash)
 
 
 @dataclass(slots=True)
@@ -102,6 +104,7 @@ class Assignment:
     stop: int
     frames: list[Any]
     needs: Needs
+    precise: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +188,8 @@ class Owner:
             self._running[aid] = (job, rng)
             job.running.add(aid)
             return Assignment(
-                aid, key, job.fn, rng.chunk.number, rng.start, rng.stop, rng.chunk.frames, job.needs
+                aid, key, job.fn, rng.chunk.number, rng.start, rng.stop, rng.chunk.frames,
+                job.needs, rng.precise,
             )
         return None
 
@@ -242,6 +246,10 @@ class Owner:
 
         `crashed_at` is the item the dead worker was running, when known: it
         alone is charged a try; the rest of the range is requeued as it was.
+        SOMEWHERE means the worker died in this range but did not record
+        each item (the fast path): the range runs again recording each item,
+        and if it dies there outside any item, every item in it is charged.
+        None means the node is gone, through no fault of these items.
         """
         entry = self._running.pop(aid, None)
         if entry is None:
@@ -252,24 +260,40 @@ class Owner:
         undelivered = [i for i in range(rng.start, rng.stop) if not chunk.delivered[i]]
         if not undelivered:
             return []
-        if crashed_at is None or not rng.start <= crashed_at < rng.stop:
+        if crashed_at is None or (crashed_at != SOMEWHERE and not rng.start <= crashed_at < rng.stop):
             # The node is gone, not necessarily because of these items.
-            job.queue.appendleft(Range(chunk, rng.start, rng.stop))
+            job.queue.appendleft(Range(chunk, rng.start, rng.stop, rng.precise))
             return []
-        failures = []
-        tries = chunk.tries.get(crashed_at, 0) + 1
-        chunk.tries[crashed_at] = tries
+        if crashed_at == SOMEWHERE:
+            if not rng.precise:
+                job.queue.appendleft(Range(chunk, rng.start, rng.stop, precise=True))
+                return []
+            failures = []
+            for i in reversed(undelivered):  # each item alone, each charged
+                failures += self._charge(job, chunk, i, [])
+            self._retire_chunk_if_done(job, chunk)
+            return failures[::-1]
         pieces = [Range(chunk, rng.start, crashed_at), Range(chunk, crashed_at + 1, rng.stop)]
+        failures = self._charge(job, chunk, crashed_at, pieces)
+        self._retire_chunk_if_done(job, chunk)
+        return failures
+
+    def _charge(self, job: Job, chunk: Chunk, index: int, around: list[Range]) -> list[Failure]:
+        """One more try against item `index`; requeue it between `around`
+        (the rest of its range), unless that was its last try."""
+        pieces = list(around)
+        failures = []
+        tries = chunk.tries.get(index, 0) + 1
+        chunk.tries[index] = tries
         if tries > job.retries:
-            chunk.delivered[crashed_at] = 1
+            chunk.delivered[index] = 1
             job.items_failed += 1
-            failures.append(Failure(job.key, chunk.number, crashed_at, tries))
+            failures.append(Failure(job.key, chunk.number, index, tries))
         else:
-            pieces.insert(1, Range(chunk, crashed_at, crashed_at + 1))
+            pieces.insert(1 if pieces else 0, Range(chunk, index, index + 1, precise=True))
         for piece in reversed(pieces):
             if piece.start < piece.stop:
                 job.queue.appendleft(piece)
-        self._retire_chunk_if_done(job, chunk)
         return failures
 
     def assignment(self, aid: int) -> JobKey | None:

@@ -31,7 +31,9 @@ from typing import Any
 from hived import serialization
 from hived.wire import Message, decode, encode, message, zero_copy
 
-BLACK_BOX = struct.Struct("<qq")  # assignment id, item index (-1: between items)
+BLACK_BOX = struct.Struct("<qq")  # assignment id, item index (or one of the two below)
+BETWEEN = -1  # not running any range
+SOMEWHERE = -2  # in a range, at an item not recorded (the fast path, or unpickling)
 # A chunk is (nargs, items): nargs 1 means each item is the one argument, n > 1
 # a tuple of n arguments, KEYWORDS an (args, kwargs) pair as `submit` makes.
 KEYWORDS = -1
@@ -51,6 +53,7 @@ class Run(Message):
     start: int
     stop: int
     job: int  # the node's short id for the job, tags printed output
+    precise: bool  # record each item in the black box (this range crashed before)
 
 
 @message(b"W.DONE")
@@ -60,6 +63,7 @@ class Done(Message):
     stop: int
     elapsed: float  # seconds spent running the items
     rss: int  # resident memory after the range, bytes
+    failures: int  # how many items raised (the caller skips a scan when none did)
 
 
 @message(b"W.FAIL")
@@ -163,6 +167,7 @@ class Worker:
 
     def run(self, msg: Run, payload: list[Any]) -> None:
         self.job, where = msg.job, f"{self.where} pid {os.getpid()}"
+        BLACK_BOX.pack_into(self.box, 0, msg.assignment, SOMEWHERE)
         try:
             if msg.has_blob:
                 blob, payload = payload[0], payload[1:]
@@ -180,30 +185,70 @@ class Worker:
         except Exception as exc:
             self.sock.send_multipart(encode(Fail(msg.assignment, str(exc))))
             return
-        box, results = self.box, []
+        call = _CALLS[nargs] if nargs in _CALLS else _CALLS[None]
+        results: list[Any] = []
         began = time.perf_counter()
-        for index in range(msg.start, msg.stop):
-            BLACK_BOX.pack_into(box, 0, msg.assignment, index)
-            item = items[index]
-            try:
-                if nargs == 1:
-                    results.append(fn(item))
-                elif nargs == KEYWORDS:
-                    results.append(fn(*item[0], **item[1]))
-                else:
-                    results.append(fn(*item))
-            except BaseException as exc:  # a task's own error, KeyboardInterrupt included
-                results.append(_task_error(exc, where))
-        BLACK_BOX.pack_into(box, 0, msg.assignment, -1)
+        if msg.precise:
+            failures = self._run_recording(msg, fn, call, items, results, where)
+        else:
+            failures = _run_fast(fn, call, items[msg.start : msg.stop], results, where)
         elapsed = time.perf_counter() - began
         sys.stdout.flush()
         sys.stderr.flush()
-        frames = _pickle_results(results, where)
-        done = Done(msg.assignment, msg.start, msg.stop, elapsed, self._rss())
+        frames, spoiled = _pickle_results(results, where)
+        failures += spoiled
+        done = Done(msg.assignment, msg.start, msg.stop, elapsed, self._rss(), failures)
         self.sock.send_multipart(encode(done, frames), copy=not zero_copy(frames))
+        BLACK_BOX.pack_into(self.box, 0, msg.assignment, BETWEEN)
+
+    def _run_recording(self, msg: Run, fn: Any, call: Any, items: list[Any],
+                       results: list[Any], where: str) -> int:
+        """Run item by item, each recorded in the black box before it starts."""
+        box, failures = self.box, 0
+        for index in range(msg.start, msg.stop):
+            BLACK_BOX.pack_into(box, 0, msg.assignment, index)
+            try:
+                results.append(call(fn, items[index]))
+            except BaseException as exc:  # a task's own error, KeyboardInterrupt included
+                results.append(_task_error(exc, where))
+                failures += 1
+        BLACK_BOX.pack_into(box, 0, msg.assignment, SOMEWHERE)
+        return failures
 
     def _rss(self) -> int:
         return int(os.pread(self.statm, 128, 0).split()[1]) * self.page
+
+
+def _run_fast(fn: Any, call: Any, items: list[Any], results: list[Any], where: str) -> int:
+    """Run items without recording each one: the common case, several times
+    cheaper per item. A crash here is placed on the range, not an item, and
+    the range then runs again recording each item."""
+    failures = 0
+    todo = iter(items)
+    append = results.append
+    while True:
+        try:
+            if call is _one:
+                for item in todo:
+                    append(fn(item))
+            else:
+                for item in todo:
+                    append(call(fn, item))
+            return failures
+        except BaseException as exc:  # a task's own error: record it, go on with the next
+            append(_task_error(exc, where))
+            failures += 1
+
+
+def _one(fn: Any, item: Any) -> Any:
+    return fn(item)
+
+
+_CALLS = {
+    1: _one,
+    KEYWORDS: lambda fn, item: fn(*item[0], **item[1]),
+    None: lambda fn, item: fn(*item),
+}
 
 
 def _task_error(exc: BaseException, where: str) -> TaskError:
@@ -211,12 +256,14 @@ def _task_error(exc: BaseException, where: str) -> TaskError:
     return TaskError(exc, type(exc).__qualname__, text, where)
 
 
-def _pickle_results(results: list[Any], where: str) -> list[Any]:
-    """Frames for the results; an item that will not pickle becomes an error alone."""
+def _pickle_results(results: list[Any], where: str) -> tuple[list[Any], int]:
+    """Frames for the results, and how many results became errors because
+    they would not pickle (each such item fails alone)."""
     try:
-        return serialization.dumps_result(results, "results")
+        return serialization.dumps_result(results, "results"), 0
     except Exception:
         pass
+    spoiled = 0
     for i, value in enumerate(results):
         try:
             serialization.dumps_result(value, "a result")
@@ -224,6 +271,7 @@ def _pickle_results(results: list[Any], where: str) -> list[Any]:
             if isinstance(value, TaskError):  # keep the error's text, drop the object
                 results[i] = TaskError(None, value.type_name, value.text, where)
             else:
+                spoiled += 1
                 results[i] = TaskError(
                     None,
                     "SerializationError",
@@ -233,7 +281,7 @@ def _pickle_results(results: list[Any], where: str) -> list[Any]:
                     f"(on {where}): {type(exc).__name__}: {exc}\n",
                     where,
                 )
-    return serialization.dumps_result(results, "results")
+    return serialization.dumps_result(results, "results"), spoiled
 
 
 def _die_with(parent: int) -> None:

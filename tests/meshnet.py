@@ -20,7 +20,9 @@ from hived.control import StatusQuery, ask
 from hived.security import write_key
 
 PORT = 7700
-TIMING = {"heartbeat": 0.1, "dead_after": 0.6, "lease": 0.6}
+# Short enough for fast tests, long enough that a loaded 2-core CI machine does
+# not miss heartbeats and see false deaths.
+TIMING = {"heartbeat": 0.2, "dead_after": 1.2, "lease": 1.0}
 
 
 class MeshNode:

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hived.errors import LocalProtocolError
-from hived.scheduling import Needs, Owner
+from hived.scheduling import SOMEWHERE, Needs, Owner
 
 CLIENT = b"c1"
 
@@ -67,6 +67,29 @@ def test_an_item_that_crashes_every_try_fails_alone_after_its_retries():
     assert [(f.index, f.tries) for f in failures] == [(1, 3)]
     job = owner.jobs.get((CLIENT, 1))
     assert job is None or (job.items_done, job.items_failed) == (2, 1)
+
+
+def test_a_crash_somewhere_in_a_range_reruns_it_recording_each_item():
+    owner = book([4], retries=1)
+    a = owner.assign()
+    assert not a.precise
+    assert owner.lost(a.id, crashed_at=SOMEWHERE) == []
+    b = owner.assign()
+    assert (b.start, b.stop, b.precise) == (0, 4, True)
+    assert owner.jobs[(CLIENT, 1)].chunks[0].tries == {}  # nobody charged yet
+    owner.lost(b.id, crashed_at=2)
+    assert owner.jobs[(CLIENT, 1)].chunks[0].tries == {2: 1}
+    owner.validate()
+
+
+def test_a_recorded_range_dying_between_items_charges_every_item():
+    owner = book([2], retries=0)
+    a = owner.assign()
+    owner.lost(a.id, crashed_at=SOMEWHERE)
+    b = owner.assign()
+    failures = owner.lost(b.id, crashed_at=SOMEWHERE)
+    assert [(f.index, f.tries) for f in failures] == [(0, 1), (1, 1)]
+    assert (CLIENT, 1) not in owner.jobs or owner.assign() is None
 
 
 def test_a_lost_node_requeues_its_range_without_charging_it():
@@ -166,7 +189,8 @@ def test_every_item_ends_delivered_exactly_once(sizes, script, retries):
                 deliver(d.chunk, d.start, d.stop)
             finished.append(a)
         elif kind == "crash":
-            for f in owner.lost(a.id, crashed_at=a.start + pick % (a.stop - a.start)):
+            at = SOMEWHERE if pick % 3 == 0 else a.start + pick % (a.stop - a.start)
+            for f in owner.lost(a.id, crashed_at=at):
                 deliver(f.chunk, f.index, f.index + 1)
         elif kind == "lost":
             owner.lost(a.id, crashed_at=None)
