@@ -1,7 +1,8 @@
 """How a client reaches its node: a socket to a daemon, or an embedded node.
 
 Both links offer the same two things: `send(*messages)` (each a list of
-frames), callable from any thread and handing all its messages over at once, and a callback `on_frames(frames)` that the link calls, on a thread of
+frames), callable from any thread and handing all its messages over at
+once, and a callback `on_frames(frames)` that the link calls, on a thread of
 its own, for every message from the node. Neither ever blocks the caller on
 the network.
 

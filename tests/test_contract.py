@@ -14,10 +14,10 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import re
-import time
 from collections.abc import Iterator
 
 import pytest
+from tasks import nap, nap_then
 
 import hived
 
@@ -39,16 +39,6 @@ def describe(a, b=0, *, scale=1):
     return (a + b) * scale
 
 
-def nap(seconds):
-    time.sleep(seconds)
-    return seconds
-
-
-def nap_then(args):
-    """Sleep, then return the value: (seconds, value)."""
-    seconds, value = args
-    time.sleep(seconds)
-    return value
 
 
 def fail_at_3(x):

@@ -18,12 +18,12 @@ import re
 import signal
 import sys
 import threading
-import time
 import tracemalloc
 
 import psutil
 import pytest
 from netns import wait_for
+from tasks import nap, nap_then
 
 import hived
 from hived.control import AddChunk
@@ -37,15 +37,6 @@ def square(x):
     return x * x
 
 
-def nap(seconds):
-    time.sleep(seconds)
-    return seconds
-
-
-def nap_then(args):
-    seconds, value = args
-    time.sleep(seconds)
-    return value
 
 
 def kilobyte(i):
