@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import random
+import sys
 import tempfile
 
 import pytest
 import zmq
+from conftest import child_env
 from meshnet import Cluster
 from netns import wait_for
 
@@ -122,6 +125,13 @@ def test_remote_hivectl_and_client_with_the_key(cluster):
         return rows.get(c[1].name, {}).get("tasks_done", 0) >= 3
 
     wait_for(done_on_1_seen_from_0, 10, what="tasks done on node 1 reported to node 0")
+    # hivectl from another host, over TCP with the key; and refused without it
+    cli = [sys.executable, "-m", "hived.cli", "--connect", c[1].address]
+    out = c.net[0].run([*cli, "--key-file", c.key_path, "status", "--json"], env=child_env())
+    body = json.loads(out.stdout)
+    assert len(body["nodes"]) == 3 and body["coordinator"] is not None
+    refused = c.net[0].run([*cli, "status"], env=child_env(), check=False)
+    assert refused.returncode != 0 and "needs the cluster key" in refused.stderr
 
 
 def test_a_wrong_key_and_junk_frames_get_nothing_and_disturb_nothing(cluster, tmp_path):
