@@ -47,6 +47,7 @@ from hived.election import (
     Persist,
 )
 from hived.errors import RemoteProtocolError
+from hived.matchmaking import MESSAGES as WORK_MESSAGES
 from hived.membership import MESSAGES as MEMBERSHIP_MESSAGES
 from hived.membership import (
     Connect,
@@ -61,13 +62,13 @@ from hived.membership import (
 )
 from hived.reactor import Channel
 from hived.security import ClusterKey, ZapHandler
-from hived.wire import Message, decode, encode
+from hived.wire import Message, decode, encode, zero_copy
 
 log = logging.getLogger(__name__)
 
 SEND_QUEUE = 1000
-# Message types the mesh consumes; anything else in the inbox is a client's.
-MESH_PREFIXES = (b"M.", b"E.")
+# Message types nodes send each other; anything else in the inbox is a client's.
+MESH_PREFIXES = (b"M.", b"E.", b"S.")
 # At most this many protocol errors are logged per peer, then one in a thousand.
 LOG_BURST = 20
 
@@ -90,6 +91,8 @@ class Mesh:
         cpus: int,
         gpus: int,
         on_client_frames: Callable[[Channel, list[Any]], None],
+        on_work: Callable[[str, Message, list[Any]], None],
+        on_peer_gone: Callable[[str], None],
     ) -> None:
         self.loop, self.ctx, self.key = loop, ctx, key
         self.name, self.bind_address, self.seeds = name, bind, list(seeds)
@@ -98,6 +101,7 @@ class Mesh:
         self.data_dir = data_dir
         self.resources = (cpus, gpus)
         self.on_client_frames = on_client_frames
+        self.on_work, self.on_peer_gone = on_work, on_peer_gone
         self.dealers: dict[str, zmq.Socket] = {}
         self.zap: ZapHandler | None = None
         self.zap_channel: Channel | None = None
@@ -169,6 +173,18 @@ class Mesh:
     def coordinator(self) -> tuple[str, int] | None:
         return self.election.coordinator(self.loop.time())
 
+    def coordinator_address(self) -> str | None:
+        return self.election.coordinator_address(self.loop.time())
+
+    def term(self) -> int:
+        return self.election.term
+
+    def accept_term(self, term: int) -> bool:
+        """Fencing: False for a coordinator message from a term below the highest seen."""
+        ok = self.election.accept_term(term)
+        self._arm()  # a higher term may have made us step down
+        return ok
+
     def is_coordinator(self) -> bool:
         return self.election.is_coordinator(self.loop.time())
 
@@ -191,7 +207,7 @@ class Mesh:
         try:
             if not sender.startswith("tcp://"):
                 raise RemoteProtocolError("a mesh message from a connection without a peer address")
-            msg, _ = decode(frames[1:])
+            msg, payload = decode(frames[1:])
         except RemoteProtocolError as exc:
             self._protocol_error(sender, exc)
             return
@@ -204,6 +220,8 @@ class Mesh:
         except RemoteProtocolError as exc:
             self._protocol_error(sender, exc)
         self._run(actions)
+        if isinstance(msg, WORK_MESSAGES) and self.membership.name_of(sender) is not None:
+            self.on_work(sender, msg, payload)
 
     def _on_monitor(self, frames: list[Any]) -> None:
         event = parse_monitor_message([f.bytes for f in frames])
@@ -255,8 +273,11 @@ class Mesh:
             log.info("mesh: %s joined from %s", action.member.name, action.member.address)
         elif isinstance(action, PeerStateChanged):
             log.info("mesh: %s is %s (was %s)", action.name, action.new, action.old)
+            if action.new == "dead":
+                self.on_peer_gone(action.address)
         elif isinstance(action, PeerLeft):
             log.info("mesh: %s left (%s)", action.name, action.reason)
+            self.on_peer_gone(action.address)
 
     def _dealer(self, address: str) -> zmq.Socket:
         sock = self.dealers.get(address)
@@ -274,12 +295,18 @@ class Mesh:
         return sock
 
     def _send(self, address: str, msg: Message) -> None:
+        self.send(address, msg)
+
+    def send(self, address: str, msg: Message, payload: list[Any] | tuple = ()) -> bool:
+        """Send to a peer without blocking; False if not connected or its queue is full."""
         if address == self.advertise:
-            return
+            return False
+        frames = encode(msg, payload)
         try:
-            self._dealer(address).send_multipart(encode(msg), zmq.NOBLOCK)
+            self._dealer(address).send_multipart(frames, zmq.NOBLOCK, copy=not zero_copy(frames))
+            return True
         except zmq.Again:
-            pass  # not connected, or its queue is full: a lost heartbeat, by design
+            return False  # a lost heartbeat, by design; work messages are retried by their owners
 
     def _arm(self) -> None:
         due = min(

@@ -55,6 +55,7 @@ from hived.control import (
     Welcome,
 )
 from hived.errors import LocalProtocolError
+from hived.exchange import Exchange
 from hived.pool import Pool
 from hived.scheduling import JobKey, Needs, Owner
 from hived.security import ClusterKey
@@ -118,6 +119,7 @@ class Node:
         self.pool: Pool | None = None
         self.control: ControlServer | None = None
         self.mesh: Any = None  # a hived.mesh.Mesh once joined
+        self.exchange = Exchange(self)
         self._tasks: set[asyncio.Task] = set()
         self._handlers: dict[type[Message], Callable[[ClientState, Any, list[Any]], None]] = {
             OpenJob: self._open_job,
@@ -143,7 +145,7 @@ class Node:
             node_name=self.name,
             cpus=s.cpus,
             gpus=s.gpus,
-            source=self.owner,
+            source=self.exchange,
             sink=self,
             blobs=self.blobs,
             job_tag=self._tag,
@@ -163,8 +165,10 @@ class Node:
                 advertise=s.advertise or s.bind, seeds=s.seeds, heartbeat=s.heartbeat,
                 dead_after=s.dead_after, lease=s.lease, key=s.key, data_dir=s.data_dir,
                 cpus=s.cpus, gpus=len(s.gpus), on_client_frames=self.control.accept,
+                on_work=self.exchange.handle, on_peer_gone=self.exchange.node_gone,
             )
             self.mesh.start()
+            self.pool.on_idle = self.exchange.idle
         self._spawn(self._housekeeping())
 
     def _spawn(self, coro: Any) -> None:
@@ -182,6 +186,8 @@ class Node:
                 if now - client.last_seen > self.settings.client_timeout:
                     self._drop_client(client, "went silent")
             self.pool.check_memory()
+            self.exchange.offer()
+            self.pool.kick()  # idle workers look for work elsewhere again
             if self.mesh is not None:  # what our next heartbeats say
                 self.mesh.update(
                     load=os.getloadavg()[0],
@@ -195,6 +201,7 @@ class Node:
         up to the drain timeout (what never started fails in `close`)."""
         self.draining = True
         self.pool.holding = True
+        self.exchange.hand_back()
         self._drained.clear()  # a `hivectl drain` may have set it while tasks still ran
         if self.pool.slots_busy:
             try:
@@ -236,7 +243,8 @@ class Node:
             if isinstance(msg, Hello):
                 client.label = msg.client
                 self.clients[cid] = client
-                self.control.send(cid, Welcome(self.name, __version__, self.pool.slots_total, self.settings.heartbeat))
+                slots = sum(cpus + gpus for cpus, gpus in self._hive())
+                self.control.send(cid, Welcome(self.name, __version__, slots, self.settings.heartbeat))
                 return
         client.last_seen = self.loop.time()
         handler = self._handlers.get(type(msg))
@@ -270,18 +278,27 @@ class Node:
         client.jobs.add(msg.job)
 
     def _job_problem(self, msg: OpenJob) -> tuple[str, str] | None:
-        s = self.settings
         if self.draining:
             return "unavailable", f"hived on {self.name} is draining and takes no new jobs"
         if msg.cpus < 1 or msg.gpus < 0 or msg.retries < 0:
             return "invalid", "cpus must be >= 1, gpus >= 0 and retries >= 0"
         if msg.gpus > 1:
             return "invalid", f"a task may ask for at most 1 GPU (a worker owns one GPU); got gpus={msg.gpus}"
-        if msg.gpus == 1 and not s.gpus:
+        nodes = self._hive()
+        if msg.gpus == 1 and not any(gpus for _, gpus in nodes):
             return "unavailable", f"the tasks ask for a GPU but no node in this hive has one ({self.name} has 0)"
-        if msg.gpus == 0 and msg.cpus > s.cpus:
-            return "unavailable", f"the tasks ask for {msg.cpus} CPUs but the largest node has {s.cpus} ({self.name})"
+        largest = max(cpus for cpus, _ in nodes)
+        if msg.gpus == 0 and msg.cpus > largest:
+            return "unavailable", f"the tasks ask for {msg.cpus} CPUs but the largest node has {largest}"
         return None
+
+    def _hive(self) -> list[tuple[int, int]]:
+        """(CPU slots, GPU slots) of every live node, this one first."""
+        me = (self.settings.cpus, len(self.settings.gpus))
+        if self.mesh is None:
+            return [me]
+        others = [(m.cpus, m.gpus) for m in self.mesh.members()[1:] if m.state in ("alive", "suspect")]
+        return [me, *others]
 
     def _add_chunk(self, client: ClientState, msg: AddChunk, payload: list[Any]) -> None:
         key = (client.id, msg.job)
@@ -289,6 +306,8 @@ class Node:
             return  # cancelled meanwhile
         self.owner.add_chunk(key, msg.chunk, msg.count, payload)
         self.pool.kick()
+        if self.owner.queued_items():  # more than our own workers take now
+            self.exchange.offer(soon=True)
 
     def _close_job(self, client: ClientState, msg: CloseJob, payload: list[Any]) -> None:
         key = (client.id, msg.job)
@@ -345,6 +364,9 @@ class Node:
     def on_done(
         self, aid: int, start: int, stop: int, elapsed: float, failures: int, frames: list[Any]
     ) -> None:
+        if aid < 0:  # a range pulled from another owner
+            self.exchange.done(aid, start, stop, elapsed, failures, frames)
+            return
         key = self.owner.assignment(aid)
         if key is None:
             return
@@ -354,6 +376,9 @@ class Node:
         self._retire_if_finished(key)
 
     def on_fail(self, aid: int, text: str) -> None:
+        if aid < 0:
+            self.exchange.failed(aid, text)
+            return
         key = self.owner.assignment(aid)
         if key is None:
             return
@@ -364,6 +389,9 @@ class Node:
         self._retire_if_finished(key)
 
     def on_lost(self, aid: int, crashed_at: int | None, why: str) -> None:
+        if aid < 0:
+            self.exchange.lost(aid, crashed_at, why)
+            return
         key = self.owner.assignment(aid)
         if key is None:
             return
@@ -375,6 +403,14 @@ class Node:
     def on_output(self, tag: int, stream: int, text: str, pid: int) -> None:
         key = self._tagged.get(tag)
         source = f"{self.name} pid={pid}"
+        if key is not None and key[0].startswith(b"tcp://"):  # a range of another owner's job
+            self.exchange.output(key, stream, text, source)
+            return
+        self.forward_output(tag, stream, text, source)
+
+    def forward_output(self, tag: int, stream: int, text: str, source: str) -> None:
+        """What a task printed, to the client of its job (or our log)."""
+        key = self._tagged.get(tag)
         if key is None or key[0] not in self.clients:
             log.info("(%s) %s", source, text.rstrip("\n"))
             return

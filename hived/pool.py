@@ -120,6 +120,7 @@ class Pool:
         self._numbers = iter(range(1, 1 << 62))
         self.closing = False
         self.holding = False  # draining: running tasks finish, no new one starts
+        self.on_idle: Callable[[], None] | None = None  # called when idle workers found no work
         self.items_done = 0
         self._all_exited = asyncio.Event()
         self.ready = asyncio.Event()  # every worker started so far has said READY
@@ -262,6 +263,7 @@ class Pool:
         if self.closing or self.holding:
             return
         free_cpus = self.cpus - self.cpu_slots_busy
+        starved = False  # an idle worker found nothing: the source may look elsewhere
         for worker in list(self.workers.values()):
             if not worker.idle:
                 continue
@@ -279,10 +281,19 @@ class Pool:
 
             assignment = self.source.assign(fits)
             if assignment is None:
+                starved = True
                 continue
             self._run(worker, assignment)
             if worker.device is None:
                 free_cpus -= assignment.needs.cpus
+        if starved and self.on_idle is not None:
+            self.on_idle()
+
+    def free_slots(self) -> tuple[int, int]:
+        """Free CPU slots and idle GPU workers: what this node can take on now."""
+        cpus = max(self.cpus - self.cpu_slots_busy, 0)
+        gpus = sum(1 for w in self.workers.values() if w.device is not None and w.idle)
+        return cpus, gpus
 
     def _run(self, worker: WorkerProc, a: Assignment) -> None:
         worker.running = a

@@ -1,0 +1,296 @@
+"""Work across the mesh: owners serve ranges, worker nodes pull them.
+
+Theory of operation
+-------------------
+Every node plays three parts here, on the node's one event loop:
+
+- **Owner.** Jobs submitted to this node live in its `Owner` book. While
+  it has queued work, it OFFERs it to the coordinator every heartbeat; a
+  PULL from another node gets ranges that fit that node's free slots
+  (RANGE, with the function blob the first time) or NONE. Results come back
+  as DONE/FAIL/LOST/OUT and go through the same `Node.on_*` handlers as the
+  local pool's, so dedup, retries and delivery are one code path. When a
+  node is declared dead or leaves, its ranges are requeued (at-least-once
+  execution; the book drops any late result, so delivery stays exactly-once).
+- **Coordinator.** Matches WANTs to OFFERs (`Matchmaker`); it never sees
+  task data, and a new coordinator rebuilds its view from the next OFFERs.
+- **Worker node.** Its pool takes local work first, then ranges pulled from
+  other owners. When workers sit idle it pulls again from owners that just
+  gave it work, or asks the coordinator (`Puller`).
+
+    local clients ──▶ Owner ──RANGE──▶ other nodes' pools
+                        ▲ └───────────▶ this node's pool ◀──RANGE── other owners
+                        └──DONE/LOST── (either)
+
+Remote ranges run in the local pool under negative assignment ids, so the
+pool's reports tell local and remote work apart without a second table.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from hived.matchmaking import (
+    NOT_STARTED,
+    Matchmaker,
+    Nothing,
+    Offer,
+    Point,
+    Pull,
+    Puller,
+    RangeDone,
+    RangeFailed,
+    RangeLost,
+    RangeMsg,
+    RangeOutput,
+    Want,
+)
+from hived.scheduling import Assignment, JobKey, Needs
+from hived.wire import Message, frame_bytes
+
+if TYPE_CHECKING:
+    from hived.node import Node
+
+log = logging.getLogger(__name__)
+
+REMOTE_BLOBS = 256  # function blobs of other owners kept here, most recent first
+OFFER_GAP = 0.05  # seconds between offers prompted by new work
+
+
+class Exchange:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        heartbeat = node.settings.heartbeat
+        self.matchmaker = Matchmaker(expire=3 * heartbeat)
+        self.puller = Puller(retry=heartbeat)
+        # owner side: our assignments out on other nodes
+        self.out: dict[int, str] = {}  # assignment -> node address
+        self.sent_blobs: dict[str, set[bytes]] = {}
+        # worker-node side: ranges pulled from other owners
+        self.queue: deque[Assignment] = deque()
+        self.taken: dict[int, tuple[str, int]] = {}  # local id -> (owner, its assignment)
+        self.remote_blobs: OrderedDict[bytes, None] = OrderedDict()
+        self._ids = itertools.count(-1, -1)
+        self._offered = float("-inf")
+        self._handlers: dict[type[Message], Callable[[str, Any, list[Any]], None]] = {
+            Offer: self._on_offer,
+            Want: self._on_want,
+            Point: self._on_point,
+            Pull: self._on_pull,
+            RangeMsg: self._on_range,
+            Nothing: self._on_nothing,
+            RangeDone: self._on_done,
+            RangeFailed: self._on_failed,
+            RangeLost: self._on_lost,
+            RangeOutput: self._on_output,
+        }
+
+    @property
+    def mesh(self) -> Any:
+        return self.node.mesh
+
+    def handle(self, sender: str, msg: Message, payload: list[Any]) -> None:
+        self._handlers[type(msg)](sender, msg, payload)
+
+    # -- the pool's source: local work first, then pulled ranges ------------------
+
+    def assign(self, fits: Callable[[Needs], bool]) -> Assignment | None:
+        local = self.node.owner.assign(fits)
+        if local is not None:
+            return local
+        for i, a in enumerate(self.queue):
+            if fits(a.needs):
+                del self.queue[i]
+                return a
+        return None
+
+    def idle(self) -> None:
+        """The pool has idle workers and nothing for them: find work elsewhere."""
+        if self.mesh is None or self.node.draining:
+            return
+        now = self.node.loop.time()
+        direct, want = self.puller.idle(now)
+        free_cpus, free_gpus = self.node.pool.free_slots()
+        for owner in direct:
+            self.mesh.send(owner, Pull(free_cpus, free_gpus, self._known()))
+        if want:
+            coordinator = self.mesh.coordinator_address()
+            if coordinator == self.mesh.advertise:  # we are the coordinator
+                self._on_want(coordinator, Want(free_cpus, free_gpus), [])
+            elif coordinator is not None:
+                self.mesh.send(coordinator, Want(free_cpus, free_gpus))
+
+    # -- owner side ---------------------------------------------------------------
+
+    def offer(self, soon: bool = False) -> None:
+        """Tell the coordinator how much work waits here: each heartbeat, and
+        `soon` after new work arrives (at most every OFFER_GAP seconds)."""
+        if self.mesh is None:
+            return
+        now = self.node.loop.time()
+        if soon and now - self._offered < OFFER_GAP:
+            return
+        self._offered = now
+        cpu = gpu = 0
+        for job in self.node.owner.jobs.values():
+            if job.needs.gpus:
+                gpu += job.items_queued
+            else:
+                cpu += job.items_queued
+        coordinator = self.mesh.coordinator_address()
+        if coordinator is not None and (cpu or gpu):
+            msg = Offer(cpu, gpu)
+            if coordinator == self.mesh.advertise:
+                self._on_offer(coordinator, msg, [])
+            else:
+                self.mesh.send(coordinator, msg)
+
+    def _on_pull(self, sender: str, msg: Pull, payload: list[Any]) -> None:
+        owner, sent = self.node.owner, self.sent_blobs.setdefault(sender, set())
+        sent.update(msg.known)
+        budget = {"cpus": msg.cpus, "gpus": msg.gpus}
+
+        def fits(needs: Needs) -> bool:
+            if needs.gpus:
+                return budget["gpus"] >= needs.gpus
+            return budget["cpus"] >= needs.cpus
+
+        given = 0
+        while True:  # a draining owner still serves its jobs to others
+            a = owner.assign(fits)
+            if a is None:
+                break
+            budget["gpus" if a.needs.gpus else "cpus"] -= a.needs.gpus or a.needs.cpus
+            has_blob = a.fn not in sent
+            blob = [self.node.blobs[a.fn]] if has_blob else []
+            sent.add(a.fn)
+            self.out[a.id] = sender
+            rng = RangeMsg(a.id, self.node._tag(a.job), a.fn, has_blob, a.start, a.stop,
+                           a.needs.cpus, a.needs.gpus, a.precise)
+            self.mesh.send(sender, rng, [*blob, *a.frames])
+            given += 1
+        if not given:
+            self.mesh.send(sender, Nothing())
+
+    def _on_done(self, sender: str, msg: RangeDone, payload: list[Any]) -> None:
+        if self.out.pop(msg.assignment, None) == sender:
+            self.node.on_done(msg.assignment, msg.start, msg.stop, msg.elapsed, msg.failures, payload)
+
+    def _on_failed(self, sender: str, msg: RangeFailed, payload: list[Any]) -> None:
+        if self.out.pop(msg.assignment, None) == sender:
+            self.node.on_fail(msg.assignment, msg.text)
+
+    def _on_lost(self, sender: str, msg: RangeLost, payload: list[Any]) -> None:
+        if self.out.pop(msg.assignment, None) == sender:
+            crashed_at = None if msg.crashed_at == NOT_STARTED else msg.crashed_at
+            self.node.on_lost(msg.assignment, crashed_at, msg.text)
+            self.node.pool.kick()
+
+    def _on_output(self, sender: str, msg: RangeOutput, payload: list[Any]) -> None:
+        self.node.forward_output(msg.job, msg.stream, msg.text, msg.source)
+
+    def hand_back(self) -> None:
+        """Draining: ranges pulled but not started go back to their owners."""
+        while self.queue:
+            a = self.queue.popleft()
+            self.lost(a.id, None, f"{self.node.name} is draining")
+
+    def node_gone(self, address: str) -> None:
+        """A node is dead or left: its ranges of our jobs run again elsewhere,
+        and we stop waiting on it as an owner."""
+        lost = [aid for aid, node in self.out.items() if node == address]
+        for aid in lost:
+            del self.out[aid]
+            self.node.on_lost(aid, None, f"node {address} is gone")
+        self.sent_blobs.pop(address, None)
+        self.matchmaker.forget(address)
+        self.puller.gone(address)
+        if lost:
+            log.info("requeued %d range(s) that were out on %s", len(lost), address)
+            self.node.pool.kick()
+
+    # -- coordinator side -----------------------------------------------------------
+
+    def _on_offer(self, sender: str, msg: Offer, payload: list[Any]) -> None:
+        if self.mesh.is_coordinator():
+            for node, owners in self.matchmaker.offer(sender, msg, self.node.loop.time()):
+                self._point(node, owners)
+
+    def _on_want(self, sender: str, msg: Want, payload: list[Any]) -> None:
+        if self.mesh.is_coordinator():
+            owners = self.matchmaker.want(sender, msg, self.node.loop.time())
+            if owners:
+                self._point(sender, owners)
+
+    def _point(self, node: str, owners: list[str]) -> None:
+        point = Point(self.mesh.term(), owners)
+        if node == self.mesh.advertise:
+            self._on_point(node, point, [])
+        else:
+            self.mesh.send(node, point)
+
+    # -- worker-node side -------------------------------------------------------------
+
+    def _on_point(self, sender: str, msg: Point, payload: list[Any]) -> None:
+        if not self.mesh.accept_term(msg.term) or self.node.draining:
+            return  # a deposed coordinator's advice
+        free_cpus, free_gpus = self.node.pool.free_slots()
+        for owner in self.puller.pointed(msg.owners):
+            self.mesh.send(owner, Pull(free_cpus, free_gpus, self._known()))
+
+    def _on_range(self, sender: str, msg: RangeMsg, payload: list[Any]) -> None:
+        self.puller.answered(sender, got_work=True)
+        if msg.has_blob:
+            if not payload:
+                return
+            blob, payload = payload[0], payload[1:]
+            self.node.blobs.setdefault(msg.fn, frame_bytes(blob))
+            self._keep_blob(msg.fn)
+        if msg.fn not in self.node.blobs:
+            self.mesh.send(sender, RangeLost(msg.assignment, NOT_STARTED, "function blob missing"))
+            return
+        local = next(self._ids)
+        self.taken[local] = (sender, msg.assignment)
+        key: JobKey = (sender.encode(), msg.job)
+        self.queue.append(
+            Assignment(local, key, msg.fn, -1, msg.start, msg.stop, payload,
+                       Needs(msg.cpus, msg.gpus), msg.precise)
+        )
+        self.node.pool.kick()
+
+    def _on_nothing(self, sender: str, msg: Nothing, payload: list[Any]) -> None:
+        self.puller.answered(sender, got_work=False)
+
+    def _keep_blob(self, fn: bytes) -> None:
+        self.remote_blobs[fn] = None
+        self.remote_blobs.move_to_end(fn, last=False)
+        while len(self.remote_blobs) > REMOTE_BLOBS:
+            old, _ = self.remote_blobs.popitem()
+            if old not in self.node._blob_users:  # no local client uses it
+                self.node.blobs.pop(old, None)
+
+    def _known(self) -> list[bytes]:
+        return list(self.remote_blobs)[:64]
+
+    # -- the pool's reports about pulled ranges ----------------------------------------
+
+    def done(self, local: int, start: int, stop: int, elapsed: float, failures: int,
+             frames: list[Any]) -> None:
+        owner, aid = self.taken.pop(local)
+        self.mesh.send(owner, RangeDone(aid, start, stop, elapsed, failures), frames)
+
+    def failed(self, local: int, text: str) -> None:
+        owner, aid = self.taken.pop(local)
+        self.mesh.send(owner, RangeFailed(aid, text))
+
+    def lost(self, local: int, crashed_at: int | None, why: str) -> None:
+        owner, aid = self.taken.pop(local)
+        at = NOT_STARTED if crashed_at is None else crashed_at
+        self.mesh.send(owner, RangeLost(aid, at, why))
+
+    def output(self, key: JobKey, stream: int, text: str, source: str) -> None:
+        self.mesh.send(key[0].decode(), RangeOutput(key[1], stream, text, source))

@@ -1,0 +1,221 @@
+"""Who pulls from whom: the coordinator's matchmaker and a worker node's puller — sans-IO.
+
+Theory of operation
+-------------------
+Task data never passes through the coordinator. Owners tell it how much
+work they have queued (OFFER, while they have any); nodes with free slots
+ask it for work (WANT); it answers with owners to pull from (POINT),
+rotating through the owners with work that fits, so concurrent jobs on
+different owners share the free slots about evenly. The node then pulls
+ranges straight from those owners (PULL → RANGE), sized to its free slots.
+
+    owner ──OFFER──▶ coordinator ◀──WANT── worker node
+                         │                     ▲
+                         └───────POINT─────────┘
+    owner ◀──────────────PULL────────────────── worker node
+    owner ───────────────RANGE / NONE──────────▶ worker node
+    owner ◀──────────────DONE / LOST / OUT ──── worker node
+
+`Matchmaker` is the coordinator's side; `Puller` a worker node's. Both are
+fed messages and a clock and return what to send; they never read a clock
+or touch a socket. Offers expire, so a dead owner stops being pointed at
+within `expire` seconds; a node that hears nothing back asks again after
+`retry`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from hived.wire import Message, message
+
+
+@message(b"S.OFFER")
+class Offer(Message):
+    cpu_items: int  # items queued that need CPU slots only
+    gpu_items: int  # items queued that need a GPU slot
+
+
+@message(b"S.WANT")
+class Want(Message):
+    cpus: int  # free CPU slots
+    gpus: int  # free GPU slots
+
+
+@message(b"S.POINT")
+class Point(Message):
+    term: int  # the coordinator's term: stale coordinators are fenced off
+    owners: list[str]  # owner addresses to pull from, best first
+
+
+@message(b"S.PULL")
+class Pull(Message):
+    cpus: int
+    gpus: int
+    known: list[bytes]  # function hashes this node already holds
+
+
+@message(b"S.RANGE")
+class RangeMsg(Message):
+    """A range to run: payload is [function blob if `has_blob`] + the chunk's frames."""
+
+    assignment: int
+    job: int  # the owner's short id for the job (tags printed output)
+    fn: bytes
+    has_blob: bool
+    start: int
+    stop: int
+    cpus: int
+    gpus: int
+    precise: bool
+
+
+@message(b"S.NONE")
+class Nothing(Message):
+    """The owner has nothing that fits: ask the coordinator again later."""
+
+
+@message(b"S.DONE")
+class RangeDone(Message):
+    assignment: int
+    start: int
+    stop: int
+    elapsed: float
+    failures: int
+
+
+@message(b"S.FAIL")
+class RangeFailed(Message):
+    assignment: int
+    text: str
+
+
+@message(b"S.LOST")
+class RangeLost(Message):
+    assignment: int
+    crashed_at: int  # an item index, SOMEWHERE, or NOT_STARTED
+    text: str
+
+
+@message(b"S.OUT")
+class RangeOutput(Message):
+    job: int
+    stream: int
+    text: str
+    source: str
+
+
+NOT_STARTED = -3  # on the wire for "the worker died before this range's items"
+
+MESSAGES = (Offer, Want, Point, Pull, RangeMsg, Nothing, RangeDone, RangeFailed, RangeLost,
+            RangeOutput)
+
+
+@dataclass
+class _Offer:
+    cpu_items: int
+    gpu_items: int
+    until: float
+
+
+class Matchmaker:
+    """The coordinator's part: owners with work, matched to nodes with slots."""
+
+    def __init__(self, expire: float, fan_out: int = 2) -> None:
+        self.expire, self.fan_out = expire, fan_out
+        self.offers: dict[str, _Offer] = {}
+        self._turn: deque[str] = deque()
+        self.waiting: dict[str, tuple[Want, float]] = {}  # nodes that asked and got nothing
+
+    def offer(self, owner: str, msg: Offer, now: float) -> list[tuple[str, list[str]]]:
+        """Record an owner's work; returns (node, owners) to point now: nodes
+        that asked in vain a moment ago need not wait for their next WANT."""
+        if msg.cpu_items <= 0 and msg.gpu_items <= 0:
+            self.forget(owner)
+            return []
+        if owner not in self.offers:
+            self._turn.append(owner)
+        self.offers[owner] = _Offer(msg.cpu_items, msg.gpu_items, now + self.expire)
+        points = []
+        for node, (want, until) in list(self.waiting.items()):
+            if until < now:
+                del self.waiting[node]
+            elif node != owner:
+                owners = [o for o in self.want(node, want, now) if o != node]
+                if owners:
+                    points.append((node, owners))
+        return points
+
+    def forget(self, owner: str) -> None:
+        if self.offers.pop(owner, None) is not None:
+            self._turn.remove(owner)
+
+    def want(self, node: str, msg: Want, now: float) -> list[str]:
+        """Owners the asking node should pull from, in turn so that each owner
+        with work gets its share of the free slots."""
+        for owner in [o for o, off in self.offers.items() if off.until < now]:
+            self.forget(owner)
+        chosen: list[str] = []
+        for _ in range(len(self._turn)):
+            owner = self._turn[0]
+            self._turn.rotate(-1)
+            off = self.offers[owner]
+            if owner != node and (
+                (msg.cpus > 0 and off.cpu_items > 0) or (msg.gpus > 0 and off.gpu_items > 0)
+            ):
+                chosen.append(owner)
+                if len(chosen) == self.fan_out:
+                    break
+        if chosen:
+            self.waiting.pop(node, None)
+        else:
+            self.waiting[node] = (msg, now + self.expire)
+        return chosen
+
+
+class Puller:
+    """A worker node's part: whom to pull from when slots are free.
+
+    It keeps pulling from owners that just gave it work, without the
+    coordinator (so running jobs flow on while a coordinator fails over),
+    and asks the coordinator (WANT) only when none did, at most once per
+    `retry` seconds: an idle hive costs a message per node per `retry`.
+    One PULL at a time per owner.
+    """
+
+    def __init__(self, retry: float) -> None:
+        self.retry = retry
+        self.pulling: set[str] = set()  # owners asked, not yet answered
+        self.recent: list[str] = []  # owners whose last answer was work
+        self._want_after = -math.inf
+
+    def idle(self, now: float) -> tuple[list[str], bool]:
+        """Slots are free: the owners to PULL from now, and whether to WANT."""
+        direct = [o for o in self.recent if o not in self.pulling]
+        self.pulling.update(direct)
+        if direct or self.pulling or now < self._want_after:
+            return direct, False
+        self._want_after = now + self.retry
+        return [], True
+
+    def pointed(self, owners: list[str]) -> list[str]:
+        """The coordinator named owners: those to PULL from now."""
+        fresh = [o for o in owners if o not in self.pulling]
+        self.pulling.update(fresh)
+        return fresh
+
+    def answered(self, owner: str, got_work: bool) -> None:
+        self.pulling.discard(owner)
+        if got_work and owner not in self.recent:
+            self.recent.append(owner)
+        elif not got_work and owner in self.recent:
+            self.recent.remove(owner)
+        if got_work:
+            self._want_after = -math.inf
+
+    def gone(self, owner: str) -> None:
+        self.pulling.discard(owner)
+        if owner in self.recent:
+            self.recent.remove(owner)
