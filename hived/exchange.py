@@ -43,6 +43,7 @@ from hived.matchmaking import (
     Pull,
     Puller,
     RangeDone,
+    RangeDrop,
     RangeFailed,
     RangeLost,
     RangeMsg,
@@ -87,6 +88,7 @@ class Exchange:
             RangeFailed: self._on_failed,
             RangeLost: self._on_lost,
             RangeOutput: self._on_output,
+            RangeDrop: self._on_drop,
         }
 
     @property
@@ -193,6 +195,16 @@ class Exchange:
     def _on_output(self, sender: str, msg: RangeOutput, payload: list[Any]) -> None:
         self.node.forward_output(msg.job, msg.stream, msg.text, msg.source)
 
+    def drop(self, aids: set[int]) -> None:
+        """These assignments' job ended here: the nodes running them stop."""
+        by_node: dict[str, list[int]] = {}
+        for aid in sorted(aids):
+            node = self.out.pop(aid, None)
+            if node is not None:
+                by_node.setdefault(node, []).append(aid)
+        for node, dropped in by_node.items():
+            self.mesh.send(node, RangeDrop(dropped))
+
     def hand_back(self) -> None:
         """Draining: ranges pulled but not started go back to their owners."""
         while self.queue:
@@ -212,6 +224,7 @@ class Exchange:
         if lost:
             log.info("requeued %d range(s) that were out on %s", len(lost), address)
             self.node.pool.kick()
+            self.offer(soon=True)  # nodes waiting for work hear of it now
 
     # -- coordinator side -----------------------------------------------------------
 
@@ -261,6 +274,18 @@ class Exchange:
                        Needs(msg.cpus, msg.gpus), msg.precise)
         )
         self.node.pool.kick()
+
+    def _on_drop(self, sender: str, msg: RangeDrop, payload: list[Any]) -> None:
+        """The owner dropped these ranges: forget those not started, stop the
+        running ones (their workers report them lost; the owner ignores that)."""
+        wanted = {(sender, aid) for aid in msg.assignments}
+        drop = {local for local, ref in self.taken.items() if ref in wanted}
+        for a in [a for a in self.queue if a.id in drop]:
+            self.queue.remove(a)
+            del self.taken[a.id]
+            drop.discard(a.id)
+        if drop:
+            self.node.pool.abort(drop, "its owner dropped the job")
 
     def _on_nothing(self, sender: str, msg: Nothing, payload: list[Any]) -> None:
         self.puller.answered(sender, got_work=False)

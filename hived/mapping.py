@@ -43,6 +43,7 @@ from hived.wire import Message, encode
 from hived.worker import TaskError
 
 TARGET_CHUNK_SECONDS = 0.02
+WINDOW_BUFFER = 4  # finished chunks held for ordered output, in windows
 MAX_UNSIZED_CHUNK = 4096  # cap when the input's length is unknown
 _EMPTY = object()
 
@@ -177,7 +178,7 @@ class MapStream:
     def fill_window(self, *first: list[Any]) -> None:
         """Read and send chunks until the window is full; one hand-over to the link."""
         out = list(first)
-        while not self.exhausted and len(self.chunks) < self.window:
+        while not self.exhausted and self._room():
             items = list(itertools.islice(self.items, self.sizer.next_size()))
             if not items:
                 # CloseJob waits for the last result: until then an item may
@@ -195,6 +196,16 @@ class MapStream:
             out.append(encode(AddChunk(self.job, number, len(items)), frames))
         if out:
             self.send(*out)
+
+    def _room(self) -> bool:
+        """Whether another chunk may go out: at most `window` chunks running,
+        and at most WINDOW_BUFFER windows held in all. Finished chunks behind
+        one that waits (its node died and it waits for dead_after) do not
+        hold up the rest, yet memory stays bounded."""
+        if len(self.chunks) >= WINDOW_BUFFER * self.window:
+            return False
+        running = sum(1 for chunk in self.chunks.values() if chunk.missing)
+        return running < self.window
 
     def _add_one_by_one(self, items: list[Any], first: int) -> list[list[Any]]:
         """A chunk that will not pickle: each item a chunk of its own, so that
@@ -259,8 +270,11 @@ class MapStream:
             try:
                 msg, payload = self.inbox.get_nowait()
             except queue.Empty:
-                return
+                break
             self._absorb(msg, payload)
+        # Chunks that finished free room even while an earlier one holds up
+        # the ordered output: keep the workers busy.
+        self.fill_window()
 
     def _absorb(self, msg: Message, payload: list[Any]) -> None:
         if isinstance(msg, (Result, ItemsFailed)):

@@ -15,6 +15,7 @@ ranges straight from those owners (PULL → RANGE), sized to its free slots.
     owner ◀──────────────PULL────────────────── worker node
     owner ───────────────RANGE / NONE──────────▶ worker node
     owner ◀──────────────DONE / LOST / OUT ──── worker node
+    owner ───────────────DROP (job ended) ─────▶ worker node
 
 `Matchmaker` is the coordinator's side; `Puller` a worker node's. Both are
 fed messages and a clock and return what to send; they never read a clock
@@ -107,10 +108,18 @@ class RangeOutput(Message):
     source: str
 
 
+@message(b"S.DROP")
+class RangeDrop(Message):
+    """The owner dropped these ranges (their job ended: cancelled, or its
+    client vanished): the node stops running them."""
+
+    assignments: list[int]
+
+
 NOT_STARTED = -3  # on the wire for "the worker died before this range's items"
 
 MESSAGES = (Offer, Want, Point, Pull, RangeMsg, Nothing, RangeDone, RangeFailed, RangeLost,
-            RangeOutput)
+            RangeOutput, RangeDrop)
 
 
 @dataclass

@@ -323,9 +323,14 @@ class Node:
         if aids:
             reason = "its job was cancelled"
             if grace:
-                self.loop.call_later(grace, self.pool.abort, aids, reason)
+                self.loop.call_later(grace, self._abort, aids, reason)
             else:
-                self.pool.abort(aids, reason)
+                self._abort(aids, reason)
+
+    def _abort(self, aids: set[int], reason: str) -> None:
+        """Stop the assignments of a job that ended: here, and on the nodes that pulled them."""
+        self.pool.abort(aids, reason)
+        self.exchange.drop(aids)
 
     def _forget_job(self, key: JobKey) -> None:
         client = self.clients.get(key[0])

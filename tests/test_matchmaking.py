@@ -1,0 +1,68 @@
+"""The coordinator's matchmaker and a node's puller, fed by hand."""
+
+from __future__ import annotations
+
+from hived.matchmaking import Matchmaker, Offer, Puller, Want
+
+A, B, C, N = "tcp://a:1", "tcp://b:1", "tcp://c:1", "tcp://n:1"
+
+
+def test_owners_with_work_are_pointed_at_in_turn():
+    m = Matchmaker(expire=1.0, fan_out=1)
+    m.offer(A, Offer(10, 0), 0.0)
+    m.offer(B, Offer(10, 0), 0.0)
+    picks = [m.want(N, Want(1, 0), 0.1)[0] for _ in range(6)]
+    assert picks.count(A) == picks.count(B) == 3  # two jobs share the slots evenly
+
+
+def test_gpu_work_goes_only_to_nodes_with_gpu_slots():
+    m = Matchmaker(expire=1.0)
+    m.offer(A, Offer(0, 5), 0.0)
+    assert m.want(N, Want(4, 0), 0.1) == []
+    assert m.want(N, Want(0, 1), 0.1) == [A]
+
+
+def test_a_node_is_never_pointed_at_itself():
+    m = Matchmaker(expire=1.0)
+    m.offer(A, Offer(3, 0), 0.0)
+    assert m.want(A, Want(1, 0), 0.1) == []
+
+
+def test_offers_expire_so_a_dead_owner_is_not_pointed_at():
+    m = Matchmaker(expire=1.0)
+    m.offer(A, Offer(3, 0), 0.0)
+    assert m.want(N, Want(1, 0), 0.5) == [A]
+    assert m.want(N, Want(1, 0), 1.5) == []
+    m.offer(B, Offer(0, 0), 2.0)  # nothing queued: not an offer
+    assert m.offers == {}
+
+
+def test_nodes_that_asked_in_vain_are_pointed_when_work_arrives():
+    m = Matchmaker(expire=1.0)
+    assert m.want(N, Want(2, 0), 0.0) == []
+    assert m.offer(A, Offer(5, 0), 0.2) == [(N, [A])]
+    assert m.offer(B, Offer(5, 0), 0.3) == []  # N was served; it is not waiting now
+    assert m.want(C, Want(1, 0), 5.0) == []  # stale offers gone
+    assert m.offer(A, Offer(1, 0), 9.0) == []  # C's wish expired too
+
+
+def test_the_puller_keeps_pulling_from_an_owner_with_work_without_the_coordinator():
+    p = Puller(retry=0.5)
+    direct, want = p.idle(0.0)
+    assert (direct, want) == ([], True)
+    assert p.idle(0.1) == ([], False)  # one WANT per retry
+    assert p.pointed([A, B]) == [A, B]
+    assert p.pointed([A]) == []  # one PULL at a time per owner
+    p.answered(A, got_work=True)
+    p.answered(B, got_work=False)
+    assert p.idle(0.2) == ([A], False)  # straight back to A
+    p.answered(A, got_work=False)
+    assert p.idle(0.3) == ([], True)  # A ran dry: ask the coordinator again
+
+
+def test_a_gone_owner_is_forgotten():
+    p = Puller(retry=0.5)
+    p.pointed([A])
+    p.answered(A, got_work=True)
+    p.gone(A)
+    assert p.idle(0.0) == ([], True)
