@@ -17,5 +17,13 @@ def burn(n: int) -> int:
     return total
 
 
+def burn_where(n: int) -> int:
+    """burn(n), then say which process did it."""
+    import os
+
+    burn(n)
+    return os.getpid()
+
+
 def nbytes(array: Any) -> int:
     return int(array.nbytes)
