@@ -134,6 +134,41 @@ def worker_death(task: float = 0.2, items: int = 60) -> tuple[float, float]:
             stop(c)
 
 
+def coordinator_traffic() -> list[tuple[int, int, int]]:
+    """For payloads of growing size: (payload bytes per task, bytes the job's
+    tasks carried, scheduling bytes the coordinator received)."""
+    import numpy as np
+
+    rows = []
+    with TestNet(3) as net, tempfile.TemporaryDirectory() as tmp:
+        c = started(3, tmp, net)
+        try:
+            name, _ = c.agreed_coordinator()
+            coordinator = c.node(name)
+            owner = next(n for n in c.nodes if n is not coordinator)
+
+            def scheduling_in() -> int:
+                # what it receives as coordinator; as a worker node it also pulls
+                # ranges (S.RANGE), which is task data it runs, not matchmaking
+                got = coordinator.status()["nodes"][0]["mesh_bytes_in"]
+                return sum(got.get(kind, 0) for kind in ("S.OFFER", "S.WANT"))
+
+            with hived.connect(owner.control) as h:
+                for size in (1_000, 100_000, 1_000_000):
+                    arrays = [np.zeros(size // 8) for _ in range(60)]
+                    before = scheduling_in()
+                    list(h.map(sleepy_nbytes, arrays, chunksize=1))
+                    rows.append((size, 60 * size, scheduling_in() - before))
+            return rows
+        finally:
+            stop(c)
+
+
+def sleepy_nbytes(array) -> int:
+    time.sleep(0.02)
+    return array.nbytes
+
+
 def thirty() -> tuple[float, int, float]:
     """(seconds for the job, how many worker processes ran it, one task's seconds)."""
     t = time.perf_counter()
@@ -153,9 +188,9 @@ def thirty() -> tuple[float, int, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["speed", "faults", "thirty"], action="append")
+    parser.add_argument("--only", choices=["speed", "traffic", "faults", "thirty"], action="append")
     args = parser.parse_args()
-    todo = set(args.only or ["speed", "faults", "thirty"])
+    todo = set(args.only or ["speed", "traffic", "faults", "thirty"])
     require_netns()
     print(f"# timings: heartbeat {DEFAULT['heartbeat']} s, dead_after {DEFAULT['dead_after']} s, "
           f"lease {DEFAULT['lease']} s; 1 CPU slot per node")
@@ -166,6 +201,11 @@ def main() -> None:
         print("|---|---|---|")
         print(f"| 1 node | {one[0]:,.0f} | {one[1]:,.0f} |")
         print(f"| 3 hosts | {three[0]:,.0f} | {three[1]:,.0f} |", flush=True)
+    if "traffic" in todo:
+        print("| payload per task | task data moved | OFFER + WANT bytes into the coordinator |")
+        print("|---|---|---|")
+        for size, moved, into in coordinator_traffic():
+            print(f"| {size:,} B | {moved:,} B | {into:,} B |", flush=True)
     if "faults" in todo:
         normal, stall, new_job = coordinator_kill()
         print(f"coordinator kill -9 mid-job: normal gap between results {normal * 1000:.0f} ms, "

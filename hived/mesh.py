@@ -112,6 +112,8 @@ class Mesh:
         self._timer: asyncio.TimerHandle | None = None
         self._errors: dict[str, int] = {}
         self._held: int | None = None  # the term we hold the lease for
+        # bytes received from peers, by message type (hivectl status --json shows them)
+        self.bytes_in: dict[str, int] = {}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -204,6 +206,8 @@ class Mesh:
             return
         sender = frames[0].bytes.decode("utf-8", "replace")
         now = self.loop.time()
+        kind = envelope.partition(b" ")[2].partition(b"\n")[0][:16].decode("ascii", "replace")
+        self.bytes_in[kind] = self.bytes_in.get(kind, 0) + sum(len(f) for f in frames[1:])
         try:
             if not sender.startswith("tcp://"):
                 raise RemoteProtocolError("a mesh message from a connection without a peer address")

@@ -41,7 +41,7 @@ def node_status(node: Node) -> dict[str, Any]:
     rows = []
     for member in node.mesh.members():
         if member.last_heard is None:  # this node
-            row = dict(me, address=member.address)
+            row = dict(me, address=member.address, mesh_bytes_in=dict(node.mesh.bytes_in))
         else:
             row = {
                 "name": member.name,
