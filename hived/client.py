@@ -24,9 +24,8 @@ from typing import Any
 from hived import __version__, serialization
 from hived.config import local_control_addresses
 from hived.control import (
-    AddChunk,
+    Call,
     CancelJob,
-    CloseJob,
     Hello,
     ItemsFailed,
     JobRefused,
@@ -132,26 +131,32 @@ class Hive(concurrent.futures.Executor):
     def _open_job(
         self, fn: Callable[..., Any], cpus: int, gpus: int, retries: int
     ) -> tuple[int, Callable[[bool], list[Any]]]:
-        """A job number and the function that makes its OpenJob message.
-
-        The function's blob rides along the first time this client uses it,
-        or when `force_blob` says the node lost it.
-        """
+        """A job number and the function that makes its OpenJob message."""
         _check_count("cpus", cpus, 1)
         _check_count("gpus", gpus, 0)
         _check_count("retries", retries, 0)
-        blob, digest = serialization.dumps_function(fn)
-        job = next(self._job_numbers)
-        label = getattr(fn, "__qualname__", type(fn).__name__)
+        job, digest, label, blob_for = self._function(fn)
 
         def open_job(force_blob: bool = False) -> list[Any]:
-            with self._lock:
-                has_blob = force_blob or digest not in self._sent_fns
-                self._sent_fns.add(digest)
-            msg = OpenJob(job, digest, has_blob, cpus, gpus, retries, label)
-            return encode(msg, [blob] if has_blob else [])
+            blob = blob_for(force_blob)
+            return encode(OpenJob(job, digest, bool(blob), cpus, gpus, retries, label), blob)
 
         return job, open_job
+
+    def _function(self, fn: Callable[..., Any]) -> tuple[int, bytes, str, Callable[[bool], list[Any]]]:
+        """A new job number, the function's hash and name, and `blob_for(force)`:
+        the blob as a frame the first time this client uses the function (or
+        when `force` says the node lost it), else nothing."""
+        blob, digest = serialization.dumps_function(fn)
+        label = getattr(fn, "__qualname__", type(fn).__name__)
+
+        def blob_for(force: bool) -> list[Any]:
+            with self._lock:
+                first = digest not in self._sent_fns
+                self._sent_fns.add(digest)
+            return [blob] if force or first else []
+
+        return next(self._job_numbers), digest, label, blob_for
 
     def _forget(self, job: int) -> None:
         self._streams.pop(job, None)
@@ -202,13 +207,18 @@ class Hive(concurrent.futures.Executor):
         self._check_open()
         future: concurrent.futures.Future = concurrent.futures.Future()
         try:
-            job, opener = self._open_job(fn, 1, 0, 2)
+            job, digest, label, blob_for = self._function(fn)
             frames = serialization.dumps((KEYWORDS, [(args, kwargs)]), "the arguments")
         except SerializationError as exc:
             # The task's failure, so the future's (as in ProcessPoolExecutor).
             future.set_exception(exc)
             return future
-        single = _Single(self, job, future, opener, frames)
+
+        def call(force_blob: bool) -> list[Any]:
+            blob = blob_for(force_blob)
+            return encode(Call(job, digest, bool(blob), 2, label), [*blob, *frames])
+
+        single = _Single(self, job, future, call)
         self._streams[job] = single
         with self._lock:
             self._futures.add(future)
@@ -277,18 +287,12 @@ class _Single:
         hive: Hive,
         job: int,
         future: concurrent.futures.Future,
-        opener: Callable[[bool], list[Any]],
-        frames: list[Any],
+        call: Callable[[bool], list[Any]],
     ):
-        self.hive, self.job, self.future = hive, job, future
-        self.opener, self.frames = opener, frames
+        self.hive, self.job, self.future, self.call = hive, job, future, call
 
     def send(self, force_blob: bool) -> None:
-        self.hive._send(
-            self.opener(force_blob),
-            encode(AddChunk(self.job, 0, 1), self.frames),
-            encode(CloseJob(self.job)),
-        )
+        self.hive._send(self.call(force_blob))
 
     def deliver(self, msg: Message, payload: list[Any]) -> None:
         if self.future.done():

@@ -62,6 +62,18 @@ class OpenJob(Message):
     label: str  # the function's name, for `hivectl jobs`
 
 
+@message(b"C.CALL")
+class Call(Message):
+    """A `submit`: a job of one item on one CPU, opened and closed at once.
+    Payload: [function blob if `has_blob`] + the item's frames."""
+
+    job: int
+    fn: bytes
+    has_blob: bool
+    retries: int
+    label: str
+
+
 @message(b"C.CHUNK")
 class AddChunk(Message):
     job: int

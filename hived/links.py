@@ -31,6 +31,7 @@ import zmq
 from hived.control import EMBEDDED_CLIENT, Ping
 from hived.errors import HiveError
 from hived.node import Node, NodeSettings
+from hived.reactor import EVENTS, POLLIN
 from hived.wire import encode, zero_copy
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class SocketLink:
                 while self.outbox:
                     frames = self.outbox.popleft()
                     sock.send_multipart(frames, copy=not zero_copy(frames))
-                while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                while sock.getsockopt(EVENTS) & POLLIN:
                     frames = sock.recv_multipart(copy=False)
                     try:
                         self.on_frames(frames)

@@ -60,7 +60,7 @@ from hived.membership import (
     Send,
     TermSeen,
 )
-from hived.reactor import Channel
+from hived.reactor import NOBLOCK, Channel
 from hived.security import ClusterKey, ZapHandler
 from hived.wire import Message, decode, encode, zero_copy
 
@@ -307,7 +307,7 @@ class Mesh:
             return False
         frames = encode(msg, payload)
         try:
-            self._dealer(address).send_multipart(frames, zmq.NOBLOCK, copy=not zero_copy(frames))
+            self._dealer(address).send_multipart(frames, NOBLOCK, copy=not zero_copy(frames))
             return True
         except zmq.Again:
             return False  # a lost heartbeat, by design; work messages are retried by their owners

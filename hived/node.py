@@ -39,6 +39,7 @@ from hived.control import (
     AddChunk,
     Answer,
     Bye,
+    Call,
     CancelJob,
     CloseJob,
     ControlServer,
@@ -123,6 +124,7 @@ class Node:
         self._tasks: set[asyncio.Task] = set()
         self._handlers: dict[type[Message], Callable[[ClientState, Any, list[Any]], None]] = {
             OpenJob: self._open_job,
+            Call: self._call,
             AddChunk: self._add_chunk,
             CloseJob: self._close_job,
             CancelJob: self._cancel_job,
@@ -276,6 +278,15 @@ class Node:
         self.owner.open_job(key, msg.fn, Needs(msg.cpus, msg.gpus), msg.retries, self.loop.time())
         self._labels[key] = msg.label
         client.jobs.add(msg.job)
+
+    def _call(self, client: ClientState, msg: Call, payload: list[Any]) -> None:
+        """A submit in one message: open the job, add its one item, close it."""
+        blob = payload[:1] if msg.has_blob else []
+        opened = OpenJob(msg.job, msg.fn, msg.has_blob, 1, 0, msg.retries, msg.label)
+        self._open_job(client, opened, blob)
+        if (client.id, msg.job) in self.owner.jobs:
+            self._add_chunk(client, AddChunk(msg.job, 0, 1), payload[len(blob) :])
+            self._close_job(client, CloseJob(msg.job), [])
 
     def _job_problem(self, msg: OpenJob) -> tuple[str, str] | None:
         if self.draining:

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 # At most this many messages per FD callback, so one busy socket cannot starve
 # the loop's other callbacks and timers.
 BURST = 256
+# Plain ints: pyzmq's flag enums cost more per operation than the hot path can spare.
+EVENTS, POLLIN, NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
 
 class Channel:
@@ -45,7 +47,7 @@ class Channel:
     def send(self, frames: Sequence[Any]) -> bool:
         """Send without blocking; False if the peer's queue is full or it is gone."""
         try:
-            self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=not zero_copy(frames))
+            self.sock.send_multipart(frames, flags=NOBLOCK, copy=not zero_copy(frames))
             return True
         except (zmq.Again, zmq.error.ZMQError) as exc:
             log.debug("send dropped: %s", exc)
@@ -62,9 +64,9 @@ class Channel:
         self._scheduled = False
         sock = self.sock
         for _ in range(BURST):
-            if self._closed or not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if self._closed or not sock.getsockopt(EVENTS) & POLLIN:
                 return
-            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            frames = sock.recv_multipart(NOBLOCK, copy=False)
             try:
                 self.on_frames(frames)
             except Exception:  # a handler's bug must not stop the socket
