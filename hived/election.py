@@ -59,7 +59,7 @@ import random
 from dataclasses import dataclass
 
 from hived.errors import LocalProtocolError, RemoteProtocolError
-from hived.membership import Send, Story
+from hived.sansio import Send, Story
 from hived.wire import Message, message
 
 # --------------------------------------------------------------------------

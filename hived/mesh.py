@@ -50,17 +50,15 @@ from hived.errors import RemoteProtocolError
 from hived.matchmaking import MESSAGES as WORK_MESSAGES
 from hived.membership import MESSAGES as MEMBERSHIP_MESSAGES
 from hived.membership import (
-    Connect,
-    Disconnect,
     Membership,
     NodeInfo,
     PeerJoined,
     PeerLeft,
     PeerStateChanged,
-    Send,
     TermSeen,
 )
 from hived.reactor import NOBLOCK, Channel
+from hived.sansio import Connect, Disconnect, Send
 from hived.security import ClusterKey, ZapHandler
 from hived.wire import Message, decode, encode, zero_copy
 

@@ -12,7 +12,7 @@ from simnet import SIM_SETTINGS, Faults, InvariantViolation, SimNet
 
 from hived import election as el
 from hived.errors import LocalProtocolError, RemoteProtocolError
-from hived.membership import Send
+from hived.sansio import Send
 from hived.wire import decode, encode
 
 LEASE, HEARTBEAT = 2.0, 0.5
