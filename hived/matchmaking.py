@@ -117,6 +117,7 @@ class RangeDrop(Message):
 
 
 NOT_STARTED = -3  # on the wire for "the worker died before this range's items"
+UNANSWERED = 10  # retries after which an unanswered PULL is given up
 
 MESSAGES = (Offer, Want, Point, Pull, RangeMsg, Nothing, RangeDone, RangeFailed, RangeLost,
             RangeOutput, RangeDrop)
@@ -196,27 +197,30 @@ class Puller:
 
     def __init__(self, retry: float) -> None:
         self.retry = retry
-        self.pulling: set[str] = set()  # owners asked, not yet answered
+        self.pulling: dict[str, float] = {}  # owners asked, not yet answered: when
         self.recent: list[str] = []  # owners whose last answer was work
         self._want_after = -math.inf
 
     def idle(self, now: float) -> tuple[list[str], bool]:
         """Slots are free: the owners to PULL from now, and whether to WANT."""
+        for owner, asked in list(self.pulling.items()):
+            if now - asked > UNANSWERED * self.retry:  # the PULL or its answer was lost
+                del self.pulling[owner]
         direct = [o for o in self.recent if o not in self.pulling]
-        self.pulling.update(direct)
+        self.pulling.update(dict.fromkeys(direct, now))
         if direct or self.pulling or now < self._want_after:
             return direct, False
         self._want_after = now + self.retry
         return [], True
 
-    def pointed(self, owners: list[str]) -> list[str]:
+    def pointed(self, owners: list[str], now: float) -> list[str]:
         """The coordinator named owners: those to PULL from now."""
         fresh = [o for o in owners if o not in self.pulling]
-        self.pulling.update(fresh)
+        self.pulling.update(dict.fromkeys(fresh, now))
         return fresh
 
     def answered(self, owner: str, got_work: bool) -> None:
-        self.pulling.discard(owner)
+        self.pulling.pop(owner, None)
         if got_work and owner not in self.recent:
             self.recent.append(owner)
         elif not got_work and owner in self.recent:
@@ -225,6 +229,6 @@ class Puller:
             self._want_after = -math.inf
 
     def gone(self, owner: str) -> None:
-        self.pulling.discard(owner)
+        self.pulling.pop(owner, None)
         if owner in self.recent:
             self.recent.remove(owner)

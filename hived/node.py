@@ -201,9 +201,7 @@ class Node:
     async def drain(self) -> None:
         """Take no new jobs and start no queued task; let running tasks finish
         up to the drain timeout (what never started fails in `close`)."""
-        self.draining = True
-        self.pool.holding = True
-        self.exchange.hand_back()
+        self._start_draining()
         self._drained.clear()  # a `hivectl drain` may have set it while tasks still ran
         if self.pool.slots_busy:
             try:
@@ -476,6 +474,13 @@ class Node:
         if msg.node != self.name:
             body = {"error": f"no node named {msg.node!r} in this hive (this node is {self.name!r})"}
         else:
-            self.draining = True
+            self._start_draining()
             body = {"draining": msg.node}
         self.control.send(client.id, Answer(msg.request, body))
+
+    def _start_draining(self) -> None:
+        """Take no new jobs and start no task; give back pulled ranges not started.
+        Our own jobs' queued work is still served to other nodes that pull it."""
+        self.draining = True
+        self.pool.holding = True
+        self.exchange.hand_back()

@@ -51,8 +51,8 @@ def test_the_puller_keeps_pulling_from_an_owner_with_work_without_the_coordinato
     direct, want = p.idle(0.0)
     assert (direct, want) == ([], True)
     assert p.idle(0.1) == ([], False)  # one WANT per retry
-    assert p.pointed([A, B]) == [A, B]
-    assert p.pointed([A]) == []  # one PULL at a time per owner
+    assert p.pointed([A, B], 0.1) == [A, B]
+    assert p.pointed([A], 0.1) == []  # one PULL at a time per owner
     p.answered(A, got_work=True)
     p.answered(B, got_work=False)
     assert p.idle(0.2) == ([A], False)  # straight back to A
@@ -62,7 +62,15 @@ def test_the_puller_keeps_pulling_from_an_owner_with_work_without_the_coordinato
 
 def test_a_gone_owner_is_forgotten():
     p = Puller(retry=0.5)
-    p.pointed([A])
+    p.pointed([A], 0.0)
     p.answered(A, got_work=True)
     p.gone(A)
     assert p.idle(0.0) == ([], True)
+
+
+def test_an_unanswered_pull_is_given_up_so_the_node_asks_again():
+    p = Puller(retry=0.5)
+    assert p.idle(0.0) == ([], True)
+    p.pointed([A], 0.0)
+    assert p.idle(1.0) == ([], False)  # still waiting for A
+    assert p.idle(6.0) == ([], True)  # A never answered: ask the coordinator again
