@@ -257,6 +257,9 @@ class Exchange:
 
     def _on_range(self, sender: str, msg: RangeMsg, payload: list[Any]) -> None:
         self.puller.answered(sender, got_work=True)
+        if self.node.draining:  # pulled before the drain began: straight back
+            self.mesh.send(sender, RangeLost(msg.assignment, NOT_STARTED, f"{self.node.name} is draining"))
+            return
         if msg.has_blob:
             if not payload:
                 return
