@@ -243,10 +243,16 @@ class Mesh:
     # -- actions -------------------------------------------------------------------
 
     def _run(self, actions: list[Any]) -> None:
-        """Carry out the cores' actions, then re-arm the timer."""
-        for action in actions:
-            self._carry_out(action)
-        self._arm()
+        """Carry out the cores' actions, then re-arm the timer, whatever happens:
+        a node whose timer is not armed stops sending heartbeats."""
+        try:
+            for action in actions:
+                try:
+                    self._carry_out(action)
+                except Exception:  # one failed action must not cost the others
+                    log.exception("mesh: carrying out %s failed", type(action).__name__)
+        finally:
+            self._arm()
 
     def _carry_out(self, action: Any) -> None:
         if isinstance(action, Send):

@@ -181,22 +181,29 @@ class Node:
     async def _housekeeping(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat)
-            now = self.loop.time()
-            for client in list(self.clients.values()):
-                if client.id in self.control.local:
-                    continue
-                if now - client.last_seen > self.settings.client_timeout:
-                    self._drop_client(client, "went silent")
-            self.pool.check_memory()
-            self.exchange.offer()
-            self.pool.kick()  # idle workers look for work elsewhere again
-            if self.mesh is not None:  # what our next heartbeats say
-                self.mesh.update(
-                    load=os.getloadavg()[0],
-                    slots_free=self.pool.slots_total - self.pool.slots_busy,
-                    state="draining" if self.draining else "alive",
-                    tasks_done=self.pool.items_done,
-                )
+            try:
+                self._keep_house()
+            except Exception:  # a bug in one chore must not end them all, silently
+                log.exception("housekeeping failed; it goes on")
+
+    def _keep_house(self) -> None:
+        """Each heartbeat: drop silent clients, check memory, offer work, look for work."""
+        now = self.loop.time()
+        for client in list(self.clients.values()):
+            if client.id in self.control.local:
+                continue
+            if now - client.last_seen > self.settings.client_timeout:
+                self._drop_client(client, "went silent")
+        self.pool.check_memory()
+        self.exchange.offer()
+        self.pool.kick()  # idle workers look for work elsewhere again
+        if self.mesh is not None:  # what our next heartbeats say
+            self.mesh.update(
+                load=os.getloadavg()[0],
+                slots_free=self.pool.slots_total - self.pool.slots_busy,
+                state="draining" if self.draining else "alive",
+                tasks_done=self.pool.items_done,
+            )
 
     async def drain(self) -> None:
         """Take no new jobs and start no queued task; let running tasks finish

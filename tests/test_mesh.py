@@ -120,11 +120,11 @@ def test_remote_hivectl_and_client_with_the_key(cluster):
         with hived.connect(c[1].address, key_file=c.key_path) as h:
             assert list(h.map(abs, [-1, -2, -3])) == [1, 2, 3]
 
-    def done_on_1_seen_from_0():
-        rows = {r["name"]: r for r in (c[0].status() or {"nodes": []})["nodes"]}
-        return rows.get(c[1].name, {}).get("tasks_done", 0) >= 3
+    def done_seen_from_0():  # the map may have run on any node: heartbeats tell node 0
+        rows = (c[0].status() or {"nodes": []})["nodes"]
+        return sum(r.get("tasks_done", 0) for r in rows) >= 3
 
-    wait_for(done_on_1_seen_from_0, 10, what="tasks done on node 1 reported to node 0")
+    wait_for(done_seen_from_0, 10, what="tasks done across the hive reported to node 0")
     # hivectl from another host, over TCP with the key; and refused without it
     cli = [sys.executable, "-m", "hived.cli", "--connect", c[1].address]
     out = c.net[0].run([*cli, "--key-file", c.key_path, "status", "--json"], env=child_env())
