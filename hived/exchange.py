@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from hived.matchmaking import (
     NOT_STARTED,
+    JobsAsk,
+    JobsTell,
     Matchmaker,
     Nothing,
     Offer,
@@ -76,6 +78,9 @@ class Exchange:
         self.taken: dict[int, tuple[str, int]] = {}  # local id -> (owner, its assignment)
         self.remote_blobs: OrderedDict[bytes, None] = OrderedDict()
         self._ids = itertools.count(-1, -1)
+        self._asks = itertools.count(1)
+        # `hivectl jobs` answers being gathered: ask id -> (rows, nodes yet to answer, reply)
+        self._gathering: dict[int, tuple[list[dict[str, Any]], set[str], Callable[[list], None]]] = {}
         self._offered = float("-inf")
         self._handlers: dict[type[Message], Callable[[str, Any, list[Any]], None]] = {
             Offer: self._on_offer,
@@ -88,6 +93,8 @@ class Exchange:
             RangeFailed: self._on_failed,
             RangeLost: self._on_lost,
             RangeOutput: self._on_output,
+            JobsAsk: self._on_jobs_ask,
+            JobsTell: self._on_jobs_tell,
             RangeDrop: self._on_drop,
         }
 
@@ -245,6 +252,38 @@ class Exchange:
             self._on_point(node, point, [])
         else:
             self.mesh.send(node, point)
+
+    # -- hivectl jobs, cluster-wide ------------------------------------------------------
+
+    def gather_jobs(self, reply: Callable[[list[dict[str, Any]]], None]) -> None:
+        """Every live node's jobs, to `reply` once all answered or after a heartbeat."""
+        rows = list(self.node.jobs()["jobs"])
+        peers = set(self.mesh.members_alive()) if self.mesh is not None else set()
+        if not peers:
+            reply(rows)
+            return
+        ask = next(self._asks)
+        self._gathering[ask] = (rows, peers, reply)
+        for address in peers:
+            self.mesh.send(address, JobsAsk(ask))
+        self.node.loop.call_later(self.node.settings.heartbeat, self._gathered, ask)
+
+    def _gathered(self, ask: int) -> None:
+        entry = self._gathering.pop(ask, None)
+        if entry is not None:
+            entry[2](entry[0])
+
+    def _on_jobs_ask(self, sender: str, msg: JobsAsk, payload: list[Any]) -> None:
+        self.mesh.send(sender, JobsTell(msg.request, self.node.jobs()["jobs"]))
+
+    def _on_jobs_tell(self, sender: str, msg: JobsTell, payload: list[Any]) -> None:
+        entry = self._gathering.get(msg.request)
+        if entry is None or sender not in entry[1]:
+            return
+        entry[0].extend(msg.jobs)
+        entry[1].discard(sender)
+        if not entry[1]:
+            self._gathered(msg.request)
 
     # -- worker-node side -------------------------------------------------------------
 

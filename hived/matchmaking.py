@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from hived.wire import Message, message
 
@@ -116,11 +117,24 @@ class RangeDrop(Message):
     assignments: list[int]
 
 
+@message(b"S.JOBSQ")
+class JobsAsk(Message):
+    """`hivectl jobs` asked a node: every node answers with its own jobs."""
+
+    request: int
+
+
+@message(b"S.JOBSA")
+class JobsTell(Message):
+    request: int
+    jobs: list[dict[str, Any]]
+
+
 NOT_STARTED = -3  # on the wire for "the worker died before this range's items"
 UNANSWERED = 10  # retries after which an unanswered PULL is given up
 
 MESSAGES = (Offer, Want, Point, Pull, RangeMsg, Nothing, RangeDone, RangeFailed, RangeLost,
-            RangeOutput, RangeDrop)
+            RangeOutput, JobsAsk, JobsTell, RangeDrop)
 
 
 @dataclass

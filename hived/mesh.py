@@ -194,6 +194,10 @@ class Mesh:
     def members(self) -> list[Any]:
         return self.membership.members()
 
+    def members_alive(self) -> list[str]:
+        """Addresses of the peers we hear from."""
+        return self.membership.live_addresses()
+
     # -- the inbox ---------------------------------------------------------------
 
     def _on_inbox(self, frames: list[Any]) -> None:

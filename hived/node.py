@@ -475,7 +475,10 @@ class Node:
         self.control.send(client.id, Answer(msg.request, self.status()))
 
     def _jobs_query(self, client: ClientState, msg: JobsQuery, payload: list[Any]) -> None:
-        self.control.send(client.id, Answer(msg.request, self.jobs()))
+        def reply(rows: list[dict[str, Any]]) -> None:
+            self.control.send(client.id, Answer(msg.request, {"jobs": rows}))
+
+        self.exchange.gather_jobs(reply)
 
     def _drain_request(self, client: ClientState, msg: DrainRequest, payload: list[Any]) -> None:
         if msg.node != self.name:

@@ -132,7 +132,13 @@ def test_a_map_from_one_owner_spreads_over_every_node(cluster):
     owner = c[0]
     with hived.connect(owner.control) as h:
         assert h.slots == 3
-        got = list(h.map(square_where, range(40), chunksize=1))
+        got = []
+        for r in h.map(square_where, range(40), chunksize=1):
+            got.append(r)
+            if len(got) == 5:  # mid-job: any node lists the job, cluster-wide
+                rows = ask(c[1].control, JobsQuery(1), timeout=3).body["jobs"]
+                assert [row["owner"] for row in rows] == [owner.name], rows
+                assert rows[0]["total"] >= 5 and rows[0]["done"] >= 5
     pids = check_squares(got, 40, c)
     others = {n.proc.pid for n in c.nodes if n is not owner}
     assert others <= set(pids), f"ran on {sorted(set(pids))}, expected the others {sorted(others)}"
