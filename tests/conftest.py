@@ -154,7 +154,7 @@ def _alive(p: psutil.Process) -> bool:
 
 @pytest.fixture
 def hive() -> Iterator[hived.Hive]:
-    """An embedded hive with two CPU slots, shut down (workers gone) after the test."""
+    """An embedded hive sized to this machine, shut down (workers gone) after the test."""
     h = hived.connect("embedded")
     yield h
     h.shutdown()

@@ -208,6 +208,25 @@ class SimNet:
         self._groups = where
         self.log.append(f"{self.now:.4f} partition {[sorted(g) for g in groups]}")
 
+    def apply(self, op: tuple) -> None:
+        """Carry out one step of a `fault_schedules` schedule, then run 50 ms."""
+        names = list(self.nodes)
+        kind = op[0]
+        if kind == "run":
+            self.run_for(op[1])
+        elif kind in ("kill", "restart", "leave"):
+            getattr(self, kind)(names[op[1] % len(names)])
+        elif kind == "partition":
+            groups: dict[int, list[str]] = {}
+            for name, group in zip(names, op[1], strict=False):
+                groups.setdefault(group, []).append(name)
+            self.partition(*groups.values())
+        elif kind == "heal":
+            self.heal()
+        else:
+            self.faults = Faults(drop=op[1], dup=op[2], reorder=op[3])
+        self.run_for(0.05)
+
     def heal(self) -> None:
         self._groups = None
         self.log.append(f"{self.now:.4f} heal")
@@ -427,3 +446,23 @@ def _profiles():
 
 
 SIM_SETTINGS = _profiles()
+
+
+def fault_schedules(run_for: float, max_size: int, leave: bool = False):
+    """A hypothesis strategy: random schedules of runs, kills, restarts,
+    (leaves), partitions into 3 groups of up to 7 nodes, heals, and message
+    fault rates (drop, duplicate, reorder)."""
+    from hypothesis import strategies as st
+
+    node = st.integers(0, 6)
+    ops = [
+        st.tuples(st.just("run"), st.floats(0.01, run_for)),
+        st.tuples(st.just("kill"), node),
+        st.tuples(st.just("restart"), node),
+        st.tuples(st.just("partition"), st.lists(st.integers(0, 2), min_size=7, max_size=7)),
+        st.tuples(st.just("heal")),
+        st.tuples(st.just("faults"), st.floats(0, 0.3), st.floats(0, 0.2), st.floats(0, 0.5)),
+    ]
+    if leave:
+        ops.insert(3, st.tuples(st.just("leave"), node))
+    return st.lists(st.one_of(*ops), max_size=max_size)

@@ -8,7 +8,7 @@ import random
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from simnet import SIM_SETTINGS, Faults, InvariantViolation, SimNet
+from simnet import SIM_SETTINGS, Faults, InvariantViolation, SimNet, fault_schedules
 
 from hived import election as el
 from hived.errors import LocalProtocolError, RemoteProtocolError
@@ -287,41 +287,9 @@ def test_the_checker_catches_two_coordinators():
 
 # -- properties over random schedules -----------------------------------------
 
-NODE = st.integers(0, 6)
-OPS = st.lists(
-    st.one_of(
-        st.tuples(st.just("run"), st.floats(0.01, 4.0)),
-        st.tuples(st.just("kill"), NODE),
-        st.tuples(st.just("restart"), NODE),
-        st.tuples(st.just("partition"), st.lists(st.integers(0, 2), min_size=7, max_size=7)),
-        st.tuples(st.just("heal")),
-        st.tuples(st.just("faults"), st.floats(0, 0.3), st.floats(0, 0.2), st.floats(0, 0.5)),
-    ),
-    max_size=30,
-)
+OPS = fault_schedules(run_for=4.0, max_size=30)
 ELECTION_BOUND = 4 * LEASE  # stale grants + a quarantine + back-off, see below
 AGREEMENT_BOUND = ELECTION_BOUND + 3.0 + LEASE  # + probe_cap to re-find peers + one announcement
-
-
-def apply(net: SimNet, op: tuple) -> None:
-    names = list(net.nodes)
-    kind = op[0]
-    if kind == "run":
-        net.run_for(op[1])
-    elif kind == "kill":
-        net.kill(names[op[1] % len(names)])
-    elif kind == "restart":
-        net.restart(names[op[1] % len(names)])
-    elif kind == "partition":
-        groups: dict[int, list[str]] = {}
-        for name, group in zip(names, op[1], strict=False):
-            groups.setdefault(group, []).append(name)
-        net.partition(*groups.values())
-    elif kind == "heal":
-        net.heal()
-    else:
-        net.faults = Faults(drop=op[1], dup=op[2], reorder=op[3])
-    net.run_for(0.05)
 
 
 @SIM_SETTINGS
@@ -340,7 +308,7 @@ def test_one_coordinator_rising_terms_and_a_bounded_election(seed, voters, other
     most eight slots of lease/8) and a refused round or two."""
     net = SimNet.cluster(voters + others, voters=voters, seed=seed)
     for op in ops:
-        apply(net, op)
+        net.apply(op)
     net.heal()
     net.faults = Faults()
     dead = [f"n{i}" for i in range(voters) if not net.nodes[f"n{i}"].alive]

@@ -9,7 +9,7 @@ from itertools import pairwise
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from simnet import SIM_SETTINGS, Faults, SimNet
+from simnet import SIM_SETTINGS, Faults, SimNet, fault_schedules
 
 from hived import membership as mb
 from hived.errors import LocalProtocolError, RemoteProtocolError
@@ -353,19 +353,7 @@ def test_a_healed_partition_finds_itself_again():
     assert net.run_for(DEAD * 1.2 + 1.0, stop=lambda: net.converged(exact=True))
 
 
-NODE = st.integers(0, 6)
-MEMBERSHIP_OPS = st.lists(
-    st.one_of(
-        st.tuples(st.just("run"), st.floats(0.01, 5.0)),
-        st.tuples(st.just("kill"), NODE),
-        st.tuples(st.just("restart"), NODE),
-        st.tuples(st.just("leave"), NODE),
-        st.tuples(st.just("partition"), st.lists(st.integers(0, 2), min_size=7, max_size=7)),
-        st.tuples(st.just("heal")),
-        st.tuples(st.just("faults"), st.floats(0, 0.3), st.floats(0, 0.2), st.floats(0, 0.5)),
-    ),
-    max_size=25,
-)
+MEMBERSHIP_OPS = fault_schedules(run_for=5.0, max_size=25, leave=True)
 # a dead pair finds itself again within one capped probe interval (dead_after,
 # +20% jitter for seeds), then HELLO round trips and the gossip of a few periods
 CONVERGE_BOUND = DEAD * 1.2 + 4 * H + 1.0
@@ -378,27 +366,8 @@ def test_membership_converges_after_any_schedule(seed, size, ops):
     once the network is whole and clean, every live node sees every other
     live node alive within CONVERGE_BOUND."""
     net = SimNet.cluster(size, voters=min(size, 3), seed=seed)
-    names = list(net.nodes)
     for op in ops:
-        kind, target = op[0], names[op[1] % size] if op[0] in ("kill", "restart", "leave") else None
-        if kind == "run":
-            net.run_for(op[1])
-        elif kind == "kill":
-            net.kill(target)
-        elif kind == "restart":
-            net.restart(target)
-        elif kind == "leave":
-            net.leave(target)
-        elif kind == "partition":
-            groups: dict[int, list[str]] = {}
-            for name, group in zip(names, op[1], strict=False):
-                groups.setdefault(group, []).append(name)
-            net.partition(*groups.values())
-        elif kind == "heal":
-            net.heal()
-        else:
-            net.faults = Faults(drop=op[1], dup=op[2], reorder=op[3])
-        net.run_for(0.05)
+        net.apply(op)
     net.heal()
     net.faults = Faults()
     seeds = [f"n{i}" for i in range(min(size, 3))]
