@@ -387,6 +387,7 @@ class Node:
     ) -> None:
         if aid < 0:  # a range pulled from another owner
             self.exchange.done(aid, start, stop, elapsed, failures, frames)
+            self._note_drained()
             return
         key = self.owner.assignment(aid)
         if key is None:
@@ -399,6 +400,7 @@ class Node:
     def on_fail(self, aid: int, text: str) -> None:
         if aid < 0:
             self.exchange.failed(aid, text)
+            self._note_drained()
             return
         key = self.owner.assignment(aid)
         if key is None:
@@ -412,6 +414,7 @@ class Node:
     def on_lost(self, aid: int, crashed_at: int | None, why: str) -> None:
         if aid < 0:
             self.exchange.lost(aid, crashed_at, why)
+            self._note_drained()
             return
         key = self.owner.assignment(aid)
         if key is None:
@@ -440,6 +443,10 @@ class Node:
     def _retire_if_finished(self, key: JobKey) -> None:
         if key not in self.owner.jobs:  # the Owner retires a job once all is delivered
             self._forget_job(key)
+        self._note_drained()
+
+    def _note_drained(self) -> None:
+        """A task ended: if we drain and none runs any more, the drain is over."""
         if self.draining and not self.pool.slots_busy:
             self._drained.set()
 

@@ -303,3 +303,25 @@ def test_a_drained_node_takes_nothing_new_and_the_job_completes_elsewhere(cluste
     assert {owner.proc.pid, c[2].proc.pid} <= set(pids[30:])
     eventually(c, lambda: c.states(owner).get(victim.name) == "draining", 5,
                f"the owner to see {victim.name} draining")
+
+
+def test_systemctl_stop_of_a_worker_node_mid_job_loses_no_result(cluster):
+    """SIGTERM (what `systemctl stop` sends) drains a worker node in the middle
+    of a distributed map: its running task finishes and reports, what it had
+    pulled goes back, it leaves, exits 0, and the job completes elsewhere."""
+    c = cluster
+    owner, victim = c[0], c[1]
+    got = []
+    with hived.connect(owner.control) as h:
+        for r in h.map(square_where, range(60), chunksize=1):
+            got.append(r)
+            if len(got) == 15:
+                victim.proc.terminate()
+                stopped_at = time.monotonic()
+        assert victim.proc.wait(30) == 0, victim.log
+    # The drain ends when its running task does, not at drain_timeout (30 s).
+    assert time.monotonic() - stopped_at < 15
+    pids = check_squares(got, 60, c)
+    assert victim.proc.pid in pids[:15], "the victim ran nothing before it was stopped"
+    eventually(c, lambda: victim.name not in c.states(owner), 10,
+               f"the owner to drop {victim.name}, which said goodbye")
