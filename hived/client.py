@@ -121,10 +121,6 @@ class Hive(concurrent.futures.Executor):
             target = self._streams.get(getattr(msg, "job", None))
             if target is not None:
                 target.deliver(msg, payload)
-            elif hasattr(msg, "request"):
-                target = self._streams.get(("request", msg.request))
-                if target is not None:
-                    target.deliver(msg, payload)
 
     # -- jobs -----------------------------------------------------------------
 

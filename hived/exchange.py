@@ -144,12 +144,7 @@ class Exchange:
         if soon and now - self._offered < OFFER_GAP:
             return
         self._offered = now
-        cpu = gpu = 0
-        for job in self.node.owner.jobs.values():
-            if job.needs.gpus:
-                gpu += job.items_queued
-            else:
-                cpu += job.items_queued
+        cpu, gpu = self.node.owner.queued_items()
         coordinator = self.mesh.coordinator_address()
         if coordinator is not None and (cpu or gpu):
             msg = Offer(cpu, gpu)

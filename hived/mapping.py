@@ -38,7 +38,14 @@ from typing import Any
 
 from hived import serialization
 from hived.control import AddChunk, CancelJob, CloseJob, ItemsFailed, JobRefused, Result
-from hived.errors import HiveError, HiveUnavailable, SerializationError, TaskTimeout, WorkerCrashed
+from hived.errors import (
+    HiveError,
+    HiveUnavailable,
+    RemoteError,
+    SerializationError,
+    TaskTimeout,
+    WorkerCrashed,
+)
 from hived.wire import Message, encode
 from hived.worker import TaskError
 
@@ -58,7 +65,7 @@ def raise_for(value: Any) -> Any:
     """The value itself, or raise what a TaskError stands for."""
     if type(value) is not TaskError:
         return value
-    cause = HiveError(f"remote traceback (on {value.where}):\n{value.text.rstrip()}")
+    cause = RemoteError(f"remote traceback (on {value.where}):\n{value.text.rstrip()}")
     if value.exc is not None:
         raise value.exc from cause
     if value.type_name == "SerializationError":

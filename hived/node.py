@@ -322,7 +322,7 @@ class Node:
             return  # cancelled meanwhile
         self.owner.add_chunk(key, msg.chunk, msg.count, payload)
         self.pool.kick()
-        if self.owner.queued_items():  # more than our own workers take now
+        if any(self.owner.queued_items()):  # more than our own workers take now
             self.exchange.offer(soon=True)
 
     def _close_job(self, client: ClientState, msg: CloseJob, payload: list[Any]) -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -302,11 +301,15 @@ class Owner:
 
     # -- bookkeeping ---------------------------------------------------------
 
-    def queued_items(self) -> int:
-        return sum(job.items_queued for job in self.jobs.values())
-
-    def running_ids(self) -> Iterator[int]:
-        return iter(list(self._running))
+    def queued_items(self) -> tuple[int, int]:
+        """Items queued for CPU slots, and for GPU slots."""
+        cpu = gpu = 0
+        for job in self.jobs.values():
+            if job.needs.gpus:
+                gpu += job.items_queued
+            else:
+                cpu += job.items_queued
+        return cpu, gpu
 
     def _job(self, key: JobKey) -> Job:
         job = self.jobs.get(key)

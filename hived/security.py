@@ -117,12 +117,11 @@ def client_curve(address: str, key_file: str | None) -> Callable[[zmq.Socket], N
 class ZapHandler:
     """Answers ZeroMQ's authentication requests: the cluster key or nothing."""
 
-    def __init__(self, ctx: zmq.Context, key: ClusterKey, on_denied: Callable[[str], None] | None = None):
+    def __init__(self, ctx: zmq.Context, key: ClusterKey):
         self.key_raw = z85.decode(key.public)
         self.sock = ctx.socket(zmq.REP)
         self.sock.linger = 0
         self.sock.bind(ZAP_ENDPOINT)
-        self.on_denied = on_denied
 
     def handle(self, frames: list[Any]) -> None:
         """One ZAP request (RFC 27) in, one reply out."""
@@ -136,8 +135,6 @@ class ZapHandler:
             peer = address.decode(errors="replace")
             log.warning("refused a %s connection from %s: not a holder of the cluster key",
                         mechanism.decode(errors="replace"), peer)
-            if self.on_denied:
-                self.on_denied(peer)
         code, text = (b"200", b"OK") if ok else (b"400", b"not a holder of the cluster key")
         self.sock.send_multipart([version, request_id, code, text, b"", b""])
 

@@ -26,10 +26,7 @@ from typing import Any
 import cloudpickle
 
 from hived.errors import SerializationError
-
-# Buffers smaller than this ride inside the main pickle: a frame of their own
-# costs more than the copy.
-OUT_OF_BAND_MIN = 64 * 1024
+from hived.wire import ZERO_COPY_MIN
 
 _INSTALLED_ROOTS = tuple(
     os.path.realpath(p)
@@ -129,7 +126,9 @@ def _out_of_band(dump: Callable[..., bytes], obj: Any) -> list[Any]:
     buffers: list[pickle.PickleBuffer] = []
 
     def keep_large(buf: pickle.PickleBuffer) -> bool:
-        if buf.raw().nbytes >= OUT_OF_BAND_MIN:
+        # Smaller buffers ride inside the pickle: a frame of their own costs
+        # more than the copy (the same bound as for sending without a copy).
+        if buf.raw().nbytes >= ZERO_COPY_MIN:
             buffers.append(buf)
             return False
         return True

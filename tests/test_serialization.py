@@ -12,11 +12,12 @@ import pytest
 
 from hived import serialization
 from hived.errors import SerializationError
-from hived.serialization import OUT_OF_BAND_MIN, dumps, dumps_function, dumps_result, loads
+from hived.serialization import dumps, dumps_function, dumps_result, loads
+from hived.wire import ZERO_COPY_MIN
 
 
 def test_large_buffers_travel_as_frames_of_their_own():
-    array = np.arange(OUT_OF_BAND_MIN, dtype=np.uint8)
+    array = np.arange(ZERO_COPY_MIN, dtype=np.uint8)
     frames = dumps((array, "small"), "x")
     assert len(frames) == 2 and frames[1].nbytes == array.nbytes
     back, text = loads(frames, "x")
@@ -24,7 +25,7 @@ def test_large_buffers_travel_as_frames_of_their_own():
 
 
 def test_loads_uses_the_received_buffer_in_place():
-    array = np.arange(OUT_OF_BAND_MIN, dtype=np.uint8)
+    array = np.arange(ZERO_COPY_MIN, dtype=np.uint8)
     head, buf = dumps(array, "x")
     received = bytearray(buf)  # what a socket hands us
     back = loads([head, received], "x")
