@@ -286,7 +286,8 @@ class Exchange:
         if not self.mesh.accept_term(msg.term) or self.node.draining:
             return  # a deposed coordinator's advice
         free_cpus, free_gpus = self.node.pool.free_slots()
-        for owner in self.puller.pointed(msg.owners, self.node.loop.time()):
+        free = bool(free_cpus or free_gpus)
+        for owner in self.puller.pointed(msg.owners, self.node.loop.time(), free):
             self.mesh.send(owner, Pull(free_cpus, free_gpus, self._known()))
 
     def _on_range(self, sender: str, msg: RangeMsg, payload: list[Any]) -> None:

@@ -202,17 +202,20 @@ class Matchmaker:
 class Puller:
     """A worker node's part: whom to pull from when slots are free.
 
-    It keeps pulling from owners that just gave it work, without the
-    coordinator (so running jobs flow on while a coordinator fails over),
-    and asks the coordinator (WANT) only when none did, at most once per
-    `retry` seconds: an idle hive costs a message per node per `retry`.
+    It pulls straight from owners that gave it work or that the coordinator
+    named (so running jobs flow on while a coordinator fails over), at most
+    `fan_out` of them per round, taking them in turn so that concurrent
+    owners share this node's slots. It also asks the coordinator (WANT) at
+    most once per `retry` seconds while slots are free, busy or not: that is
+    how an owner whose work arrived later gets a share of a node already
+    pulling from another. An idle hive costs a message per node per `retry`.
     One PULL at a time per owner.
     """
 
-    def __init__(self, retry: float) -> None:
-        self.retry = retry
+    def __init__(self, retry: float, fan_out: int = 2) -> None:
+        self.retry, self.fan_out = retry, fan_out
         self.pulling: dict[str, float] = {}  # owners asked, not yet answered: when
-        self.recent: list[str] = []  # owners whose last answer was work
+        self.recent: list[str] = []  # owners to pull from, next turn first
         self._want_after = -math.inf
 
     def idle(self, now: float) -> tuple[list[str], bool]:
@@ -220,15 +223,22 @@ class Puller:
         for owner, asked in list(self.pulling.items()):
             if now - asked > UNANSWERED * self.retry:  # the PULL or its answer was lost
                 del self.pulling[owner]
-        direct = [o for o in self.recent if o not in self.pulling]
+        direct = [o for o in self.recent if o not in self.pulling][: self.fan_out]
+        for owner in direct:  # their turn is taken: to the back
+            self.recent.remove(owner)
+            self.recent.append(owner)
         self.pulling.update(dict.fromkeys(direct, now))
-        if direct or self.pulling or now < self._want_after:
+        if now < self._want_after:
             return direct, False
         self._want_after = now + self.retry
-        return [], True
+        return direct, True
 
-    def pointed(self, owners: list[str], now: float) -> list[str]:
-        """The coordinator named owners: those to PULL from now."""
+    def pointed(self, owners: list[str], now: float, free: bool) -> list[str]:
+        """The coordinator named owners: those to PULL from now (none if no
+        slot is free any more: they are pulled from when one is)."""
+        self.recent.extend(o for o in owners if o not in self.recent)
+        if not free:
+            return []
         fresh = [o for o in owners if o not in self.pulling]
         self.pulling.update(dict.fromkeys(fresh, now))
         return fresh
@@ -237,10 +247,10 @@ class Puller:
         self.pulling.pop(owner, None)
         if got_work and owner not in self.recent:
             self.recent.append(owner)
-        elif not got_work and owner in self.recent:
-            self.recent.remove(owner)
-        if got_work:
-            self._want_after = -math.inf
+        elif not got_work:
+            if owner in self.recent:
+                self.recent.remove(owner)
+            self._want_after = -math.inf  # an owner ran dry: ask where else work waits
 
     def gone(self, owner: str) -> None:
         self.pulling.pop(owner, None)

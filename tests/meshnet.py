@@ -33,6 +33,9 @@ class MeshNode:
         self.control = f"ipc://{cluster.dir}/{host.name}.sock"
         self.log_path = os.path.join(cluster.dir, f"{host.name}.log")
         self.proc: subprocess.Popen | None = None
+        # GPU slots: with no nvidia-smi on a test host, `--gpus N` gives
+        # workers CUDA_VISIBLE_DEVICES 0..N-1, which routing needs, not a GPU.
+        self.gpus = 0
 
     def start(self) -> MeshNode:
         c = self.cluster
@@ -42,7 +45,7 @@ class MeshNode:
         args = [
             sys.executable, "-m", "hived.daemon", "--config", config, "--name", self.name,
             "--bind", self.address, "--control", self.control, "--key-file", c.key_path,
-            "--cpus", "1", "--gpus", "0", "--data-dir", os.path.join(c.dir, self.name),
+            "--cpus", "1", "--gpus", str(self.gpus), "--data-dir", os.path.join(c.dir, self.name),
             "--log-level", "info",
         ]
         for seed in c.seeds:
@@ -74,12 +77,14 @@ class MeshNode:
 
 class Cluster:
     def __init__(self, net: TestNet, tmp: str, voters: int | None = None,
-                 timing: dict[str, float] | None = None) -> None:
+                 timing: dict[str, float] | None = None, gpus: dict[int, int] | None = None) -> None:
         self.net, self.dir = net, tmp
         self.timing = timing or TIMING
         self.key_path = os.path.join(tmp, "cluster.key")
         write_key(self.key_path)
         self.nodes = [MeshNode(self, host) for host in net]
+        for i, count in (gpus or {}).items():
+            self.nodes[i].gpus = count
         self.seeds = [n.address for n in self.nodes[: voters or len(self.nodes)]]
 
     def start(self) -> Cluster:

@@ -11,12 +11,14 @@ Every test checks the full result list: every item exactly once, in order.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 
 import pytest
@@ -44,6 +46,14 @@ def square_where_when(x):
     started = time.time()
     time.sleep(0.1)
     return x * x, os.getppid(), started
+
+
+def square_device(x):
+    """x², the daemon whose worker ran it, the GPU that worker was given, and
+    when it started."""
+    started = time.time()
+    time.sleep(0.1)
+    return x * x, os.getppid(), os.environ.get("CUDA_VISIBLE_DEVICES"), started
 
 
 def nap(seconds):
@@ -75,11 +85,11 @@ def all_see_all(c: Cluster, nodes: list[MeshNode]) -> bool:
     return True
 
 
-@pytest.fixture
-def cluster(testnet):
+@contextlib.contextmanager
+def running_cluster(testnet, gpus: dict[int, int] | None = None):
     """Three hosts, a hived on each, every node seeing every other, one coordinator."""
     tmp = tempfile.TemporaryDirectory(prefix="hived-dist-")
-    c = Cluster(testnet(3), tmp.name).start()
+    c = Cluster(testnet(3), tmp.name, gpus=gpus).start()
     try:
         eventually(c, lambda: all_see_all(c, c.nodes), 30, "full membership")
         c.wait_agreed()
@@ -91,6 +101,19 @@ def cluster(testnet):
                 node.kill9()
         c.net.close()
         tmp.cleanup()
+
+
+@pytest.fixture
+def cluster(testnet):
+    with running_cluster(testnet) as c:
+        yield c
+
+
+@pytest.fixture
+def gpu_cluster(testnet):
+    """As `cluster`, with one GPU slot on the third node only."""
+    with running_cluster(testnet, gpus={2: 1}) as c:
+        yield c
 
 
 def eventually(c: Cluster, predicate, timeout: float, what: str):
@@ -325,3 +348,52 @@ def test_systemctl_stop_of_a_worker_node_mid_job_loses_no_result(cluster):
     assert victim.proc.pid in pids[:15], "the victim ran nothing before it was stopped"
     eventually(c, lambda: victim.name not in c.states(owner), 10,
                f"the owner to drop {victim.name}, which said goodbye")
+
+
+def test_two_clients_on_two_owners_share_the_slots_about_evenly(cluster):
+    """Two jobs submitted at once to different owners: each owner runs its own
+    job locally, and the third node's slot is shared between the two."""
+    c = cluster
+    n = 40
+    got: dict[str, list[tuple]] = {}
+
+    def run(node: MeshNode, job: str, ready: threading.Barrier) -> None:
+        with hived.connect(node.control) as h:
+            ready.wait(10)
+            got[job] = list(h.map(square_device, range(n), chunksize=1))
+
+    ready = threading.Barrier(2)
+    threads = [threading.Thread(target=run, args=(c[i], job, ready)) for i, job in ((0, "a"), (1, "b"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert set(got) == {"a", "b"}, "a client did not finish"
+    for job in ("a", "b"):
+        check_squares(got[job], n, c)
+    # While both jobs had work queued, both made progress at about the same rate.
+    until = min(max(r[3] for r in got[job]) for job in ("a", "b"))
+    started = {job: sum(r[3] <= until for r in got[job]) for job in ("a", "b")}
+    assert 0.6 <= started["a"] / started["b"] <= 1.67, started
+    # And the node that owns neither job served both.
+    third = c[2].proc.pid
+    on_third = {job: sum(r[1] == third and r[3] <= until for r in got[job]) for job in ("a", "b")}
+    assert min(on_third.values()) >= 0.25 * sum(on_third.values()), on_third
+
+
+def test_gpu_tasks_run_only_on_the_node_with_a_gpu_slot(gpu_cluster):
+    """gpus=1 tasks submitted on a node without GPUs go to the one node that
+    has a GPU slot, into its GPU worker; CPU tasks meanwhile run everywhere
+    and never see that GPU."""
+    c = gpu_cluster
+    owner, gpu_node = c[0], c[2]
+    with hived.connect(owner.control) as h:
+        assert h.slots == 4  # three CPU slots and one GPU slot
+        gpu_results = h.map(square_device, range(10), chunksize=1, gpus=1)
+        cpu_got = list(h.map(square_device, range(30), chunksize=1))
+        gpu_got = list(gpu_results)
+    check_squares(gpu_got, 10, c)
+    assert {(r[1], r[2]) for r in gpu_got} == {(gpu_node.proc.pid, "0")}
+    check_squares(cpu_got, 30, c)
+    assert {r[1] for r in cpu_got} == {n.proc.pid for n in c.nodes}
+    assert {r[2] for r in cpu_got if r[1] == gpu_node.proc.pid} == {""}
