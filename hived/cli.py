@@ -19,7 +19,8 @@ import os
 import sys
 from typing import Any
 
-from hived.config import DEFAULT_CONFIG_PATH, local_control_addresses
+from hived.addresses import local_control_addresses
+from hived.config import DEFAULT_CONFIG_PATH
 from hived.control import Answer, DrainRequest, JobsQuery, StatusQuery, ask
 from hived.errors import HiveError
 from hived.security import client_curve

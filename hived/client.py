@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from hived import __version__, serialization
-from hived.config import local_control_addresses
+from hived.addresses import local_control_addresses
 from hived.control import (
     Call,
     CancelJob,

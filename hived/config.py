@@ -23,14 +23,14 @@ The result is a tree of frozen dataclasses, so nothing downstream re-checks
 or mutates it. ``Config.origins`` remembers where each value came from, for
 ``hived --check-config`` and for errors found later (``check_security``).
 
-This module must stay cheap to import: the client calls
-``default_control_address`` to find the local daemon.
+Addresses (their defaults, syntax and reach) live in ``hived.addresses``.
+This module must stay cheap to import all the same: the client reaches it
+through ``hived.resources``.
 """
 
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import json
 import math
 import os
@@ -42,6 +42,14 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
+from hived.addresses import (
+    default_control_address,
+    derive_advertise,
+    is_loopback,
+    parse_advertise,
+    parse_bind,
+    parse_control,
+)
 from hived.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -51,13 +59,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 DEFAULT_CONFIG_PATH = "/etc/hived/hived.toml"
 DEFAULT_BIND = "tcp://127.0.0.1:7700"
-# Where the packaged systemd unit puts the control socket (RuntimeDirectory=hived).
-SYSTEM_CONTROL_ADDRESS = "ipc:///run/hived/hived.sock"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-
-# sockaddr_un.sun_path is 108 bytes including the terminating NUL on Linux;
-# zmq refuses longer ipc paths with an obscure errno, so we say it up front.
-_MAX_IPC_PATH = 107
 
 
 @dataclass(frozen=True)
@@ -134,58 +136,6 @@ class Config:
 
 # --------------------------------------------------------------------------
 # Public helpers
-
-
-def default_control_address(environ: Mapping[str, str] = os.environ) -> str:
-    """Where the daemon listens for clients and hivectl unless told otherwise.
-
-    Pure and cheap (no I/O): the client calls it to find the local daemon.
-    """
-    runtime = environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return f"ipc://{runtime.rstrip('/')}/hived/hived.sock"
-    if os.geteuid() == 0:
-        return SYSTEM_CONTROL_ADDRESS
-    return f"ipc:///tmp/hived-{os.getuid()}/hived.sock"
-
-
-def local_control_addresses(environ: Mapping[str, str] = os.environ) -> list[str]:
-    """Control addresses a client should try, in order, to reach a local daemon.
-
-    A user's own daemon (under $XDG_RUNTIME_DIR) first, then the system
-    service's socket, which a user shell's default never points at.
-    """
-    found = [default_control_address(environ)]
-    if SYSTEM_CONTROL_ADDRESS not in found:
-        found.append(SYSTEM_CONTROL_ADDRESS)
-    return found
-
-
-def is_loopback(address: str) -> bool:
-    """True when only this machine can reach `address`.
-
-    ipc:// is local by nature. For tcp:// the host must be in 127.0.0.0/8, ::1
-    or be "localhost"; other names are not resolved (slow, and a name can
-    change), so they count as reachable from elsewhere.
-    """
-    if address.startswith("ipc://"):
-        return True
-    host = address
-    if "://" in address:
-        parsed = _split_tcp(address, lowest_port=0)
-        if parsed is None:
-            return False
-        host = parsed[0]
-    host = host.strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
 
 
 def parse_memory_limit(spec: int | str) -> int | str:
@@ -280,7 +230,7 @@ def load_config(
             f"a number of seconds > 2 × timing.heartbeat ({2 * heartbeat:g})",
         )
     if "node.advertise" not in layers:
-        values["node.advertise"] = _derive_advertise(values["node.bind"])
+        values["node.advertise"] = derive_advertise(values["node.bind"])
         layers["node.advertise"] = _Raw(None, "default (derived from node.bind)", text=False)
 
     sections: dict[str, dict[str, Any]] = {s: {} for s in _SCHEMA}
@@ -518,11 +468,7 @@ def _toml_string(text: str) -> str:
 # --------------------------------------------------------------------------
 # Validators: (value, text) -> normalised value, or raise _Invalid(expected)
 
-_HOSTNAME = re.compile(
-    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
-)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
-_WILDCARDS = ("*", "0.0.0.0", "::")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
 _UNITS = {
     "b": 1,
@@ -534,62 +480,27 @@ _MEMORY_EXPECTED = (
 )
 
 
-def _split_tcp(address: str, lowest_port: int = 1) -> tuple[str, int] | None:
-    """("host", port) of a tcp://host:port address, or None if malformed."""
-    if not address.startswith("tcp://"):
-        return None
-    rest = address[len("tcp://") :]
-    host, sep, port = rest.rpartition(":")
-    if not sep or not host or not port.isdigit() or not lowest_port <= int(port) <= 65535:
-        return None
-    if host.startswith("["):
-        if not host.endswith("]"):
-            return None
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            return None
-        return host, int(port)
-    if host == "*":
-        return host, int(port)
-    try:
-        ipaddress.IPv4Address(host)
-        return host, int(port)
-    except ValueError:
-        pass
-    if _HOSTNAME.fullmatch(host) and not host.replace(".", "").isdigit():
-        return host, int(port)
-    return None
-
-
-def _is_wildcard(host: str) -> bool:
-    return host.strip("[]") in _WILDCARDS
-
-
 def _string(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _Invalid("a non-empty string")
     return value.strip()
 
 
+def _parsed(parse: Callable[[Any], Any]) -> Callable[[Any, bool], Any]:
+    """A validator from a parser that raises ValueError naming what it expected."""
+
+    def check(value: Any, text: bool) -> Any:
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise _Invalid(str(exc)) from None
+
+    return check
+
+
 def _v_name(value: Any, text: bool) -> str:
     if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise _Invalid('a node name of letters, digits, ".", "_" and "-" (at most 253)')
-    return value
-
-
-def _v_bind(value: Any, text: bool) -> str:
-    # Port 0 binds any free port (tests, several nodes on one machine); the
-    # advertised address then takes the port actually bound.
-    if not isinstance(value, str) or _split_tcp(value, lowest_port=0) is None:
-        raise _Invalid('"tcp://host:port" (host an IP, a name, * or 0.0.0.0; port 0..65535)')
-    return value
-
-
-def _v_advertise(value: Any, text: bool) -> str:
-    parsed = _split_tcp(value, lowest_port=0) if isinstance(value, str) else None
-    if parsed is None or _is_wildcard(parsed[0]):
-        raise _Invalid('"tcp://host:port" that peers can dial (not * or 0.0.0.0; port 1..65535)')
     return value
 
 
@@ -603,22 +514,11 @@ def _v_seeds(value: Any, text: bool) -> tuple[str, ...]:
         if not isinstance(item, str) or item in seen:
             raise _Invalid(expected, got=item)
         try:
-            _v_advertise(item, text)
-        except _Invalid:
+            parse_advertise(item)
+        except ValueError:
             raise _Invalid(expected, got=item) from None
         seen.append(item)
     return tuple(seen)
-
-
-def _v_control(value: Any, text: bool) -> str:
-    expected = '"ipc://PATH" (at most 107 bytes) or "tcp://host:port"'
-    if isinstance(value, str) and value.startswith("ipc://"):
-        path = value[len("ipc://") :]
-        if path and len(path.encode()) <= _MAX_IPC_PATH:
-            return value
-    elif isinstance(value, str) and _split_tcp(value) is not None:
-        return value
-    raise _Invalid(expected)
 
 
 def _v_path(value: Any, text: bool) -> str:
@@ -662,13 +562,6 @@ def _v_max_tasks(value: Any, text: bool) -> int:
     return number
 
 
-def _v_memory_limit(value: Any, text: bool) -> int | str:
-    try:
-        return parse_memory_limit(value)
-    except ValueError as exc:
-        raise _Invalid(str(exc)) from None
-
-
 def _v_seconds(value: Any, text: bool) -> float:
     number: float | None = None
     if isinstance(value, int | float) and not isinstance(value, bool):
@@ -704,17 +597,17 @@ def _v_log_level(value: Any, text: bool) -> str:
 _SCHEMA: dict[str, dict[str, Callable[[Any, bool], Any]]] = {
     "node": {
         "name": _v_name,
-        "bind": _v_bind,
-        "advertise": _v_advertise,
+        "bind": _parsed(parse_bind),
+        "advertise": _parsed(parse_advertise),
         "seeds": _v_seeds,
-        "control": _v_control,
+        "control": _parsed(parse_control),
         "data_dir": _v_path,
     },
     "pool": {
         "cpus": _slots(1),
         "gpus": _slots(0),
         "max_tasks_per_worker": _v_max_tasks,
-        "memory_limit": _v_memory_limit,
+        "memory_limit": _parsed(parse_memory_limit),
     },
     "timing": {
         "heartbeat": _v_seconds,
@@ -725,38 +618,3 @@ _SCHEMA: dict[str, dict[str, Callable[[Any, bool], Any]]] = {
     "security": {"key_file": _v_optional_path, "insecure": _v_bool},
 }
 _TOP: dict[str, Callable[[Any, bool], Any]] = {"log_level": _v_log_level}
-
-
-# --------------------------------------------------------------------------
-# Deriving the advertised address
-
-
-def _derive_advertise(bind: str) -> str:
-    """What peers should dial when only `bind` was given.
-
-    A specific host is dialable as is. For a wildcard we ask the kernel which
-    source address it would use towards a documentation-range address (a UDP
-    connect sends nothing); with no route we fall back to loopback.
-    """
-    parsed = _split_tcp(bind)
-    if parsed is None:  # cannot happen after validation; keep what we were given
-        return bind
-    host, port = parsed
-    if not _is_wildcard(host):
-        return bind
-    v6 = host.startswith("[")
-    family, probe, fallback = (
-        (socket.AF_INET6, "2001:db8::1", "::1")
-        if v6
-        else (socket.AF_INET, "192.0.2.1", "127.0.0.1")
-    )
-    address = fallback
-    try:
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect((probe, 9))
-            found = s.getsockname()[0]
-            if found and not is_loopback(found):
-                address = found
-    except OSError:
-        pass
-    return f"tcp://[{address}]:{port}" if v6 else f"tcp://{address}:{port}"

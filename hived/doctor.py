@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from hived import __version__
-from hived.config import Config, is_loopback, load_config, local_control_addresses
+from hived.addresses import is_loopback, local_control_addresses
+from hived.config import Config, load_config
 from hived.control import StatusQuery, ask
 from hived.errors import ConfigError
 from hived.security import ClusterKey, load_key

@@ -43,44 +43,41 @@ time), so a restarted node supersedes its old self everywhere.
   before its seeds, or a partition that healed after both sides forgot each
   other, reconnects on its own.
 
-Timers live in a lazy timer wheel (each peer armed at its next threshold,
-rounded up to a quarter heartbeat), so a BEAT costs O(1), `next_deadline()`
-is O(1), and one tick serves every peer due in the same quarter heartbeat
-even with thousands of peers; thresholds are met at most that late.
-
-The actions and the `Story` ring defined here are shared by the other cores
-(`hived.election`).
+The peer records, their legal moves and their timers are the peer table
+(`hived.peers`): each peer is armed in a lazy timer wheel at its next
+threshold, rounded up to a quarter heartbeat, so a BEAT costs O(1),
+`next_deadline()` is O(1), and one tick serves every peer due in the same
+quarter heartbeat even with thousands of peers; thresholds are met at most
+that late. The messages, and the gossip samples they carry, are
+`hived.gossip`.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 import random
 from dataclasses import dataclass, replace
 
 from hived.errors import LocalProtocolError, RemoteProtocolError
+from hived.gossip import (
+    BEAT_VARIANTS,
+    MAX_GOSSIP,
+    NODE_STATES,
+    Beat,
+    Hello,
+    Leave,
+    NodeInfo,
+    check_peer_fields,
+    check_sample,
+    new_beats,
+    new_hello,
+)
+from hived.peers import ALIVE, DEAD, LIVE, PENDING, SUSPECT, Peer, PeerTable
 from hived.sansio import Connect, Disconnect, Send, Story
-from hived.wire import Message, message
+from hived.wire import Message
 
 # --------------------------------------------------------------------------
 # Public data and events
-
-
-@dataclass(frozen=True, slots=True)
-class NodeInfo:
-    """What this node says about itself (the shell owns it; see `update`)."""
-
-    name: str
-    address: str
-    version: str
-    cpus: int
-    gpus: int
-    slots_free: int
-    load: float = 0.0
-    state: str = "alive"  # alive | draining
-    incarnation: int = 0
-    tasks_done: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,121 +130,7 @@ class TermSeen:
 Action = Send | Connect | Disconnect | PeerJoined | PeerStateChanged | PeerLeft | TermSeen
 
 # --------------------------------------------------------------------------
-# Messages. Gossip entries travel as three parallel lists (names, addresses,
-# incarnations): compact, and each list is type-checked by the wire layer.
-
-
-@message(b"M.HELLO")
-class Hello(Message):
-    name: str
-    address: str
-    version: str
-    incarnation: int
-    cpus: int
-    gpus: int
-    slots_free: int
-    load: float
-    state: str
-    term: int
-    tasks_done: int
-    reply: bool  # the receiver should answer with a HELLO of its own
-    names: list[str]
-    addresses: list[str]
-    incarnations: list[int]
-
-
-@message(b"M.BEAT")
-class Beat(Message):
-    name: str
-    incarnation: int
-    slots_free: int
-    load: float
-    state: str
-    term: int
-    tasks_done: int
-    names: list[str]
-    addresses: list[str]
-    incarnations: list[int]
-
-
-@message(b"M.LEAVE")
-class Leave(Message):
-    name: str
-    incarnation: int
-
-
-MESSAGES = (Hello, Beat, Leave)
-
-# A gossip sample longer than this is hostile (ours carry `gossip_size`).
-MAX_GOSSIP = 64
-# Distinct BEAT objects per heartbeat period (each with its own gossip slice).
-BEAT_VARIANTS = 8
-_NODE_STATES = ("alive", "draining")
-
-# --------------------------------------------------------------------------
-# The peer state machine.
-#
-# Invariants (checked by `validate`):
-#   * a name has at most one record, and an address maps to at most one
-#     confirmed (alive/suspect/dead) name; this node is never its own peer;
-#   * a confirmed record was heard from directly in its incarnation, so
-#     `members()` lists only nodes that answered us;
-#   * a name's incarnation never goes down while its record lives (a higher
-#     one replaces the record, a lower one is ignored);
-#   * every record is armed in the timer wheel at or before its next
-#     threshold (rounded up to the wheel's grain), so no transition is missed;
-#   * `live_count` equals the number of alive and suspect records.
-
-PENDING, ALIVE, SUSPECT, DEAD, GONE = "pending", "alive", "suspect", "dead", "gone"
-_LIVE = (ALIVE, SUSPECT)
-
-_MOVES = {
-    (PENDING, ALIVE): "it answered in person (HELLO)",
-    (PENDING, GONE): "never answered, or superseded, or left",
-    (ALIVE, SUSPECT): "quiet for suspect_after",
-    (ALIVE, DEAD): "quiet for dead_after (tick came late)",
-    (SUSPECT, ALIVE): "heard from again",
-    (SUSPECT, DEAD): "quiet for dead_after",
-    (DEAD, ALIVE): "heard from again",
-    (ALIVE, GONE): "left, restarted or replaced",
-    (SUSPECT, GONE): "left, restarted or replaced",
-    (DEAD, GONE): "forgotten, left, restarted or replaced",
-}
-
-
-def check_move(old: str, new: str, name: str, incarnation: int) -> None:
-    """Raise LocalProtocolError unless `old -> new` is a legal peer move."""
-    if (old, new) not in _MOVES:
-        raise LocalProtocolError(
-            f"illegal membership move {old} -> {new} for peer {name!r} (incarnation {incarnation})"
-        )
-
-
-class _Peer:
-    __slots__ = ("name", "address", "incarnation", "version", "cpus", "gpus", "slots_free",
-                 "load", "state", "term", "tasks_done", "status", "last_heard", "since", "mentioned",
-                 "next_probe", "probe_every", "timer")  # fmt: skip
-
-    def __init__(self, name: str, address: str, incarnation: int, now: float) -> None:
-        self.name = name
-        self.address = address
-        self.incarnation = incarnation
-        self.version = ""
-        self.cpus = self.gpus = self.slots_free = self.term = self.tasks_done = 0
-        self.load = 0.0
-        self.state = "alive"  # what the peer says: alive | draining
-        self.status = PENDING  # what we observe
-        self.last_heard: float | None = None
-        self.since = now  # when `status` was entered
-        self.mentioned = now  # pending: last time gossip named it
-        self.next_probe = now
-        self.probe_every = 0.0
-        self.timer: float = math.inf  # the timer-wheel slot it is armed in
-
-    def view_state(self) -> str:
-        if self.status == ALIVE:
-            return self.state
-        return self.status
+# The core
 
 
 class Membership:
@@ -274,7 +157,7 @@ class Membership:
                 "membership needs 0 < heartbeat < suspect_after < dead_after, got "
                 f"{heartbeat}, {suspect_after}, {dead_after}"
             )
-        if self_info.state not in _NODE_STATES:
+        if self_info.state not in NODE_STATES:
             raise LocalProtocolError(
                 f"node state must be alive or draining, got {self_info.state!r}"
             )
@@ -287,16 +170,11 @@ class Membership:
         self.gossip_size = max(0, min(gossip_size, MAX_GOSSIP))
         self._rng = rng
         self.story = Story(f"membership of {self_info.name}", story_size)
-        self._peers: dict[str, _Peer] = {}
-        self._by_address: dict[str, str] = {}  # confirmed records only
-        self._tombs: dict[str, tuple[int, float]] = {}  # name -> (incarnation, until)
         # Timer wheel: peers' thresholds are rounded up to a grain of a quarter
         # heartbeat, so one tick serves many peers (and a state change comes at
         # most a quarter heartbeat after its threshold).
         self._grain = heartbeat / 4
-        self._wheel: dict[int, list[_Peer]] = {}
-        self._slots: list[int] = []  # heap of the wheel's slot numbers
-        self.live_count = 0
+        self._peers = PeerTable(self._grain, self.story)
         self._term = 0
         self._max_term_seen = 0
         self._stopped = False
@@ -306,7 +184,7 @@ class Membership:
         self._seed_due = now if self._seeds else math.inf
         # a random first phase, so nodes started together do not beat in step
         self._next_beat = now + heartbeat * rng.random()
-        self._live: list[_Peer] = []  # see _live_view
+        self._live: list[Peer] = []  # see _live_view
         self._live_built = -math.inf
         self._hellos: dict[bool, list[Hello]] = {}  # see _hello
         self._hello_turn = 0
@@ -318,12 +196,18 @@ class Membership:
     def info(self) -> NodeInfo:
         return self._info
 
+    @property
+    def live_count(self) -> int:
+        """How many peers are alive or suspect."""
+        return self._peers.live_count
+
     def next_deadline(self) -> float | None:
         """The local time at which `tick` has work next (None once stopped)."""
         if self._stopped:
             return None
         due = min(self._next_beat, self._seed_due)
-        return min(due, self._slots[0] * self._grain) if self._slots else due
+        timer = self._peers.next_timer()
+        return due if timer is None else min(due, timer)
 
     def members(self) -> list[MemberView]:
         """This node first, then every confirmed peer (alive, suspect or dead) by name."""
@@ -331,21 +215,21 @@ class Membership:
         rows = [MemberView(me.name, me.address, me.state, me.cpus, me.gpus, me.slots_free,
                            me.load, me.version, me.incarnation, None, self._term,
                            me.tasks_done)]  # fmt: skip
-        peers = sorted((p for p in self._peers.values() if p.status != PENDING), key=_by_name)
-        return rows + [self._view(p) for p in peers]
+        confirmed = (p for p in self._peers.by_name.values() if p.status != PENDING)
+        return rows + [self._view(p) for p in sorted(confirmed, key=_by_name)]
 
     def member(self, name: str) -> MemberView | None:
         if name == self._info.name:
             return self.members()[0]
-        p = self._peers.get(name)
+        p = self._peers.by_name.get(name)
         return self._view(p) if p is not None and p.status != PENDING else None
 
     def live_addresses(self) -> list[str]:
         """Addresses of alive and suspect peers: where a broadcast goes."""
-        return [p.address for p in self._peers.values() if p.status in _LIVE]
+        return [p.address for p in self._peers.by_name.values() if p.status in LIVE]
 
     def name_of(self, address: str) -> str | None:
-        return self._by_address.get(address)
+        return self._peers.by_address.get(address)
 
     # -- what the shell tells us -------------------------------------------
 
@@ -358,7 +242,7 @@ class Membership:
         tasks_done: int | None = None,
     ) -> None:
         """Change what the next heartbeats say about this node."""
-        if state is not None and state not in _NODE_STATES:
+        if state is not None and state not in NODE_STATES:
             raise LocalProtocolError(f"node state must be alive or draining, got {state!r}")
         changes = {
             k: v
@@ -384,7 +268,7 @@ class Membership:
             return []
         msg = Leave(self._info.name, self._info.incarnation)
         out: list[Action] = [
-            Send(p.address, msg) for p in self._peers.values() if p.status in _LIVE
+            Send(p.address, msg) for p in self._peers.by_name.values() if p.status in LIVE
         ]
         self._stopped = True
         self.story.add(now, "leave", f"told {len(out)} peers")
@@ -392,11 +276,11 @@ class Membership:
 
     def heard_from(self, address: str, now: float) -> list[Action]:
         """Any message from `address` (of any core) proves that peer alive."""
-        name = self._by_address.get(address)
+        name = self._peers.by_address.get(address)
         if name is None or self._stopped:
             return []
         out: list[Action] = []
-        self._heard(self._peers[name], now, out)
+        self._heard(self._peers.by_name[name], now, out)
         return out
 
     def handle(self, sender: str, msg: Message, now: float) -> list[Action]:
@@ -417,18 +301,12 @@ class Membership:
         if self._stopped:
             return []
         out: list[Action] = []
-        slots, wheel, peers = self._slots, self._wheel, self._peers
-        while slots and slots[0] * self._grain <= now:
-            slot = heapq.heappop(slots)
-            for p in wheel.pop(slot):
-                if p.timer != slot or peers.get(p.name) is not p:
-                    continue  # stale entry: re-armed earlier, or the record is gone
-                p.timer = math.inf
-                self._check(p, now, out)
+        for p in self._peers.due(now):
+            self._check(p, now, out)
         if now >= self._next_beat:
             self._beat(now, out)
             self._next_beat = max(self._next_beat + self.heartbeat, now + self.heartbeat / 2)
-            self._expire_tombs(now)
+            self._peers.expire_tombs(now)
         if now >= self._seed_due:
             self._probe_seeds(now, out)
         return out
@@ -436,27 +314,8 @@ class Membership:
     # -- invariants --------------------------------------------------------
 
     def validate(self) -> None:
-        """Check the invariants above; raise LocalProtocolError with the story."""
-        problems = []
-        if self._info.name in self._peers:
-            problems.append("this node is its own peer")
-        for address, name in self._by_address.items():
-            p = self._peers.get(name)
-            if p is None or p.address != address or p.status == PENDING:
-                problems.append(f"address index {address} -> {name} is stale")
-        live = 0
-        for name, p in self._peers.items():
-            if p.name != name:
-                problems.append(f"record {name} holds {p.name}")
-            if p.status != PENDING and self._by_address.get(p.address) != name:
-                problems.append(f"confirmed {name} missing from the address index")
-            if p.status != PENDING and p.last_heard is None:
-                problems.append(f"confirmed {name} never heard")
-            if p.timer == math.inf:
-                problems.append(f"{name} ({p.status}) has no timer")
-            live += p.status in _LIVE
-        if live != self.live_count:
-            problems.append(f"live_count {self.live_count} != {live}")
+        """Check the peer table's invariants; raise LocalProtocolError with the story."""
+        problems = self._peers.problems(self._info.name)
         if problems:
             raise LocalProtocolError(
                 f"membership of {self._info.name} broke invariants: {'; '.join(problems)}\n"
@@ -466,7 +325,7 @@ class Membership:
     # -- handlers ----------------------------------------------------------
 
     def _on_hello(self, sender: str, m: Hello, now: float, out: list[Action]) -> None:
-        _check_peer_fields(m, sender)
+        check_peer_fields(m, sender)
         if not m.address:
             raise RemoteProtocolError(f"HELLO from {sender} has an empty address")
         me = self._info
@@ -476,9 +335,9 @@ class Membership:
             raise RemoteProtocolError(
                 f"peer at {m.address} claims our name {me.name!r}; names must be unique"
             )
-        if self._tombstoned(m.name, m.incarnation, now):
+        if self._peers.tombstoned(m.name, m.incarnation, now):
             return
-        p = self._peers.get(m.name)
+        p = self._peers.by_name.get(m.name)
         if p is not None and p.incarnation > m.incarnation:
             return  # an old incarnation's late HELLO
         # our own HELLO asking for one back went to it less than a heartbeat
@@ -500,57 +359,52 @@ class Membership:
         else:
             self._update(p, m, now, out)
         self._saw_term(m.term, p, out)
-        self._gossip(m.names, m.addresses, m.incarnations, sender, now, out)
+        self._gossip(m, sender, now, out)
         if m.reply and not crossed:
             out.append(Send(m.address, self._hello(False, now)))
 
     def _on_beat(self, sender: str, m: Beat, now: float, out: list[Action]) -> None:
-        _check_peer_fields(m, sender)
-        p = self._peers.get(m.name)
+        check_peer_fields(m, sender)
+        p = self._peers.by_name.get(m.name)
         if p is not None and p.incarnation == m.incarnation and p.status != PENDING:
             self._update(p, m, now, out)
             self._saw_term(m.term, p, out)
         elif p is None or p.incarnation <= m.incarnation:
             # someone we do not know (or a new incarnation): ask it to introduce itself
             self._learn(m.name, sender, m.incarnation, now, out)
-        self._gossip(m.names, m.addresses, m.incarnations, sender, now, out)
+        self._gossip(m, sender, now, out)
 
     def _on_leave(self, sender: str, m: Leave, now: float, out: list[Action]) -> None:
         if not m.name or m.incarnation < 0:
             raise RemoteProtocolError(f"LEAVE from {sender} names no node")
-        p = self._peers.get(m.name)
+        p = self._peers.by_name.get(m.name)
         if p is None or p.incarnation != m.incarnation:
             return
-        self._tombs[m.name] = (m.incarnation, now + self.forget_after)
+        self._peers.bury(m.name, m.incarnation, now + self.forget_after)
         self._remove(p, "left", now, out)
 
     # -- internals ---------------------------------------------------------
 
-    def _confirm(self, m: Hello, pending: _Peer | None, now: float, out: list[Action]) -> _Peer:
+    def _confirm(self, m: Hello, pending: Peer | None, now: float, out: list[Action]) -> Peer:
         """Make a member of a node that introduced itself."""
         if pending is not None:  # hearsay confirmed: the record is rebuilt from the HELLO
-            self._move(pending, GONE, now)
-            del self._peers[pending.name]
-            pending.timer = math.inf
-        other = self._by_address.get(m.address)
+            self._peers.drop(pending, now)
+        other = self._peers.by_address.get(m.address)
         if other is not None:
             # one address hosts one node: the old one there is gone
-            self._remove(self._peers[other], "replaced", now, out)
-        p = _Peer(m.name, m.address, m.incarnation, now)
-        self._peers[m.name] = p
-        self._by_address[m.address] = m.name
+            self._remove(self._peers.by_name[other], "replaced", now, out)
+        p = Peer(m.name, m.address, m.incarnation, now)
         p.version, p.cpus, p.gpus = m.version, m.cpus, m.gpus
         p.slots_free, p.load, p.state = m.slots_free, m.load, m.state
         p.tasks_done = m.tasks_done
-        p.status, p.last_heard, p.since = ALIVE, now, now
-        self.live_count += 1
-        self._arm(p, now + self.suspect_after)
+        self._peers.add_member(p, now)
+        self._peers.arm(p, now + self.suspect_after)
         self.story.add(now, "joined", f"{m.name} at {m.address} inc {m.incarnation}")
         out.append(Connect(m.address))
         out.append(PeerJoined(self._view(p)))
         return p
 
-    def _update(self, p: _Peer, m: Hello | Beat, now: float, out: list[Action]) -> None:
+    def _update(self, p: Peer, m: Hello | Beat, now: float, out: list[Action]) -> None:
         p.last_heard = now
         p.tasks_done = m.tasks_done
         if p.status == ALIVE and p.state == m.state:  # the common case: a routine BEAT
@@ -564,47 +418,35 @@ class Membership:
             p.version, p.cpus, p.gpus = m.version, m.cpus, m.gpus
         p.last_heard = now
         if p.status != ALIVE:
-            self._move(p, ALIVE, now)
-            self._arm(p, now + self.suspect_after)
+            self._peers.move(p, ALIVE, now)
+            self._peers.arm(p, now + self.suspect_after)
         after = p.view_state()
         if after != before:
             out.append(PeerStateChanged(p.name, p.address, before, after))
 
-    def _heard(self, p: _Peer, now: float, out: list[Action]) -> None:
+    def _heard(self, p: Peer, now: float, out: list[Action]) -> None:
         if p.status == PENDING:
             p.mentioned = now
             return
         p.last_heard = now
         if p.status != ALIVE:
             before = p.view_state()
-            self._move(p, ALIVE, now)
-            self._arm(p, now + self.suspect_after)
+            self._peers.move(p, ALIVE, now)
+            self._peers.arm(p, now + self.suspect_after)
             out.append(PeerStateChanged(p.name, p.address, before, p.view_state()))
 
-    def _saw_term(self, term: int, p: _Peer, out: list[Action]) -> None:
+    def _saw_term(self, term: int, p: Peer, out: list[Action]) -> None:
         if term > p.term:
             p.term = term  # a term going backwards from one peer is ignored
         if term > self._max_term_seen:
             self._max_term_seen = term
             out.append(TermSeen(term))
 
-    def _gossip(
-        self,
-        names: list[str],
-        addresses: list[str],
-        incs: list[int],
-        sender: str,
-        now: float,
-        out: list[Action],
-    ) -> None:
-        n = len(names)
-        if n != len(addresses) or n != len(incs) or n > MAX_GOSSIP:
-            raise RemoteProtocolError(
-                f"gossip from {sender} is malformed: {n} names, {len(addresses)} addresses, "
-                f"{len(incs)} incarnations (at most {MAX_GOSSIP}, all equal)"
-            )
-        peers = self._peers
-        for i in range(n):
+    def _gossip(self, m: Hello | Beat, sender: str, now: float, out: list[Action]) -> None:
+        check_sample(m, sender)
+        peers = self._peers.by_name
+        names, addresses, incs = m.names, m.addresses, m.incarnations
+        for i in range(len(names)):
             p = peers.get(names[i])
             if p is not None and p.incarnation >= incs[i]:
                 if p.status == PENDING:
@@ -616,9 +458,9 @@ class Membership:
         """Hearsay of a member: dial it and ask it to introduce itself."""
         if not name or not address or inc < 0:
             raise RemoteProtocolError(f"gossip names an invalid member {name!r} at {address!r}")
-        if name == self._info.name or self._tombstoned(name, inc, now):
+        if name == self._info.name or self._peers.tombstoned(name, inc, now):
             return
-        p = self._peers.get(name)
+        p = self._peers.by_name.get(name)
         if p is not None:
             if p.incarnation > inc or (p.incarnation == inc and p.status != PENDING):
                 return
@@ -626,12 +468,12 @@ class Membership:
                 p.incarnation, p.address, p.mentioned = inc, address, now
                 return
             self._remove(p, "restarted", now, out)  # a newer incarnation exists
-        p = _Peer(name, address, inc, now)
-        self._peers[name] = p
+        p = Peer(name, address, inc, now)
+        self._peers.add_pending(p)
         self._probe(p, now, out)
         self.story.add(now, "heard of", f"{name} at {address} inc {inc}")
 
-    def _probe(self, p: _Peer, now: float, out: list[Action]) -> None:
+    def _probe(self, p: Peer, now: float, out: list[Action]) -> None:
         out.append(Connect(p.address))
         out.append(Send(p.address, self._hello(True, now)))
         p.probe_every = min(max(p.probe_every * 2, self.heartbeat), self.probe_cap)
@@ -639,9 +481,9 @@ class Membership:
         limit = (
             p.mentioned + self.dead_after if p.status == PENDING else p.since + self.forget_after
         )
-        self._arm(p, min(p.next_probe, limit))
+        self._peers.arm(p, min(p.next_probe, limit))
 
-    def _check(self, p: _Peer, now: float, out: list[Action]) -> None:
+    def _check(self, p: Peer, now: float, out: list[Action]) -> None:
         """The peer's timer fired: apply whatever threshold it crossed, re-arm."""
         st = p.status
         if st == PENDING:
@@ -650,7 +492,7 @@ class Membership:
             elif now >= p.next_probe:
                 self._probe(p, now, out)
             else:
-                self._arm(p, min(p.next_probe, p.mentioned + self.dead_after))
+                self._peers.arm(p, min(p.next_probe, p.mentioned + self.dead_after))
         elif st == DEAD:
             if now - p.since >= self.forget_after:
                 self._remove(p, "forgotten", now, out)
@@ -659,106 +501,49 @@ class Membership:
             else:
                 if now >= p.next_probe:
                     p.next_probe = now + self.probe_cap
-                self._arm(p, min(p.next_probe, p.since + self.forget_after))
+                self._peers.arm(p, min(p.next_probe, p.since + self.forget_after))
         else:
             last = p.last_heard if p.last_heard is not None else p.since
             quiet = now - last
             before = p.view_state()
             if quiet >= self.dead_after:
-                self._move(p, DEAD, now)
+                self._peers.move(p, DEAD, now)
                 p.probe_every = 0.0
                 p.next_probe = now + self.heartbeat
-                self._arm(p, p.next_probe)
+                self._peers.arm(p, p.next_probe)
             elif quiet >= self.suspect_after:
                 if st == ALIVE:
-                    self._move(p, SUSPECT, now)
-                self._arm(p, last + self.dead_after)
+                    self._peers.move(p, SUSPECT, now)
+                self._peers.arm(p, last + self.dead_after)
             else:
-                self._arm(p, last + self.suspect_after)
+                self._peers.arm(p, last + self.suspect_after)
             if p.view_state() != before:
                 out.append(PeerStateChanged(p.name, p.address, before, p.view_state()))
 
-    def _move(self, p: _Peer, new: str, now: float) -> None:
-        check_move(p.status, new, p.name, p.incarnation)
-        self.live_count += (new in _LIVE) - (p.status in _LIVE)
-        self.story.add(now, f"{p.status}->{new}", f"{p.name} inc {p.incarnation}")
-        p.status = new
-        p.since = now
-
-    def _remove(self, p: _Peer, reason: str, now: float, out: list[Action]) -> None:
+    def _remove(self, p: Peer, reason: str, now: float, out: list[Action]) -> None:
         confirmed = p.status != PENDING
-        self._move(p, GONE, now)
-        del self._peers[p.name]
-        p.timer = math.inf
+        self._peers.drop(p, now)
         if confirmed:
-            if self._by_address.get(p.address) == p.name:
-                del self._by_address[p.address]
             out.append(PeerLeft(p.name, p.address, p.incarnation, reason))
         self.story.add(now, "removed", f"{p.name} inc {p.incarnation}: {reason}")
-        if p.address not in self._seed_probe and p.address not in self._by_address:
+        if p.address not in self._seed_probe and p.address not in self._peers.by_address:
             out.append(Disconnect(p.address))
 
-    def _arm(self, p: _Peer, when: float) -> None:
-        slot = math.ceil(when / self._grain)
-        if slot * self._grain < when:
-            slot += 1  # never fire before `when`, whatever the rounding
-        if slot < p.timer:
-            p.timer = slot
-            bucket = self._wheel.get(slot)
-            if bucket is None:
-                self._wheel[slot] = bucket = []
-                heapq.heappush(self._slots, slot)
-            bucket.append(p)
-
-    def _tombstoned(self, name: str, inc: int, now: float) -> bool:
-        tomb = self._tombs.get(name)
-        if tomb is None:
-            return False
-        if tomb[1] <= now:
-            del self._tombs[name]
-            return False
-        return inc <= tomb[0]
-
-    def _expire_tombs(self, now: float) -> None:
-        if self._tombs:
-            for name in [n for n, (_, until) in self._tombs.items() if until <= now]:
-                del self._tombs[name]
-
-    def _live_view(self, now: float) -> list[_Peer]:
+    def _live_view(self, now: float) -> list[Peer]:
         """Live peers, rebuilt at most once a timer grain: a HELLO's gossip
         sample must not cost O(N) when thousands arrive at once."""
         if now - self._live_built >= self._grain:
-            self._live = [p for p in self._peers.values() if p.status in _LIVE]
+            self._live = [p for p in self._peers.by_name.values() if p.status in LIVE]
             self._live_built = now
             self._hellos.clear()
         return self._live
 
     def _beat(self, now: float, out: list[Action]) -> None:
-        """One BEAT to every live peer. Each BEAT carries a slice of
-        `gossip_size` members; the slices start at a random offset each period
-        and there are `BEAT_VARIANTS` of them, dealt out in turn (identical
-        objects, so the shell may encode each variant once)."""
+        """One BEAT to every live peer, the period's variants (see
+        `new_beats`) dealt out in turn."""
         self._live_built = -math.inf
         live = self._live_view(now)
-        n = len(live)
-        if not n:
-            return
-        start = self._rng.randrange(n)
-        k = min(self.gossip_size, n)
-        names = [p.name for p in live]
-        addresses = [p.address for p in live]
-        incs = [p.incarnation for p in live]
-        names += names[:k]
-        addresses += addresses[:k]
-        incs += incs[:k]
-        me, term = self._info, self._term
-        variants = []
-        for i in range(min(n, BEAT_VARIANTS)):
-            s = (start + i * k) % n
-            variants.append(
-                Beat(me.name, me.incarnation, me.slots_free, me.load, me.state, term,
-                     me.tasks_done, names[s : s + k], addresses[s : s + k], incs[s : s + k])
-            )  # fmt: skip
+        variants = new_beats(self._info, self._term, live, self._rng, self.gossip_size)
         m = len(variants)
         out.extend(Send(p.address, variants[i % m]) for i, p in enumerate(live))
 
@@ -769,30 +554,19 @@ class Membership:
         variants = self._hellos.get(reply)
         if variants is None:
             count = min(max(len(live), 1), BEAT_VARIANTS)
-            variants = self._hellos[reply] = [self._new_hello(reply, live) for _ in range(count)]
+            variants = self._hellos[reply] = [
+                new_hello(self._info, self._term, reply, live, self._rng, self.gossip_size)
+                for _ in range(count)
+            ]
         self._hello_turn += 1
         return variants[self._hello_turn % len(variants)]
-
-    def _new_hello(self, reply: bool, live: list[_Peer]) -> Hello:
-        chosen: list[_Peer] = []
-        if live:
-            n, s = len(live), self._rng.randrange(len(live))
-            for i in range(min(n, 2 * self.gossip_size)):
-                p = live[(s + i) % n]
-                if p.status in _LIVE and len(chosen) < self.gossip_size:
-                    chosen.append(p)
-        me = self._info
-        return Hello(me.name, me.address, me.version, me.incarnation, me.cpus, me.gpus,
-                     me.slots_free, me.load, me.state, self._term, me.tasks_done, reply,
-                     [p.name for p in chosen], [p.address for p in chosen],
-                     [p.incarnation for p in chosen])  # fmt: skip
 
     def _probe_seeds(self, now: float, out: list[Action]) -> None:
         due = math.inf
         hello = None
         for address, probe in self._seed_probe.items():
-            name = self._by_address.get(address)
-            if name is not None and self._peers[name].status in _LIVE:
+            name = self._peers.by_address.get(address)
+            if name is not None and self._peers.by_name[name].status in LIVE:
                 probe[0], probe[1] = now + self.heartbeat, self.heartbeat
                 continue  # linked: checked again on the next tick
             if now >= probe[0]:
@@ -804,31 +578,14 @@ class Membership:
             due = min(due, probe[0])
         self._seed_due = due if due < math.inf else now + self.heartbeat
 
-    def _view(self, p: _Peer) -> MemberView:
+    def _view(self, p: Peer) -> MemberView:
         return MemberView(p.name, p.address, p.view_state(), p.cpus, p.gpus, p.slots_free,
                           p.load, p.version, p.incarnation, p.last_heard, p.term,
                           p.tasks_done)  # fmt: skip
 
 
-def _by_name(p: _Peer) -> str:
+def _by_name(p: Peer) -> str:
     return p.name
-
-
-def _check_peer_fields(m: Hello | Beat, sender: str) -> None:
-    """Reject values the wire types allow but no honest peer sends."""
-    if not m.name:
-        raise RemoteProtocolError(f"{type(m).__name__} from {sender} has an empty name")
-    if m.state not in _NODE_STATES:
-        raise RemoteProtocolError(
-            f"{type(m).__name__} from {sender} has state {m.state[:32]!r}, expected alive or draining"
-        )
-    if (m.incarnation < 0 or m.slots_free < 0 or m.term < 0 or m.tasks_done < 0
-            or not math.isfinite(m.load)):
-        raise RemoteProtocolError(
-            f"{type(m).__name__} from {sender} has a negative count or a non-finite load"
-        )
-    if isinstance(m, Hello) and (m.cpus < 0 or m.gpus < 0):
-        raise RemoteProtocolError(f"HELLO from {sender} has a negative cpu or gpu count")
 
 
 _HANDLERS = {Hello: Membership._on_hello, Beat: Membership._on_beat, Leave: Membership._on_leave}

@@ -47,11 +47,11 @@ from hived.election import (
     Persist,
 )
 from hived.errors import RemoteProtocolError
+from hived.gossip import MESSAGES as MEMBERSHIP_MESSAGES
+from hived.gossip import NodeInfo
 from hived.matchmaking import MESSAGES as WORK_MESSAGES
-from hived.membership import MESSAGES as MEMBERSHIP_MESSAGES
 from hived.membership import (
     Membership,
-    NodeInfo,
     PeerJoined,
     PeerLeft,
     PeerStateChanged,

@@ -22,6 +22,7 @@ from typing import Any
 import zmq
 from zmq.utils import z85
 
+from hived.addresses import is_loopback
 from hived.errors import ConfigError, HiveError
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,6 @@ def load_key(path: str) -> ClusterKey:
 def client_curve(address: str, key_file: str | None) -> Callable[[zmq.Socket], None] | None:
     """How a client socket dialling `address` must be set up: CURVE with the
     cluster key (from `key_file`, else $HIVED_KEY_FILE), or nothing on ipc."""
-    from hived.config import is_loopback
-
     key_file = key_file or os.environ.get("HIVED_KEY_FILE") or None
     if not address.startswith("tcp://"):
         return None

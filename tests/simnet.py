@@ -33,11 +33,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from hived import election as el
+from hived import gossip
 from hived import membership as mb
 from hived.wire import Message, decode, encode
 
 DELIVER, WAKE = 0, 1
-MEMBERSHIP_TYPES = frozenset(mb.MESSAGES)
+MEMBERSHIP_TYPES = frozenset(gossip.MESSAGES)
 ELECTION_TYPES = frozenset(el.MESSAGES)
 
 
@@ -166,8 +167,8 @@ class SimNet:
         now = node.local(self.now)
         node.incarnation = max(node.incarnation + 1, int(now * 1000))
         rng = random.Random(self.rng.getrandbits(64))
-        info = mb.NodeInfo(name, node.address, "0.1.0", node.cpus, node.gpus, node.cpus,
-                           incarnation=node.incarnation)  # fmt: skip
+        info = gossip.NodeInfo(name, node.address, "0.1.0", node.cpus, node.gpus, node.cpus,
+                               incarnation=node.incarnation)  # fmt: skip
         node.membership = mb.Membership(info, node.seeds, self.heartbeat, self.dead_after, now,
                                         rng, **self.membership_options)  # fmt: skip
         node.election = el.Election(

@@ -11,16 +11,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hived.addresses import (
+    SYSTEM_CONTROL_ADDRESS,
+    default_control_address,
+    is_loopback,
+    local_control_addresses,
+)
 from hived.config import (
     DEFAULT_CONFIG_PATH,
-    SYSTEM_CONTROL_ADDRESS,
     Config,
     _default_data_dir,
     check_security,
-    default_control_address,
-    is_loopback,
     load_config,
-    local_control_addresses,
     parse_memory_limit,
 )
 from hived.errors import ConfigError

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from simnet import SIM_SETTINGS, Faults, SimNet, fault_schedules
 
 from hived import membership as mb
+from hived import peers
 from hived.errors import LocalProtocolError, RemoteProtocolError
+from hived.gossip import BEAT_VARIANTS, Beat, Hello, Leave, NodeInfo
 from hived.wire import decode, encode
 
 H, DEAD = 0.5, 3.0
@@ -24,20 +26,20 @@ def addr(name: str) -> str:
 
 
 def node(name: str, seeds=(), now: float = 0.0, inc: int = 1, **options) -> mb.Membership:
-    info = mb.NodeInfo(name, addr(name), "0.1.0", cpus=8, gpus=1, slots_free=8, incarnation=inc)
+    info = NodeInfo(name, addr(name), "0.1.0", cpus=8, gpus=1, slots_free=8, incarnation=inc)
     return mb.Membership(info, [addr(s) for s in seeds], H, DEAD, now, random.Random(0), **options)
 
 
-def hello(name: str, inc: int = 1, reply: bool = False, term: int = 0, gossip=()) -> mb.Hello:
+def hello(name: str, inc: int = 1, reply: bool = False, term: int = 0, gossip=()) -> Hello:
     names = [g[0] for g in gossip]
-    return mb.Hello(name, addr(name), "0.1.0", inc, 4, 0, 4, 0.5, "alive", term, 7, reply,
-                    names, [addr(n) for n in names], [g[1] for g in gossip])  # fmt: skip
+    return Hello(name, addr(name), "0.1.0", inc, 4, 0, 4, 0.5, "alive", term, 7, reply,
+                 names, [addr(n) for n in names], [g[1] for g in gossip])  # fmt: skip
 
 
-def beat(name: str, inc: int = 1, term: int = 0, state: str = "alive", gossip=()) -> mb.Beat:
+def beat(name: str, inc: int = 1, term: int = 0, state: str = "alive", gossip=()) -> Beat:
     names = [g[0] for g in gossip]
-    return mb.Beat(name, inc, 3, 0.25, state, term, 7, names, [addr(n) for n in names],
-                   [g[1] for g in gossip])  # fmt: skip
+    return Beat(name, inc, 3, 0.25, state, term, 7, names, [addr(n) for n in names],
+                [g[1] for g in gossip])  # fmt: skip
 
 
 def of(actions, kind):
@@ -66,13 +68,13 @@ def test_hello_on_connect_makes_members_on_both_sides():
     a, b = node("a", seeds=["b"]), node("b")
     first = a.tick(0.0)
     assert first[0] == mb.Connect(addr("b"))
-    (ask,) = sends(first, mb.Hello)
+    (ask,) = sends(first, Hello)
     assert ask.to == addr("b") and ask.msg.reply and ask.msg.cpus == 8
     answer = b.handle(addr("a"), ask.msg, 0.01)
     (joined,) = of(answer, mb.PeerJoined)
     assert joined.member.name == "a" and joined.member.cpus == 8 and joined.member.gpus == 1
     assert mb.Connect(addr("a")) in answer
-    (back,) = sends(answer, mb.Hello)
+    (back,) = sends(answer, Hello)
     assert back.to == addr("a") and not back.msg.reply
     assert of(a.handle(addr("b"), back.msg, 0.02), mb.PeerJoined)
     assert [(v.name, v.state) for v in a.members()] == [("a", "alive"), ("b", "alive")]
@@ -84,7 +86,7 @@ def test_heartbeats_are_one_small_beat_per_live_peer():
         m = node("me")
         for i in range(n):
             m.handle(addr(f"p{i}"), hello(f"p{i}"), 0.0)
-        return sends(m.tick(H), mb.Beat)
+        return sends(m.tick(H), Beat)
 
     small, large = beats_of(10), beats_of(1000)
     assert len(small) == 10 and len(large) == 1000
@@ -95,7 +97,7 @@ def test_heartbeats_are_one_small_beat_per_live_peer():
     assert size <= max(sum(len(f) for f in encode(b.msg)) for b in small) + 3 * 2 * 3
     assert size < 200
     gossiped = {name for b in large for name in b.msg.names}
-    assert len(gossiped) == 3 * mb.BEAT_VARIANTS  # a random slice per variant
+    assert len(gossiped) == 3 * BEAT_VARIANTS  # a random slice per variant
 
 
 def test_heartbeats_carry_load_slots_and_tasks_done():
@@ -103,7 +105,7 @@ def test_heartbeats_carry_load_slots_and_tasks_done():
     a.handle(addr("b"), hello("b"), 0.0)
     b.handle(addr("a"), hello("a"), 0.0)
     b.update(load=1.5, slots_free=2, tasks_done=41)
-    (beat_to_a,) = sends(b.tick(H), mb.Beat)
+    (beat_to_a,) = sends(b.tick(H), Beat)
     a.handle(addr("b"), beat_to_a.msg, H)
     view = a.member("b")
     assert (view.load, view.slots_free, view.tasks_done) == (1.5, 2, 41)
@@ -134,7 +136,7 @@ def test_a_quiet_peer_turns_suspect_then_dead_then_is_forgotten():
     assert left[1].reason == "forgotten" and t_dead + 20.0 <= left[0] < t_dead + 20.0 + GRAIN
     assert (left[0], mb.Disconnect(addr("b"))) in events
     # while dead it was probed with HELLOs at growing intervals, capped
-    probes = [t for t, e in events if isinstance(e, mb.Send) and isinstance(e.msg, mb.Hello)]
+    probes = [t for t, e in events if isinstance(e, mb.Send) and isinstance(e.msg, Hello)]
     gaps = [b - a for a, b in pairwise(probes)]
     assert probes[0] == pytest.approx(t_dead + H, abs=GRAIN) and gaps == sorted(gaps)
     assert max(gaps) == pytest.approx(DEAD, abs=GRAIN)
@@ -154,12 +156,12 @@ def test_leave_removes_the_peer_at_once_and_stale_gossip_cannot_bring_it_back():
     a = node("a")
     a.handle(addr("b"), hello("b", inc=4), 0.0)
     a.handle(addr("c"), hello("c"), 0.0)
-    out = a.handle(addr("b"), mb.Leave("b", 4), 1.0)
+    out = a.handle(addr("b"), Leave("b", 4), 1.0)
     assert of(out, mb.PeerLeft) == [mb.PeerLeft("b", addr("b"), 4, "left")]
     assert mb.Disconnect(addr("b")) in out and a.member("b") is None
     assert a.handle(addr("c"), beat("c", gossip=[("b", 4)]), 1.1) == []
     # a new process under that name is welcome
-    assert sends(a.handle(addr("c"), beat("c", gossip=[("b", 5)]), 1.2), mb.Hello)
+    assert sends(a.handle(addr("c"), beat("c", gossip=[("b", 5)]), 1.2), Hello)
 
 
 def test_a_higher_incarnation_supersedes_and_a_lower_one_is_ignored():
@@ -176,13 +178,13 @@ def test_gossip_about_a_stranger_dials_it_and_it_joins_when_it_answers():
     a = node("a")
     a.handle(addr("b"), hello("b"), 0.0)
     out = a.handle(addr("b"), beat("b", gossip=[("c", 2)]), 0.1)
-    assert out[0] == mb.Connect(addr("c")) and sends(out, mb.Hello)[0].msg.reply
+    assert out[0] == mb.Connect(addr("c")) and sends(out, Hello)[0].msg.reply
     assert a.member("c") is None  # hearsay is not membership
     assert of(a.handle(addr("c"), hello("c", inc=2), 0.2), mb.PeerJoined)
     # hearsay that never answers is dropped
     a.handle(addr("b"), beat("b", gossip=[("ghost", 1)]), 0.3)
     run(a, 10.0, now=0.3)
-    assert "ghost" not in {v.name for v in a.members()} and "ghost" not in a._peers
+    assert "ghost" not in {v.name for v in a.members()} and "ghost" not in a._peers.by_name
 
 
 def test_unreachable_seeds_are_retried_with_back_off():
@@ -197,7 +199,7 @@ def test_unreachable_seeds_are_retried_with_back_off():
     a.handle(addr("s"), hello("s"), 60.0)
     later = run(a, 60.0 + DEAD - H, now=60.0)
     assert mb.Connect(addr("s")) not in [e for _, e in later]
-    assert sends([e for _, e in later], mb.Beat)
+    assert sends([e for _, e in later], Beat)
 
 
 def test_terms_in_heartbeats_are_reported_once_and_never_go_back():
@@ -208,7 +210,7 @@ def test_terms_in_heartbeats_are_reported_once_and_never_go_back():
     assert of(a.handle(addr("b"), beat("b", term=3), 0.3), mb.TermSeen) == []
     assert a.member("b").term == 5
     a.set_term(7)
-    assert sends(a.tick(H), mb.Beat)[0].msg.term == 7 and a.members()[0].term == 7
+    assert sends(a.tick(H), Beat)[0].msg.term == 7 and a.members()[0].term == 7
 
 
 def test_draining_shows_in_the_view():
@@ -216,7 +218,7 @@ def test_draining_shows_in_the_view():
     a.handle(addr("b"), hello("b"), 0.0)
     b.handle(addr("a"), hello("a"), 0.0)
     b.update(state="draining", slots_free=0, load=3.5)
-    (msg,) = sends(b.tick(H), mb.Beat)
+    (msg,) = sends(b.tick(H), Beat)
     out = a.handle(addr("b"), msg.msg, H)
     assert of(out, mb.PeerStateChanged) == [
         mb.PeerStateChanged("b", addr("b"), "alive", "draining")
@@ -230,14 +232,14 @@ def test_draining_shows_in_the_view():
 @pytest.mark.parametrize(
     "msg, match",
     [
-        (mb.Beat("b", 1, 1, 0.0, "alive", 0, 0, ["x", "y"], [addr("x")], [1, 1]), "malformed"),
-        (mb.Beat("b", 1, 1, 0.0, "zombie", 0, 0, [], [], []), "state"),
-        (mb.Beat("", 1, 1, 0.0, "alive", 0, 0, [], [], []), "empty name"),
-        (mb.Beat("b", 1, 1, math.nan, "alive", 0, 0, [], [], []), "non-finite"),
-        (mb.Beat("b", 1, 1, 0.0, "alive", 0, 0, ["x"] * 65, ["y"] * 65, [1] * 65), "at most"),
-        (mb.Beat("b", 1, 1, 0.0, "alive", 0, 0, [""], ["y"], [1]), "invalid member"),
+        (Beat("b", 1, 1, 0.0, "alive", 0, 0, ["x", "y"], [addr("x")], [1, 1]), "malformed"),
+        (Beat("b", 1, 1, 0.0, "zombie", 0, 0, [], [], []), "state"),
+        (Beat("", 1, 1, 0.0, "alive", 0, 0, [], [], []), "empty name"),
+        (Beat("b", 1, 1, math.nan, "alive", 0, 0, [], [], []), "non-finite"),
+        (Beat("b", 1, 1, 0.0, "alive", 0, 0, ["x"] * 65, ["y"] * 65, [1] * 65), "at most"),
+        (Beat("b", 1, 1, 0.0, "alive", 0, 0, [""], ["y"], [1]), "invalid member"),
         (hello("a", inc=9), "claims our name"),
-        (mb.Leave("", 1), "names no node"),
+        (Leave("", 1), "names no node"),
     ],
 )
 def test_peer_nonsense_raises_remote_protocol_error(msg, match):
@@ -249,7 +251,7 @@ def test_peer_nonsense_raises_remote_protocol_error(msg, match):
 
 def test_misuse_raises_local_protocol_error():
     with pytest.raises(LocalProtocolError, match="dead -> suspect for peer 'b'"):
-        mb.check_move(mb.DEAD, mb.SUSPECT, "b", 3)
+        peers.check_move(peers.DEAD, peers.SUSPECT, "b", 3)
     with pytest.raises(LocalProtocolError, match="not one of its messages"):
         node("a").handle(addr("b"), mb.Send("x", beat("b")), 0.0)  # type: ignore[arg-type]
     with pytest.raises(LocalProtocolError, match="heartbeat < suspect_after < dead_after"):
@@ -259,7 +261,7 @@ def test_misuse_raises_local_protocol_error():
 def test_after_leave_the_core_is_quiet():
     a = node("a")
     a.handle(addr("b"), hello("b"), 0.0)
-    assert a.leave(1.0) == [mb.Send(addr("b"), mb.Leave("a", 1))]
+    assert a.leave(1.0) == [mb.Send(addr("b"), Leave("a", 1))]
     assert a.tick(2.0) == [] and a.handle(addr("b"), beat("b"), 2.0) == []
     assert a.next_deadline() is None and a.leave(3.0) == []
 
@@ -276,7 +278,7 @@ def test_the_story_is_bounded_and_numbered():
 
 
 @pytest.mark.parametrize(
-    "msg", [hello("a", gossip=[("b", 2)]), beat("a", term=3), mb.Leave("a", 1)]
+    "msg", [hello("a", gossip=[("b", 2)]), beat("a", term=3), Leave("a", 1)]
 )
 def test_messages_survive_the_wire(msg):
     assert decode(encode(msg))[0] == msg

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hived.config import SYSTEM_CONTROL_ADDRESS, TimingConfig
+from hived.addresses import SYSTEM_CONTROL_ADDRESS
+from hived.config import TimingConfig
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "hived.service"
 ANALYZE = shutil.which("systemd-analyze")
