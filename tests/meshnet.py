@@ -36,6 +36,7 @@ class MeshNode:
         # GPU slots: with no nvidia-smi on a test host, `--gpus N` gives
         # workers CUDA_VISIBLE_DEVICES 0..N-1, which routing needs, not a GPU.
         self.gpus = 0
+        self.env: dict[str, str] = {}  # extra environment for the daemon and its workers
 
     def start(self) -> MeshNode:
         c = self.cluster
@@ -51,7 +52,7 @@ class MeshNode:
         for seed in c.seeds:
             args += ["--seed", seed]
         log = open(self.log_path, "ab")
-        self.proc = self.host.popen(args, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
+        self.proc = self.host.popen(args, env=child_env(**self.env), stdout=log, stderr=subprocess.STDOUT)
         log.close()
         return self
 
@@ -77,7 +78,8 @@ class MeshNode:
 
 class Cluster:
     def __init__(self, net: TestNet, tmp: str, voters: int | None = None,
-                 timing: dict[str, float] | None = None, gpus: dict[int, int] | None = None) -> None:
+                 timing: dict[str, float] | None = None, gpus: dict[int, int] | None = None,
+                 env: dict[int, dict[str, str]] | None = None) -> None:
         self.net, self.dir = net, tmp
         self.timing = timing or TIMING
         self.key_path = os.path.join(tmp, "cluster.key")
@@ -85,6 +87,8 @@ class Cluster:
         self.nodes = [MeshNode(self, host) for host in net]
         for i, count in (gpus or {}).items():
             self.nodes[i].gpus = count
+        for i, extra in (env or {}).items():
+            self.nodes[i].env = extra
         self.seeds = [n.address for n in self.nodes[: voters or len(self.nodes)]]
 
     def start(self) -> Cluster:

@@ -30,6 +30,7 @@ import hived
 from hived.control import DrainRequest, JobsQuery, ask
 
 BAD = 10_000  # the item that kills its worker
+SLOWDOWN = "TEST_TASK_SLOWDOWN"  # set for one daemon (and so its workers): its tasks run slower
 
 
 # -- tasks (module level: pickled by value) ------------------------------------------------
@@ -54,6 +55,12 @@ def square_device(x):
     started = time.time()
     time.sleep(0.1)
     return x * x, os.getppid(), os.environ.get("CUDA_VISIBLE_DEVICES"), started
+
+
+def square_where_paced(x):
+    """x² in 50 ms, times the slowdown of the node it runs on."""
+    time.sleep(0.05 * float(os.environ.get(SLOWDOWN, "1")))
+    return x * x, os.getppid()
 
 
 def nap(seconds):
@@ -86,10 +93,10 @@ def all_see_all(c: Cluster, nodes: list[MeshNode]) -> bool:
 
 
 @contextlib.contextmanager
-def running_cluster(testnet, gpus: dict[int, int] | None = None):
+def running_cluster(testnet, **options):
     """Three hosts, a hived on each, every node seeing every other, one coordinator."""
     tmp = tempfile.TemporaryDirectory(prefix="hived-dist-")
-    c = Cluster(testnet(3), tmp.name, gpus=gpus).start()
+    c = Cluster(testnet(3), tmp.name, **options).start()
     try:
         eventually(c, lambda: all_see_all(c, c.nodes), 30, "full membership")
         c.wait_agreed()
@@ -113,6 +120,13 @@ def cluster(testnet):
 def gpu_cluster(testnet):
     """As `cluster`, with one GPU slot on the third node only."""
     with running_cluster(testnet, gpus={2: 1}) as c:
+        yield c
+
+
+@pytest.fixture
+def slow_node_cluster(testnet):
+    """As `cluster`, but tasks run four times slower on the third node."""
+    with running_cluster(testnet, env={2: {SLOWDOWN: "4"}}) as c:
         yield c
 
 
@@ -397,3 +411,14 @@ def test_gpu_tasks_run_only_on_the_node_with_a_gpu_slot(gpu_cluster):
     check_squares(cpu_got, 30, c)
     assert {r[1] for r in cpu_got} == {n.proc.pid for n in c.nodes}
     assert {r[2] for r in cpu_got if r[1] == gpu_node.proc.pid} == {""}
+
+
+def test_a_slow_node_takes_fewer_tasks_with_no_tuning(slow_node_cluster):
+    """Nodes pull work as their slots free up, so a node whose tasks run four
+    times slower ends up with about a quarter of a fast node's share."""
+    c = slow_node_cluster
+    with hived.connect(c[0].control) as h:
+        pids = check_squares(list(h.map(square_where_paced, range(90), chunksize=1)), 90, c)
+    ran = {n.name: pids.count(n.proc.pid) for n in c.nodes}
+    fast = min(ran[c[0].name], ran[c[1].name])
+    assert 0 < ran[c[2].name] <= fast / 2, ran
