@@ -109,6 +109,14 @@ class Config:
         default_factory=lambda: MappingProxyType({}), compare=False, repr=False
     )
 
+    def dotted(self) -> dict[str, Any]:
+        """Every setting under its dotted key (log_level, node.name, ...)."""
+        values = {"log_level": self.log_level}
+        for section in ("node", "pool", "timing", "security"):
+            for key, value in vars(getattr(self, section)).items():
+                values[f"{section}.{key}"] = value
+        return values
+
     def to_toml(self) -> str:
         """The effective configuration as TOML that `load_config` reads back.
 

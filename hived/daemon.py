@@ -2,6 +2,9 @@
 
     startup:   config → node (pool, control socket) → READY=1
     main loop: serve; WATCHDOG=1 from the loop itself; STATUS= every few seconds
+    reload:    SIGHUP reads the config again (RELOADING=1 ... READY=1): the
+               keys in RELOADABLE apply at once, the others are named as
+               needing a restart; a config that does not load changes nothing
     shutdown:  first SIGTERM/SIGINT drains (no new work, running tasks finish
                up to drain_timeout), then stops workers and exits 0;
                a second signal stops at once.
@@ -14,9 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -34,6 +40,12 @@ from hived.security import load_key
 log = logging.getLogger("hived")
 
 STATUS_EVERY = 5.0
+# What a running daemon changes on SIGHUP. Every other key takes a restart:
+# sockets, the node's identity, its slots and the mesh's timing are fixed
+# for the life of the process.
+RELOADABLE = frozenset(
+    {"log_level", "pool.max_tasks_per_worker", "pool.memory_limit", "timing.drain_timeout"}
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -76,8 +88,9 @@ def settings_from(config: Config) -> NodeSettings:
 
 
 class Daemon:
-    def __init__(self, config: Config, notifier: Notifier) -> None:
-        self.config, self.notifier = config, notifier
+    def __init__(self, config: Config, notifier: Notifier, reload: Callable[[], Config]) -> None:
+        """`reload` reads the configuration again, as at startup (raises ConfigError)."""
+        self.config, self.notifier, self.reload = config, notifier, reload
         self.node = Node(settings_from(config), zmq.Context())
         self.stop_requested = asyncio.Event()
         self.stop_now = asyncio.Event()
@@ -87,6 +100,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         control = self.node.settings.control
         if ask(control, StatusQuery(0), timeout=0.3) is not None:
             raise HiveError(f"another hived already serves {control}; stop it first")
@@ -123,6 +137,45 @@ class Daemon:
         if self.signals > 1:
             self.stop_now.set()
 
+    def _on_reload(self) -> None:
+        # MONOTONIC_USEC ties this reload to its READY=1 (systemd >= 253).
+        self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            self._apply(self.reload())
+        except ConfigError as exc:
+            log.error("SIGHUP: %s; the running configuration stays", exc)
+        self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
+
+    def _apply(self, new: Config) -> None:
+        """Take the reloadable keys of `new`; name the changed keys that are not."""
+        check_security(new)
+        memory_limit = memory_limit_bytes(new.pool.memory_limit, total_memory())
+        running, wanted = self.config.dotted(), new.dotted()
+        changed = [key for key, value in wanted.items() if value != running[key]]
+        fixed = [key for key in changed if key not in RELOADABLE]
+        settings, pool = self.node.settings, self.node.pool
+        logging.getLogger().setLevel(new.log_level.upper())
+        settings.max_tasks_per_worker = pool.max_tasks_per_worker = new.pool.max_tasks_per_worker
+        settings.memory_limit = pool.memory_limit = memory_limit
+        settings.drain_timeout = new.timing.drain_timeout
+        self.config = dataclasses.replace(
+            self.config,
+            log_level=new.log_level,
+            pool=dataclasses.replace(
+                self.config.pool,
+                max_tasks_per_worker=new.pool.max_tasks_per_worker,
+                memory_limit=new.pool.memory_limit,
+            ),
+            timing=dataclasses.replace(self.config.timing, drain_timeout=new.timing.drain_timeout),
+        )
+        applied = ", ".join(f"{key} = {wanted[key]!r}" for key in changed if key in RELOADABLE)
+        log.info("SIGHUP: configuration reloaded; %s", f"applied {applied}" if applied else "nothing to apply")
+        if fixed:
+            log.warning(
+                "SIGHUP: %s changed but only take effect on a restart (`systemctl restart hived`)",
+                ", ".join(fixed),
+            )
+
     async def _watchdog(self, interval: float) -> None:
         # Pinged from the event loop itself: a blocked loop stops the pings
         # and systemd restarts us, which is the point.
@@ -156,8 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         "data_dir": args.data_dir,
         "log_level": args.log_level,
     }
+
+    def load() -> Config:
+        return load_config(args.config, flags)
+
     try:
-        config = load_config(args.config, flags)
+        config = load()
         if args.check_config:
             sys.stdout.write(config.to_toml())
             check_security(config)
@@ -175,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     loop = _new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        daemon = Daemon(config, notifier)
+        daemon = Daemon(config, notifier, load)
         return loop.run_until_complete(daemon.run())
     except ConfigError as exc:  # found late: the key file, GPUs asked for
         print(f"hived: {exc}", file=sys.stderr)

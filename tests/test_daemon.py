@@ -384,6 +384,40 @@ def test_sd_notify_ready_status_watchdog_stopping(make_daemon, tmp_path) -> None
         notify.close()
 
 
+def test_sighup_reloads_what_it_can_and_names_what_needs_a_restart(make_daemon, tmp_path) -> None:
+    config = tmp_path / "hived.toml"
+    config.write_text("[pool]\nmax_tasks_per_worker = 0\n")
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    try:
+        daemon = make_daemon("--config", str(config), env=child_env(NOTIFY_SOCKET=notify.path))
+        notify.wait_line("READY=1", 30)
+        with hived.connect(daemon.address) as h:
+            kept = {h.submit(os.getpid).result(timeout=30) for _ in range(6)}
+            assert len(kept) <= 2  # two slots, workers kept
+
+            config.write_text("[pool]\nmax_tasks_per_worker = 1\n[timing]\nheartbeat = 0.25\n")
+            daemon.proc.send_signal(signal.SIGHUP)
+            notify.wait_line("READY=1", 10, times=2)
+            assert notify.count("RELOADING=1") == 1
+            assert "applied pool.max_tasks_per_worker = 1" in daemon.log
+            assert "timing.heartbeat changed but only take effect on a restart" in daemon.log
+            fresh = [h.submit(os.getpid).result(timeout=30) for _ in range(4)]
+            # Each worker now runs one task and is replaced (those from before
+            # the reload run one more first).
+            assert len(set(fresh)) == 4, fresh
+
+            # A config that does not load changes nothing; the daemon serves on.
+            config.write_text("[pool]\nmax_tasks_per_worker = -3\n")
+            daemon.proc.send_signal(signal.SIGHUP)
+            notify.wait_line("READY=1", 10, times=3)
+            assert "max_tasks_per_worker" in daemon.log.split("SIGHUP: ")[-1]
+            assert "the running configuration stays" in daemon.log
+            assert h.submit(pow, 2, 10).result(timeout=30) == 1024
+        assert daemon.proc.poll() is None
+    finally:
+        notify.close()
+
+
 def test_workers_do_not_inherit_notify_socket(make_daemon, tmp_path) -> None:
     notify = NotifySocket(str(tmp_path / "notify.sock"))
     try:

@@ -535,6 +535,24 @@ def test_map_runs_in_the_service_workers(box: Box) -> None:
     assert cgroups.split() == ["hived.service"] * len(pids.split()), cgroups
 
 
+def test_reload_rereads_the_config_file(box: Box) -> None:
+    before = wait_for(box.active, 30, interval=0.2, what="hived.service to be active")
+    edit = "sed -i 's/^drain_timeout = {}$/drain_timeout = {}/; s/^cpus = {}$/cpus = {}/' /etc/hived/hived.toml"
+    box.sh(edit.format("10.0", "12.0", "2", "1"))
+    try:
+        box.sh("systemctl reload hived", timeout=30)
+        wait_for(lambda: "applied timing.drain_timeout = 12.0" in box.journal(), 30,
+                 interval=0.2, what="the reload in the journal")
+        journal = box.journal()
+        assert "pool.cpus changed but only take effect on a restart" in journal
+        after = wait_for(box.active, 30, interval=0.2, what="hived.service active again")
+        assert after["MainPID"] == before["MainPID"]  # the same process, serving on
+        assert box.status()["nodes"][0]["cpus"] == 2
+    finally:
+        box.sh(edit.format("12.0", "10.0", "1", "2"))
+    box.sh("systemctl reload hived", timeout=30)
+
+
 def test_watchdog_restarts_a_frozen_daemon(box: Box) -> None:
     box.sh(
         "mkdir -p /etc/systemd/system/hived.service.d && "
