@@ -1,7 +1,7 @@
 """Distributed maps on real daemons on test hosts (network namespaces).
 
-    python benchmarks/distributed.py            # all measurements
-    python benchmarks/distributed.py --only faults
+    python benchmarks/mesh_maps.py            # all measurements
+    python benchmarks/mesh_maps.py --only faults
 
 Measures, with the default timings (heartbeat 0.5 s, dead_after 3 s,
 lease 2 s), one CPU slot per node:
@@ -16,7 +16,8 @@ lease 2 s), one CPU slot per node:
   dead_after + the lost tasks' run time;
 - 30 daemons running one 10,000-task job.
 
-Needs root (network namespaces).
+Needs root (network namespaces). Not named distributed.py: bench.py runs
+from this folder and must import Dask's `distributed`, not us.
 """
 
 from __future__ import annotations
