@@ -110,7 +110,8 @@ class Config:
     )
 
     def dotted(self) -> dict[str, Any]:
-        """Every setting under its dotted key (log_level, node.name, ...)."""
+        """Every setting under its dotted key (log_level, node.name, ...), in
+        the order the TOML file lists them."""
         values = {"log_level": self.log_level}
         for section in ("node", "pool", "timing", "security"):
             for key, value in vars(getattr(self, section)).items():
@@ -124,21 +125,18 @@ class Config:
         origin, so `hived --check-config` also answers "why is it this?".
         """
         lines = [f"# hived effective configuration (file: {self.source or 'none'})"]
-
-        def put(key: str, value: Any) -> None:
-            origin = self.origins.get(key)
+        section = ""
+        for dotted, value in self.dotted().items():
+            table, _, key = dotted.rpartition(".")
+            if table != section:
+                section = table
+                lines += ["", f"[{section}]"]
+            if value is None:  # TOML has no null: an absent key means "not set"
+                lines.append(f"# {key} is not set")
+                continue
+            origin = self.origins.get(dotted)
             note = f"  # {origin}" if origin and origin != self.source else ""
-            lines.append(f"{key.rsplit('.', 1)[-1]} = {_toml_value(value)}{note}")
-
-        put("log_level", self.log_level)
-        for section in ("node", "pool", "timing", "security"):
-            lines.append("")
-            lines.append(f"[{section}]")
-            for key, value in vars(getattr(self, section)).items():
-                if value is None:  # TOML has no null: an absent key means "not set"
-                    lines.append(f"# {key} is not set")
-                else:
-                    put(f"{section}.{key}", value)
+            lines.append(f"{key} = {_toml_value(value)}{note}")
         return "\n".join(lines) + "\n"
 
 
