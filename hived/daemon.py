@@ -144,7 +144,8 @@ class Daemon:
             self._apply(self.reload())
         except ConfigError as exc:
             log.error("SIGHUP: %s; the running configuration stays", exc)
-        self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
+        finally:  # whatever happened, systemd must not be left "reloading"
+            self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
 
     def _apply(self, new: Config) -> None:
         """Take the reloadable keys of `new`; name the changed keys that are not."""
