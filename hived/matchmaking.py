@@ -132,6 +132,7 @@ class JobsTell(Message):
 
 NOT_STARTED = -3  # on the wire for "the worker died before this range's items"
 UNANSWERED = 10  # retries after which an unanswered PULL is given up
+FAN_OUT = 2  # owners named per POINT, and pulled from per round
 
 MESSAGES = (Offer, Want, Point, Pull, RangeMsg, Nothing, RangeDone, RangeFailed, RangeLost,
             RangeOutput, JobsAsk, JobsTell, RangeDrop)
@@ -147,7 +148,7 @@ class _Offer:
 class Matchmaker:
     """The coordinator's part: owners with work, matched to nodes with slots."""
 
-    def __init__(self, expire: float, fan_out: int = 2) -> None:
+    def __init__(self, expire: float, fan_out: int = FAN_OUT) -> None:
         self.expire, self.fan_out = expire, fan_out
         self.offers: dict[str, _Offer] = {}
         self._turn: deque[str] = deque()
@@ -212,7 +213,7 @@ class Puller:
     One PULL at a time per owner.
     """
 
-    def __init__(self, retry: float, fan_out: int = 2) -> None:
+    def __init__(self, retry: float, fan_out: int = FAN_OUT) -> None:
         self.retry, self.fan_out = retry, fan_out
         self.pulling: dict[str, float] = {}  # owners asked, not yet answered: when
         self.recent: list[str] = []  # owners to pull from, next turn first
