@@ -43,18 +43,11 @@ def square_where(x):
 
 
 def square_where_when(x):
-    """x², the daemon whose worker ran it, and when it started."""
+    """x², the daemon whose worker ran it, when it started, and the GPU that
+    worker was given (CUDA_VISIBLE_DEVICES)."""
     started = time.time()
     time.sleep(0.1)
-    return x * x, os.getppid(), started
-
-
-def square_device(x):
-    """x², the daemon whose worker ran it, the GPU that worker was given, and
-    when it started."""
-    started = time.time()
-    time.sleep(0.1)
-    return x * x, os.getppid(), os.environ.get("CUDA_VISIBLE_DEVICES"), started
+    return x * x, os.getppid(), started, os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
 def square_where_paced(x):
@@ -378,7 +371,7 @@ def test_two_clients_on_two_owners_share_the_slots_about_evenly(cluster):
     def run(node: MeshNode, job: str, ready: threading.Barrier) -> None:
         with hived.connect(node.control) as h:
             ready.wait(10)
-            got[job] = list(h.map(square_device, range(n), chunksize=1))
+            got[job] = list(h.map(square_where_when, range(n), chunksize=1))
 
     ready = threading.Barrier(2)
     threads = [threading.Thread(target=run, args=(c[i], job, ready)) for i, job in ((0, "a"), (1, "b"))]
@@ -390,12 +383,12 @@ def test_two_clients_on_two_owners_share_the_slots_about_evenly(cluster):
     for job in ("a", "b"):
         check_squares(got[job], n, c)
     # While both jobs had work queued, both made progress at about the same rate.
-    until = min(max(r[3] for r in got[job]) for job in ("a", "b"))
-    started = {job: sum(r[3] <= until for r in got[job]) for job in ("a", "b")}
+    until = min(max(r[2] for r in got[job]) for job in ("a", "b"))
+    started = {job: sum(r[2] <= until for r in got[job]) for job in ("a", "b")}
     assert 0.6 <= started["a"] / started["b"] <= 1.67, started
     # And the node that owns neither job served both.
     third = c[2].proc.pid
-    on_third = {job: sum(r[1] == third and r[3] <= until for r in got[job]) for job in ("a", "b")}
+    on_third = {job: sum(r[1] == third and r[2] <= until for r in got[job]) for job in ("a", "b")}
     assert min(on_third.values()) >= 0.25 * sum(on_third.values()), on_third
 
 
@@ -407,14 +400,14 @@ def test_gpu_tasks_run_only_on_the_node_with_a_gpu_slot(gpu_cluster):
     owner, gpu_node = c[0], c[2]
     with hived.connect(owner.control) as h:
         assert h.slots == 4  # three CPU slots and one GPU slot
-        gpu_results = h.map(square_device, range(10), chunksize=1, gpus=1)
-        cpu_got = list(h.map(square_device, range(30), chunksize=1))
+        gpu_results = h.map(square_where_when, range(10), chunksize=1, gpus=1)
+        cpu_got = list(h.map(square_where_when, range(30), chunksize=1))
         gpu_got = list(gpu_results)
     check_squares(gpu_got, 10, c)
-    assert {(r[1], r[2]) for r in gpu_got} == {(gpu_node.proc.pid, "0")}
+    assert {(r[1], r[3]) for r in gpu_got} == {(gpu_node.proc.pid, "0")}
     check_squares(cpu_got, 30, c)
     assert {r[1] for r in cpu_got} == {n.proc.pid for n in c.nodes}
-    assert {r[2] for r in cpu_got if r[1] == gpu_node.proc.pid} == {""}
+    assert {r[3] for r in cpu_got if r[1] == gpu_node.proc.pid} == {""}
 
 
 def test_a_slow_node_takes_fewer_tasks_with_no_tuning(slow_node_cluster):
