@@ -201,8 +201,10 @@ class Pool:
         return aid, index
 
     def _describe_death(self, worker: WorkerProc, code: int, index: int | None) -> str:
+        running = worker.running
+        if index == SOMEWHERE and running.stop - running.start == 1:
+            index = running.start  # a range of one item: that item, whatever the black box says
         if index == SOMEWHERE:
-            running = worker.running
             item = f" while running items {running.start}-{running.stop - 1} of a chunk"
         else:
             item = f" while running item {index} of a chunk" if index is not None else ""
