@@ -484,39 +484,48 @@ class Membership:
         self._peers.arm(p, min(p.next_probe, limit))
 
     def _check(self, p: Peer, now: float, out: list[Action]) -> None:
-        """The peer's timer fired: apply whatever threshold it crossed, re-arm."""
+        """The peer's timer fired: apply whatever threshold it crossed, re-arm.
+
+        Every threshold is compared as a deadline (`now >= since + period`),
+        the same sum that is armed, never as an age (`now - since >= period`):
+        in floating point the two can disagree, and on a millisecond clock
+        (uvloop's) they often do, so a peer re-armed at a deadline the age
+        test said was still ahead would come due again at once, for ever.
+        """
         st = p.status
         if st == PENDING:
-            if now - p.mentioned >= self.dead_after:
+            gone_at = p.mentioned + self.dead_after
+            if now >= gone_at:
                 self._remove(p, "unreachable", now, out)
             elif now >= p.next_probe:
                 self._probe(p, now, out)
             else:
-                self._peers.arm(p, min(p.next_probe, p.mentioned + self.dead_after))
+                self._peers.arm(p, min(p.next_probe, gone_at))
         elif st == DEAD:
-            if now - p.since >= self.forget_after:
+            forget_at = p.since + self.forget_after
+            if now >= forget_at:
                 self._remove(p, "forgotten", now, out)
             elif now >= p.next_probe and p.address not in self._seed_probe:
                 self._probe(p, now, out)  # seed addresses are probed by _probe_seeds
             else:
                 if now >= p.next_probe:
                     p.next_probe = now + self.probe_cap
-                self._peers.arm(p, min(p.next_probe, p.since + self.forget_after))
+                self._peers.arm(p, min(p.next_probe, forget_at))
         else:
             last = p.last_heard if p.last_heard is not None else p.since
-            quiet = now - last
+            dead_at, suspect_at = last + self.dead_after, last + self.suspect_after
             before = p.view_state()
-            if quiet >= self.dead_after:
+            if now >= dead_at:
                 self._peers.move(p, DEAD, now)
                 p.probe_every = 0.0
                 p.next_probe = now + self.heartbeat
                 self._peers.arm(p, p.next_probe)
-            elif quiet >= self.suspect_after:
+            elif now >= suspect_at:
                 if st == ALIVE:
                     self._peers.move(p, SUSPECT, now)
-                self._peers.arm(p, last + self.dead_after)
+                self._peers.arm(p, dead_at)
             else:
-                self._peers.arm(p, last + self.suspect_after)
+                self._peers.arm(p, suspect_at)
             if p.view_state() != before:
                 out.append(PeerStateChanged(p.name, p.address, before, p.view_state()))
 

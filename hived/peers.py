@@ -175,14 +175,18 @@ class PeerTable:
         return self._slots[0] * self._grain if self._slots else None
 
     def due(self, now: float) -> Iterator[Peer]:
-        """Disarm and yield each record whose timer is due at `now`.
+        """Disarm and yield each record whose slot was due at `now` on entry.
 
-        Lazy: a record the caller re-arms at or before `now` comes up again
-        in the same pass.
+        A record the caller re-arms at or before `now` waits for the next
+        call, so one tick always ends: a re-arm that is not in the future is
+        a bug, and it shows as a tick asked for at once, never as a loop that
+        holds the event loop (and the GIL) for good.
         """
         slots, wheel, peers = self._slots, self._wheel, self.by_name
+        ready = []
         while slots and slots[0] * self._grain <= now:
-            slot = heapq.heappop(slots)
+            ready.append(heapq.heappop(slots))
+        for slot in ready:
             for p in wheel.pop(slot):
                 if p.timer != slot or peers.get(p.name) is not p:
                     continue  # stale entry: re-armed earlier, or the record is gone

@@ -81,6 +81,40 @@ def test_hello_on_connect_makes_members_on_both_sides():
     assert a.members()[1].last_heard == 0.02 and a.members()[0].last_heard is None
 
 
+def test_a_tick_on_a_millisecond_clock_ends_and_arms_in_the_future():
+    # uvloop's clock counts whole milliseconds: heard at 1.35 s and ticked at
+    # 1.75 s, the age 1.75 - 1.35 is just under suspect_after (0.4 s) in
+    # floating point while the deadline 1.35 + 0.4 is 1.75 itself. Comparing
+    # ages and arming deadlines once re-armed the peer at "now" for ever.
+    m = mb.Membership(NodeInfo("a", addr("a"), "0.1.0", 1, 0, 1, incarnation=1), [],
+                      0.2, 1.5, 0.0, random.Random(0))  # fmt: skip
+    m.handle(addr("b"), hello("b"), 1.35)
+    actions = m.tick(1.75)
+    assert of(actions, mb.PeerStateChanged) == [
+        mb.PeerStateChanged("b", addr("b"), "alive", "suspect")
+    ]
+    assert m.next_deadline() > 1.75
+
+
+@pytest.mark.parametrize("heartbeat", [0.2, 0.5, 1.0])
+def test_every_tick_on_a_millisecond_clock_arms_its_peers_in_the_future(heartbeat):
+    # every millisecond a peer may be heard at, over 10 s, each peer's life
+    # ticked through as the shell's timer fires: on the next whole millisecond
+    m = mb.Membership(NodeInfo("a", addr("a"), "0.1.0", 1, 0, 1, incarnation=1), [],
+                      heartbeat, 7.5 * heartbeat, 0.0, random.Random(0))  # fmt: skip
+    wedged = []
+    for ms in range(1, 10_001):
+        now = ms / 1000
+        m.handle(addr("p"), hello("p", inc=ms), now)
+        for _ in range(4):  # alive -> suspect -> dead -> probed
+            now = max(now, math.ceil(m.next_deadline() * 1000) / 1000)
+            m.tick(now)
+            if m.next_deadline() <= now:
+                wedged.append(ms)
+                break
+    assert not wedged, f"a tick left a peer armed at or before now, heard at {wedged[:5]} ms"
+
+
 def test_heartbeats_are_one_small_beat_per_live_peer():
     def beats_of(n: int) -> list[mb.Send]:
         m = node("me")
