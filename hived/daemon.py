@@ -8,6 +8,8 @@
     shutdown:  first SIGTERM/SIGINT drains (no new work, running tasks finish
                up to drain_timeout), then stops workers and exits 0;
                a second signal stops at once.
+    diagnose:  SIGUSR1 writes every thread's stack to the log, even when the
+               event loop is wedged.
 
 Runs in the foreground and logs to stderr, as systemd expects. This is the
 only place (with the CLI) that turns errors into exit codes.
@@ -18,12 +20,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import faulthandler
 import logging
 import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 import zmq
 
@@ -46,6 +49,24 @@ STATUS_EVERY = 5.0
 RELOADABLE = frozenset(
     {"log_level", "pool.max_tasks_per_worker", "pool.memory_limit", "timing.drain_timeout"}
 )
+# Logged after the stacks a SIGUSR1 wrote: what the block above it is.
+STACKS_WRITTEN = "SIGUSR1: every thread's stack is above (most recent call first)"
+
+
+def dump_stacks_on_sigusr1(stream: TextIO) -> None:
+    """Make SIGUSR1 write every thread's stack to `stream`, then log STACKS_WRITTEN.
+
+    The stacks come from faulthandler's C-level handler, which needs neither
+    the event loop nor the GIL's owner to cooperate: a daemon whose loop is
+    stuck in one callback still answers. The log line comes from a Python
+    handler that faulthandler chains to; it runs when the main thread next
+    executes bytecode (at once, unless it is stuck inside C code). Workers
+    are fresh interpreters (exec), so they inherit neither handler.
+    """
+    signal.signal(signal.SIGUSR1, lambda signum, frame: log.warning(STACKS_WRITTEN))
+    # Registered after signal.signal, which would replace it. chain=True runs
+    # the Python handler after the dump; chained to SIG_DFL it would kill us.
+    faulthandler.register(signal.SIGUSR1, file=stream, all_threads=True, chain=True)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -229,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    dump_stacks_on_sigusr1(sys.stderr)  # from here on: a hang during startup is diagnosable too
     notifier = Notifier.from_env(unset_environment=True)
     loop = _new_event_loop()
     asyncio.set_event_loop(loop)

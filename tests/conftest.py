@@ -2,16 +2,23 @@
 
 Every test is checked for leaked child processes: whatever a test started
 (daemons, worker processes of an embedded hive) must be gone when it ends.
+
+A test that times out (pytest-timeout, signal method) first gets the stacks
+of every hived it started: each is sent SIGUSR1 and its log from there on is
+added to the failure report, before the fixtures kill the daemons.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -19,10 +26,13 @@ from netns import wait_for
 
 import hived
 from hived.control import StatusQuery, ask
+from hived.daemon import STACKS_WRITTEN
 
 pytest_plugins = ["netns_fixtures"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(hived.__file__)))
+# How long a timed-out test waits for its daemons to write their stacks.
+STACKS_WAIT_S = 3.0
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -158,3 +168,87 @@ def hive() -> Iterator[hived.Hive]:
     h = hived.connect("embedded")
     yield h
     h.shutdown()
+
+
+# -- the stacks of a timed-out test's daemons ---------------------------------------------
+
+
+@pytest.hookimpl(wrapper=True, optionalhook=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> Iterator[Any]:
+    """Wrap pytest-timeout's SIGALRM handler: the daemons' stacks, then its failure.
+
+    Costs nothing until a test times out; pytest-timeout's cancel resets
+    SIGALRM, which drops the wrapper with it."""
+    armed = yield
+    on_timeout = signal.getsignal(signal.SIGALRM)
+    # Only the signal method runs a handler, in the main thread, before teardown.
+    if callable(on_timeout) and threading.current_thread() is threading.main_thread():
+
+        def dump_then_fail(signum: int, frame: Any) -> None:
+            __tracebackhide__ = True
+            item.add_report_section("timeout", "hived stacks", daemon_stacks())
+            on_timeout(signum, frame)
+
+        signal.signal(signal.SIGALRM, dump_then_fail)
+    return armed
+
+
+def daemon_stacks(wait: float = STACKS_WAIT_S) -> str:
+    """SIGUSR1 to every hived below this process; each one's log from then on.
+
+    The daemons are found in the process tree (every helper that starts one,
+    here or in a test module, is covered); each one's log is its stderr.
+    Waits until every log has the line that ends a dump, or `wait` seconds
+    (a daemon stuck inside C code writes the stacks but not that line)."""
+    asked: list[tuple[psutil.Process, str, int]] = []
+    notes: list[str] = []
+    for proc in _running_daemons():
+        log_path = _stderr_file(proc.pid)
+        if log_path is None:
+            notes.append(f"--- hived pid {proc.pid}: its stderr is not a file; not asked")
+        elif not _catches(proc.pid, signal.SIGUSR1):  # SIGUSR1 would kill it
+            notes.append(f"--- hived pid {proc.pid}: not catching SIGUSR1 yet (starting); not asked")
+        else:
+            offset = os.path.getsize(log_path)
+            os.kill(proc.pid, signal.SIGUSR1)
+            asked.append((proc, log_path, offset))
+
+    def tail(log_path: str, offset: int) -> str:
+        with open(log_path, errors="replace") as f:
+            f.seek(offset)
+            return f.read()
+
+    with contextlib.suppress(AssertionError):  # at the deadline: what they wrote so far
+        wait_for(lambda: all(STACKS_WRITTEN in tail(p, o) for _, p, o in asked), wait, what="stacks")
+    for proc, log_path, offset in asked:
+        notes.append(f"--- hived pid {proc.pid} ({log_path}), after SIGUSR1:\n{tail(log_path, offset)}")
+    return "\n".join(notes) or "no hived was running"
+
+
+def _running_daemons() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if _alive(proc) and any("hived.daemon" in arg for arg in proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return found
+
+
+def _stderr_file(pid: int) -> str | None:
+    try:
+        path = os.readlink(f"/proc/{pid}/fd/2")
+    except OSError:
+        return None
+    return path if os.path.isfile(path) else None
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether `pid` has a handler for `sig` (the kernel's SigCgt mask)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            caught = next(line.split()[1] for line in f if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(caught, 16) >> (sig - 1) & 1)
