@@ -261,6 +261,9 @@ class Election:
         self._attempt = 0
         self._stand_at = now if self._alone else now + self._backoff()
         self._outbox: list[Action] = []
+        # a Persist failed: no promise is made (no grant, no candidacy) until a
+        # write succeeds; the write is tried again at this time
+        self._unsaved_until: float | None = None
         self._now = now  # the latest time we were given (for accept_term's step-down)
         self.story.add(now, "start", f"voters={self._voters} term={initial_term}")
 
@@ -301,6 +304,30 @@ class Election:
             return b.address
         return None
 
+    def announcement(self, now: float) -> Leader | None:
+        """Our LEADER message while we hold the lease (for a peer that just
+        joined or came back), else None."""
+        if not self.is_coordinator(now):
+            return None
+        return Leader(self._lease_term, self.name, self.address, self._lease_end - now)
+
+    def persist_failed(self, now: float) -> list[Action]:
+        """The shell could not write the last Persist and dropped what came
+        after it. Until a write succeeds we promise nothing: a voter grants
+        nothing, a candidate gives up, a coordinator steps down (its renewals
+        would raise promises it cannot keep across a restart)."""
+        out, self._outbox = self._outbox, []
+        self._now = now
+        if self._unsaved_until is None:
+            self.story.add(now, "persist failed", f"term {self._term}: promising nothing")
+        self._unsaved_until = now + self.lease / 4
+        if self._state == COORDINATOR:
+            self._step_down(now, "the promise could not be written", out)
+        elif self._state == CANDIDATE:
+            rid = self._candidacy
+            self._lost_candidacy(self._rounds[rid], rid, now, out)  # type: ignore[index]
+        return out
+
     def accept_term(self, term: int) -> bool:
         """Fencing: False for a coordinator message below the highest term seen.
         A higher term raises the floor (a coordinator below it steps down)."""
@@ -314,17 +341,20 @@ class Election:
 
     def next_deadline(self) -> float | None:
         """Local time at which `tick` has work; -inf means at once."""
-        if self._outbox or self._persisted != (self._term, max(self._promised, self._asked)):
+        if self._outbox:
             return -math.inf
-        due = math.inf
+        if self._unsaved_until is not None:
+            due = self._unsaved_until  # the next try at writing; no standing till then
+        elif self._persisted != (self._term, max(self._promised, self._asked)):
+            return -math.inf
+        else:
+            due = self._stand_at if self._state == FOLLOWER and self._belief is None else math.inf
         if self._state == COORDINATOR:
-            due = self._lease_end
+            due = min(due, self._lease_end)
             if not any(r.renewal for r in self._rounds.values()):
                 due = min(due, self._renew_at)
         elif self._belief is not None:
-            due = self._belief.until
-        elif self._state == FOLLOWER:
-            due = self._stand_at
+            due = min(due, self._belief.until)
         for r in self._rounds.values():
             due = min(due, r.expires)
         return due if due < math.inf else None
@@ -347,6 +377,8 @@ class Election:
         """Time out rounds, renew or give up the lease, and stand when due."""
         out, self._outbox = self._outbox, []
         self._now = now
+        if self._unsaved_until is not None and now >= self._unsaved_until:
+            self._persisted = None  # try the write again (see _finish)
         for rid, r in list(self._rounds.items()):
             if now >= r.expires and rid in self._rounds:
                 self._round_failed(rid, r, now, out)
@@ -360,7 +392,8 @@ class Election:
             self.story.add(now, "belief expired", f"{self._belief.name} term {self._belief.term}")
             self._belief = None
             self._stand_at = now + self._backoff()
-        if self._state == FOLLOWER and self._belief is None and now >= self._stand_at:
+        if (self._state == FOLLOWER and self._belief is None and now >= self._stand_at
+                and self._unsaved_until is None):  # fmt: skip
             if self._holder not in (None, self.address) and self._grant_until > now:
                 # our vote is promised to another candidate: standing now would
                 # only split the votes, so wait until that grant runs out
@@ -395,6 +428,8 @@ class Election:
 
     def _vote(self, candidate: str, term: int, rid: int, now: float) -> tuple[bool, float]:
         """Grant or refuse `term` to `candidate`; the refusal says for how long."""
+        if self._unsaved_until is not None:
+            return False, max(self._unsaved_until - now, 0.0)
         if now < self._quiet_until:
             return False, self._quiet_until - now
         if self._holder not in (None, candidate) and self._grant_until > now:
@@ -632,6 +667,9 @@ class Election:
         state = (self._term, max(self._promised, self._asked))
         if state != self._persisted:
             self._persisted = state
+            # optimistic: if this write fails too, the shell says so before
+            # anything else reaches us (persist_failed)
+            self._unsaved_until = None
             out.insert(0, Persist(*state))
         return out
 

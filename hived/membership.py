@@ -283,6 +283,18 @@ class Membership:
         self._heard(self._peers.by_name[name], now, out)
         return out
 
+    def link_up(self, address: str, now: float) -> list[Action]:
+        """The shell's connection to `address` was made (again). Unless a live
+        member is there, whoever is (a peer we think dead, hearsay, a seed)
+        is asked for a HELLO now: what we sent before the link was up was
+        dropped, and the next probe may be a back-off away."""
+        if self._stopped:
+            return []
+        name = self._peers.by_address.get(address)
+        if name is not None and self._peers.by_name[name].status in LIVE:
+            return []
+        return [Send(address, self._hello(True, now))]
+
     def handle(self, sender: str, msg: Message, now: float) -> list[Action]:
         """Feed one decoded membership message from the peer at `sender`."""
         handler = _HANDLERS.get(type(msg))

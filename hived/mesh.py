@@ -7,30 +7,42 @@ ZeroMQ's ZRE does. A DEALER presents our advertised address as its routing
 identity, so what arrives in a peer's inbox names its sender; CURVE makes
 that name trustworthy (only holders of the cluster key connect at all).
 
-    peers' DEALERs ──▶ ROUTER inbox ──▶ M.* ──▶ Membership ─┐
-                           │          └─ E.* ──▶ Election ───┤ actions
-       remote clients ─────┘ C.* ──▶ ControlServer           ▼
-                                                   Send / Broadcast ──▶ our DEALERs
-                                                   Connect / Disconnect
-                                                   Persist ──▶ data_dir
-                                                   events ──▶ log, node
+    peers' DEALERs ──▶ ROUTER inbox ──▶ M.* / E.* / S.* ──▶ MeshCore ──┐
+                           │                 (membership + election) │ actions, in
+       remote clients ─────┘ C.* ──▶ ControlServer                   ▼ order (MeshDriver)
+         DEALER monitors ──▶ link up ──▶ MeshCore      Persist ──▶ data_dir, first
+                                                       Send ──▶ our DEALERs
+                                                       Connect / Disconnect
+                                                       events ──▶ log, node
 
-The two sans-IO cores decide everything; this module only turns their
-actions into sends, sockets and timers. One timer is armed at the earliest
-`next_deadline()` of the cores and re-armed after every message and tick.
-Sends never block: a DEALER queues at most `SEND_QUEUE` messages and only to
-a connected peer, so a slow or dead peer costs dropped heartbeats, never a
-stalled node.
+`MeshCore` (hived.meshcore) decides everything and `MeshDriver.run` fixes
+the order: a Persist that cannot be written drops the rest of its batch.
+This module only supplies sends, sockets, the state file and one timer,
+armed at the core's `next_deadline()` and re-armed after every message and
+tick. Sends never block: a DEALER queues at most `SEND_QUEUE` messages and
+only to a connected peer, so a slow or dead peer costs dropped heartbeats,
+never a stalled node. Silent links are dropped by ZMTP heartbeats and
+re-dialled at once (see `_keep_alive`), and each DEALER's monitor tells the
+core when its link comes up, so a healed partition is found within a
+connect attempt, not a probe back-off.
+
+Lease changes are logged with wall-clock times ("became coordinator, term N
+at W (lease to W)", "no longer coordinator, term N (held to W)"), so the
+intervals of every holder can be checked against each other across hosts
+that share a clock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import logging
 import os
 import random
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -38,27 +50,13 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from hived import __version__
-from hived.election import MESSAGES as ELECTION_MESSAGES
-from hived.election import (
-    BecameCoordinator,
-    Broadcast,
-    Election,
-    LostCoordinator,
-    Persist,
-)
+from hived.election import BecameCoordinator, LostCoordinator, Persist
 from hived.errors import RemoteProtocolError
-from hived.gossip import MESSAGES as MEMBERSHIP_MESSAGES
 from hived.gossip import NodeInfo
 from hived.matchmaking import MESSAGES as WORK_MESSAGES
-from hived.membership import (
-    Membership,
-    PeerJoined,
-    PeerLeft,
-    PeerStateChanged,
-    TermSeen,
-)
+from hived.membership import PeerJoined, PeerLeft, PeerStateChanged
+from hived.meshcore import Event, MeshCore, MeshDriver
 from hived.reactor import NOBLOCK, Channel
-from hived.sansio import Connect, Disconnect, Send
 from hived.security import ClusterKey, ZapHandler
 from hived.wire import Message, decode, encode, zero_copy
 
@@ -71,7 +69,7 @@ MESH_PREFIXES = (b"M.", b"E.", b"S.")
 LOG_BURST = 20
 
 
-class Mesh:
+class Mesh(MeshDriver):
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
@@ -101,15 +99,17 @@ class Mesh:
         self.on_client_frames = on_client_frames
         self.on_work, self.on_peer_gone = on_work, on_peer_gone
         self.dealers: dict[str, zmq.Socket] = {}
+        self.links: dict[str, Channel] = {}  # each DEALER's monitor: its link coming up
         self.zap: ZapHandler | None = None
         self.zap_channel: Channel | None = None
         self.inbox: Channel | None = None
         self.monitor: Channel | None = None
-        self.membership: Membership | None = None
-        self.election: Election | None = None
+        self.core: MeshCore | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._errors: dict[str, int] = {}
         self._held: int | None = None  # the term we hold the lease for
+        self._lease_end = 0.0  # its end, on the loop's clock
+        self._unwritten: str | None = None  # why the election state cannot be written
         # bytes received from peers, by message type (hivectl status --json shows them)
         self.bytes_in: dict[str, int] = {}
 
@@ -122,6 +122,7 @@ class Mesh:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.linger = 0
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer takes its name back
+        self._keep_alive(sock)
         if self.key is not None:
             self.key.server(sock)
         sock.bind(self.bind_address)
@@ -136,31 +137,28 @@ class Mesh:
         now = self.loop.time()
         heartbeat, dead_after, lease = self.timing
         term, promised = self._recall()
-        rng = random.Random()
         cpus, gpus = self.resources
         info = NodeInfo(
             self.name, self.advertise, __version__, cpus, gpus, cpus + gpus,
             incarnation=int(now * 1000) ^ os.getpid() << 20,
         )
-        self.membership = Membership(info, self.seeds, heartbeat, dead_after, now, rng)
-        self.election = Election(
-            self.name, self.advertise, self.seeds, now, rng,
-            lease=lease, initial_term=term, initial_promised=promised,
-        )
-        self._run(self.membership.tick(now) + self.election.tick(now))
+        self.core = MeshCore(
+            info, self.seeds, now, random.Random(), heartbeat=heartbeat,
+            dead_after=dead_after, lease=lease, initial_term=term, initial_promised=promised,
+        )  # fmt: skip
+        self._run(self.core.tick(now))
         log.info("mesh: %s at %s, seeds %s", self.name, self.advertise, self.seeds or "none")
 
     def leave(self) -> None:
         """Tell the peers we go, so they drop us at once rather than after dead_after."""
-        if self.membership is not None:
-            self._run(self.membership.leave(self.loop.time()))
+        if self.core is not None:
+            self._run(self.core.leave(self.loop.time()))
 
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        for sock in self.dealers.values():
-            sock.close(linger=200)  # a moment for the LEAVE to go out
-        self.dealers.clear()
+        for address in list(self.dealers):
+            self._close_dealer(address, linger=200)  # a moment for the LEAVE to go out
         if self.inbox is not None:
             self.inbox.close()
         if self.zap_channel is not None:
@@ -171,32 +169,34 @@ class Mesh:
     # -- what the node reads and tells ------------------------------------------
 
     def coordinator(self) -> tuple[str, int] | None:
-        return self.election.coordinator(self.loop.time())
+        return self.core.coordinator(self.loop.time())
 
     def coordinator_address(self) -> str | None:
-        return self.election.coordinator_address(self.loop.time())
+        return self.core.coordinator_address(self.loop.time())
 
     def term(self) -> int:
-        return self.election.term
+        return self.core.election.term
 
     def accept_term(self, term: int) -> bool:
         """Fencing: False for a coordinator message from a term below the highest seen."""
-        ok = self.election.accept_term(term)
+        ok = self.core.accept_term(term)
         self._arm()  # a higher term may have made us step down
         return ok
 
     def is_coordinator(self) -> bool:
-        return self.election.is_coordinator(self.loop.time())
+        return self.core.is_coordinator(self.loop.time())
 
     def update(self, *, load: float, slots_free: int, state: str, tasks_done: int) -> None:
-        self.membership.update(load=load, slots_free=slots_free, state=state, tasks_done=tasks_done)
+        self.core.membership.update(
+            load=load, slots_free=slots_free, state=state, tasks_done=tasks_done
+        )
 
     def members(self) -> list[Any]:
-        return self.membership.members()
+        return self.core.membership.members()
 
     def members_alive(self) -> list[str]:
         """Addresses of the peers we hear from."""
-        return self.membership.live_addresses()
+        return self.core.membership.live_addresses()
 
     # -- the inbox ---------------------------------------------------------------
 
@@ -214,19 +214,13 @@ class Mesh:
             if not sender.startswith("tcp://"):
                 raise RemoteProtocolError("a mesh message from a connection without a peer address")
             msg, payload = decode(frames[1:])
+            actions = self.core.handle(sender, msg, now)
         except RemoteProtocolError as exc:
             self._protocol_error(sender, exc)
+            self._arm()
             return
-        actions = self.membership.heard_from(sender, now)
-        try:
-            if isinstance(msg, MEMBERSHIP_MESSAGES):
-                actions += self.membership.handle(sender, msg, now)
-            elif isinstance(msg, ELECTION_MESSAGES):
-                actions += self.election.handle(sender, msg, now)
-        except RemoteProtocolError as exc:
-            self._protocol_error(sender, exc)
         self._run(actions)
-        if isinstance(msg, WORK_MESSAGES) and self.membership.name_of(sender) is not None:
+        if isinstance(msg, WORK_MESSAGES) and self.core.membership.name_of(sender) is not None:
             self.on_work(sender, msg, payload)
 
     def _on_monitor(self, frames: list[Any]) -> None:
@@ -244,70 +238,15 @@ class Mesh:
         if count <= LOG_BURST or count % 1000 == 0:
             log.warning("mesh: dropped a message from %s (%d so far): %s", sender, count, exc)
 
-    # -- actions -------------------------------------------------------------------
+    # -- actions (MeshDriver) ------------------------------------------------------
 
     def _run(self, actions: list[Any]) -> None:
-        """Carry out the cores' actions, then re-arm the timer, whatever happens:
+        """Carry out the core's actions, then re-arm the timer, whatever happens:
         a node whose timer is not armed stops sending heartbeats."""
         try:
-            for action in actions:
-                try:
-                    self._carry_out(action)
-                except Exception:  # one failed action must not cost the others
-                    log.exception("mesh: carrying out %s failed", type(action).__name__)
+            self.run(actions, self.loop.time())
         finally:
             self._arm()
-
-    def _carry_out(self, action: Any) -> None:
-        if isinstance(action, Send):
-            self._send(action.to, action.msg)
-        elif isinstance(action, Broadcast):
-            for address in self.membership.live_addresses():
-                self._send(address, action.msg)
-        elif isinstance(action, Connect):
-            self._dealer(action.address)
-        elif isinstance(action, Disconnect):
-            sock = self.dealers.pop(action.address, None)
-            if sock is not None:
-                sock.close(linger=0)
-        elif isinstance(action, Persist):
-            self._persist(action.term, action.promised)
-        elif isinstance(action, TermSeen):
-            self.election.accept_term(action.term)
-        elif isinstance(action, BecameCoordinator | LostCoordinator):
-            held = action.term if isinstance(action, BecameCoordinator) else None
-            if held != self._held:  # renewals repeat BecameCoordinator: log changes only
-                log.info("mesh: %s coordinator, term %d",
-                         "became" if held else "no longer", action.term)
-                self._held = held
-            self.membership.set_term(action.term)
-        elif isinstance(action, PeerJoined):
-            log.info("mesh: %s joined from %s", action.member.name, action.member.address)
-        elif isinstance(action, PeerStateChanged):
-            log.info("mesh: %s is %s (was %s)", action.name, action.new, action.old)
-            if action.new == "dead":
-                self.on_peer_gone(action.address)
-        elif isinstance(action, PeerLeft):
-            log.info("mesh: %s left (%s)", action.name, action.reason)
-            self.on_peer_gone(action.address)
-
-    def _dealer(self, address: str) -> zmq.Socket:
-        sock = self.dealers.get(address)
-        if sock is None:
-            sock = self.ctx.socket(zmq.DEALER)
-            sock.linger = 0
-            sock.identity = self.advertise.encode()
-            sock.sndhwm = SEND_QUEUE
-            sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only for a connected peer
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-            if self.key is not None:
-                self.key.client(sock)
-            sock.connect(address)
-            self.dealers[address] = sock
-        return sock
-
-    def _send(self, address: str, msg: Message) -> None:
-        self.send(address, msg)
 
     def send(self, address: str, msg: Message, payload: list[Any] | tuple = ()) -> bool:
         """Send to a peer without blocking; False if not connected or its queue is full."""
@@ -319,12 +258,141 @@ class Mesh:
             return True
         except zmq.Again:
             return False  # a lost heartbeat, by design; work messages are retried by their owners
+        except zmq.ZMQError as exc:  # an address ZeroMQ cannot dial
+            self._protocol_error(address, RemoteProtocolError(f"cannot dial it: {exc}"))
+            return False
+
+    def connect(self, address: str) -> None:
+        try:
+            self._dealer(address)
+        except zmq.ZMQError as exc:
+            self._protocol_error(address, RemoteProtocolError(f"cannot dial it: {exc}"))
+
+    def disconnect(self, address: str) -> None:
+        self._close_dealer(address)
+
+    def write_state(self, term: int, promised: int) -> None:
+        """Write the promise durably before any GRANT that depends on it leaves."""
+        path = self._state_path()
+        if path is None:
+            return
+        os.makedirs(self.data_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.data_dir, prefix=".election-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"term": term, "promised": promised}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def state_not_written(self, action: Persist, exc: OSError, dropped: int) -> None:
+        why = f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror or exc}"
+        if self._unwritten is None:  # once, until a write succeeds again
+            log.error(
+                "mesh: cannot write the election state to %s (%s); %d action(s) after it "
+                "dropped, and this node promises no vote until a write succeeds",
+                self._state_path(), why, dropped,
+            )
+        self._unwritten = why
+
+    def state_written(self) -> None:
+        if self._unwritten is not None:
+            log.info("mesh: election state written to %s again", self._state_path())
+            self._unwritten = None
+
+    def event(self, event: Event) -> None:
+        try:
+            self._event(event)
+        except Exception:  # the node's bookkeeping must not stop the mesh's
+            log.exception("mesh: handling %s failed", type(event).__name__)
+
+    def _event(self, action: Event) -> None:
+        if isinstance(action, BecameCoordinator):
+            now = self.loop.time()
+            if action.term != self._held:  # renewals repeat BecameCoordinator: log changes only
+                log.info("mesh: became coordinator, term %d at %.6f (lease to %.6f)",
+                         action.term, _wall(now, now), _wall(action.until, now))
+                self._held = action.term
+            self._lease_end = action.until
+        elif isinstance(action, LostCoordinator):
+            if self._held is not None:
+                now = self.loop.time()
+                log.info("mesh: no longer coordinator, term %d (held to %.6f)",
+                         action.term, _wall(min(now, self._lease_end), now))
+                self._held = None
+        elif isinstance(action, PeerJoined):
+            log.info("mesh: %s joined from %s", action.member.name, action.member.address)
+        elif isinstance(action, PeerStateChanged):
+            log.info("mesh: %s is %s (was %s)", action.name, action.new, action.old)
+            if action.new == "dead":
+                self.on_peer_gone(action.address)
+        elif isinstance(action, PeerLeft):
+            log.info("mesh: %s left (%s)", action.name, action.reason)
+            self.on_peer_gone(action.address)
+
+    # -- sockets ----------------------------------------------------------------------
+
+    def _keep_alive(self, sock: zmq.Socket) -> None:
+        """Let ZeroMQ drop a connection that went silent, so it is made anew.
+
+        A cable cut or a partition leaves TCP connections established but
+        stalled; what is sent meanwhile waits in the kernel for retransmits
+        whose back-off doubles, so after a heal a link could stay dark for
+        many seconds. ZMTP heartbeats close a link that answers nothing
+        within dead_after (and TCP's user timeout one with unacknowledged
+        data), and short connect timeouts and reconnect intervals make the
+        next attempt soon after the heal.
+        """
+        heartbeat, dead_after, _ = self.timing
+        sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat * 1000)))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(dead_after * 1000)))
+        sock.setsockopt(zmq.HEARTBEAT_TTL, max(100, int(dead_after * 1000)))
+        sock.setsockopt(zmq.TCP_MAXRT, max(1, int(dead_after * 1000)))
+
+    def _dealer(self, address: str) -> zmq.Socket:
+        sock = self.dealers.get(address)
+        if sock is None:
+            heartbeat = self.timing[0]
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.identity = self.advertise.encode()
+            sock.sndhwm = SEND_QUEUE
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only for a connected peer
+            self._keep_alive(sock)
+            sock.setsockopt(zmq.RECONNECT_IVL, max(10, int(heartbeat * 500)))
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(10, int(heartbeat * 1000)))
+            sock.setsockopt(zmq.CONNECT_TIMEOUT, max(100, int(heartbeat * 2000)))
+            if self.key is not None:
+                self.key.client(sock)
+            try:
+                sock.connect(address)
+            except zmq.ZMQError:
+                sock.close(linger=0)
+                raise
+            link = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            self.dealers[address] = sock
+            self.links[address] = Channel(self.loop, link, lambda _f, a=address: self._link_up(a))
+        return sock
+
+    def _close_dealer(self, address: str, linger: int = 0) -> None:
+        sock = self.dealers.pop(address, None)
+        link = self.links.pop(address, None)
+        if link is not None:
+            sock.disable_monitor()
+            link.close()
+        if sock is not None:
+            sock.close(linger=linger)
+
+    def _link_up(self, address: str) -> None:
+        if address in self.dealers:
+            self._run(self.core.link_up(address, self.loop.time()))
 
     def _arm(self) -> None:
-        due = min(
-            (d for d in (self.membership.next_deadline(), self.election.next_deadline()) if d is not None),
-            default=None,
-        )
+        due = self.core.next_deadline()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -333,8 +401,7 @@ class Mesh:
 
     def _tick(self) -> None:
         self._timer = None
-        now = self.loop.time()
-        self._run(self.membership.tick(now) + self.election.tick(now))
+        self._run(self.core.tick(self.loop.time()))
 
     # -- the election's memory ---------------------------------------------------------
 
@@ -350,15 +417,7 @@ class Mesh:
         except (TypeError, OSError, ValueError, KeyError):
             return 0, 0
 
-    def _persist(self, term: int, promised: int) -> None:
-        """Write the promise durably before any GRANT that depends on it leaves."""
-        path = self._state_path()
-        if path is None:
-            return
-        os.makedirs(self.data_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.data_dir, prefix=".election-")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"term": term, "promised": promised}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+
+def _wall(t: float, now: float) -> float:
+    """The loop-clock time `t` on the wall clock (for logs checked across hosts)."""
+    return time.time() - (now - t)

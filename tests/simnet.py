@@ -1,16 +1,19 @@
-"""A simulated network that drives the sans-IO mesh cores with a manual clock.
+"""A simulated network that drives the mesh core with a manual clock.
 
-Each simulated node runs what a real node's shell runs: one `Membership` and
-one `Election`, fed every message addressed to it and ticked at their
-deadlines, with actions carried out the way the asyncio shell does:
+Each simulated node runs what a real node runs: one `MeshCore` (membership
+and election wired together, hived.meshcore) carried out by a `MeshDriver`
+(the same class the daemon's shell subclasses, so the order of actions and
+the persist-before-send rule are the daemon's own):
 
-    Send / Broadcast ──▶ faults (partition, drop, dup, delay, reorder) ──▶ heap
-    heap ──▶ DELIVER: membership.handle, or heard_from + election.handle
-         ──▶ WAKE:    membership.tick + election.tick  (at their deadlines)
-    TermSeen ──▶ election.accept_term;  Persist ──▶ the node's "disk"
+    MeshDriver.run ──▶ Send ──▶ faults (partition, drop, dup, delay, reorder) ──▶ heap
+                   ──▶ Persist ──▶ the node's "disk" (which can be made full)
+    heap ──▶ DELIVER: core.handle       WAKE: core.tick (at its deadline)
+         ──▶ LINK:    core.link_up      (a DEALER's link made again: after a
+                                         heal, or a peer's restart)
 
 Time is a real (simulated) clock `net.now`; each node reads its own monotonic
-clock `offset + rate * now`, with rates skewed within the drift bound so that
+clock `offset + rate * now`, read in whole milliseconds as uvloop's is
+(`clock_resolution`), with rates skewed within the drift bound so that
 any two clocks' rates differ by a ratio of at most 1 - max_drift. A killed
 node loses its cores and everything in flight to it; a restarted node gets
 fresh cores (new incarnation, the persisted terms, the same clock). Every
@@ -19,27 +22,28 @@ function of its seed and the operations applied.
 
 With `check=True` (tests), after every event the net checks: no two nodes
 believe `is_coordinator` at the same real instant, no node's term goes
-backwards (across restarts too), no term has two holders, and each core's own
+backwards (across restarts too), no term has two holders, no GRANT or ASK
+leaves before the promise it rests on is on disk, and each core's own
 `validate()`. A failure raises `InvariantViolation` with the cores' stories.
 """
 
 from __future__ import annotations
 
+import errno
 import heapq
 import math
 import random
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hived import election as el
 from hived import gossip
 from hived import membership as mb
+from hived.meshcore import MeshCore, MeshDriver
 from hived.wire import Message, decode, encode
 
-DELIVER, WAKE = 0, 1
-MEMBERSHIP_TYPES = frozenset(gossip.MESSAGES)
-ELECTION_TYPES = frozenset(el.MESSAGES)
+DELIVER, WAKE, LINK = 0, 1, 2
 
 
 class InvariantViolation(AssertionError):
@@ -57,30 +61,64 @@ class Faults:
     reorder_delay: float = 0.3
 
 
-@dataclass
-class SimNode:
-    name: str
-    address: str
-    seeds: list[str]
-    voters: list[str]  # the shell uses the seeds; tests of gossip may differ
-    rate: float
-    offset: float
-    cpus: int = 4
-    gpus: int = 0
-    alive: bool = False
-    epoch: int = 0
-    incarnation: int = 0
-    disk: tuple[int, int] = (0, 0)  # what Persist wrote: (term, promised)
-    membership: mb.Membership | None = None
-    election: el.Election | None = None
-    wake_at: float = math.inf
-    election_due: float | None = None  # the election's next_deadline(), kept current
-    last_term: int = 0
-    spins: int = 0
-    events: list = field(default_factory=list)  # (real time, event) when recording
+class SimNode(MeshDriver):
+    """One simulated process: its clock, its disk, and the driver of its core."""
+
+    def __init__(self, net: SimNet, name: str, address: str, seeds: list[str],
+                 voters: list[str], rate: float, offset: float, cpus: int = 4,
+                 gpus: int = 0) -> None:  # fmt: skip
+        self.net, self.name, self.address = net, name, address
+        self.seeds = seeds
+        self.voters = voters  # the shell uses the seeds; tests of gossip may differ
+        self.rate, self.offset = rate, offset
+        self.cpus, self.gpus = cpus, gpus
+        self.alive = False
+        self.epoch = 0
+        self.incarnation = 0
+        self.disk = (0, 0)  # what Persist wrote: (term, promised)
+        self.disk_full = False
+        self.core: MeshCore | None = None
+        self.dialled: set[str] = set()  # where this process has a DEALER
+        self.wake_at = math.inf
+        self.last_term = 0
+        self.spins = 0
+        self.events: list = []  # (real time, event) when recording
+
+    @property
+    def membership(self) -> mb.Membership:
+        return self.core.membership
+
+    @property
+    def election(self) -> el.Election:
+        return self.core.election
 
     def local(self, real: float) -> float:
-        return self.offset + self.rate * real
+        t = self.offset + self.rate * real
+        res = self.net.clock_resolution
+        return math.floor(t / res + 1e-6) * res if res else t
+
+    # -- MeshDriver --------------------------------------------------------
+
+    def send(self, address: str, msg: Message) -> None:
+        if type(msg) in (el.Grant, el.Ask) and msg.term > self.disk[1]:
+            self.net._violation(
+                f"{self.name} sent {type(msg).__name__} for term {msg.term} with "
+                f"promised {self.disk[1]} on disk", [self])  # fmt: skip
+        self.net._send(self, address, msg, self.net.now)
+
+    def connect(self, address: str) -> None:
+        self.dialled.add(address)
+
+    def disconnect(self, address: str) -> None:
+        self.dialled.discard(address)
+
+    def write_state(self, term: int, promised: int) -> None:
+        if self.disk_full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.disk = (term, promised)
+
+    def event(self, event: mb.Action) -> None:
+        self.net._event(self, event)
 
 
 class SimNet:
@@ -99,8 +137,10 @@ class SimNet:
         record: bool = False,
         faults: Faults | None = None,
         membership_options: dict | None = None,
+        clock_resolution: float = 0.001,
     ) -> None:
         self.rng = random.Random(seed)
+        self.clock_resolution = clock_resolution
         self.heartbeat, self.dead_after, self.lease = heartbeat, dead_after, lease
         self.max_drift, self.min_margin = max_drift, min_margin
         self.skew, self.check, self.codec, self.record = skew, check, codec, record
@@ -149,7 +189,7 @@ class SimNet:
         half = self.max_drift / 2
         rate = 1.0 + self.rng.uniform(-half, half) if self.skew else 1.0
         voters = list(seeds if voters is None else voters)
-        node = SimNode(name, self.address_of(name), list(seeds), voters, rate,
+        node = SimNode(self, name, self.address_of(name), list(seeds), voters, rate,
                        self.rng.uniform(0, 100), **resources)  # fmt: skip
         self.nodes[name] = node
         self._by_address[node.address] = node
@@ -169,17 +209,17 @@ class SimNet:
         rng = random.Random(self.rng.getrandbits(64))
         info = gossip.NodeInfo(name, node.address, "0.1.0", node.cpus, node.gpus, node.cpus,
                                incarnation=node.incarnation)  # fmt: skip
-        node.membership = mb.Membership(info, node.seeds, self.heartbeat, self.dead_after, now,
-                                        rng, **self.membership_options)  # fmt: skip
-        node.election = el.Election(
-            name, node.address, node.voters, now, rng, lease=self.lease,
-            max_drift=self.max_drift, min_margin=self.min_margin,
-            initial_term=node.disk[0], initial_promised=node.disk[1],
+        node.dialled = set()
+        node.core = MeshCore(
+            info, node.seeds, now, rng, heartbeat=self.heartbeat, dead_after=self.dead_after,
+            lease=self.lease, voters=node.voters, max_drift=self.max_drift,
+            min_margin=self.min_margin, initial_term=node.disk[0],
+            initial_promised=node.disk[1], membership_options=self.membership_options,
         )  # fmt: skip
-        node.membership.set_term(node.election.term)
-        node.election_due = node.election.next_deadline()
         self.log.append(f"{self.now:.4f} start {name} inc {node.incarnation}")
         self._schedule_wake(node)
+        # the peers' DEALERs to this address reconnect to the new process
+        self._links_up((other, node) for other in self.alive() if node.address in other.dialled)
 
     def kill(self, name: str) -> None:
         node = self.nodes[name]
@@ -196,8 +236,7 @@ class SimNet:
         """A graceful stop: LEAVE to every peer, then the process ends."""
         node = self.nodes[name]
         if node.alive:
-            now = node.local(self.now)
-            self._apply(node, node.membership.leave(now), self.now)
+            node.run(node.core.leave(node.local(self.now)), node.local(self.now))
             self.kill(name)
 
     def partition(self, *groups: Iterable[str]) -> None:
@@ -224,13 +263,37 @@ class SimNet:
             self.partition(*groups.values())
         elif kind == "heal":
             self.heal()
+        elif kind == "disk":  # a node's disk fills up, or has room again
+            node = self.nodes[names[op[1] % len(names)]]
+            node.disk_full = op[2]
+            self.log.append(f"{self.now:.4f} disk of {node.name} {'full' if op[2] else 'freed'}")
         else:
             self.faults = Faults(drop=op[1], dup=op[2], reorder=op[3])
         self.run_for(0.05)
 
     def heal(self) -> None:
-        self._groups = None
+        groups, self._groups = self._groups, None
         self.log.append(f"{self.now:.4f} heal")
+        if groups is not None:  # every DEALER across the cut makes its link again
+            by_address = self._by_address
+            self._links_up(
+                (n, by_address[a]) for n in self.alive() for a in sorted(n.dialled)
+                if a in by_address and groups[by_address[a].name] != groups[n.name]
+            )  # fmt: skip
+
+    def free_disks(self) -> None:
+        for node in self.nodes.values():
+            node.disk_full = False
+
+    def _links_up(self, pairs: Iterable[tuple[SimNode, SimNode]]) -> None:
+        """`node`'s link to `peer` comes up after a connect's round trip."""
+        lo, hi = self.faults.latency
+        for node, peer in pairs:
+            self._seq += 1
+            delay = 2 * (lo + (hi - lo) * self.rng.random())
+            heapq.heappush(
+                self._heap, (self.now + delay, self._seq, LINK, node, node.epoch, peer, None)
+            )
 
     def connected(self, a: str, b: str) -> bool:
         return self._groups is None or self._groups.get(a) == self._groups.get(b)
@@ -252,6 +315,12 @@ class SimNet:
             self.now = t
             if kind == DELIVER:
                 deliver(node, src, msg, t)
+            elif kind == LINK:
+                if not src.alive or not self.connected(node.name, src.name):
+                    continue
+                now = node.local(t)
+                node.run(node.core.link_up(src.address, now), now)
+                self._schedule_wake(node)
             elif t == node.wake_at:
                 wake(node, t)
             else:
@@ -267,35 +336,25 @@ class SimNet:
         if self._groups is not None and self._groups[src.name] != self._groups[node.name]:
             return  # the cable was cut while it was in flight
         self.delivered += 1
-        now = node.offset + node.rate * real
-        if type(msg) in MEMBERSHIP_TYPES:
-            actions = node.membership.handle(src.address, msg, now)
-        else:
-            actions = node.membership.heard_from(src.address, now)
-            actions += node.election.handle(src.address, msg, now)
-            node.election_due = node.election.next_deadline()
-        if actions:
-            self._apply(node, actions, real)
+        now = node.local(real)
+        node.run(node.core.handle(src.address, msg, now), now)
         self._schedule_wake(node)
 
     def _wake(self, node: SimNode, real: float) -> None:
         node.wake_at = math.inf
-        now = node.offset + node.rate * real
-        actions = node.membership.tick(now)
-        actions += node.election.tick(now)
-        node.election_due = node.election.next_deadline()
-        if actions:
-            self._apply(node, actions, real)
+        now = node.local(real)
+        node.run(node.core.tick(now), now)
         self._schedule_wake(node, ticked=real)
 
     def _schedule_wake(self, node: SimNode, ticked: float | None = None) -> None:
-        due = node.membership.next_deadline()
-        d2 = node.election_due  # only election calls change it, and they refresh it
-        if due is None or (d2 is not None and d2 < due):
-            due = d2
+        due = node.core.next_deadline()
         if due is None:
             return
-        real = (due - node.offset) / node.rate + 1e-9
+        res = self.clock_resolution
+        if res and due > -math.inf:  # the first clock reading at or after `due`
+            tick = math.ceil(due / res - 1e-6)
+            due = (tick + (tick * res < due)) * res
+        real = (due - node.offset) / node.rate + 1e-7
         if real <= self.now:
             real = self.now
             if ticked is not None:
@@ -309,30 +368,17 @@ class SimNet:
             self._seq += 1
             heapq.heappush(self._heap, (real, self._seq, WAKE, node, node.epoch, None, None))
 
-    def _apply(self, node: SimNode, actions: list, real: float) -> None:
-        send = self._send
-        for a in actions:
-            kind = type(a)
-            if kind is mb.Send:
-                send(node, a.to, a.msg, real)
-            elif kind is el.Broadcast:
-                for address in node.membership.live_addresses():
-                    send(node, address, a.msg, real)
-            elif kind is mb.TermSeen:
-                node.election.accept_term(a.term)
-                node.election_due = node.election.next_deadline()
-            elif kind is el.Persist:
-                node.disk = (a.term, a.promised)
-            elif kind is el.BecameCoordinator:
-                holder = self.holders.setdefault(a.term, node.name)
-                if holder != node.name:
-                    self._violation(f"term {a.term} held by {holder} and {node.name}", [node])
-                if not self.elections or self.elections[-1][1:] != (node.name, a.term):
-                    self.elections.append((real, node.name, a.term))
-                    self.log.append(f"{real:.4f} {node.name} coordinator term {a.term}")
-            elif self.record and kind not in (mb.Connect, mb.Disconnect):
-                node.events.append((real, a))
-        node.membership.set_term(node.election.term)
+    def _event(self, node: SimNode, a: mb.Action) -> None:
+        real = self.now
+        if type(a) is el.BecameCoordinator:
+            holder = self.holders.setdefault(a.term, node.name)
+            if holder != node.name:
+                self._violation(f"term {a.term} held by {holder} and {node.name}", [node])
+            if not self.elections or self.elections[-1][1:] != (node.name, a.term):
+                self.elections.append((real, node.name, a.term))
+                self.log.append(f"{real:.4f} {node.name} coordinator term {a.term}")
+        elif self.record:
+            node.events.append((real, a))
 
     def _send(self, node: SimNode, to: str, msg: Message, real: float) -> None:
         if self.meter_on:
@@ -451,8 +497,8 @@ SIM_SETTINGS = _profiles()
 
 def fault_schedules(run_for: float, max_size: int, leave: bool = False):
     """A hypothesis strategy: random schedules of runs, kills, restarts,
-    (leaves), partitions into 3 groups of up to 7 nodes, heals, and message
-    fault rates (drop, duplicate, reorder)."""
+    (leaves), partitions into 3 groups of up to 7 nodes, heals, disks that
+    fill up and free again, and message fault rates (drop, duplicate, reorder)."""
     from hypothesis import strategies as st
 
     node = st.integers(0, 6)
@@ -462,6 +508,7 @@ def fault_schedules(run_for: float, max_size: int, leave: bool = False):
         st.tuples(st.just("restart"), node),
         st.tuples(st.just("partition"), st.lists(st.integers(0, 2), min_size=7, max_size=7)),
         st.tuples(st.just("heal")),
+        st.tuples(st.just("disk"), node, st.booleans()),
         st.tuples(st.just("faults"), st.floats(0, 0.3), st.floats(0, 0.2), st.floats(0, 0.5)),
     ]
     if leave:

@@ -302,7 +302,7 @@ AGREEMENT_BOUND = ELECTION_BOUND + 3.0 + LEASE  # + probe_cap to re-find peers +
 def test_one_coordinator_rising_terms_and_a_bounded_election(seed, voters, others, ops):
     """After every event (SimNet checks): never two coordinators at one real
     instant, no term going backwards, no term with two holders. Then, once a
-    majority of voters is up, connected and the network is clean, one
+    majority of voters is up, connected, the network clean and disks free, one
     coordinator is elected within ELECTION_BOUND: at most one lease for old
     grants and restarted voters' quarantine, plus the back-off (rank plus at
     most eight slots of lease/8) and a refused round or two."""
@@ -310,6 +310,7 @@ def test_one_coordinator_rising_terms_and_a_bounded_election(seed, voters, other
     for op in ops:
         net.apply(op)
     net.heal()
+    net.free_disks()
     net.faults = Faults()
     dead = [f"n{i}" for i in range(voters) if not net.nodes[f"n{i}"].alive]
     while voters - len(dead) < voters // 2 + 1:

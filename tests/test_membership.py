@@ -405,6 +405,7 @@ def test_membership_converges_after_any_schedule(seed, size, ops):
     for op in ops:
         net.apply(op)
     net.heal()
+    net.free_disks()
     net.faults = Faults()
     seeds = [f"n{i}" for i in range(min(size, 3))]
     if not any(net.nodes[name].alive for name in seeds):
