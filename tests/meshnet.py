@@ -32,6 +32,8 @@ class MeshNode:
         self.address = f"tcp://{host.addr}:{PORT}"
         self.control = f"ipc://{cluster.dir}/{host.name}.sock"
         self.log_path = os.path.join(cluster.dir, f"{host.name}.log")
+        self.data_dir = os.path.join(cluster.dir, host.name)
+        self.tmpfs = False  # data_dir is a tmpfs of our own (mount_data)
         self.proc: subprocess.Popen | None = None
         # GPU slots: with no nvidia-smi on a test host, `--gpus N` gives
         # workers CUDA_VISIBLE_DEVICES 0..N-1, which routing needs, not a GPU.
@@ -46,7 +48,7 @@ class MeshNode:
         args = [
             sys.executable, "-m", "hived.daemon", "--config", config, "--name", self.name,
             "--bind", self.address, "--control", self.control, "--key-file", c.key_path,
-            "--cpus", "1", "--gpus", str(self.gpus), "--data-dir", os.path.join(c.dir, self.name),
+            "--cpus", "1", "--gpus", str(self.gpus), "--data-dir", self.data_dir,
             "--log-level", "info",
         ]
         for seed in c.seeds:
@@ -55,6 +57,21 @@ class MeshNode:
         self.proc = self.host.popen(args, env=child_env(**self.env), stdout=log, stderr=subprocess.STDOUT)
         log.close()
         return self
+
+    def mount_data(self, size: str = "256k") -> None:
+        """Put data_dir on a tmpfs of ``size``, so that a test can fill it (a
+        full disk); before start.  ``unmount_data`` undoes it."""
+        os.makedirs(self.data_dir, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
+                        self.data_dir], check=True, capture_output=True, timeout=30)
+        self.tmpfs = True
+
+    def unmount_data(self) -> None:
+        if self.tmpfs:
+            # Lazy: a daemon that still holds a file there must not block teardown.
+            subprocess.run(["umount", "-l", self.data_dir], check=False, capture_output=True,
+                           timeout=30)
+            self.tmpfs = False
 
     def status(self, timeout: float = 1.0) -> dict[str, Any] | None:
         answer = ask(self.control, StatusQuery(1), timeout=timeout)

@@ -25,7 +25,16 @@ TCP connection stalls, retransmitting, until it is healed):
   move onto it, so frames between groups have nowhere to go -- in both
   directions, for new and established connections alike.  Hosts named in no
   group stay together on the original bridge (one more, implicit group).
-  ``heal_all()`` puts every port back on the original bridge and up.
+* ``drop_between(side_a, side_b)``: pairwise drops for what bridges cannot
+  express (a *bridge* host that sees both sides while the sides cannot see
+  each other): each host's ``eth0`` egress sends packets for the other side's
+  addresses into a ``blackhole`` qdisc, on both sides.
+* ``impair(host, loss=..., rate=...)``: random loss of a share of the host's
+  outgoing packets and/or a bandwidth cap (queueing delay).  This kernel has
+  no netem, ``gact`` or flower, so it is built from what it has: HTB classes,
+  a classic-BPF filter on the kernel's random number, and ``blackhole``.
+  ``heal_all()`` puts every port back on the original bridge and up, and
+  removes every drop and impairment.
 
 Names: everything a TestNet creates is named from its token
 ``hvt<owner pid, 5 base-36 digits><2 base-36 chars>``: the bridge ``<token>br``,
@@ -88,6 +97,16 @@ _NAME_RE = re.compile(r"^(hvt[0-9a-z]{7})(?:br|g[0-9]+|v[0-9]+|-[A-Za-z0-9_.-]+)
 _HOST_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
 _CLONE_NEWNET = 0x40000000
 _KILL_WAIT_S = 5.0
+TC = shutil.which("tc") or "/usr/sbin/tc"
+# eth0's root HTB: 1:1 carries traffic (its rate is the cap), 1:2 ends in a
+# blackhole qdisc; filters send what is to be dropped to 1:2.
+_FAST = "10gbit"
+_SHAPE = [
+    "qdisc add dev eth0 root handle 1: htb default 1 r2q 100000",
+    f"class add dev eth0 parent 1: classid 1:1 htb rate {_FAST}",
+    f"class add dev eth0 parent 1: classid 1:2 htb rate {_FAST}",
+    "qdisc add dev eth0 parent 1:2 handle 2: blackhole",
+]
 _NS_GONE_WAIT_S = 0.25
 
 T = TypeVar("T")
@@ -196,6 +215,24 @@ def _ip(lines: Sequence[str], *, ns: str | None = None, force: bool = False) -> 
             f"commands:\n" + "\n".join(lines)
         )
     return res.stderr
+
+
+def _tc(ns: str, lines: Sequence[str]) -> None:
+    """Run ``tc -n ns -batch`` in the home namespace; raise with stderr."""
+    with _home():
+        res = subprocess.run([TC, "-n", ns, "-batch", "-"], input="\n".join(lines) + "\n",
+                             capture_output=True, text=True, timeout=60)
+    if res.returncode != 0:
+        raise RuntimeError(f"tc -n {ns} failed ({res.returncode}): {res.stderr.strip()}\n"
+                           "commands:\n" + "\n".join(lines))
+
+
+def _random_share(share: float) -> str:
+    """Classic BPF that matches about ``share`` of packets: the kernel's random
+    u32 (ancillary load SKF_AD_RANDOM) above a threshold."""
+    threshold = min(2**32 - 1, int((1.0 - share) * 2**32))
+    load_random = (1 << 32) - 4096 + 56  # SKF_AD_OFF + SKF_AD_RANDOM, as u32
+    return f"4,32 0 0 {load_random},37 0 1 {threshold},6 0 0 4294967295,6 0 0 0"
 
 
 def _ip_each(per_ns: Mapping[str, Sequence[str]]) -> None:
@@ -592,6 +629,7 @@ class TestNet:
         self.hosts: list[Host] = []
         self._procs: list[subprocess.Popen] = []
         self._cut: set[str] = set()
+        self._shaped: set[str] = set()  # hosts whose eth0 has our HTB root
         self._groups: dict[str, str] = {}  # host name -> bridge its port is on
         self._group_bridges: list[str] = []
         self._closed = False
@@ -769,14 +807,52 @@ class TestNet:
             self._groups = {n: br for n, br in want.items() if br != self.bridge}
 
     def heal_all(self) -> None:
-        """Undo every partition and cut."""
+        """Undo every partition, cut, drop and impairment."""
         with self._lock:
             self._check_open()
             lines = [f"link set {self.host(n).veth} master {self.bridge}" for n in self._groups]
             lines += [f"link set {self.host(n).veth} up" for n in self._cut]
             _ip(lines)
+            for name in sorted(self._shaped):
+                _tc(self.host(name).ns, ["qdisc del dev eth0 root"])
             self._groups.clear()
             self._cut.clear()
+            self._shaped.clear()
+
+    def _shape(self, h: Host) -> None:
+        if h.name not in self._shaped:
+            _tc(h.ns, _SHAPE)
+            self._shaped.add(h.name)
+
+    def drop_between(self, side_a: Iterable[Host | int | str],
+                     side_b: Iterable[Host | int | str]) -> None:
+        """Hosts of ``side_a`` and of ``side_b`` cannot reach each other (either
+        way); every other pair still can.  Adds to earlier drops."""
+        with self._lock:
+            self._check_open()
+            a = [self.host(r) for r in side_a]
+            b = [self.host(r) for r in side_b]
+            for src, dsts in [(h, b) for h in a] + [(h, a) for h in b]:
+                self._shape(src)
+                _tc(src.ns, [f"filter add dev eth0 parent 1: protocol ip prio 1 u32"
+                             f" match ip dst {d.addr}/32 classid 1:2" for d in dsts])
+
+    def impair(self, host: Host | int | str, *, loss: float = 0.0,
+               rate: str | None = None) -> None:
+        """Drop about ``loss`` (0..1) of the host's outgoing packets at random,
+        and/or cap its outgoing bandwidth at ``rate`` (tc units: ``"200kbit"``)."""
+        with self._lock:
+            self._check_open()
+            h = self.host(host)
+            self._shape(h)
+            lines = []
+            if loss > 0:
+                lines.append("filter add dev eth0 parent 1: protocol all prio 2 bpf"
+                             f" bytecode '{_random_share(loss)}' classid 1:2")
+            if rate is not None:
+                lines.append(f"class change dev eth0 parent 1: classid 1:1 htb rate {rate}")
+            if lines:
+                _tc(h.ns, lines)
 
     # -- diagnostics
 
