@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from campaign_client import MAP_TIMEOUT, inputs, task
+from campaign_client import MAP_TIMEOUT, inputs, value
 from conftest import child_env
 from meshnet import Cluster, MeshNode
 from netns import TestNet, wait_for
@@ -346,7 +346,7 @@ def check_maps(maps: dict[str, list[dict]], down: dict[str, list[tuple[float, fl
     for owner, records in maps.items():
         for r in records:
             c["maps"] += 1
-            expected = [task(x) for x in inputs(r["map"], r["n"])]
+            expected = [value(x) for x in inputs(r["map"], r["n"])]
             got = r["results"]
             c["results"] += len(got)
             label = f"map {r['map']} on {owner} ({r['start']:.3f}-{r['end']:.3f})"

@@ -18,11 +18,16 @@ import sys
 import time
 
 
+def value(x: int) -> int:
+    """What `task` returns, computed at once (the checker's expected values)."""
+    return (x * x + 7) % 1_000_003
+
+
 def task(x: int) -> int:
     """Deterministic and light: a few ms, so that five daemons' workers and two
     clients leave the 2-core CI machine room to breathe."""
     time.sleep(0.003)
-    return (x * x + 7) % 1_000_003
+    return value(x)
 
 
 def inputs(map_id: int, n: int) -> range:

@@ -26,7 +26,7 @@ from campaign import (
     make_schedule,
     run_campaign,
 )
-from campaign_client import inputs, task
+from campaign_client import inputs, value
 
 SEEDS = [int(os.environ["HIVED_CAMPAIGN_SEED"])] if os.environ.get("HIVED_CAMPAIGN_SEED") else [1, 2, 3]
 SECONDS = 35.0
@@ -45,7 +45,7 @@ def _kill(name: str, start: float, end: float) -> Event:
 
 def _map(map_id: int, start: float, end: float, results: list | None = None,
          error: str | None = None) -> dict:
-    expected = [task(x) for x in inputs(map_id, 5)]
+    expected = [value(x) for x in inputs(map_id, 5)]
     record = {"map": map_id, "n": 5, "start": start, "end": end,
               "results": expected if results is None else results}
     if error:
@@ -64,7 +64,7 @@ def test_the_same_seed_gives_the_same_schedule_and_seeds_differ():
 
 def test_maps_lost_duplicated_wrong_and_unavailable_are_told_apart():
     r = _report(_kill("h1", 10, 12))
-    good = {i: [task(x) for x in inputs(i, 5)] for i in range(6)}
+    good = {i: [value(x) for x in inputs(i, 5)] for i in range(6)}
     maps = {"h1": [_map(0, 1, 2), _map(1, 9, 11, results=[], error="HiveUnavailable"),
                    _map(2, 3, 4, results=good[2][:4]), _map(3, 20, 21, error="HiveUnavailable")],
             "h4": [_map(4, 5, 6, results=[*good[4][:2], good[4][1], *good[4][2:]]),
