@@ -32,6 +32,7 @@ from hived.control import (
     OpenJob,
     Output,
     Result,
+    Stranger,
     Welcome,
 )
 from hived.errors import HiveError, HiveUnavailable, SerializationError
@@ -62,6 +63,7 @@ class Hive(concurrent.futures.Executor):
         self._closed = False
         self._link_closing = False
         self._link_closed = False
+        self._lost: str | None = None  # why the node is gone, once it is
         self.node_name = ""
         self.slots = 1
         self.link = self._open_link(address, key_file)
@@ -91,7 +93,7 @@ class Hive(concurrent.futures.Executor):
             )
         self.address = address
         curve = client_curve(address, key_file)
-        return self._greet(SocketLink(address, self._on_frames, curve=curve))
+        return self._greet(SocketLink(address, self._on_frames, on_lost=self._on_lost, curve=curve))
 
     def _greet(self, link: Any) -> Any:
         """Say HELLO on `link` and wait for the node's WELCOME."""
@@ -112,6 +114,9 @@ class Hive(concurrent.futures.Executor):
         if isinstance(msg, Welcome):
             self.node_name, self.slots = msg.node, max(msg.slots, 1)
             self._welcome.set()
+        elif isinstance(msg, Stranger):
+            self._on_lost(f"hived on {msg.node} at {self.address} holds nothing of this "
+                          "client's (it restarted, or took this client for gone)")
         elif isinstance(msg, Output):
             stream = sys.stdout if msg.stream == 1 else sys.stderr
             for line in msg.text.splitlines(keepends=True):
@@ -153,6 +158,17 @@ class Hive(concurrent.futures.Executor):
             return [blob] if force or first else []
 
         return next(self._job_numbers), digest, label, blob_for
+
+    def _on_lost(self, reason: str) -> None:
+        """The node is gone, and every job we had there with it (on the link's thread)."""
+        with self._lock:
+            if self._lost is not None or self._link_closed:
+                return
+            self._lost = reason
+        self.link.lost = True
+        log.warning("%s; its jobs are lost", reason)
+        for stream in list(self._streams.values()):
+            stream.deliver(JobRefused(stream.job, "unavailable", f"{reason}; this job is lost"), [])
 
     def _forget(self, job: int) -> None:
         self._streams.pop(job, None)
@@ -270,6 +286,8 @@ class Hive(concurrent.futures.Executor):
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("cannot schedule new work after shutdown")
+        if self._lost is not None:
+            raise HiveUnavailable(f"{self._lost}; connect again")
 
     def __repr__(self) -> str:
         return f"<Hive {self.address} node={self.node_name!r} slots={self.slots}>"

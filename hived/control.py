@@ -91,9 +91,28 @@ class CancelJob(Message):
     job: int
 
 
+# Either end of a client link that hears nothing from the other for this
+# long takes it as gone: the node drops the client's jobs, the client fails
+# its calls with HiveUnavailable. Each end pings the other every heartbeat.
+LINK_TIMEOUT = 5.0
+
+
 @message(b"C.PING")
 class Ping(Message):
     pass
+
+
+@message(b"C.PONG")
+class Pong(Message):
+    """The node's answer to a PING: it is alive and knows this client."""
+
+
+@message(b"C.STRANGER")
+class Stranger(Message):
+    """The node holds nothing of this client's (it restarted, or dropped the
+    client as silent): whatever the client had running there is lost."""
+
+    node: str
 
 
 @message(b"C.BYE")

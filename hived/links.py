@@ -9,7 +9,9 @@ the network.
 - `SocketLink`: a DEALER to the daemon's control socket, owned by one I/O
   thread (ZeroMQ sockets are not thread-safe). Callers append to an outbox
   and wake the thread through a pipe; the thread also sends the PING that
-  tells the node this client is alive.
+  tells the node this client is alive, and the node answers each one, so a
+  node that says nothing for `LINK_TIMEOUT` (killed, paused, cut off) is
+  reported to `on_lost` once instead of being waited on for ever.
 - `EmbeddedLink`: a whole `Node` on its own event-loop thread in this
   process, without a network socket. Frames cross between threads as Python
   lists, with no copy and no socket hop.
@@ -28,7 +30,7 @@ from typing import Any
 
 import zmq
 
-from hived.control import EMBEDDED_CLIENT, Ping
+from hived.control import EMBEDDED_CLIENT, LINK_TIMEOUT, Ping
 from hived.errors import HiveError
 from hived.node import Node, NodeSettings
 from hived.reactor import EVENTS, POLLIN
@@ -45,10 +47,13 @@ class SocketLink:
         address: str,
         on_frames: OnFrames,
         *,
+        on_lost: Callable[[str], None] = lambda reason: None,
         heartbeat: float = 0.5,
+        timeout: float = LINK_TIMEOUT,
         curve: Callable[[zmq.Socket], None] | None = None,
     ) -> None:
         self.address, self.on_frames, self.heartbeat = address, on_frames, heartbeat
+        self.on_lost, self.timeout = on_lost, timeout
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.linger = 0
@@ -59,6 +64,7 @@ class SocketLink:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._closing = False
+        self.lost = False  # the node is gone: no more pings to it
         self.thread = threading.Thread(target=self._run, name="hived-link", daemon=True)
         self.thread.start()
 
@@ -71,14 +77,20 @@ class SocketLink:
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         ping = encode(Ping())
-        next_ping = time.monotonic() + self.heartbeat
+        heard = time.monotonic()
+        next_ping = heard + self.heartbeat  # after our HELLO, which the caller sends now
         try:
             while not self._closing:
                 # The node hears from us at least every heartbeat, busy or not.
                 now = time.monotonic()
                 if now >= next_ping:
-                    sock.send_multipart(ping)
+                    if not self.lost:
+                        sock.send_multipart(ping)
                     next_ping = now + self.heartbeat
+                if not self.lost and now - heard > self.timeout:
+                    self.lost = True
+                    self.on_lost(f"hived at {self.address} said nothing for {self.timeout:g}s "
+                                 "(killed, paused or cut off)")
                 events = dict(poller.poll(int((next_ping - now) * 1000) + 1))
                 if self._wake_r in events:
                     try:
@@ -90,6 +102,7 @@ class SocketLink:
                     sock.send_multipart(frames, copy=not zero_copy(frames))
                 while sock.getsockopt(EVENTS) & POLLIN:
                     frames = sock.recv_multipart(copy=False)
+                    heard = time.monotonic()
                     try:
                         self.on_frames(frames)
                     except Exception:  # one bad message must not end the link

@@ -36,6 +36,7 @@ import zmq
 
 from hived import __version__
 from hived.control import (
+    LINK_TIMEOUT,
     AddChunk,
     Answer,
     Bye,
@@ -51,8 +52,10 @@ from hived.control import (
     OpenJob,
     Output,
     Ping,
+    Pong,
     Result,
     StatusQuery,
+    Stranger,
     Welcome,
 )
 from hived.errors import LocalProtocolError
@@ -78,7 +81,7 @@ class NodeSettings:
     max_tasks_per_worker: int = 0
     memory_limit: int | None = None
     heartbeat: float = 0.5
-    client_timeout: float = 5.0  # a client silent this long is gone
+    client_timeout: float = LINK_TIMEOUT  # a client silent this long is gone
     drain_timeout: float = 30.0
     # The mesh (None: a node of its own, as the embedded one is)
     bind: str | None = None
@@ -128,7 +131,7 @@ class Node:
             AddChunk: self._add_chunk,
             CloseJob: self._close_job,
             CancelJob: self._cancel_job,
-            Ping: lambda client, msg, payload: None,
+            Ping: lambda client, msg, payload: self.control.send(client.id, Pong()),
             Bye: lambda client, msg, payload: self._drop_client(client, "said goodbye"),
             StatusQuery: self._status_query,
             JobsQuery: self._jobs_query,
@@ -244,7 +247,11 @@ class Node:
         client = self.clients.get(cid)
         if client is None:
             if not isinstance(msg, (Hello, StatusQuery, JobsQuery, DrainRequest)):
-                log.warning("control: %s from an unknown client %s; ignored", type(msg).__name__, cid.hex())
+                # a client of our previous process, or one we dropped as silent:
+                # say so, so that it fails its calls instead of waiting for ever
+                log.info("control: %s from an unknown client %s; told it so",
+                         type(msg).__name__, cid.hex())
+                self.control.send(cid, Stranger(self.name))
                 return
             client = ClientState(cid, "", self.loop.time())
             if isinstance(msg, Hello):

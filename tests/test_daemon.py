@@ -25,7 +25,7 @@ from conftest import child_env
 from netns import wait_for
 
 import hived
-from hived.control import JobsQuery, ask
+from hived.control import LINK_TIMEOUT, JobsQuery, ask
 from hived.wire import MAX_HEADER_BYTES
 
 try:
@@ -489,3 +489,48 @@ def test_public_bind_without_key_refuses_to_start(tmp_path) -> None:
     assert "hivectl keygen" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert not os.path.exists(tmp_path / "s")
+
+
+# -- a node that goes away under its client ----------------------------------------
+
+
+def slow_square(x: int) -> int:
+    time.sleep(0.1)
+    return x * x
+
+
+@pytest.mark.parametrize("fault", ["killed", "restarted", "paused"])
+def test_a_map_whose_node_goes_away_ends_with_hive_unavailable(make_daemon, fault) -> None:
+    daemon = make_daemon()
+    with hived.connect(daemon.address) as h:
+        results = h.map(slow_square, range(200), chunksize=1)
+        assert next(results) == 0
+        if fault == "paused":
+            os.kill(daemon.proc.pid, signal.SIGSTOP)
+        else:
+            daemon.kill()
+            if fault == "restarted":
+                daemon.start()
+        gone = time.monotonic()
+        try:
+            with pytest.raises(hived.HiveUnavailable) as raised:
+                for _ in results:
+                    pass
+            took = time.monotonic() - gone
+        finally:
+            if fault == "paused":
+                os.kill(daemon.proc.pid, signal.SIGCONT)
+        if fault == "restarted":  # the new process says at once that it holds nothing of ours
+            assert "holds nothing of this client's" in str(raised.value)
+            assert took < LINK_TIMEOUT
+        else:  # the client's window for a silent node, plus a ping's period
+            assert "said nothing for" in str(raised.value)
+            assert took <= LINK_TIMEOUT + 1.0, took
+        with pytest.raises(hived.HiveUnavailable, match="connect again"):
+            h.submit(square, 3)
+        assert h.link.lost  # no more pings to a node that is gone
+    if fault != "killed":  # the node serves new clients, and the old one is quiet
+        told = daemon.log.count("from an unknown client")
+        with hived.connect(daemon.address) as h:
+            assert list(h.map(slow_square, range(10))) == [x * x for x in range(10)]
+        assert daemon.log.count("from an unknown client") == told
