@@ -3,9 +3,10 @@
     python benchmarks/sim_scale.py                      # 10, 100 and 1,000 nodes
     python benchmarks/sim_scale.py --sizes 100 --kills 10
 
-Every node runs the real `Membership` and `Election` cores (tests/simnet.py
-drives them with a manual clock, clock rates skewed within the 1% drift
-bound, 0.5-5 ms latency, no loss). With the default timings (heartbeat 0.5,
+Every node runs the daemon's own `MeshCore` (membership and election wired
+as in the daemon) through the daemon's `MeshDriver`; tests/simnet.py drives
+them with a manual millisecond clock, clock rates skewed within the 1% drift
+bound, 0.5-5 ms latency, no loss. With the default timings (heartbeat 0.5,
 dead_after 3.0, lease 2.0) and the first three nodes as seeds (voters), all
 nodes start at t=0 and it prints, in simulated seconds:
 
