@@ -12,11 +12,17 @@ Every node plays three parts here, on the node's one event loop:
   local pool's, so dedup, retries and delivery are one code path. When a
   node is declared dead or leaves, its ranges are requeued (at-least-once
   execution; the book drops any late result, so delivery stays exactly-once).
+  A RANGE the link refused (the node's connection is down, as it is for a
+  while after either side was paused) is requeued at once: no report could
+  ever come for it.
 - **Coordinator.** Matches WANTs to OFFERs (`Matchmaker`); it never sees
   task data, and a new coordinator rebuilds its view from the next OFFERs.
 - **Worker node.** Its pool takes local work first, then ranges pulled from
   other owners. When workers sit idle it pulls again from owners that just
-  gave it work, or asks the coordinator (`Puller`).
+  gave it work, or asks the coordinator (`Puller`). A report the link to its
+  owner refused is sent again every heartbeat while the owner is a member,
+  dead or not: an owner that stalled past dead_after and runs again waits on
+  exactly those reports, and may never have seen this node dead.
 
     local clients ──▶ Owner ──RANGE──▶ other nodes' pools
                         ▲ └───────────▶ this node's pool ◀──RANGE── other owners
@@ -28,6 +34,7 @@ pool's reports tell local and remote work apart without a second table.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from collections import OrderedDict, deque
@@ -76,6 +83,9 @@ class Exchange:
         # worker-node side: ranges pulled from other owners
         self.queue: deque[Assignment] = deque()
         self.taken: dict[int, tuple[str, int]] = {}  # local id -> (owner, its assignment)
+        # reports the link to their owner refused: (owner, message, frames), to resend
+        self.unsent: list[tuple[str, Message, list[Any]]] = []
+        self._resending: asyncio.TimerHandle | None = None
         self.remote_blobs: OrderedDict[bytes, None] = OrderedDict()
         self._ids = itertools.count(-1, -1)
         self._asks = itertools.count(1)
@@ -171,11 +181,16 @@ class Exchange:
             budget["gpus" if a.needs.gpus else "cpus"] -= a.needs.gpus or a.needs.cpus
             has_blob = a.fn not in sent
             blob = [self.node.blobs[a.fn]] if has_blob else []
-            sent.add(a.fn)
-            self.out[a.id] = sender
             rng = RangeMsg(a.id, self.node._tag(a.job), a.fn, has_blob, a.start, a.stop,
                            a.needs.cpus, a.needs.gpus, a.precise)
-            self.mesh.send(sender, rng, [*blob, *a.frames])
+            if not self.mesh.send(sender, rng, [*blob, *a.frames]):
+                # Never left: back to the front of the queue, uncharged (it
+                # would be handed out again at once, so stop here).
+                self.node.on_lost(a.id, None, f"the link to {sender} is down")
+                self.node.pool.kick()
+                return
+            sent.add(a.fn)
+            self.out[a.id] = sender
             given += 1
         if not given:
             self.mesh.send(sender, Nothing())
@@ -213,9 +228,11 @@ class Exchange:
             a = self.queue.popleft()
             self.lost(a.id, None, f"{self.node.name} is draining")
 
-    def node_gone(self, address: str) -> None:
-        """A node is dead or left: its ranges of our jobs run again elsewhere,
-        and we stop waiting on it as an owner."""
+    def node_gone(self, address: str, left: bool) -> None:
+        """A node is dead or `left` (left, restarted, forgotten): its ranges of
+        our jobs run again elsewhere, and we stop waiting on it as an owner."""
+        if left:  # a dead owner may run again and wait on these; a left one never
+            self.unsent = [u for u in self.unsent if u[0] != address]
         lost = [aid for aid, node in self.out.items() if node == address]
         for aid in lost:
             del self.out[aid]
@@ -344,16 +361,33 @@ class Exchange:
     def done(self, local: int, start: int, stop: int, elapsed: float, failures: int,
              frames: list[Any]) -> None:
         owner, aid = self.taken.pop(local)
-        self.mesh.send(owner, RangeDone(aid, start, stop, elapsed, failures), frames)
+        self._report(owner, RangeDone(aid, start, stop, elapsed, failures), frames)
 
     def failed(self, local: int, text: str) -> None:
         owner, aid = self.taken.pop(local)
-        self.mesh.send(owner, RangeFailed(aid, text))
+        self._report(owner, RangeFailed(aid, text))
 
     def lost(self, local: int, crashed_at: int | None, why: str) -> None:
         owner, aid = self.taken.pop(local)
         at = NOT_STARTED if crashed_at is None else crashed_at
-        self.mesh.send(owner, RangeLost(aid, at, why))
+        self._report(owner, RangeLost(aid, at, why))
+
+    def _report(self, owner: str, msg: Message, frames: list[Any] | tuple = ()) -> None:
+        """The owner waits on this report for ever: if the link refuses it, keep it."""
+        if not self.mesh.send(owner, msg, frames):
+            self.unsent.append((owner, msg, list(frames)))
+            self._resend_later()
+
+    def _resend_later(self) -> None:
+        if self._resending is None and self.unsent:
+            self._resending = self.node.loop.call_later(self.node.settings.heartbeat, self._resend)
+
+    def _resend(self) -> None:
+        self._resending = None
+        if self.node.stopped.is_set():  # the mesh is closed: nothing can go out
+            return
+        self.unsent = [u for u in self.unsent if not self.mesh.send(*u)]
+        self._resend_later()
 
     def output(self, key: JobKey, stream: int, text: str, source: str) -> None:
         self.mesh.send(key[0].decode(), RangeOutput(key[1], stream, text, source))

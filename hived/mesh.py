@@ -88,7 +88,7 @@ class Mesh(MeshDriver):
         gpus: int,
         on_client_frames: Callable[[Channel, list[Any]], None],
         on_work: Callable[[str, Message, list[Any]], None],
-        on_peer_gone: Callable[[str], None],
+        on_peer_gone: Callable[[str, bool], None],  # (address, left: not merely dead)
     ) -> None:
         self.loop, self.ctx, self.key = loop, ctx, key
         self.name, self.bind_address, self.seeds = name, bind, list(seeds)
@@ -257,7 +257,7 @@ class Mesh(MeshDriver):
             self._dealer(address).send_multipart(frames, NOBLOCK, copy=not zero_copy(frames))
             return True
         except zmq.Again:
-            return False  # a lost heartbeat, by design; work messages are retried by their owners
+            return False  # a lost heartbeat, by design; callers of work messages handle False
         except zmq.ZMQError as exc:  # an address ZeroMQ cannot dial
             self._protocol_error(address, RemoteProtocolError(f"cannot dial it: {exc}"))
             return False
@@ -329,10 +329,10 @@ class Mesh(MeshDriver):
         elif isinstance(action, PeerStateChanged):
             log.info("mesh: %s is %s (was %s)", action.name, action.new, action.old)
             if action.new == "dead":
-                self.on_peer_gone(action.address)
+                self.on_peer_gone(action.address, False)
         elif isinstance(action, PeerLeft):
             log.info("mesh: %s left (%s)", action.name, action.reason)
-            self.on_peer_gone(action.address)
+            self.on_peer_gone(action.address, True)
 
     # -- sockets ----------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -419,3 +420,70 @@ def test_a_slow_node_takes_fewer_tasks_with_no_tuning(slow_node_cluster):
     ran = {n.name: pids.count(n.proc.pid) for n in c.nodes}
     fast = min(ran[c[0].name], ran[c[1].name])
     assert 0 < ran[c[2].name] <= fast / 2, ran
+
+
+
+def square_where_in(args):
+    """x² in `seconds`, and the daemon whose worker ran it."""
+    x, seconds = args
+    time.sleep(seconds)
+    return x * x, os.getppid()
+
+
+def pause(node: MeshNode, seconds: float) -> threading.Timer:
+    """SIGSTOP the node's daemon now, SIGCONT it after `seconds` (in the background)."""
+    os.kill(node.proc.pid, signal.SIGSTOP)
+    timer = threading.Timer(seconds, os.kill, (node.proc.pid, signal.SIGCONT))
+    timer.start()
+    return timer
+
+
+def map_pausing(c: Cluster, owner: MeshNode, victim: MeshNode, n: int, seconds: float,
+                at: int) -> tuple[list[tuple], float]:
+    """Map n tasks of `seconds` from `owner`, pausing `victim` for twice
+    dead_after once `at` results came; the results, and how long the map
+    took from the pause."""
+    got, stall = [], 2 * TIMING["dead_after"]
+    with hived.connect(owner.control) as h:
+        for r in h.map(square_where_in, [(x, seconds) for x in range(n)], chunksize=1,
+                       timeout=30):
+            got.append(r)
+            if len(got) == at:
+                timer = pause(victim, stall)
+                paused_at = time.monotonic()
+    timer.join()
+    return got, time.monotonic() - paused_at
+
+
+# 0.1 s tasks: on SIGCONT the owner first answers the PULLs queued meanwhile,
+# while its links are still down (the RANGE never leaves; it used to wait on it
+# for ever). 1.5 s tasks, paused as the second round starts: on SIGCONT the
+# owner's timers fire first, it sees every node dead and requeues, and their
+# late DONEs are dropped.
+@pytest.mark.parametrize(("seconds", "at"), [(0.1, 15), (1.5, 1)], ids=["pulls", "requeues"])
+def test_an_owner_paused_past_dead_after_finishes_its_map(cluster, seconds, at):
+    """The owner (and coordinator) stops for longer than dead_after while the
+    other nodes run its ranges; once it runs again the map completes, every
+    item exactly once, in bounded time."""
+    c = cluster
+    owner = coordinator(c)
+    n = 45 if seconds < 1 else 9
+    got, took = map_pausing(c, owner, owner, n, seconds, at)
+    pids = check_squares(got, n, c)
+    assert {node.proc.pid for node in c.nodes} <= set(pids)
+    # The stall, then the rest on three slots, a round of pulls and a heartbeat.
+    bound = 2 * TIMING["dead_after"] + n * seconds / 3 + 3.0
+    assert took < bound, f"{took:.1f} s from the pause to the last result (bound {bound:.1f} s)"
+
+
+def test_a_worker_node_paused_past_dead_after_loses_and_doubles_nothing(cluster):
+    """A worker node stops mid-map for longer than dead_after: the owner
+    requeues its ranges, and what it finishes late is dropped, not delivered
+    twice; the map completes in bounded time."""
+    c = cluster
+    owner = c[0]
+    victim = pick(c, [owner, coordinator(c)])
+    got, took = map_pausing(c, owner, victim, 30, 0.5, 3)
+    check_squares(got, 30, c)
+    bound = 2 * TIMING["dead_after"] + 30 * 0.5 / 2 + 3.0  # at worst on two slots after it
+    assert took < bound, f"{took:.1f} s from the pause to the last result (bound {bound:.1f} s)"
