@@ -273,9 +273,10 @@ class Hive(concurrent.futures.Executor):
             self._close_link()
 
     def _send(self, *messages: list[Any]) -> None:
-        """link.send while the link is open; after, nothing (a map's last CancelJob)."""
+        """link.send while the link is open and the node there knows us; after,
+        nothing (a map's last CancelJob, the BYE)."""
         with self._lock:
-            if not self._link_closed:
+            if not self._link_closed and self._lost is None:
                 self.link.send(*messages)
 
     def _close_link(self) -> None:
