@@ -21,10 +21,10 @@ This module only supplies sends, sockets, the state file and one timer,
 armed at the core's `next_deadline()` and re-armed after every message and
 tick. Sends never block: a DEALER queues at most `SEND_QUEUE` messages and
 only to a connected peer, so a slow or dead peer costs dropped heartbeats,
-never a stalled node. Silent links are dropped by ZMTP heartbeats and
-re-dialled at once (see `_keep_alive`), and each DEALER's monitor tells the
-core when its link comes up, so a healed partition is found within a
-connect attempt, not a probe back-off.
+never a stalled node. A peer gone dead is re-dialled on a fresh DEALER
+(see `_redial`), and each DEALER's monitor tells the core when its link
+comes up, so a healed partition is found within a connect attempt, not a
+probe back-off.
 
 Lease changes are logged with wall-clock times ("became coordinator, term N
 at W (lease to W)", "no longer coordinator, term N (held to W)"), so the
@@ -121,8 +121,7 @@ class Mesh(MeshDriver):
             self.zap_channel = Channel(self.loop, self.zap.sock, self.zap.handle)
         sock = self.ctx.socket(zmq.ROUTER)
         sock.linger = 0
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer takes its name back
-        self._keep_alive(sock)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer (or a re-dial) takes its name back
         if self.key is not None:
             self.key.server(sock)
         sock.bind(self.bind_address)
@@ -329,29 +328,13 @@ class Mesh(MeshDriver):
         elif isinstance(action, PeerStateChanged):
             log.info("mesh: %s is %s (was %s)", action.name, action.new, action.old)
             if action.new == "dead":
+                self._redial(action.address)
                 self.on_peer_gone(action.address, False)
         elif isinstance(action, PeerLeft):
             log.info("mesh: %s left (%s)", action.name, action.reason)
             self.on_peer_gone(action.address, True)
 
     # -- sockets ----------------------------------------------------------------------
-
-    def _keep_alive(self, sock: zmq.Socket) -> None:
-        """Let ZeroMQ drop a connection that went silent, so it is made anew.
-
-        A cable cut or a partition leaves TCP connections established but
-        stalled; what is sent meanwhile waits in the kernel for retransmits
-        whose back-off doubles, so after a heal a link could stay dark for
-        many seconds. ZMTP heartbeats close a link that answers nothing
-        within dead_after (and TCP's user timeout one with unacknowledged
-        data), and short connect timeouts and reconnect intervals make the
-        next attempt soon after the heal.
-        """
-        heartbeat, dead_after, _ = self.timing
-        sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat * 1000)))
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(dead_after * 1000)))
-        sock.setsockopt(zmq.HEARTBEAT_TTL, max(100, int(dead_after * 1000)))
-        sock.setsockopt(zmq.TCP_MAXRT, max(1, int(dead_after * 1000)))
 
     def _dealer(self, address: str) -> zmq.Socket:
         sock = self.dealers.get(address)
@@ -362,7 +345,8 @@ class Mesh(MeshDriver):
             sock.identity = self.advertise.encode()
             sock.sndhwm = SEND_QUEUE
             sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only for a connected peer
-            self._keep_alive(sock)
+            # a dial that hangs (a cut link drops SYNs) is given up and tried
+            # again soon, so a healed link is found within about a heartbeat
             sock.setsockopt(zmq.RECONNECT_IVL, max(10, int(heartbeat * 500)))
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(10, int(heartbeat * 1000)))
             sock.setsockopt(zmq.CONNECT_TIMEOUT, max(100, int(heartbeat * 2000)))
@@ -386,6 +370,21 @@ class Mesh(MeshDriver):
             link.close()
         if sock is not None:
             sock.close(linger=linger)
+
+    def _redial(self, address: str) -> None:
+        """Replace the DEALER of a peer gone quiet with a fresh one.
+
+        A cut cable or a partition leaves the TCP connection established but
+        stalled, and what was sent meanwhile waits in the kernel for
+        retransmits whose back-off doubles: after a heal the link could stay
+        dark for seconds. A new connection starts with fresh SYNs at our own
+        short connect timeout and reconnect interval, and its monitor says
+        when it is up. (ZMTP heartbeats would notice a stalled link too, but
+        libzmq can abort on them: "Assertion failed: !_io_error".)
+        """
+        if address in self.dealers:
+            self._close_dealer(address)
+            self._dealer(address)
 
     def _link_up(self, address: str) -> None:
         if address in self.dealers:

@@ -22,7 +22,8 @@ function of its seed and the operations applied.
 
 With `check=True` (tests), after every event the net checks: no two nodes
 believe `is_coordinator` at the same real instant, no node's term goes
-backwards (across restarts too), no term has two holders, no GRANT or ASK
+backwards (across restarts too, but for what a full disk kept from being
+written), no term has two holders, no GRANT or ASK
 leaves before the promise it rests on is on disk, and each core's own
 `validate()`. A failure raises `InvariantViolation` with the cores' stories.
 """
@@ -77,6 +78,7 @@ class SimNode(MeshDriver):
         self.incarnation = 0
         self.disk = (0, 0)  # what Persist wrote: (term, promised)
         self.disk_full = False
+        self.unwritten = False  # a Persist failed since the last one that succeeded
         self.core: MeshCore | None = None
         self.dialled: set[str] = set()  # where this process has a DEALER
         self.wake_at = math.inf
@@ -116,6 +118,12 @@ class SimNode(MeshDriver):
         if self.disk_full:
             raise OSError(errno.ENOSPC, "No space left on device")
         self.disk = (term, promised)
+
+    def state_not_written(self, action: el.Persist, exc: OSError, dropped: int) -> None:
+        self.unwritten = True
+
+    def state_written(self) -> None:
+        self.unwritten = False
 
     def event(self, event: mb.Action) -> None:
         self.net._event(self, event)
@@ -210,6 +218,8 @@ class SimNet:
         info = gossip.NodeInfo(name, node.address, "0.1.0", node.cpus, node.gpus, node.cpus,
                                incarnation=node.incarnation)  # fmt: skip
         node.dialled = set()
+        if node.unwritten:  # what it knew and could not write is rightly forgotten
+            node.last_term, node.unwritten = node.disk[0], False
         node.core = MeshCore(
             info, node.seeds, now, rng, heartbeat=self.heartbeat, dead_after=self.dead_after,
             lease=self.lease, voters=node.voters, max_drift=self.max_drift,
