@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import socket
 import time
 from collections.abc import Callable
@@ -107,7 +108,7 @@ class Node:
         self.settings = settings
         self.name = settings.name
         self.ctx = ctx or zmq.Context.instance()
-        self.owner = Owner()
+        self.owner = Owner(first_assignment=random.getrandbits(48) << 8)
         self.clients: dict[bytes, ClientState] = {}
         self.blobs: dict[bytes, bytes] = {}
         self._blob_users: dict[bytes, int] = {}

@@ -129,10 +129,13 @@ class Failure:
 class Owner:
     """Jobs submitted to this node, and the assignments out on workers."""
 
-    def __init__(self) -> None:
+    def __init__(self, first_assignment: int = 1) -> None:
         self.jobs: dict[JobKey, Job] = {}
         self._running: dict[int, tuple[Job, Range]] = {}
-        self._ids = itertools.count(1)
+        # The shell starts each process's ids at a random point: a worker still
+        # running a range of this node's previous process reports an id that
+        # must not name one of ours (it would settle our items with its results).
+        self._ids = itertools.count(first_assignment)
         self._turn: deque[JobKey] = deque()  # round-robin order of jobs
 
     # -- the client's side ---------------------------------------------------
