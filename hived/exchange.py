@@ -14,7 +14,13 @@ Every node plays three parts here, on the node's one event loop:
   execution; the book drops any late result, so delivery stays exactly-once).
   A RANGE the link refused (the node's connection is down, as it is for a
   while after either side was paused) is requeued at once: no report could
-  ever come for it.
+  ever come for it. A RANGE or a report the link took and then lost (a
+  connection dropped or re-dialled with messages still queued) is found by
+  asking: every `dead_after` the owner sends each node the list of ranges it
+  has out there (HELD?), and the node answers with those it does not hold
+  (HELD); these run again. Both messages travel behind the RANGEs and
+  reports on the same connections, so a range the node does not hold when
+  the question arrives was never delivered, or its report was.
 - **Coordinator.** Matches WANTs to OFFERs (`Matchmaker`); it never sees
   task data, and a new coordinator rebuilds its view from the next OFFERs.
 - **Worker node.** Its pool takes local work first, then ranges pulled from
@@ -43,6 +49,8 @@ from typing import TYPE_CHECKING, Any
 
 from hived.matchmaking import (
     NOT_STARTED,
+    HeldAsk,
+    HeldTell,
     JobsAsk,
     JobsTell,
     Matchmaker,
@@ -92,6 +100,7 @@ class Exchange:
         # `hivectl jobs` answers being gathered: ask id -> (rows, nodes yet to answer, reply)
         self._gathering: dict[int, tuple[list[dict[str, Any]], set[str], Callable[[list], None]]] = {}
         self._offered = float("-inf")
+        self._asked_held = float("-inf")
         self._handlers: dict[type[Message], Callable[[str, Any, list[Any]], None]] = {
             Offer: self._on_offer,
             Want: self._on_want,
@@ -106,6 +115,8 @@ class Exchange:
             JobsAsk: self._on_jobs_ask,
             JobsTell: self._on_jobs_tell,
             RangeDrop: self._on_drop,
+            HeldAsk: self._on_held_ask,
+            HeldTell: self._on_held_tell,
         }
 
     @property
@@ -233,15 +244,35 @@ class Exchange:
         our jobs run again elsewhere, and we stop waiting on it as an owner."""
         if left:  # a dead owner may run again and wait on these; a left one never
             self.unsent = [u for u in self.unsent if u[0] != address]
-        lost = [aid for aid, node in self.out.items() if node == address]
-        for aid in lost:
-            del self.out[aid]
-            self.node.on_lost(aid, None, f"node {address} is gone")
+        self._requeue([aid for aid, node in self.out.items() if node == address],
+                      address, f"node {address} is gone")
         self.sent_blobs.pop(address, None)
         self.matchmaker.forget(address)
         self.puller.gone(address)
-        if lost:
-            log.info("requeued %d range(s) that were out on %s", len(lost), address)
+
+    def ask_held(self) -> None:
+        """Each `dead_after`: ask every node with our ranges out which it holds."""
+        now = self.node.loop.time()
+        if self.mesh is None or now < self._asked_held + self.node.settings.dead_after:
+            return
+        self._asked_held = now
+        by_node: dict[str, list[int]] = {}
+        for aid, node in self.out.items():
+            by_node.setdefault(node, []).append(aid)
+        for node, aids in by_node.items():
+            self.mesh.send(node, HeldAsk(aids))
+
+    def _on_held_tell(self, sender: str, msg: HeldTell, payload: list[Any]) -> None:
+        self._requeue([aid for aid in msg.missing if self.out.get(aid) == sender],
+                      sender, f"{sender} lost it or its report")
+
+    def _requeue(self, aids: list[int], address: str, why: str) -> None:
+        """These ranges out on `address` will never be reported: run them again."""
+        for aid in aids:
+            del self.out[aid]
+            self.node.on_lost(aid, None, why)
+        if aids:
+            log.info("requeued %d range(s) that were out on %s: %s", len(aids), address, why)
             self.node.pool.kick()
             self.offer(soon=True)  # nodes waiting for work hear of it now
 
@@ -341,6 +372,17 @@ class Exchange:
             drop.discard(a.id)
         if drop:
             self.node.pool.abort(drop, "its owner dropped the job")
+
+    def _on_held_ask(self, sender: str, msg: HeldAsk, payload: list[Any]) -> None:
+        asked = set(msg.assignments)
+        mine = {local: aid for local, (owner, aid) in self.taken.items() if owner == sender}
+        held = set(mine.values()) | {u[1].assignment for u in self.unsent if u[0] == sender}
+        self.mesh.send(sender, HeldTell(sorted(asked - held)))
+        # what we hold that the owner no longer has out here, it settled
+        # otherwise (it thought us dead, say): stop spending slots on it
+        settled = [aid for aid in mine.values() if aid not in asked]
+        if settled:
+            self._on_drop(sender, RangeDrop(settled), [])
 
     def _on_nothing(self, sender: str, msg: Nothing, payload: list[Any]) -> None:
         self.puller.answered(sender, got_work=False)

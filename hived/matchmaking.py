@@ -16,6 +16,8 @@ ranges straight from those owners (PULL → RANGE), sized to its free slots.
     owner ───────────────RANGE / NONE──────────▶ worker node
     owner ◀──────────────DONE / LOST / OUT ──── worker node
     owner ───────────────DROP (job ended) ─────▶ worker node
+    owner ───────────────HELD? (each dead_after) ─▶ worker node
+    owner ◀──────────────HELD (what it lacks) ──── worker node
 
 `Matchmaker` is the coordinator's side; `Puller` a worker node's. Both are
 fed messages and a clock and return what to send; they never read a clock
@@ -130,12 +132,25 @@ class JobsTell(Message):
     jobs: list[dict[str, Any]]
 
 
+@message(b"S.HELDQ")
+class HeldAsk(Message):
+    """The owner asks a node which of these ranges it still holds (each
+    `dead_after`): a RANGE or a report dropped with a connection is found."""
+
+    assignments: list[int]
+
+
+@message(b"S.HELDA")
+class HeldTell(Message):
+    missing: list[int]  # asked of, not held here: never came, or its report was lost
+
+
 NOT_STARTED = -3  # on the wire for "the worker died before this range's items"
 UNANSWERED = 10  # retries after which an unanswered PULL is given up
 FAN_OUT = 2  # owners named per POINT, and pulled from per round
 
 MESSAGES = (Offer, Want, Point, Pull, RangeMsg, Nothing, RangeDone, RangeFailed, RangeLost,
-            RangeOutput, JobsAsk, JobsTell, RangeDrop)
+            RangeOutput, JobsAsk, JobsTell, RangeDrop, HeldAsk, HeldTell)
 
 
 @dataclass

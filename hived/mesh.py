@@ -283,6 +283,11 @@ class Mesh(MeshDriver):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            dir_fd = os.open(self.data_dir, os.O_RDONLY)  # the rename itself, durable
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -327,8 +332,9 @@ class Mesh(MeshDriver):
             log.info("mesh: %s joined from %s", action.member.name, action.member.address)
         elif isinstance(action, PeerStateChanged):
             log.info("mesh: %s is %s (was %s)", action.name, action.new, action.old)
-            if action.new == "dead":
+            if action.new in ("suspect", "dead"):  # quiet: its link may be stalled
                 self._redial(action.address)
+            if action.new == "dead":
                 self.on_peer_gone(action.address, False)
         elif isinstance(action, PeerLeft):
             log.info("mesh: %s left (%s)", action.name, action.reason)
@@ -372,12 +378,14 @@ class Mesh(MeshDriver):
             sock.close(linger=linger)
 
     def _redial(self, address: str) -> None:
-        """Replace the DEALER of a peer gone quiet with a fresh one.
+        """Replace the DEALER of a peer gone quiet (suspect, dead) with a fresh one.
 
         A cut cable or a partition leaves the TCP connection established but
         stalled, and what was sent meanwhile waits in the kernel for
         retransmits whose back-off doubles: after a heal the link could stay
-        dark for seconds. A new connection starts with fresh SYNs at our own
+        dark for seconds, or for minutes where the peer never went dead (a
+        short cut, or a bridge node vouching for it). What the old DEALER
+        still held is dropped; the exchange's HELD? finds those ranges. A new connection starts with fresh SYNs at our own
         short connect timeout and reconnect interval, and its monitor says
         when it is up. (ZMTP heartbeats would notice a stalled link too, but
         libzmq can abort on them: "Assertion failed: !_io_error".)

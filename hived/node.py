@@ -191,7 +191,8 @@ class Node:
                 log.exception("housekeeping failed; it goes on")
 
     def _keep_house(self) -> None:
-        """Each heartbeat: drop silent clients, check memory, offer work, look for work."""
+        """Each heartbeat: drop silent clients, check memory, offer work, ask
+        about ranges out (each dead_after), look for work."""
         now = self.loop.time()
         for client in list(self.clients.values()):
             if client.id in self.control.local:
@@ -200,6 +201,7 @@ class Node:
                 self._drop_client(client, "went silent")
         self.pool.check_memory()
         self.exchange.offer()
+        self.exchange.ask_held()
         self.pool.kick()  # idle workers look for work elsewhere again
         if self.mesh is not None:  # what our next heartbeats say
             self.mesh.update(
