@@ -29,7 +29,9 @@ The glue, once:
   partition, learns the coordinator within one message instead of waiting
   for the next renewal.
 * `link_up(address)`: the shell's connection to that address was (re)made;
-  a peer we think dead is probed at once rather than at its next back-off.
+  a peer we think dead is probed at once rather than at its next back-off,
+  and is told of our lease (the LEADER sent when it came back may have
+  met a link not yet up, and was dropped).
 
 Persist before send (etcd raft's `Ready` rule): a batch's `Persist` must be
 durable before anything after it is carried out. `MeshDriver.run` does
@@ -115,8 +117,13 @@ class MeshCore:
         return self._wire(self.membership.tick(now) + self.election.tick(now), now)
 
     def link_up(self, address: str, now: float) -> list[Action]:
-        """The shell's connection to `address` was made (again)."""
-        return self._wire(self.membership.link_up(address, now), now)
+        """The shell's connection to `address` was made (again): what we sent
+        before it was up was dropped, our LEADER with it."""
+        actions: list[Any] = self.membership.link_up(address, now)
+        leader = self.election.announcement(now)
+        if leader is not None:
+            actions.append(Send(address, leader))
+        return self._wire(actions, now)
 
     def leave(self, now: float) -> list[Action]:
         return self._wire(self.membership.leave(now), now)

@@ -112,8 +112,26 @@ def test_a_killed_node_is_marked_dead_and_rejoins_after_restart(cluster):
     victim.kill9()
     wait_for(lambda: c.states(c[0]).get(victim.name) == "dead", 10, what="marked dead")
     victim.start()
+    view = wait_for(lambda: (v := victim.status(timeout=0.5)) and v["coordinator"] and v, 20,
+                    interval=0.005, what=f"the restarted node to learn the coordinator\n{c.logs()}")
+    learnt = time.time()
     wait_for(lambda: all_see_all(c, {n.name for n in c.nodes}), 20,
              what=f"the restarted node to rejoin\n{c.logs()}")
+    assert view["coordinator"]["name"] != victim.name
+    # DESIGN: a restarted node learns the coordinator within one heartbeat of rejoining
+    # (its first peer heard; the log's clock is this machine's, to the millisecond)
+    this_run = victim.log.rsplit(f"mesh: {victim.name} at ", 1)[1]  # the log outlives the kill
+    joined = min(_logged_at(line) for line in this_run.splitlines() if " joined from " in line)
+    took, bound = learnt - joined, c.timing["heartbeat"]
+    assert took <= bound, (f"learnt the coordinator {took:.3f}s after rejoining (bound {bound}s)"
+                           f"\n{victim.log}")
+    print(f"restarted: learnt the coordinator {took * 1000:.0f} ms after rejoining")
+
+
+def _logged_at(line: str) -> float:
+    """The wall-clock time of a daemon's log line ("2026-12-02 13:14:27,499 INFO ...")."""
+    stamp = " ".join(line.split(" ", 2)[:2])
+    return time.mktime(time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S")) + int(stamp[20:23]) / 1000
 
 
 def test_a_graceful_stop_is_seen_at_once(cluster):
