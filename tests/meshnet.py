@@ -117,7 +117,8 @@ class Cluster:
         return self.nodes[i]
 
     def logs(self) -> str:
-        return "\n".join(f"--- {n.name}\n{n.log[-3000:]}" for n in self.nodes)
+        return "\n".join(f"--- {n.name}\n{n.log[-3000:]}" for n in self.nodes
+                         if n.proc is not None)  # fmt: skip
 
     def views(self, nodes: list[MeshNode] | None = None) -> dict[str, dict[str, Any] | None]:
         return {n.name: n.status() for n in (nodes or self.nodes) if n.alive()}

@@ -24,11 +24,14 @@ import time
 
 import pytest
 from conftest import child_env
-from meshnet import TIMING, Cluster, MeshNode
+from meshnet import PORT, TIMING, Cluster, MeshNode
+from meshpeer import MeshPeer
 from netns import wait_for
 
 import hived
 from hived.control import DrainRequest, JobsQuery, ask
+from hived.matchmaking import HeldAsk, HeldTell, Nothing, Pull, RangeMsg
+from hived.security import load_key
 
 BAD = 10_000  # the item that kills its worker
 SLOWDOWN = "TEST_TASK_SLOWDOWN"  # set for one daemon (and so its workers): its tasks run slower
@@ -516,3 +519,52 @@ def test_a_link_cut_shorter_than_dead_after_loses_no_range(cluster):
     # The cut, a HELD? round (each dead_after) should a report be lost, the rest on three slots.
     bound = cut + TIMING["dead_after"] + n * seconds / 3 + 3.0
     assert took < bound, f"{took:.1f} s from the cut to the last result (bound {bound:.1f} s)"
+
+
+def test_a_range_its_node_does_not_hold_runs_again(testnet):
+    """A peer pulls a range and never reports it, as when a RANGE or its
+    report is dropped with a connection. The owner asks every dead_after
+    which of its ranges that node holds (HELD?): while the node says it holds
+    the range the owner waits; once the node says it lacks it, it runs again.
+    The peer is driven by hand (tests/meshpeer.py) and stays alive throughout."""
+    tmp = tempfile.TemporaryDirectory(prefix="hived-dist-")
+    c = Cluster(testnet(2), tmp.name, voters=1)  # a daemon on h0; the peer on h1
+    owner = c[0].start()
+    peer = None
+    try:
+        c.wait_agreed([owner])
+        peer = MeshPeer(c.net[1], PORT, load_key(c.key_path), "by-hand", owner.address,
+                        beat=TIMING["heartbeat"] / 2)
+        eventually(c, lambda: c.states(owner).get("by-hand") == "alive", 10, "the peer joined")
+        got, n = [], 6
+        mapping = threading.Thread(target=lambda: got.extend(hived.connect(owner.control).map(
+            square_where_in, [(x, 0.3) for x in range(n)], chunksize=1, timeout=30)))
+        mapping.start()
+        deadline = time.monotonic() + 10
+        while True:  # pull until the job is there and gives us a range
+            peer.send(Pull(1, 0, []))
+            msg, _ = peer.expect((RangeMsg, Nothing), 2)
+            if isinstance(msg, RangeMsg):
+                break
+            assert time.monotonic() < deadline, "no RANGE for the peer's PULLs"
+            time.sleep(0.05)
+        held = msg.assignment
+        ask_every = TIMING["dead_after"] + 2 * TIMING["heartbeat"]  # a HELD? per dead_after
+        first, _ = peer.expect(HeldAsk, ask_every)
+        assert held in first.assignments
+        peer.send(HeldTell([]))  # we hold it: the owner must go on waiting
+        second, _ = peer.expect(HeldAsk, ask_every)
+        assert held in second.assignments
+        assert "lost it or its report" not in owner.log
+        peer.send(HeldTell([held]))  # we lack it: it runs again, on the owner
+        mapping.join(30)
+        assert not mapping.is_alive(), "the map did not end"
+        assert got == [(x * x, owner.proc.pid) for x in range(n)]
+        assert "requeued 1 range(s)" in owner.log and "lost it or its report" in owner.log
+    finally:
+        print(c.logs())
+        if peer is not None:
+            peer.close()
+        owner.kill9()
+        c.net.close()
+        tmp.cleanup()
