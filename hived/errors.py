@@ -9,13 +9,21 @@ peer's name and the peer is dropped, never allowed to crash the daemon.
 from __future__ import annotations
 
 import concurrent.futures
+import pickle
+from concurrent.futures.process import BrokenProcessPool
 
 
 class HiveError(Exception):
     """Base class of hived's own errors."""
 
 
-class WorkerCrashed(HiveError):
+# hived replaces a dead worker and fails only the task it ran, where
+# ProcessPoolExecutor breaks the whole pool; the two classes below still
+# derive from what ProcessPoolExecutor raises in their place (as loky's
+# TerminatedWorkerError does), so handlers written for it catch them.
+
+
+class WorkerCrashed(HiveError, BrokenProcessPool):
     """The process running a task died (segfault, OOM kill, os._exit) on every try."""
 
 
@@ -27,8 +35,12 @@ class HiveUnavailable(HiveError):
     """No daemon answered where one was named."""
 
 
-class SerializationError(HiveError):
-    """A function, argument or result could not be pickled or unpickled."""
+class SerializationError(HiveError, pickle.PicklingError, BrokenProcessPool):
+    """A function, argument or result could not be pickled or unpickled.
+
+    ProcessPoolExecutor raises `pickle.PicklingError` where something will not
+    pickle and `BrokenProcessPool` where it will not unpickle (in a worker, or
+    a result in the caller): this is both."""
 
 
 class RemoteError(HiveError):
