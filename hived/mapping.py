@@ -65,12 +65,12 @@ def raise_for(value: Any) -> Any:
     """The value itself, or raise what a TaskError stands for."""
     if type(value) is not TaskError:
         return value
-    cause = RemoteError(f"remote traceback (on {value.where}):\n{value.text.rstrip()}")
+    cause = None
+    if value.text:
+        cause = RemoteError(f"remote traceback (on {value.where}):\n{value.text.rstrip()}")
     if value.exc is not None:
         raise value.exc from cause
-    if value.type_name == "SerializationError":
-        raise SerializationError(value.text.strip())
-    raise HiveError(f"{value.type_name} (its exception could not be pickled)") from cause
+    raise SerializationError(value.problem) from cause
 
 
 class ChunkSizer:
@@ -318,7 +318,7 @@ class MapStream:
             if stop - start > 1:
                 self._send_alone(number, chunk, start, stop)
                 return
-            values = [TaskError(None, "SerializationError", str(exc), "the caller")]
+            values = [TaskError(None, "", "the caller", str(exc))]
             failures = 1
         self._fill(chunk, start, values, failures)
 
@@ -330,13 +330,15 @@ class MapStream:
             chunk.values[start:stop] = values
             chunk.filled[start:stop] = b"\x01" * len(values)
             chunk.missing -= len(values)
-            return
-        for offset, value in enumerate(values):
-            i = start + offset
-            if not chunk.filled[i]:
-                chunk.filled[i] = 1
-                chunk.values[i] = value
-                chunk.missing -= 1
+        else:
+            for offset, value in enumerate(values):
+                i = start + offset
+                if not chunk.filled[i]:
+                    chunk.filled[i] = 1
+                    chunk.values[i] = value
+                    chunk.missing -= 1
+        if not chunk.missing:  # nothing will be sent again: let the arguments go
+            chunk.items, chunk.frames = [], []
 
     # -- the caller's iterator -------------------------------------------------
 
@@ -353,15 +355,20 @@ class MapStream:
                         raise self.refusal
                     self._wait()
                     continue
-                values = ready.values
+                values, failed = ready.values, ready.failed
+                del ready
                 if self.progress:
                     self.progress.advance(len(values))
                 self.fill_window()
-                if not ready.failed:
-                    yield from values
+                # Each value leaves the list as it is yielded: the caller
+                # alone holds what it was given (as Executor.map promises).
+                values.reverse()
+                if not failed:
+                    while values:
+                        yield values.pop()
                 else:
-                    for value in values:
-                        yield _raise_failed(value)
+                    while values:
+                        yield _raise_failed(values.pop())
         finally:
             if self.progress:
                 self.progress.advance(0, final=True)

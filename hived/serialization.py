@@ -15,11 +15,14 @@ control plane; only worker processes and the client unpickle.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import sys
 import sysconfig
+import types
 import weakref
+from collections import ChainMap
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -66,6 +69,31 @@ def _register_callers_modules() -> None:
     _modules_seen = len(sys.modules)
 
 
+_cloudpickle_code = cloudpickle.Pickler.dispatch_table[types.CodeType]
+
+
+def _code_keeping_its_file(code: types.CodeType) -> tuple[Any, tuple[Any, ...]]:
+    """cloudpickle's reduction of a code object, with the real co_filename
+    where cloudpickle (3.0 on) writes "<dynamic-code>": a remote traceback
+    then names the file and line the caller's code came from."""
+    rebuild, args = _cloudpickle_code(code)
+    return rebuild, tuple(
+        code.co_filename if isinstance(a, str) and a == "<dynamic-code>" else a for a in args
+    )
+
+
+class _Pickler(cloudpickle.Pickler):
+    dispatch_table = ChainMap(
+        {types.CodeType: _code_keeping_its_file}, cloudpickle.Pickler.dispatch_table
+    )
+
+
+def _cloudpickle(obj: Any, protocol: int, buffer_callback: Any = None) -> bytes:
+    out = io.BytesIO()
+    _Pickler(out, protocol=protocol, buffer_callback=buffer_callback).dump(obj)
+    return out.getvalue()
+
+
 # Pickling a function by value costs tens of microseconds, more than the rest
 # of a task's round trip, so each function's blob is kept (weakly: the
 # function may die) with the identity of every global and closure value it
@@ -89,7 +117,7 @@ def dumps_function(fn: Callable[..., Any]) -> tuple[bytes, bytes]:
         return cached[1], cached[2]
     _register_callers_modules()
     try:
-        blob = cloudpickle.dumps(fn, protocol=5)
+        blob = _cloudpickle(fn, protocol=5)
     except Exception as exc:
         raise SerializationError(
             f"function {_name_of(fn)} could not be pickled: {type(exc).__name__}: {exc}"
@@ -140,7 +168,7 @@ def _out_of_band(dump: Callable[..., bytes], obj: Any) -> list[Any]:
 def dumps(obj: Any, what: str) -> list[Any]:
     """Frames for `obj`: the pickle, then its large buffers. `what` names it in errors."""
     try:
-        return _out_of_band(cloudpickle.dumps, obj)
+        return _out_of_band(_cloudpickle, obj)
     except Exception as exc:
         raise SerializationError(f"{what} could not be pickled: {type(exc).__name__}: {exc}") from exc
 
@@ -167,7 +195,7 @@ def loads(frames: Sequence[Any], what: str) -> Any:
         raise SerializationError(
             f"{what} could not be unpickled: module {exc.name!r} is not installed here"
         ) from exc
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit in a __reduce__ is a failed unpickle too
         raise SerializationError(
             f"{what} could not be unpickled: {type(exc).__name__}: {exc}"
         ) from exc

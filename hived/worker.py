@@ -37,6 +37,8 @@ SOMEWHERE = -2  # in a range, at an item not recorded (the fast path, or unpickl
 # A chunk is (nargs, items): nargs 1 means each item is the one argument, n > 1
 # a tuple of n arguments, KEYWORDS an (args, kwargs) pair as `submit` makes.
 KEYWORDS = -1
+# Set by an embedded node's pool: the caller's multiprocessing authkey (hex).
+AUTHKEY_VARIABLE = "HIVED_AUTHKEY"
 
 
 @message(b"W.READY")
@@ -89,17 +91,19 @@ class Exit(Message):
 class TaskError:
     """Stands in a result list for an item whose function raised.
 
-    Holds the exception (or, if it cannot be pickled, its description) and
-    the remote traceback text; the client re-raises it at the item's place.
+    Holds the exception and the remote traceback text; the client re-raises
+    it at the item's place. Where the exception (or a result) could not be
+    pickled, `exc` is None and `problem` says what the caller gets instead:
+    a SerializationError.
     """
 
-    __slots__ = ("exc", "type_name", "text", "where")
+    __slots__ = ("exc", "text", "where", "problem")
 
-    def __init__(self, exc: BaseException | None, type_name: str, text: str, where: str):
-        self.exc, self.type_name, self.text, self.where = exc, type_name, text, where
+    def __init__(self, exc: BaseException | None, text: str, where: str, problem: str = ""):
+        self.exc, self.text, self.where, self.problem = exc, text, where, problem
 
     def __reduce__(self):
-        return (TaskError, (self.exc, self.type_name, self.text, self.where))
+        return (TaskError, (self.exc, self.text, self.where, self.problem))
 
 
 class _Unloadable(Exception):
@@ -252,8 +256,7 @@ _CALLS = {
 
 
 def _task_error(exc: BaseException, where: str) -> TaskError:
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return TaskError(exc, type(exc).__qualname__, text, where)
+    return TaskError(exc, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), where)
 
 
 def _pickle_results(results: list[Any], where: str) -> tuple[list[Any], int]:
@@ -261,26 +264,31 @@ def _pickle_results(results: list[Any], where: str) -> tuple[list[Any], int]:
     they would not pickle (each such item fails alone)."""
     try:
         return serialization.dumps_result(results, "results"), 0
-    except Exception:
+    except BaseException:  # sys.exit in a __reduce__, say: found again item by item below
         pass
     spoiled = 0
     for i, value in enumerate(results):
         try:
             serialization.dumps_result(value, "a result")
         except Exception as exc:
+            inner = exc.__cause__ or exc  # what the pickler raised, not our wrapper
+            why = f"(on {where}): {type(inner).__name__}: {inner}"
             if isinstance(value, TaskError):  # keep the error's text, drop the object
-                results[i] = TaskError(None, value.type_name, value.text, where)
+                raised = f"{type(value.exc).__qualname__}: {value.exc}"
+                problem = f"the task raised {raised}, which could not be pickled {why}"
+                results[i] = TaskError(None, value.text, where, problem)
             else:
                 spoiled += 1
-                results[i] = TaskError(
-                    None,
-                    "SerializationError",
-                    # No index: the worker knows positions in a chunk, not in
-                    # the caller's input; the error is raised at the item's place.
-                    f"the task's result could not be pickled "
-                    f"(on {where}): {type(exc).__name__}: {exc}\n",
-                    where,
-                )
+                # No index: the worker knows positions in a chunk, not in
+                # the caller's input; the error is raised at the item's place.
+                problem = f"the task's result could not be pickled {why}"
+                results[i] = TaskError(None, "", where, problem)
+        except BaseException as exc:
+            # What ProcessPoolExecutor does too: an exception other than an
+            # Exception (SystemExit) raised while pickling the result is the
+            # task's outcome, rather than the end of the worker.
+            spoiled += 1
+            results[i] = _task_error(exc, where)
     return serialization.dumps_result(results, "results"), spoiled
 
 
@@ -298,10 +306,21 @@ def _die_with(parent: int) -> None:
         os._exit(0)
 
 
+def _take_authkey() -> None:
+    """Adopt the caller's multiprocessing authkey, if the pool passed one, and
+    keep it out of the environment the tasks' own children inherit."""
+    key = os.environ.pop(AUTHKEY_VARIABLE, None)
+    if key is not None:
+        import multiprocessing.process
+
+        multiprocessing.process.current_process().authkey = bytes.fromhex(key)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = argv if argv is not None else sys.argv[1:]
     address, number, black_box, where, parent = args[0], int(args[1]), args[2], args[3], int(args[4])
     _die_with(parent)
+    _take_authkey()
     import zmq  # imported here so `import hived.worker` stays light for the node
 
     Worker(zmq, address, number, black_box, where).serve()
