@@ -92,6 +92,9 @@ class NodeSettings:
     lease: float = 2.0
     data_dir: str | None = None
     key: ClusterKey | None = None  # CURVE on every TCP socket when set
+    # The embedded node's: its caller's multiprocessing authkey, so that the
+    # caller's multiprocessing.Manager() proxies work in the workers.
+    authkey: bytes | None = None
 
 
 @dataclass
@@ -157,6 +160,7 @@ class Node:
             job_tag=self._tag,
             max_tasks_per_worker=s.max_tasks_per_worker,
             memory_limit=s.memory_limit,
+            authkey=s.authkey,
         )
         self.pool.start()
         self.control = ControlServer(self.loop, self._on_client_message)

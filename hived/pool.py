@@ -38,7 +38,18 @@ import hived
 from hived.reactor import Channel
 from hived.scheduling import Assignment, Needs
 from hived.wire import decode, encode
-from hived.worker import BETWEEN, BLACK_BOX, SOMEWHERE, Done, Exit, Fail, Output, Ready, Run
+from hived.worker import (
+    AUTHKEY_VARIABLE,
+    BETWEEN,
+    BLACK_BOX,
+    SOMEWHERE,
+    Done,
+    Exit,
+    Fail,
+    Output,
+    Ready,
+    Run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +113,14 @@ class Pool:
         job_tag: Callable[[Any], int],
         max_tasks_per_worker: int = 0,
         memory_limit: int | None = None,
+        authkey: bytes | None = None,
     ) -> None:
         self.loop, self.node_name = loop, node_name
         self.cpus, self.gpus = cpus, list(gpus)
         self.source, self.sink, self.blobs = source, sink, blobs
         self.job_tag = job_tag
         self.max_tasks_per_worker, self.memory_limit = max_tasks_per_worker, memory_limit
+        self.authkey = authkey
         self.dir = tempfile.mkdtemp(prefix="hived-pool-")
         sock = ctx.socket(zmq.ROUTER)
         sock.linger = 0
@@ -142,6 +155,8 @@ class Pool:
         # Run the very hived this node runs, installed or not.
         root = os.path.dirname(os.path.dirname(os.path.abspath(hived.__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        if self.authkey is not None:  # the environment: readable by this user alone
+            env[AUTHKEY_VARIABLE] = self.authkey.hex()
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
         elif self.gpus:  # the GPUs belong to the GPU workers; CPU tasks must not contend
