@@ -6,18 +6,27 @@ node in this process) and returns a `Hive`. A Hive turns `submit` and `map`
 into jobs on that node: `map` is a `MapStream` read in the caller's thread;
 `submit` is a one-item job whose result completes a real
 `concurrent.futures.Future` on the link's thread.
+
+Submitted calls wait in the Hive until fewer than slots + 1 are at the node,
+as ProcessPoolExecutor's call queue holds max_workers + 1: a future is
+running once its call is sent, so `cancel()` stops only calls that have not
+left (and a running call always finishes), and `shutdown(cancel_futures=True)`
+cancels only those. At interpreter exit every Hive lets what was submitted
+finish first, as ProcessPoolExecutor's exit hook does.
 """
 
 from __future__ import annotations
 
-import atexit
+import collections
 import concurrent.futures
 import itertools
 import logging
+import multiprocessing
 import os
 import socket
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -25,7 +34,6 @@ from hived import __version__, serialization
 from hived.addresses import local_control_addresses
 from hived.control import (
     Call,
-    CancelJob,
     Hello,
     ItemsFailed,
     JobRefused,
@@ -48,6 +56,10 @@ log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
 CONNECT_TIMEOUT = 2.0
+QUEUED_AHEAD = 1  # calls sent beyond the slots, as ProcessPoolExecutor's EXTRA_QUEUED_CALLS
+
+_live: weakref.WeakSet[Hive] = weakref.WeakSet()
+_exiting = False  # the interpreter is shutting down: no new work
 
 
 class Hive(concurrent.futures.Executor):
@@ -60,13 +72,17 @@ class Hive(concurrent.futures.Executor):
         self._sent_fns: set[bytes] = set()
         self._welcome = threading.Event()
         self._futures: set[concurrent.futures.Future] = set()
+        self._queued: collections.deque[_Single] = collections.deque()  # not sent yet
+        self._sent = 0  # submitted calls at the node and not done
         self._closed = False
         self._link_closing = False
         self._link_closed = False
+        self._link_gone = threading.Event()  # set once link.close() returned
         self._lost: str | None = None  # why the node is gone, once it is
         self.node_name = ""
         self.slots = 1
         self.link = self._open_link(address, key_file)
+        _live.add(self)
 
     def _open_link(self, address: str | None, key_file: str | None) -> Any:
         address = address or os.environ.get("HIVED_ADDRESS") or None
@@ -81,7 +97,11 @@ class Hive(concurrent.futures.Executor):
             address = EMBEDDED
         self.address = address
         if address == EMBEDDED:
-            settings = NodeSettings(cpus=usable_cpus(), gpus=detect_gpus())
+            settings = NodeSettings(
+                cpus=usable_cpus(),
+                gpus=detect_gpus(),
+                authkey=bytes(multiprocessing.current_process().authkey),
+            )
             return self._greet(EmbeddedLink(settings, self._on_frames))
         return self._socket_link(address, key_file)
 
@@ -119,8 +139,13 @@ class Hive(concurrent.futures.Executor):
                           "client's (it restarted, or took this client for gone)")
         elif isinstance(msg, Output):
             stream = sys.stdout if msg.stream == 1 else sys.stderr
-            for line in msg.text.splitlines(keepends=True):
-                stream.write(f"({msg.source}) {line}")
+            if self.address == EMBEDDED:
+                # This process's own children, as a ProcessPoolExecutor's
+                # are: their lines as they wrote them.
+                stream.write(msg.text)
+            else:
+                for line in msg.text.splitlines(keepends=True):
+                    stream.write(f"({msg.source}) {line}")
             stream.flush()
         else:
             target = self._streams.get(getattr(msg, "job", None))
@@ -169,6 +194,7 @@ class Hive(concurrent.futures.Executor):
         log.warning("%s; its jobs are lost", reason)
         for stream in list(self._streams.values()):
             stream.deliver(JobRefused(stream.job, "unavailable", f"{reason}; this job is lost"), [])
+        self._dispatch()  # what was still queued here fails too
 
     def _forget(self, job: int) -> None:
         self._streams.pop(job, None)
@@ -222,8 +248,9 @@ class Hive(concurrent.futures.Executor):
             job, digest, label, blob_for = self._function(fn)
             frames = serialization.dumps((KEYWORDS, [(args, kwargs)]), "the arguments")
         except SerializationError as exc:
-            # The task's failure, so the future's (as in ProcessPoolExecutor).
-            future.set_exception(exc)
+            # The task's failure, so the future's (as in ProcessPoolExecutor),
+            # without this frame (and so this Hive) in its traceback.
+            future.set_exception(exc.with_traceback(None))
             return future
 
         def call(force_blob: bool) -> list[Any]:
@@ -231,12 +258,35 @@ class Hive(concurrent.futures.Executor):
             return encode(Call(job, digest, bool(blob), 2, label), [*blob, *frames])
 
         single = _Single(self, job, future, call)
-        self._streams[job] = single
         with self._lock:
             self._futures.add(future)
+            self._queued.append(single)
         future.add_done_callback(single.done)
-        single.send(force_blob=False)
+        self._dispatch()
         return future
+
+    def _dispatch(self) -> None:
+        """Send queued calls while fewer than slots + QUEUED_AHEAD are at the node;
+        each one's future is running from then on."""
+        out = []
+        with self._lock:
+            while self._queued and (self._lost or self._sent < self.slots + QUEUED_AHEAD):
+                single = self._queued.popleft()
+                if single.state != _Single.QUEUED:
+                    continue  # cancelled while queued
+                if not single.future.set_running_or_notify_cancel():
+                    single.state = _Single.DROPPED  # cancelled, its waiters now told
+                    continue
+                single.state = _Single.SENT
+                self._sent += 1
+                self._streams[single.job] = single
+                out.append(single)
+        for single in out:
+            if self._lost is not None:
+                lost = f"{self._lost}; this call is lost"
+                single.deliver(JobRefused(single.job, "unavailable", lost), [])
+            else:
+                single.send(force_blob=False)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
@@ -244,10 +294,11 @@ class Hive(concurrent.futures.Executor):
                 return
             self._closed = True
             self._link_closing = wait  # else the last future's callback closes it
-            futures = list(self._futures)
-        if cancel_futures:
-            for future in futures:
-                future.cancel()
+            queued: list[_Single] = []
+            if cancel_futures:  # out of the queue first, so that none is sent meanwhile
+                queued, self._queued = list(self._queued), collections.deque()
+        for single in queued:
+            single.future.cancel()
         # A map still being read ends with an error where it would wait for
         # the node, rather than waiting for ever (maps read their input
         # lazily, so what they have not sent yet cannot complete).
@@ -255,8 +306,7 @@ class Hive(concurrent.futures.Executor):
             if isinstance(stream, MapStream):
                 stream.deliver(JobRefused(stream.job, "shutdown", _SHUT_DOWN), [])
         if wait:
-            concurrent.futures.wait(futures)
-            self._close_link()
+            self._finish()
         else:
             # As ProcessPoolExecutor does: what was submitted still completes;
             # the link closes once the last future is done.
@@ -279,14 +329,27 @@ class Hive(concurrent.futures.Executor):
             if not self._link_closed and self._lost is None:
                 self.link.send(*messages)
 
+    def _finish(self) -> None:
+        """Wait for every submitted call, then close the link."""
+        with self._lock:
+            futures = list(self._futures)
+        concurrent.futures.wait(futures)
+        self._close_link()
+
     def _close_link(self) -> None:
+        """Close the link once, whoever asks first; return once it is closed."""
         with self._lock:  # no send is under way once this is set
-            self._link_closed = True
-        self.link.close()
+            first, self._link_closed = not self._link_closed, True
+        if first:
+            self.link.close()
+            self._link_gone.set()
+        self._link_gone.wait()
 
     def _check_open(self) -> None:
+        if _exiting:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         if self._closed:
-            raise RuntimeError("cannot schedule new work after shutdown")
+            raise RuntimeError("cannot schedule new futures after shutdown")
         if self._lost is not None:
             raise HiveUnavailable(f"{self._lost}; connect again")
 
@@ -297,17 +360,22 @@ class Hive(concurrent.futures.Executor):
 class _Single:
     """The one-item job behind a `submit`."""
 
+    QUEUED, SENT, DROPPED = "queued", "sent", "dropped"
+
     def __init__(
         self,
         hive: Hive,
         job: int,
         future: concurrent.futures.Future,
-        call: Callable[[bool], list[Any]],
+        call: Callable[[bool], list[Any]] | None,
     ):
         self.hive, self.job, self.future, self.call = hive, job, future, call
+        self.state = self.QUEUED  # changed under the hive's lock
 
     def send(self, force_blob: bool) -> None:
-        self.hive._send(self.call(force_blob))
+        call = self.call
+        if call is not None:  # None once the future is done
+            self.hive._send(call(force_blob))
 
     def deliver(self, msg: Message, payload: list[Any]) -> None:
         if self.future.done():
@@ -325,18 +393,26 @@ class _Single:
                     self.future.set_exception(FAILURE_TYPES.get(msg.kind, HiveError)(msg.text))
         except BaseException as exc:  # the task's own exception, re-raised by raise_for
             if not self.future.done():
-                self.future.set_exception(exc)
+                # Without this frame in its traceback, which would keep the
+                # result's frames and this job alive as long as the exception
+                # (the remote traceback is its cause).
+                self.future.set_exception(exc.with_traceback(None))
 
     def done(self, future: concurrent.futures.Future) -> None:
-        self.hive._forget(self.job)
-        with self.hive._lock:
-            self.hive._futures.discard(future)
-        if future.cancelled():
-            # What an executor owes a cancelled future: without it,
-            # concurrent.futures.wait/as_completed never count it as done.
-            future.set_running_or_notify_cancel()
-            self.hive._send(encode(CancelJob(self.job)))
-        self.hive._close_if_idle()
+        hive = self.hive
+        self.call = None  # the pickled arguments (views of the caller's buffers) go
+        hive._forget(self.job)
+        with hive._lock:
+            hive._futures.discard(future)
+            if self.state == self.SENT:
+                hive._sent -= 1
+            elif self.state == self.QUEUED:  # cancelled before it was sent
+                self.state = self.DROPPED
+                # What an executor owes a cancelled future: without it,
+                # concurrent.futures.wait/as_completed never count it as done.
+                future.set_running_or_notify_cancel()
+        hive._dispatch()
+        hive._close_if_idle()
 
 
 _SHUT_DOWN = "the hive was shut down while this map was running; no more results will come"
@@ -360,7 +436,7 @@ def connect(address: str | None = None, *, key_file: str | None = None) -> Hive:
 
 
 class _DefaultHive:
-    """`hived.hive`: connects on first use, shuts down at exit."""
+    """`hived.hive`: connects on first use."""
 
     def __init__(self) -> None:
         self._hive: Hive | None = None
@@ -369,8 +445,7 @@ class _DefaultHive:
     def _get(self) -> Hive:
         with self._lock:
             if self._hive is None:
-                self._hive = connect()
-                atexit.register(self._hive.shutdown, wait=False)
+                self._hive = connect()  # finished at exit, as every Hive is
             return self._hive
 
     def __getattr__(self, name: str) -> Any:
@@ -381,3 +456,17 @@ class _DefaultHive:
 
 
 hive = _DefaultHive()
+
+
+def _finish_at_exit() -> None:
+    """At interpreter exit, before atexit's handlers (as concurrent.futures'
+    own exit hook): no new work, and what every Hive was given finishes."""
+    global _exiting
+    _exiting = True
+    for live in list(_live):
+        live._finish()
+
+
+# threading's exit hooks run before atexit's, so a submit from an atexit
+# handler is refused (it could never run) instead of waited for.
+threading._register_atexit(_finish_at_exit)

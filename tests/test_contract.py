@@ -11,13 +11,37 @@ name in its children, and hived pickles this module's functions by value.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import gc
 import itertools
+import multiprocessing
+import os
+import pickle
 import re
+import subprocess
+import sys
+import textwrap
+import weakref
 from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
 
 import pytest
-from tasks import nap, nap_then
+from conftest import child_env
+from netns import wait_for
+from tasks import (
+    SHARED,
+    Buffer,
+    FailAtPickle,
+    crash,
+    length,
+    log_then_return_exit_at_pickle,
+    make_thing,
+    mark_then_nap,
+    nap,
+    nap_then,
+    raise_shared,
+)
 
 import hived
 
@@ -53,6 +77,22 @@ class ContractError(Exception):
 
 def raise_own(x):
     raise ContractError(f"own error {x}")
+
+
+def raise_here(x):
+    raise ContractError(f"raised at a known line {x}")
+
+
+RAISE_LINE = raise_here.__code__.co_firstlineno + 1  # the line of its raise
+
+
+class Unpicklable(Exception):
+    def __reduce__(self):
+        raise TypeError("this exception will not pickle")
+
+
+def raise_unpicklable(x):
+    raise Unpicklable(f"the message of {x}")
 
 
 # -- the executors ----------------------------------------------------------------
@@ -125,10 +165,124 @@ def test_task_exception_of_the_callers_own_class(executor, kind):
 
 
 def test_each_future_gets_its_own_exception_instance(executor):
-    futures = [executor.submit(fail_at_3, 3) for _ in range(2)]
-    first, second = (f.exception(timeout=30) for f in futures)
-    assert isinstance(first, ValueError) and isinstance(second, ValueError)
-    assert first is not second
+    for fn in (fail_at_3, raise_shared):  # raise_shared raises one module-level instance
+        futures = [executor.submit(fn, 3) for _ in range(2)]
+        first, second = (f.exception(timeout=30) for f in futures)
+        assert isinstance(first, ValueError) and isinstance(second, ValueError)
+        assert first is not second and first is not SHARED
+
+
+def test_remote_traceback_names_the_callers_file_and_line(executor, kind):
+    # In hived raise_here travels by value (this module is not installed).
+    with pytest.raises(ContractError) as info:
+        executor.submit(raise_here, 1).result(timeout=30)
+    text = str(info.value.__cause__)
+    assert f'File "{__file__}", line {RAISE_LINE}, in raise_here' in text, text
+    assert "raised at a known line" in text
+
+
+def test_an_exception_that_will_not_pickle_fails_its_future(executor, kind):
+    error = executor.submit(raise_unpicklable, 5).exception(timeout=30)
+    assert error is not None  # ProcessPoolExecutor: whatever pickling raised
+    if kind != "ppe":
+        assert isinstance(error, hived.SerializationError)
+        assert "Unpicklable: the message of 5" in str(error), error
+        assert "this exception will not pickle" in str(error)
+        assert "raise_unpicklable" in str(error.__cause__)  # the remote traceback
+    assert executor.submit(square, 3).result(timeout=30) == 9
+
+
+def test_system_exit_while_pickling_a_result_lands_on_its_future_once(executor, tmp_path):
+    log = tmp_path / "calls"
+    with pytest.raises(SystemExit):
+        executor.submit(log_then_return_exit_at_pickle, str(log)).result(timeout=60)
+    assert log.read_text() == "x\n"  # run once, not retried as a crash
+    assert executor.submit(square, 4).result(timeout=30) == 16
+
+
+def test_pickling_failures_are_pickling_errors(executor):
+    with pytest.raises(pickle.PicklingError, match="refused by FailAtPickle"):
+        executor.submit(length, FailAtPickle()).result(timeout=30)
+
+
+def test_a_crashed_worker_is_a_broken_process_pool(executor, kind):
+    with pytest.raises(BrokenProcessPool):
+        executor.submit(crash).result(timeout=60)
+    if kind != "ppe":  # hived replaced the worker: the pool goes on
+        assert isinstance(executor.submit(crash).exception(timeout=60), hived.WorkerCrashed)
+        assert executor.submit(square, 5).result(timeout=30) == 25
+
+
+def test_hiveds_errors_are_what_process_pool_handlers_catch():
+    assert issubclass(hived.WorkerCrashed, BrokenProcessPool)
+    assert issubclass(hived.SerializationError, pickle.PicklingError)
+    # ProcessPoolExecutor reports what will not unpickle as a broken pool.
+    assert issubclass(hived.SerializationError, BrokenProcessPool)
+    assert issubclass(hived.WorkerCrashed, hived.HiveError)
+    assert issubclass(hived.SerializationError, hived.HiveError)
+
+
+def test_manager_proxies_work_in_tasks(executor, kind):
+    if kind == "daemon":
+        pytest.skip("a daemon's workers are not this process's children: they lack its authkey")
+    with multiprocessing.Manager() as manager:
+        queue = manager.Queue()
+        assert executor.submit(queue.put, "through the manager").result(timeout=30) is None
+        assert queue.get(timeout=30) == "through the manager"
+
+
+# -- running and cancelling -------------------------------------------------------
+
+
+def test_a_started_call_is_running_and_cannot_be_cancelled(executor, tmp_path):
+    started = tmp_path / "started"
+    future = executor.submit(mark_then_nap, (str(started), 1.0, "done"))
+    wait_for(started.exists, 30, what="the call to start")
+    assert future.running()
+    assert not future.cancel()
+    assert not future.cancelled()
+    assert future.result(timeout=30) == "done"
+
+
+def test_shutdown_cancel_futures_leaves_started_calls_running(executor, tmp_path):
+    started = tmp_path / "started"
+    first = executor.submit(mark_then_nap, (str(started), 1.0, "first"))
+    wait_for(started.exists, 30, what="the first call to start")
+    rest = [executor.submit(nap_then, (0.5, i)) for i in range(20)]
+    executor.shutdown(wait=True, cancel_futures=True)
+    assert first.result() == "first" and not first.cancelled()
+    assert rest[-1].cancelled()
+    for i, future in enumerate(rest):
+        assert future.cancelled() or future.result() == i
+
+
+# -- references -----------------------------------------------------------------
+
+
+def test_no_reference_to_an_argument_outlives_its_call(executor):
+    argument = Buffer(1 << 20)  # big enough to travel out of band
+    alive = weakref.ref(argument)
+    future = executor.submit(length, argument)
+    assert future.result(timeout=30) == 1 << 20
+    del argument
+    gc.collect()
+    assert alive() is None  # the future, still held, keeps its result only
+
+
+def test_no_reference_to_a_result_once_the_caller_lets_go(executor):
+    future = executor.submit(make_thing)
+    alive = weakref.ref(future.result(timeout=30))
+    del future
+    gc.collect()
+    assert alive() is None
+
+
+def test_map_keeps_no_result_it_yielded(executor):
+    for thing in executor.map(make_thing, range(10)):
+        alive = weakref.ref(thing)
+        del thing
+        gc.collect()
+        assert alive() is None
 
 
 # -- map --------------------------------------------------------------------------
@@ -152,6 +306,18 @@ def test_map_takes_several_iterables_and_stops_at_the_shortest(executor):
     assert list(executor.map(add, range(10), range(3))) == [0, 2, 4]
     assert list(executor.map(add, itertools.count(), [10, 20])) == [10, 21]
     assert list(executor.map(add, "ab", "xyz")) == ["ax", "by"]
+
+
+def test_map_timeout_raises_at_the_first_late_item_and_cancels_the_rest(executor, tmp_path):
+    marks = [str(tmp_path / f"item-{i}") for i in range(20)]
+    items = [(marks[0], 0, "a"), (marks[1], 0, "b")] + [(m, 1.0, "late") for m in marks[2:]]
+    got = []
+    with pytest.raises(TimeoutError):
+        for value in executor.map(mark_then_nap, items, timeout=0.5):
+            got.append(value)
+    assert got == ["a", "b"]
+    executor.shutdown(wait=True)
+    assert not all(os.path.exists(m) for m in marks), "every item ran: none was cancelled"
 
 
 def test_map_timeout_raises_timeout_error(executor, kind):
@@ -260,7 +426,79 @@ def test_wait_first_exception(executor):
     assert isinstance(futures[0].exception(), ValueError)
 
 
+def test_asyncio_wrap_future(executor):
+    async def both():
+        done = await asyncio.wrap_future(executor.submit(square, 6))
+        with pytest.raises(ValueError, match="item 3 is bad"):
+            await asyncio.wrap_future(executor.submit(fail_at_3, 3))
+        return done
+
+    assert asyncio.run(both()) == 36
+
+
+def test_cancelling_a_queued_future_through_asyncio(executor, tmp_path):
+    started = tmp_path / "started"
+    blockers = [executor.submit(mark_then_nap, (str(started), 1.0, i)) for i in range(8)]
+    queued = executor.submit(square, 7)
+
+    async def cancel_it():
+        wrapped = asyncio.wrap_future(queued)
+        wrapped.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await wrapped
+
+    asyncio.run(cancel_it())
+    wait_for(queued.done, 30, what="the queued future to be cancelled")
+    assert queued.cancelled()
+    assert [f.result(timeout=60) for f in blockers] == list(range(8))
+
+
 def test_task_timeout_is_a_timeout_error():
     assert issubclass(hived.TaskTimeout, TimeoutError)
     assert issubclass(hived.TaskTimeout, concurrent.futures.TimeoutError)
     assert issubclass(hived.TaskTimeout, hived.HiveError)
+
+
+# -- interpreter exit -------------------------------------------------------------------
+
+
+def _run_script(kind: str, request, body: str) -> subprocess.CompletedProcess:
+    """Run `body` in a fresh interpreter, with `ex` the executor of this row."""
+    if kind == "ppe":
+        make = "concurrent.futures.ProcessPoolExecutor(2)"
+    elif kind == "embedded":
+        make = "hived.connect('embedded')"
+    else:
+        make = f"hived.connect({request.getfixturevalue('daemon').address!r})"
+    script = f"import concurrent.futures, hived, tasks\nex = {make}\n" + textwrap.dedent(body)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = child_env(PYTHONPATH=os.pathsep.join([here, child_env()["PYTHONPATH"]]))
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+@pytest.mark.parametrize("shutdown", ["", "ex.shutdown(wait=False)"])
+def test_submitted_work_finishes_at_interpreter_exit(kind, request, tmp_path, shutdown):
+    done = tmp_path / "done"
+    run = _run_script(kind, request, f"""
+        ex.submit(tasks.mark_then_nap, ({str(done)!r}, 0.5, None))
+        {shutdown}
+    """)
+    assert run.returncode == 0, run.stderr
+    assert done.exists()
+    assert run.stderr == ""
+
+
+def test_submit_after_interpreter_shutdown_raises_runtime_error(kind, request, tmp_path):
+    run = _run_script(kind, request, """
+        import atexit
+
+        @atexit.register
+        def too_late():
+            try:
+                ex.submit(tasks.nap, 0)
+            except RuntimeError as exc:
+                print(exc)
+    """)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "cannot schedule new futures after interpreter shutdown"
