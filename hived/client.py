@@ -298,7 +298,9 @@ class Hive(concurrent.futures.Executor):
             if cancel_futures:  # out of the queue first, so that none is sent meanwhile
                 queued, self._queued = list(self._queued), collections.deque()
         for single in queued:
-            single.future.cancel()
+            future = single.future  # None if it is done already
+            if future is not None:
+                future.cancel()
         # A map still being read ends with an error where it would wait for
         # the node, rather than waiting for ever (maps read their input
         # lazily, so what they have not sent yet cannot complete).
@@ -366,7 +368,7 @@ class _Single:
         self,
         hive: Hive,
         job: int,
-        future: concurrent.futures.Future,
+        future: concurrent.futures.Future | None,
         call: Callable[[bool], list[Any]] | None,
     ):
         self.hive, self.job, self.future, self.call = hive, job, future, call
@@ -378,25 +380,26 @@ class _Single:
             self.hive._send(call(force_blob))
 
     def deliver(self, msg: Message, payload: list[Any]) -> None:
-        if self.future.done():
+        future = self.future
+        if future is None or future.done():  # None: done, and let go
             return
         try:
             if isinstance(msg, Result):
                 (value,) = serialization.loads(payload, "the result")
-                self.future.set_result(raise_for(value))
+                future.set_result(raise_for(value))
             elif isinstance(msg, ItemsFailed):
-                self.future.set_exception(FAILURE_TYPES.get(msg.kind, HiveError)(msg.text))
+                future.set_exception(FAILURE_TYPES.get(msg.kind, HiveError)(msg.text))
             elif isinstance(msg, JobRefused):
                 if msg.kind == "unknown-blob":
                     self.send(force_blob=True)
                 else:
-                    self.future.set_exception(FAILURE_TYPES.get(msg.kind, HiveError)(msg.text))
+                    future.set_exception(FAILURE_TYPES.get(msg.kind, HiveError)(msg.text))
         except BaseException as exc:  # the task's own exception, re-raised by raise_for
-            if not self.future.done():
+            if not future.done():
                 # Without this frame in its traceback, which would keep the
                 # result's frames and this job alive as long as the exception
                 # (the remote traceback is its cause).
-                self.future.set_exception(exc.with_traceback(None))
+                future.set_exception(exc.with_traceback(None))
 
     def done(self, future: concurrent.futures.Future) -> None:
         hive = self.hive
@@ -411,6 +414,9 @@ class _Single:
                 # What an executor owes a cancelled future: without it,
                 # concurrent.futures.wait/as_completed never count it as done.
                 future.set_running_or_notify_cancel()
+            # The future holds this (its callback) but not the other way
+            # round any more: a future the caller drops goes at once.
+            self.future = None
         hive._dispatch()
         hive._close_if_idle()
 

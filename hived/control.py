@@ -297,6 +297,7 @@ class ControlServer:
         self.on_message(client, msg, payload)
 
     def close(self) -> None:
+        self.local.clear()  # in-process clients: nothing more reaches them
         if self.channel is not None:
             self.channel.close()
             self.channel = None

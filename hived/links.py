@@ -123,6 +123,8 @@ class SocketLink:
             self.thread.join(5)
             os.close(self._wake_r)
             os.close(self._wake_w)
+            if not self.thread.is_alive():  # as EmbeddedLink.close
+                self.on_frames, self.on_lost = _closed, _closed
 
 
 class EmbeddedLink:
@@ -175,6 +177,13 @@ class EmbeddedLink:
             pass
         self.thread.join(30)
         node.ctx.term()
+        # The node and the client refer to each other through these: without
+        # them a closed client is freed at once, not at the next collection.
+        self.send, self.on_frames = _closed, _closed
+
+
+def _closed(*args: Any) -> None:
+    """What a closed link does with what it is given: nothing."""
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
