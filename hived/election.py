@@ -58,7 +58,8 @@ import math
 import random
 from dataclasses import dataclass
 
-from hived.errors import LocalProtocolError, RemoteProtocolError
+from hived.errors import LocalProtocolError
+from hived.fields import Address, Name, RoundId, Seconds, Term
 from hived.sansio import Send, Story
 from hived.wire import Message, message
 
@@ -107,39 +108,39 @@ Action = Send | Broadcast | Persist | BecameCoordinator | LostCoordinator
 
 @message(b"E.ASK")
 class Ask(Message):
-    term: int
-    round: int  # ties the answers to one round of asks (and its send time)
-    name: str
+    term: Term
+    round: RoundId  # ties the answers to one round of asks (and its send time)
+    name: Name
 
 
 @message(b"E.GRANT")
 class Grant(Message):
-    term: int
-    round: int
+    term: Term
+    round: RoundId
 
 
 @message(b"E.DENY")
 class Deny(Message):
-    term: int
-    round: int
-    seen: int  # the highest term this voter promised or knows was held
-    wait: float  # seconds (voter's clock) before it could grant anyone else
+    term: Term
+    round: RoundId
+    seen: Term  # the highest term this voter promised or knows was held
+    wait: Seconds  # before it could grant anyone else, on the voter's clock
 
 
 @message(b"E.RELEASE")
 class Release(Message):
     """A candidacy round failed: the grant given for it protects nothing."""
 
-    term: int
-    round: int
+    term: Term
+    round: RoundId
 
 
 @message(b"E.LEADER")
 class Leader(Message):
-    term: int
-    name: str
-    address: str
-    remaining: float  # seconds of lease left when sent, on the sender's clock
+    term: Term
+    name: Name
+    address: Address  # the sender's own: a node announces only itself
+    remaining: Seconds  # of lease left when sent, on the sender's clock
 
 
 MESSAGES = (Ask, Grant, Deny, Release, Leader)
@@ -449,7 +450,6 @@ class Election:
         return False, 0.0
 
     def _on_ask(self, sender: str, m: Ask, now: float, out: list[Action]) -> None:
-        _check_term(m.term, m.round, sender, "ASK")
         if self._rank is None:
             self.story.add(now, "not a voter", f"asked by {sender} for term {m.term}")
             out.append(Send(sender, Deny(m.term, m.round, self._term, self.lease)))
@@ -497,7 +497,6 @@ class Election:
         self._tally(rid, r, now, out)
 
     def _on_release(self, sender: str, m: Release, now: float, out: list[Action]) -> None:
-        _check_term(m.term, m.round, sender, "RELEASE")
         if self._holder == sender and self._grant_round == m.round and self._promised == m.term:
             self._grant_until = min(self._grant_until, now)
             self.story.add(now, "released", f"term {m.term} by {sender}")
@@ -505,7 +504,6 @@ class Election:
                 self._stand_at = min(self._stand_at, now + self._backoff())
 
     def _on_grant(self, sender: str, m: Grant, now: float, out: list[Action]) -> None:
-        _check_term(m.term, m.round, sender, "GRANT")
         r = self._rounds.get(m.round)
         if r is None or r.term != m.term or sender not in self._voters:
             self.story.add(now, "stray grant", f"term {m.term} round {m.round} from {sender}")
@@ -514,9 +512,6 @@ class Election:
         self._tally(m.round, r, now, out)
 
     def _on_deny(self, sender: str, m: Deny, now: float, out: list[Action]) -> None:
-        _check_term(m.term, m.round, sender, "DENY")
-        if not 0 <= m.seen < _MAX_TERM or not math.isfinite(m.wait) or m.wait < 0:
-            raise RemoteProtocolError(f"DENY from {sender} has a bad seen term or wait")
         self._high = max(self._high, m.seen)
         r = self._rounds.get(m.round)
         if r is None or r.term != m.term or sender not in self._voters:
@@ -592,9 +587,6 @@ class Election:
         self._free_own_vote(now)
 
     def _on_leader(self, sender: str, m: Leader, now: float, out: list[Action]) -> None:
-        _check_term(m.term, 0, sender, "LEADER")
-        if not m.name or not m.address or not math.isfinite(m.remaining) or m.remaining < 0:
-            raise RemoteProtocolError(f"LEADER from {sender} has no name or a bad lease")
         if m.term < self._term:
             self.story.add(now, "fenced", f"LEADER term {m.term} < {self._term} from {m.name}")
             return
@@ -672,13 +664,6 @@ class Election:
             self._unsaved_until = None
             out.insert(0, Persist(*state))
         return out
-
-
-def _check_term(term: int, round_id: int, sender: str, what: str) -> None:
-    if not 0 <= term < _MAX_TERM or not 0 <= round_id < 1 << 64:
-        raise RemoteProtocolError(
-            f"{what} from {sender} has term {term} or round {round_id} out of range"
-        )
 
 
 _HANDLERS = {

@@ -67,8 +67,6 @@ from hived.gossip import (
     Hello,
     Leave,
     NodeInfo,
-    check_peer_fields,
-    check_sample,
     new_beats,
     new_hello,
 )
@@ -337,9 +335,6 @@ class Membership:
     # -- handlers ----------------------------------------------------------
 
     def _on_hello(self, sender: str, m: Hello, now: float, out: list[Action]) -> None:
-        check_peer_fields(m, sender)
-        if not m.address:
-            raise RemoteProtocolError(f"HELLO from {sender} has an empty address")
         me = self._info
         if m.name == me.name:
             if m.incarnation == me.incarnation and m.address == me.address:
@@ -376,7 +371,6 @@ class Membership:
             out.append(Send(m.address, self._hello(False, now)))
 
     def _on_beat(self, sender: str, m: Beat, now: float, out: list[Action]) -> None:
-        check_peer_fields(m, sender)
         p = self._peers.by_name.get(m.name)
         if p is not None and p.incarnation == m.incarnation and p.status != PENDING:
             self._update(p, m, now, out)
@@ -387,8 +381,6 @@ class Membership:
         self._gossip(m, sender, now, out)
 
     def _on_leave(self, sender: str, m: Leave, now: float, out: list[Action]) -> None:
-        if not m.name or m.incarnation < 0:
-            raise RemoteProtocolError(f"LEAVE from {sender} names no node")
         p = self._peers.by_name.get(m.name)
         if p is None or p.incarnation != m.incarnation:
             return
@@ -455,7 +447,6 @@ class Membership:
             out.append(TermSeen(term))
 
     def _gossip(self, m: Hello | Beat, sender: str, now: float, out: list[Action]) -> None:
-        check_sample(m, sender)
         peers = self._peers.by_name
         names, addresses, incs = m.names, m.addresses, m.incarnations
         for i in range(len(names)):
@@ -468,8 +459,6 @@ class Membership:
 
     def _learn(self, name: str, address: str, inc: int, now: float, out: list[Action]) -> None:
         """Hearsay of a member: dial it and ask it to introduce itself."""
-        if not name or not address or inc < 0:
-            raise RemoteProtocolError(f"gossip names an invalid member {name!r} at {address!r}")
         if name == self._info.name or self._peers.tombstoned(name, inc, now):
             return
         p = self._peers.by_name.get(name)

@@ -267,19 +267,27 @@ def test_draining_shows_in_the_view():
     "msg, match",
     [
         (Beat("b", 1, 1, 0.0, "alive", 0, 0, ["x", "y"], [addr("x")], [1, 1]), "malformed"),
-        (Beat("b", 1, 1, 0.0, "zombie", 0, 0, [], [], []), "state"),
-        (Beat("", 1, 1, 0.0, "alive", 0, 0, [], [], []), "empty name"),
-        (Beat("b", 1, 1, math.nan, "alive", 0, 0, [], [], []), "non-finite"),
-        (Beat("b", 1, 1, 0.0, "alive", 0, 0, ["x"] * 65, ["y"] * 65, [1] * 65), "at most"),
-        (Beat("b", 1, 1, 0.0, "alive", 0, 0, [""], ["y"], [1]), "invalid member"),
-        (hello("a", inc=9), "claims our name"),
-        (Leave("", 1), "names no node"),
+        (Beat("b", 1, 1, 0.0, "zombie", 0, 0, [], [], []), "alive or draining"),
+        (Beat("", 1, 1, 0.0, "alive", 0, 0, [], [], []), "'name' should be a node name"),
+        (Beat("b", 1, 1, math.nan, "alive", 0, 0, [], [], []), "finite load"),
+        (Beat("b", 1, -1, 0.0, "alive", 0, 0, [], [], []), "'slots_free' should be a count"),
+        (Beat("b", 2**62, 1, 0.0, "alive", 0, 0, [], [], []), "an incarnation from 0 to 2"),
+        (Beat("b", 1, 1, 0.0, "alive", 2**62 - 1, 0, [], [], []), "a term from 0 to 2"),
+        (Beat("b", 1, 1, 0.0, "alive", 0, 0, ["x"] * 65, ["y"] * 65, [1] * 65), "at most 64"),
+        (Beat("b", 1, 1, 0.0, "alive", 0, 0, [""], ["y"], [1]), "'names' should be"),
+        (Beat("b", 1, 1, 0.0, "alive", 0, 0, ["x"], ["tcp://*:1"], [1]), "'addresses' should be"),
+        (Leave("", 1), "'name' should be a node name"),
     ],
 )
-def test_peer_nonsense_raises_remote_protocol_error(msg, match):
-    a = node("a")
+def test_peer_nonsense_is_refused_where_it_is_decoded(msg, match):
     with pytest.raises(RemoteProtocolError, match=match):
-        a.handle(addr("b"), msg, 0.0)
+        decode(encode(msg))
+
+
+def test_a_peer_claiming_our_name_is_refused():
+    a = node("a")
+    with pytest.raises(RemoteProtocolError, match="claims our name"):
+        a.handle(addr("b"), hello("a", inc=9), 0.0)
     a.validate()
 
 
