@@ -137,9 +137,11 @@ class PeerLeft:
 
 @dataclass(frozen=True, slots=True)
 class TermSeen:
-    """A peer reported a lease term higher than any seen before: feed it to
-    `Election.accept_term` so fencing and `coordinator()` stay current."""
+    """The peer at `address` reported a lease term higher than it did before:
+    feed it to `Election.heard_term` so fencing and `coordinator()` stay
+    current (and, from a voter, so the election knows what it vouches for)."""
 
+    address: str
     term: int
 
 
@@ -194,7 +196,6 @@ class Membership:
         self._grain = heartbeat / 4
         self._peers = PeerTable(self._grain, self.story)
         self._term = 0
-        self._max_term_seen = 0
         self._stopped = False
         self._seeds = [s for s in dict.fromkeys(seeds) if s != self_info.address]
         # seed address -> [next probe, current interval]
@@ -278,7 +279,6 @@ class Membership:
         if term > self._term:
             self._term = term
             self._hellos.clear()
-        self._max_term_seen = max(self._max_term_seen, term)
 
     def leave(self, now: float) -> list[Action]:
         """Say goodbye to every peer; the core is stopped afterwards."""
@@ -494,11 +494,9 @@ class Membership:
             out.append(PeerStateChanged(p.name, p.address, before, p.view_state()))
 
     def _saw_term(self, term: int, p: Peer, out: list[Action]) -> None:
-        if term > p.term:
-            p.term = term  # a term going backwards from one peer is ignored
-        if term > self._max_term_seen:
-            self._max_term_seen = term
-            out.append(TermSeen(term))
+        if term > p.term:  # a term going backwards from one peer is ignored
+            p.term = term
+            out.append(TermSeen(p.address, term))
 
     def _gossip(self, m: Hello | Beat, sender: str, now: float, out: list[Action]) -> None:
         peers = self._peers.by_name

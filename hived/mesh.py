@@ -50,9 +50,9 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from hived import __version__
-from hived.election import BecameCoordinator, LostCoordinator, Persist
+from hived.election import TERM_STEP, BecameCoordinator, LostCoordinator, Persist
 from hived.errors import RemoteProtocolError
-from hived.fields import is_peer_address
+from hived.fields import MAX_TERM, is_peer_address
 from hived.gossip import NodeInfo
 from hived.matchmaking import MESSAGES as WORK_MESSAGES
 from hived.membership import PeerJoined, PeerLeft, PeerStateChanged
@@ -434,12 +434,33 @@ class Mesh(MeshDriver):
 
     def _recall(self) -> tuple[int, int]:
         path = self._state_path()
-        try:
-            with open(path) as f:
-                state = json.load(f)
-            return int(state["term"]), int(state["promised"])
-        except (TypeError, OSError, ValueError, KeyError):
-            return 0, 0
+        return recall_state(path) if path is not None else (0, 0)
+
+
+def recall_state(path: str) -> tuple[int, int]:
+    """(term, promised) as `write_state` left them in `path`; (0, 0) if none.
+
+    A value no election can go on from (at or near the end of the term range,
+    as an older hived let a hostile peer write) is logged and forgotten:
+    kept, it would fence every real term off for good, across restarts.
+    """
+    try:
+        with open(path) as f:
+            state = json.load(f)
+        term, promised = state["term"], state["promised"]
+    except FileNotFoundError:
+        return 0, 0
+    except (TypeError, OSError, ValueError, KeyError) as exc:
+        log.error("mesh: cannot read the election state in %s (%s); starting from term 0",
+                  path, exc)
+        return 0, 0
+    usable = MAX_TERM - TERM_STEP - 2
+    if not all(type(v) is int and 0 <= v < usable for v in (term, promised)):
+        log.error("mesh: the election state in %s (term %r, promised %r) is beyond any term an "
+                  "election can reach (below %d); starting from term 0", path, term, promised,
+                  usable)
+        return 0, 0
+    return term, promised
 
 
 def _wall(t: float, now: float) -> float:

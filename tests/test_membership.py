@@ -240,7 +240,7 @@ def test_unreachable_seeds_are_retried_with_back_off():
 def test_terms_in_heartbeats_are_reported_once_and_never_go_back():
     a = node("a")
     a.handle(addr("b"), hello("b", term=2), 0.0)
-    assert of(a.handle(addr("b"), beat("b", term=5), 0.1), mb.TermSeen) == [mb.TermSeen(5)]
+    assert of(a.handle(addr("b"), beat("b", term=5), 0.1), mb.TermSeen) == [mb.TermSeen(addr("b"), 5)]
     assert of(a.handle(addr("b"), beat("b", term=5), 0.2), mb.TermSeen) == []
     assert of(a.handle(addr("b"), beat("b", term=3), 0.3), mb.TermSeen) == []
     assert a.member("b").term == 5
