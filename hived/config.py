@@ -51,6 +51,7 @@ from hived.addresses import (
     parse_control,
 )
 from hived.errors import ConfigError
+from hived.fields import NODE_NAME
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -474,7 +475,6 @@ def _toml_string(text: str) -> str:
 # --------------------------------------------------------------------------
 # Validators: (value, text) -> normalised value, or raise _Invalid(expected)
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
 _UNITS = {
     "b": 1,
@@ -505,7 +505,7 @@ def _parsed(parse: Callable[[Any], Any]) -> Callable[[Any, bool], Any]:
 
 
 def _v_name(value: Any, text: bool) -> str:
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
+    if not isinstance(value, str) or not NODE_NAME.fullmatch(value):
         raise _Invalid('a node name of letters, digits, ".", "_" and "-" (at most 253)')
     return value
 

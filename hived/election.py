@@ -29,7 +29,29 @@ voter). Every node runs the same core, which plays two parts:
   answers None once that runs out.
 * **Fencing.** `term` is the highest term known to have had a coordinator
   (announced, won, or reported by heartbeats). `accept_term(t)` is False for
-  anything below it; coordinator messages of other cores must pass it.
+  anything below it (and above `term_limit()`); coordinator messages of
+  other cores must pass it. A LEADER must come from the address it names.
+
+Terms from peers move by bounded, checked steps (a member with a bug or a
+bit flip must not wedge the election for good):
+* **Vouching.** Every other voter reports its own term (in its heartbeats,
+  and as `seen` in a DENY); `vouched` is the highest term a majority of the
+  other voters reported. `term_limit()` is TERM_STEP above the larger of
+  `vouched` and what we had written down when we started. A LEADER above it
+  is refused (`RemoteProtocolError`), an ASK above it is denied, and a
+  higher term in a heartbeat, a DENY or a POINT is not adopted: nothing
+  near the end of the range is ever persisted, so the next ask always fits.
+* **Safe.** Only fencing and liveness depend on this, never the promise
+  rule: refusing a term can stop a voter granting, and can make us ignore
+  a coordinator's message, but never make two holders of a term.
+* **Live.** Honest terms rise one per election, and voters report theirs
+  every heartbeat, so an honest term is never TERM_STEP ahead of what a
+  majority vouches for. A node far behind (a wiped disk, a long partition)
+  catches up as soon as a majority of the other voters report the hive's
+  term. One member alone, even at a voter's address, cannot lift
+  `vouched` above what an honest voter reports, so however many messages
+  it sends, terms rise at most TERM_STEP per round of heartbeats between
+  honest voters, and the 2**53 range cannot run out.
 
 Settling fast (none of this is needed for safety, only for liveness):
 * Back-off: voters stand in address order (rank × lease/8 plus jitter),
@@ -59,6 +81,7 @@ import random
 from dataclasses import dataclass
 
 from hived.errors import LocalProtocolError, RemoteProtocolError
+from hived.fields import MAX_TERM, Address, Name, RoundId, Seconds, Term
 from hived.sansio import Send, Story
 from hived.wire import Message, message
 
@@ -107,44 +130,47 @@ Action = Send | Broadcast | Persist | BecameCoordinator | LostCoordinator
 
 @message(b"E.ASK")
 class Ask(Message):
-    term: int
-    round: int  # ties the answers to one round of asks (and its send time)
-    name: str
+    term: Term
+    round: RoundId  # ties the answers to one round of asks (and its send time)
+    name: Name
 
 
 @message(b"E.GRANT")
 class Grant(Message):
-    term: int
-    round: int
+    term: Term
+    round: RoundId
 
 
 @message(b"E.DENY")
 class Deny(Message):
-    term: int
-    round: int
-    seen: int  # the highest term this voter promised or knows was held
-    wait: float  # seconds (voter's clock) before it could grant anyone else
+    term: Term
+    round: RoundId
+    seen: Term  # the highest term this voter promised or knows was held
+    wait: Seconds  # before it could grant anyone else, on the voter's clock
 
 
 @message(b"E.RELEASE")
 class Release(Message):
     """A candidacy round failed: the grant given for it protects nothing."""
 
-    term: int
-    round: int
+    term: Term
+    round: RoundId
 
 
 @message(b"E.LEADER")
 class Leader(Message):
-    term: int
-    name: str
-    address: str
-    remaining: float  # seconds of lease left when sent, on the sender's clock
+    term: Term
+    name: Name
+    address: Address  # the sender's own: a node announces only itself
+    remaining: Seconds  # of lease left when sent, on the sender's clock
 
 
 MESSAGES = (Ask, Grant, Deny, Release, Leader)
 
-_MAX_TERM = 1 << 62
+# How far above the term a majority of voters vouch for a peer's term may be
+# (honest terms rise one per election, and voters report theirs every
+# heartbeat, so an honest node is never more than a few ahead).
+TERM_STEP = 16
 
 # --------------------------------------------------------------------------
 # The role state machine.
@@ -240,6 +266,12 @@ class Election:
         self._high = max(initial_term, initial_promised)  # highest term seen at all
         self._asked = initial_promised  # highest term we asked for
         self._persisted = (initial_term, initial_promised)
+        # terms the other voters reported (see _report), and the highest one a
+        # majority of them reported: with what we wrote down before a restart,
+        # the base of `term_limit`
+        self._reports: dict[str, int] = {}
+        self._vouched = 0
+        self._recalled = max(initial_term, initial_promised)
         self._belief: _Belief | None = None  # someone else's lease we believe in
         # voter part
         self._promised = initial_promised
@@ -329,15 +361,29 @@ class Election:
         return out
 
     def accept_term(self, term: int) -> bool:
-        """Fencing: False for a coordinator message below the highest term seen.
-        A higher term raises the floor (a coordinator below it steps down)."""
+        """Fencing: False for a coordinator message below the highest term seen,
+        or above `term_limit()`. A higher term raises the floor (a coordinator
+        below it steps down)."""
         if term < self._term:
             return False
         if term > self._term:
-            if term >= _MAX_TERM:
+            if term > self.term_limit():
+                self.story.add(self._now, "incredible", f"term {term} > {self.term_limit()}")
                 return False
             self._raise_floor(term, self._outbox)
         return True
+
+    def heard_term(self, address: str, term: int) -> bool:
+        """The node at `address` reported `term` for itself (in a heartbeat):
+        from a voter, what it vouches for; then as `accept_term`."""
+        self._report(address, term)
+        return self.accept_term(term)
+
+    def term_limit(self) -> int:
+        """The highest term a peer may bring us: TERM_STEP above what a majority
+        of the other voters vouch for (or what we had written down when we
+        started)."""
+        return min(max(self._vouched, self._recalled) + TERM_STEP, MAX_TERM - 2)
 
     def next_deadline(self) -> float | None:
         """Local time at which `tick` has work; -inf means at once."""
@@ -449,10 +495,15 @@ class Election:
         return False, 0.0
 
     def _on_ask(self, sender: str, m: Ask, now: float, out: list[Action]) -> None:
-        _check_term(m.term, m.round, sender, "ASK")
         if self._rank is None:
             self.story.add(now, "not a voter", f"asked by {sender} for term {m.term}")
             out.append(Send(sender, Deny(m.term, m.round, self._term, self.lease)))
+            return
+        if m.term > self.term_limit():
+            # a promise that high would be persisted, and every honest ask
+            # after it refused: the candidate learns our terms instead
+            self.story.add(now, "incredible", f"ASK term {m.term} from {sender}")
+            out.append(Send(sender, Deny(m.term, m.round, max(self._promised, self._term), 0.0)))
             return
         if self._state == CANDIDATE and self._priority(sender) < self._priority(self.address):
             # two candidates at once: the one that stands first in the back-off
@@ -497,7 +548,6 @@ class Election:
         self._tally(rid, r, now, out)
 
     def _on_release(self, sender: str, m: Release, now: float, out: list[Action]) -> None:
-        _check_term(m.term, m.round, sender, "RELEASE")
         if self._holder == sender and self._grant_round == m.round and self._promised == m.term:
             self._grant_until = min(self._grant_until, now)
             self.story.add(now, "released", f"term {m.term} by {sender}")
@@ -505,7 +555,6 @@ class Election:
                 self._stand_at = min(self._stand_at, now + self._backoff())
 
     def _on_grant(self, sender: str, m: Grant, now: float, out: list[Action]) -> None:
-        _check_term(m.term, m.round, sender, "GRANT")
         r = self._rounds.get(m.round)
         if r is None or r.term != m.term or sender not in self._voters:
             self.story.add(now, "stray grant", f"term {m.term} round {m.round} from {sender}")
@@ -514,12 +563,13 @@ class Election:
         self._tally(m.round, r, now, out)
 
     def _on_deny(self, sender: str, m: Deny, now: float, out: list[Action]) -> None:
-        _check_term(m.term, m.round, sender, "DENY")
-        if not 0 <= m.seen < _MAX_TERM or not math.isfinite(m.wait) or m.wait < 0:
-            raise RemoteProtocolError(f"DENY from {sender} has a bad seen term or wait")
-        self._high = max(self._high, m.seen)
+        if sender not in self._ranks:
+            return  # only voters answer asks
+        self._report(sender, m.seen)
+        if m.seen <= self.term_limit():
+            self._high = max(self._high, m.seen)
         r = self._rounds.get(m.round)
-        if r is None or r.term != m.term or sender not in self._voters:
+        if r is None or r.term != m.term:
             return
         if sender in r.grants:
             return  # a duplicate ask answered after a restart: the grant still counts
@@ -592,9 +642,15 @@ class Election:
         self._free_own_vote(now)
 
     def _on_leader(self, sender: str, m: Leader, now: float, out: list[Action]) -> None:
-        _check_term(m.term, 0, sender, "LEADER")
-        if not m.name or not m.address or not math.isfinite(m.remaining) or m.remaining < 0:
-            raise RemoteProtocolError(f"LEADER from {sender} has no name or a bad lease")
+        if m.address != sender:
+            raise RemoteProtocolError(
+                f"LEADER from {sender} announces {m.address}; a node announces only itself"
+            )
+        if m.term > self.term_limit():
+            raise RemoteProtocolError(
+                f"LEADER from {sender} has term {m.term}, more than {TERM_STEP} above the "
+                f"{self.term_limit() - TERM_STEP} a majority of voters vouch for"
+            )
         if m.term < self._term:
             self.story.add(now, "fenced", f"LEADER term {m.term} < {self._term} from {m.name}")
             return
@@ -619,6 +675,18 @@ class Election:
         self._attempt = 0
 
     # -- shared ------------------------------------------------------------
+
+    def _report(self, address: str, term: int) -> None:
+        """Another voter knows of `term`. What a majority of the other voters
+        know bounds the terms we take from anyone (`term_limit`): one voter
+        alone cannot lift it above what an honest one reports, and a voter
+        whose disk was wiped still catches up with the rest."""
+        if address in self._ranks and address != self.address:
+            if term > self._reports.get(address, 0):
+                self._reports[address] = term
+                others = [v for v in self._voters if v != self.address]
+                known = sorted((self._reports.get(v, 0) for v in others), reverse=True)
+                self._vouched = max(self._vouched, known[len(others) // 2])
 
     def _raise_floor(self, term: int, out: list[Action]) -> None:
         self._term = term
@@ -672,13 +740,6 @@ class Election:
             self._unsaved_until = None
             out.insert(0, Persist(*state))
         return out
-
-
-def _check_term(term: int, round_id: int, sender: str, what: str) -> None:
-    if not 0 <= term < _MAX_TERM or not 0 <= round_id < 1 << 64:
-        raise RemoteProtocolError(
-            f"{what} from {sender} has term {term} or round {round_id} out of range"
-        )
 
 
 _HANDLERS = {

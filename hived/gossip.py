@@ -13,21 +13,23 @@ dealt out in turn, so every member is mentioned somewhere while a BEAT stays
 O(1) in size. The variants are identical objects for the shell to encode
 once each.
 
-The wire types let through values that no honest peer sends (an empty name,
-a negative count, lists of unequal length); `check_peer_fields` and
-`check_sample` turn those into a `RemoteProtocolError` naming the sender.
+Every field is declared with what it may hold (`hived.fields`), and the
+three lists of a sample must be as long as each other, so the wire layer
+refuses what no honest peer sends (an empty name, a negative count, a term
+or incarnation near the end of its range, an address ZeroMQ cannot dial)
+before membership sees it.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
-from hived.errors import RemoteProtocolError
+from hived.fields import Address, Count, Incarnation, Load, Name, Term, at_most
 from hived.peers import LIVE, Peer
-from hived.wire import Message, message
+from hived.wire import Message, Rule, message
 
 # A gossip sample longer than this is hostile (ours carry `gossip_size`).
 MAX_GOSSIP = 64
@@ -52,43 +54,65 @@ class NodeInfo:
     tasks_done: int = 0
 
 
+# A gossip sample: up to MAX_GOSSIP members, as three parallel lists.
+SampleNames = Annotated[list[Name], at_most(MAX_GOSSIP, "node names")]
+SampleAddresses = Annotated[list[Address], at_most(MAX_GOSSIP, "tcp://host:port addresses")]
+SampleIncarnations = Annotated[list[Incarnation], at_most(MAX_GOSSIP, "incarnations")]
+State = Annotated[str, Rule("alive or draining", lambda v: v in NODE_STATES)]
+Version = Annotated[str, Rule("a version of at most 64 characters", lambda v: len(v) <= 64)]
+
+
+def _sample_problem(m: Hello | Beat) -> str | None:
+    n = len(m.names)
+    if n != len(m.addresses) or n != len(m.incarnations):
+        return (f"gossip is malformed: {n} names, {len(m.addresses)} addresses, "
+                f"{len(m.incarnations)} incarnations (expected as many of each)")  # fmt: skip
+    return None
+
+
 @message(b"M.HELLO")
 class Hello(Message):
-    name: str
-    address: str
-    version: str
-    incarnation: int
-    cpus: int
-    gpus: int
-    slots_free: int
-    load: float
-    state: str
-    term: int
-    tasks_done: int
+    name: Name
+    address: Address  # must be the connection's own: a node speaks only for itself
+    version: Version
+    incarnation: Incarnation
+    cpus: Count
+    gpus: Count
+    slots_free: Count
+    load: Load
+    state: State
+    term: Term
+    tasks_done: Count
     reply: bool  # the receiver should answer with a HELLO of its own
-    names: list[str]
-    addresses: list[str]
-    incarnations: list[int]
+    names: SampleNames
+    addresses: SampleAddresses
+    incarnations: SampleIncarnations
+
+    def problem(self) -> str | None:
+        return _sample_problem(self)
 
 
 @message(b"M.BEAT")
 class Beat(Message):
-    name: str
-    incarnation: int
-    slots_free: int
-    load: float
-    state: str
-    term: int
-    tasks_done: int
-    names: list[str]
-    addresses: list[str]
-    incarnations: list[int]
+    name: Name
+    incarnation: Incarnation
+    slots_free: Count
+    load: Load
+    state: State
+    term: Term
+    tasks_done: Count
+    names: SampleNames
+    addresses: SampleAddresses
+    incarnations: SampleIncarnations
+
+    def problem(self) -> str | None:
+        return _sample_problem(self)
 
 
 @message(b"M.LEAVE")
 class Leave(Message):
-    name: str
-    incarnation: int
+    name: Name
+    incarnation: Incarnation
 
 
 MESSAGES = (Hello, Beat, Leave)
@@ -144,30 +168,3 @@ def new_hello(
                  me.slots_free, me.load, me.state, term, me.tasks_done, reply,
                  [p.name for p in chosen], [p.address for p in chosen],
                  [p.incarnation for p in chosen])  # fmt: skip
-
-
-def check_peer_fields(m: Hello | Beat, sender: str) -> None:
-    """Reject values the wire types allow but no honest peer sends."""
-    if not m.name:
-        raise RemoteProtocolError(f"{type(m).__name__} from {sender} has an empty name")
-    if m.state not in NODE_STATES:
-        raise RemoteProtocolError(
-            f"{type(m).__name__} from {sender} has state {m.state[:32]!r}, expected alive or draining"
-        )
-    if (m.incarnation < 0 or m.slots_free < 0 or m.term < 0 or m.tasks_done < 0
-            or not math.isfinite(m.load)):
-        raise RemoteProtocolError(
-            f"{type(m).__name__} from {sender} has a negative count or a non-finite load"
-        )
-    if isinstance(m, Hello) and (m.cpus < 0 or m.gpus < 0):
-        raise RemoteProtocolError(f"HELLO from {sender} has a negative cpu or gpu count")
-
-
-def check_sample(m: Hello | Beat, sender: str) -> None:
-    """Reject a gossip sample whose lists differ in length or are too long."""
-    n = len(m.names)
-    if n != len(m.addresses) or n != len(m.incarnations) or n > MAX_GOSSIP:
-        raise RemoteProtocolError(
-            f"gossip from {sender} is malformed: {n} names, {len(m.addresses)} addresses, "
-            f"{len(m.incarnations)} incarnations (at most {MAX_GOSSIP}, all equal)"
-        )

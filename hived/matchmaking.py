@@ -31,49 +31,65 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from hived.wire import Message, message
+from hived.fields import Address, Count, Seconds, Term, at_most
+from hived.wire import Message, Rule, message
+
+NOT_STARTED = -3  # on the wire for "the worker died before this range's items"
+# an item index, SOMEWHERE (-2, hived.worker), or NOT_STARTED
+CrashedAt = Annotated[int, Rule("an item index, -2 or -3", lambda v: -3 <= v < 1 << 62)]
+FunctionHash = Annotated[bytes, Rule("a function hash of at most 64 bytes", lambda v: len(v) <= 64)]
+
+
+def _range_problem(start: int, stop: int) -> str | None:
+    return None if start <= stop else f"range {start}-{stop} ends before it starts"
+
 
 
 @message(b"S.OFFER")
 class Offer(Message):
-    cpu_items: int  # items queued that need CPU slots only
-    gpu_items: int  # items queued that need a GPU slot
+    cpu_items: Count  # items queued that need CPU slots only
+    gpu_items: Count  # items queued that need a GPU slot
 
 
 @message(b"S.WANT")
 class Want(Message):
-    cpus: int  # free CPU slots
-    gpus: int  # free GPU slots
+    cpus: Count  # free CPU slots
+    gpus: Count  # free GPU slots
 
 
 @message(b"S.POINT")
 class Point(Message):
-    term: int  # the coordinator's term: stale coordinators are fenced off
-    owners: list[str]  # owner addresses to pull from, best first
+    term: Term  # the coordinator's term: stale coordinators are fenced off
+    # owner addresses to pull from, best first
+    owners: Annotated[list[Address], at_most(16, "tcp://host:port addresses")]
 
 
 @message(b"S.PULL")
 class Pull(Message):
-    cpus: int
-    gpus: int
-    known: list[bytes]  # function hashes this node already holds
+    cpus: Count
+    gpus: Count
+    # function hashes this node already holds
+    known: Annotated[list[FunctionHash], at_most(64, "function hashes")]
 
 
 @message(b"S.RANGE")
 class RangeMsg(Message):
     """A range to run: payload is [function blob if `has_blob`] + the chunk's frames."""
 
-    assignment: int
+    assignment: Count
     job: int  # the owner's short id for the job (tags printed output)
-    fn: bytes
+    fn: FunctionHash
     has_blob: bool
-    start: int
-    stop: int
-    cpus: int
-    gpus: int
+    start: Count
+    stop: Count
+    cpus: Count
+    gpus: Count
     precise: bool
+
+    def problem(self) -> str | None:
+        return _range_problem(self.start, self.stop)
 
 
 @message(b"S.NONE")
@@ -83,23 +99,26 @@ class Nothing(Message):
 
 @message(b"S.DONE")
 class RangeDone(Message):
-    assignment: int
-    start: int
-    stop: int
-    elapsed: float
-    failures: int
+    assignment: Count
+    start: Count
+    stop: Count
+    elapsed: Seconds
+    failures: Count
+
+    def problem(self) -> str | None:
+        return _range_problem(self.start, self.stop)
 
 
 @message(b"S.FAIL")
 class RangeFailed(Message):
-    assignment: int
+    assignment: Count
     text: str
 
 
 @message(b"S.LOST")
 class RangeLost(Message):
-    assignment: int
-    crashed_at: int  # an item index, SOMEWHERE, or NOT_STARTED
+    assignment: Count
+    crashed_at: CrashedAt
     text: str
 
 
@@ -116,7 +135,7 @@ class RangeDrop(Message):
     """The owner dropped these ranges (their job ended: cancelled, or its
     client vanished): the node stops running them."""
 
-    assignments: list[int]
+    assignments: list[Count]
 
 
 @message(b"S.JOBSQ")
@@ -137,15 +156,14 @@ class HeldAsk(Message):
     """The owner asks a node which of these ranges it still holds (each
     `dead_after`): a RANGE or a report dropped with a connection is found."""
 
-    assignments: list[int]
+    assignments: list[Count]
 
 
 @message(b"S.HELDA")
 class HeldTell(Message):
-    missing: list[int]  # asked of, not held here: never came, or its report was lost
+    missing: list[Count]  # asked of, not held here: never came, or its report was lost
 
 
-NOT_STARTED = -3  # on the wire for "the worker died before this range's items"
 UNANSWERED = 10  # retries after which an unanswered PULL is given up
 FAN_OUT = 2  # owners named per POINT, and pulled from per round
 

@@ -33,11 +33,25 @@ time), so a restarted node supersedes its old self everywhere.
   `dead_after` remains the failure detector that re-queues work. Dead peers
   stay in the view (so `hivectl status` shows them) and are probed with a
   HELLO at growing intervals; after `forget_after` they are forgotten.
+* **A peer speaks only for itself.** `sender` is the address of the
+  connection a message came on (its DEALER's routing id, which only
+  holders of the cluster key can present). A HELLO must give that address;
+  a BEAT or LEAVE must name the member at that address. A name a live
+  member holds is not taken from another address; once that member is
+  dead, a HELLO from elsewhere may take it (a node restarted on a new
+  address). Anything else is a `RemoteProtocolError`, and nothing changes.
 * **Leave.** A LEAVE removes the peer at once; a tombstone keeps stale gossip
-  about that incarnation from bringing it back until `forget_after`.
-* **Restart.** A higher incarnation (in a HELLO, a BEAT or gossip) proves the
-  old process is gone: the old member is reported as left ("restarted") and
-  the new one joins when it answers.
+  about that incarnation from bringing it back until `forget_after` (a
+  HELLO in person from another process under that name is welcome).
+* **Restart.** A higher incarnation in a HELLO at the member's address
+  proves the old process is gone: the old member is reported as left
+  ("restarted") and the new one joins. A lower one is a late message of an
+  old process while the member is live, and a new process (its clock set
+  back) once it is dead, so no incarnation, however inflated, sticks. A
+  BEAT of another incarnation, or gossip of a newer one at the member's
+  address, only asks the member for a HELLO (at most once a heartbeat): its
+  own answer decides, so one member's gossip cannot evict another. Nodes
+  heard of and not yet met are at most `hearsay_limit`, as each is dialled.
 * **Seeds** are retried with exponential back-off (capped at `probe_cap`)
   whenever no live member answers at that address, so a node that started
   before its seeds, or a partition that healed after both sides forgot each
@@ -67,14 +81,16 @@ from hived.gossip import (
     Hello,
     Leave,
     NodeInfo,
-    check_peer_fields,
-    check_sample,
     new_beats,
     new_hello,
 )
 from hived.peers import ALIVE, DEAD, LIVE, PENDING, SUSPECT, Peer, PeerTable
 from hived.sansio import Connect, Disconnect, Send, Story
 from hived.wire import Message
+
+# Nodes heard of and not yet met, at most: each is dialled (two sockets in
+# the daemon), so a flood of made-up names must not open thousands.
+HEARSAY_LIMIT = 256
 
 # --------------------------------------------------------------------------
 # Public data and events
@@ -121,9 +137,11 @@ class PeerLeft:
 
 @dataclass(frozen=True, slots=True)
 class TermSeen:
-    """A peer reported a lease term higher than any seen before: feed it to
-    `Election.accept_term` so fencing and `coordinator()` stay current."""
+    """The peer at `address` reported a lease term higher than it did before:
+    feed it to `Election.heard_term` so fencing and `coordinator()` stay
+    current (and, from a voter, so the election knows what it vouches for)."""
 
+    address: str
     term: int
 
 
@@ -149,6 +167,7 @@ class Membership:
         forget_after: float | None = None,
         gossip_size: int = 3,
         probe_cap: float | None = None,
+        hearsay_limit: int = HEARSAY_LIMIT,
         story_size: int = 256,
     ) -> None:
         suspect_after = 2 * heartbeat if suspect_after is None else suspect_after
@@ -168,6 +187,7 @@ class Membership:
         self.forget_after = 20 * dead_after if forget_after is None else forget_after
         self.probe_cap = dead_after if probe_cap is None else probe_cap
         self.gossip_size = max(0, min(gossip_size, MAX_GOSSIP))
+        self.hearsay_limit = hearsay_limit
         self._rng = rng
         self.story = Story(f"membership of {self_info.name}", story_size)
         # Timer wheel: peers' thresholds are rounded up to a grain of a quarter
@@ -176,7 +196,6 @@ class Membership:
         self._grain = heartbeat / 4
         self._peers = PeerTable(self._grain, self.story)
         self._term = 0
-        self._max_term_seen = 0
         self._stopped = False
         self._seeds = [s for s in dict.fromkeys(seeds) if s != self_info.address]
         # seed address -> [next probe, current interval]
@@ -260,7 +279,6 @@ class Membership:
         if term > self._term:
             self._term = term
             self._hellos.clear()
-        self._max_term_seen = max(self._max_term_seen, term)
 
     def leave(self, now: float) -> list[Action]:
         """Say goodbye to every peer; the core is stopped afterwards."""
@@ -337,9 +355,11 @@ class Membership:
     # -- handlers ----------------------------------------------------------
 
     def _on_hello(self, sender: str, m: Hello, now: float, out: list[Action]) -> None:
-        check_peer_fields(m, sender)
-        if not m.address:
-            raise RemoteProtocolError(f"HELLO from {sender} has an empty address")
+        if m.address != sender:
+            raise RemoteProtocolError(
+                f"HELLO from {sender} gives the address {m.address}; "
+                "a node speaks only for itself, at its own address"
+            )
         me = self._info
         if m.name == me.name:
             if m.incarnation == me.incarnation and m.address == me.address:
@@ -347,27 +367,33 @@ class Membership:
             raise RemoteProtocolError(
                 f"peer at {m.address} claims our name {me.name!r}; names must be unique"
             )
-        if self._peers.tombstoned(m.name, m.incarnation, now):
-            return
+        if self._peers.buried(m.name, now) == m.incarnation:
+            return  # the very process that said LEAVE
         p = self._peers.by_name.get(m.name)
-        if p is not None and p.incarnation > m.incarnation:
-            return  # an old incarnation's late HELLO
         # our own HELLO asking for one back went to it less than a heartbeat
         # ago: it carries what an answer would, so two messages join a pair
         crossed = (
             p is not None and p.status == PENDING and p.address == m.address
             and now - (p.next_probe - p.probe_every) < self.heartbeat
         )  # fmt: skip
-        if p is not None and p.status != PENDING and p.incarnation < m.incarnation:
-            self._remove(p, "restarted", now, out)
-            p = None
+        if p is not None and p.status != PENDING:
+            if p.address != m.address:
+                if p.status in LIVE:
+                    raise RemoteProtocolError(
+                        f"HELLO from {sender} claims the name {m.name!r}, which the live "
+                        f"member at {p.address} holds; names must be unique"
+                    )
+                self._remove(p, "restarted", now, out)  # elsewhere: the old process is dead
+                p = None
+            elif p.incarnation != m.incarnation:
+                if p.incarnation > m.incarnation and p.status in LIVE:
+                    return  # an old process's late HELLO
+                # a new process at that address (its clock may have been set back
+                # once the old one went dead): an inflated record never sticks
+                self._remove(p, "restarted", now, out)
+                p = None
         if p is None or p.status == PENDING:
-            p = self._confirm(m, p, now, out)
-        elif m.address != p.address:
-            self.story.add(
-                now, "conflict", f"{m.name} inc {m.incarnation} at {m.address} and {p.address}"
-            )
-            return
+            p = self._confirm(m, p, now, out)  # hearsay yields to the node in person
         else:
             self._update(p, m, now, out)
         self._saw_term(m.term, p, out)
@@ -376,22 +402,42 @@ class Membership:
             out.append(Send(m.address, self._hello(False, now)))
 
     def _on_beat(self, sender: str, m: Beat, now: float, out: list[Action]) -> None:
-        check_peer_fields(m, sender)
-        p = self._peers.by_name.get(m.name)
-        if p is not None and p.incarnation == m.incarnation and p.status != PENDING:
-            self._update(p, m, now, out)
-            self._saw_term(m.term, p, out)
-        elif p is None or p.incarnation <= m.incarnation:
-            # someone we do not know (or a new incarnation): ask it to introduce itself
+        bound = self._peers.by_address.get(sender)
+        if bound is None:
+            p = self._peers.by_name.get(m.name)
+            if p is not None and p.status in LIVE:
+                raise RemoteProtocolError(
+                    f"BEAT from {sender} names {m.name!r}, the member at {p.address}; "
+                    "a node speaks only for itself"
+                )
+            # a node we have not met: ask it to introduce itself
             self._learn(m.name, sender, m.incarnation, now, out)
+        elif bound != m.name:
+            raise RemoteProtocolError(
+                f"BEAT from {sender} names {m.name!r}, but {bound!r} is the member there; "
+                "a node speaks only for itself"
+            )
+        else:
+            p = self._peers.by_name[bound]
+            if p.incarnation == m.incarnation:
+                self._update(p, m, now, out)
+                self._saw_term(m.term, p, out)
+            elif m.incarnation > p.incarnation or p.status not in LIVE:
+                self._ask(p, now, out)  # another process there: its HELLO decides
         self._gossip(m, sender, now, out)
 
     def _on_leave(self, sender: str, m: Leave, now: float, out: list[Action]) -> None:
-        if not m.name or m.incarnation < 0:
-            raise RemoteProtocolError(f"LEAVE from {sender} names no node")
-        p = self._peers.by_name.get(m.name)
-        if p is None or p.incarnation != m.incarnation:
-            return
+        bound = self._peers.by_address.get(sender)
+        if bound is None:
+            return  # not a member: nothing to remove
+        if bound != m.name:
+            raise RemoteProtocolError(
+                f"LEAVE from {sender} names {m.name!r}, but {bound!r} is the member there; "
+                "a node speaks only for itself"
+            )
+        p = self._peers.by_name[bound]
+        if p.incarnation != m.incarnation:
+            return  # an older process's goodbye
         self._peers.bury(m.name, m.incarnation, now + self.forget_after)
         self._remove(p, "left", now, out)
 
@@ -448,14 +494,11 @@ class Membership:
             out.append(PeerStateChanged(p.name, p.address, before, p.view_state()))
 
     def _saw_term(self, term: int, p: Peer, out: list[Action]) -> None:
-        if term > p.term:
-            p.term = term  # a term going backwards from one peer is ignored
-        if term > self._max_term_seen:
-            self._max_term_seen = term
-            out.append(TermSeen(term))
+        if term > p.term:  # a term going backwards from one peer is ignored
+            p.term = term
+            out.append(TermSeen(p.address, term))
 
     def _gossip(self, m: Hello | Beat, sender: str, now: float, out: list[Action]) -> None:
-        check_sample(m, sender)
         peers = self._peers.by_name
         names, addresses, incs = m.names, m.addresses, m.incarnations
         for i in range(len(names)):
@@ -467,23 +510,42 @@ class Membership:
             self._learn(names[i], addresses[i], incs[i], now, out)
 
     def _learn(self, name: str, address: str, inc: int, now: float, out: list[Action]) -> None:
-        """Hearsay of a member: dial it and ask it to introduce itself."""
-        if not name or not address or inc < 0:
-            raise RemoteProtocolError(f"gossip names an invalid member {name!r} at {address!r}")
-        if name == self._info.name or self._peers.tombstoned(name, inc, now):
+        """Hearsay of a member: dial it and ask it to introduce itself.
+
+        Hearsay never changes a member we confirmed: a newer incarnation of
+        one, at its address, only makes us ask it for a HELLO, and its own
+        answer decides (`_on_hello`). So one member's gossip cannot evict
+        another."""
+        if name == self._info.name:
+            return
+        buried = self._peers.buried(name, now)
+        if buried is not None and inc <= buried:
             return
         p = self._peers.by_name.get(name)
+        if p is not None and p.status != PENDING:
+            if inc > p.incarnation and address == p.address:
+                self._ask(p, now, out)
+            return
         if p is not None:
-            if p.incarnation > inc or (p.incarnation == inc and p.status != PENDING):
+            if p.incarnation > inc:
                 return
-            if p.status == PENDING:
-                p.incarnation, p.address, p.mentioned = inc, address, now
-                return
-            self._remove(p, "restarted", now, out)  # a newer incarnation exists
+            if p.address != address:
+                self._forget_address(p.address, out)
+            p.incarnation, p.address, p.mentioned = inc, address, now
+            return
+        if self._peers.pending_count >= self.hearsay_limit:
+            return  # a flood of names: those gossip keeps naming come back later
         p = Peer(name, address, inc, now)
         self._peers.add_pending(p)
         self._probe(p, now, out)
         self.story.add(now, "heard of", f"{name} at {address} inc {inc}")
+
+    def _ask(self, p: Peer, now: float, out: list[Action]) -> None:
+        """Ask a member for its HELLO (another incarnation spoke or was named
+        at its address), at most once a heartbeat."""
+        if p.asked is None or now >= p.asked + self.heartbeat:
+            p.asked = now
+            out.append(Send(p.address, self._hello(True, now)))
 
     def _probe(self, p: Peer, now: float, out: list[Action]) -> None:
         out.append(Connect(p.address))
@@ -547,8 +609,12 @@ class Membership:
         if confirmed:
             out.append(PeerLeft(p.name, p.address, p.incarnation, reason))
         self.story.add(now, "removed", f"{p.name} inc {p.incarnation}: {reason}")
-        if p.address not in self._seed_probe and p.address not in self._peers.by_address:
-            out.append(Disconnect(p.address))
+        self._forget_address(p.address, out)
+
+    def _forget_address(self, address: str, out: list[Action]) -> None:
+        """Hang up on `address` unless a seed or a member is there."""
+        if address not in self._seed_probe and address not in self._peers.by_address:
+            out.append(Disconnect(address))
 
     def _live_view(self, now: float) -> list[Peer]:
         """Live peers, rebuilt at most once a timer grain: a HELLO's gossip

@@ -50,8 +50,9 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from hived import __version__
-from hived.election import BecameCoordinator, LostCoordinator, Persist
+from hived.election import TERM_STEP, BecameCoordinator, LostCoordinator, Persist
 from hived.errors import RemoteProtocolError
+from hived.fields import MAX_TERM, is_peer_address
 from hived.gossip import NodeInfo
 from hived.matchmaking import MESSAGES as WORK_MESSAGES
 from hived.membership import PeerJoined, PeerLeft, PeerStateChanged
@@ -65,8 +66,8 @@ log = logging.getLogger(__name__)
 SEND_QUEUE = 1000
 # Message types nodes send each other; anything else in the inbox is a client's.
 MESH_PREFIXES = (b"M.", b"E.", b"S.")
-# At most this many protocol errors are logged per peer, then one in a thousand.
-LOG_BURST = 20
+# (peer, message type) pairs whose protocol errors are counted, for the log
+ERROR_KEYS = 1024
 
 
 class Mesh(MeshDriver):
@@ -106,7 +107,7 @@ class Mesh(MeshDriver):
         self.monitor: Channel | None = None
         self.core: MeshCore | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._errors: dict[str, int] = {}
+        self._errors: dict[tuple[str, str], int] = {}  # see _protocol_error
         self._held: int | None = None  # the term we hold the lease for
         self._lease_end = 0.0  # its end, on the loop's clock
         self._unwritten: str | None = None  # why the election state cannot be written
@@ -139,7 +140,9 @@ class Mesh(MeshDriver):
         cpus, gpus = self.resources
         info = NodeInfo(
             self.name, self.advertise, __version__, cpus, gpus, cpus + gpus,
-            incarnation=int(now * 1000) ^ os.getpid() << 20,
+            # wall-clock milliseconds: a restart's incarnation is above its
+            # predecessor's, so peers replace the old process at once
+            incarnation=time.time_ns() // 1_000_000,
         )
         self.core = MeshCore(
             info, self.seeds, now, random.Random(), heartbeat=heartbeat,
@@ -208,14 +211,18 @@ class Mesh(MeshDriver):
         sender = frames[0].bytes.decode("utf-8", "replace")
         now = self.loop.time()
         kind = envelope.partition(b" ")[2].partition(b"\n")[0][:16].decode("ascii", "replace")
-        self.bytes_in[kind] = self.bytes_in.get(kind, 0) + sum(len(f) for f in frames[1:])
         try:
-            if not sender.startswith("tcp://"):
-                raise RemoteProtocolError("a mesh message from a connection without a peer address")
+            if not is_peer_address(sender):  # its DEALER's routing id: where it says it is
+                raise RemoteProtocolError(
+                    f"a mesh message from a connection named {sender[:64]!r}, "
+                    "expected a peer's tcp://host:port"
+                )
             msg, payload = decode(frames[1:])
+            # counted once decoded, so a peer cannot grow this table with made-up types
+            self.bytes_in[kind] = self.bytes_in.get(kind, 0) + sum(len(f) for f in frames[1:])
             actions = self.core.handle(sender, msg, now)
         except RemoteProtocolError as exc:
-            self._protocol_error(sender, exc)
+            self._protocol_error(sender, kind, exc)
             self._arm()
             return
         self._run(actions)
@@ -226,16 +233,26 @@ class Mesh(MeshDriver):
         event = parse_monitor_message([f.bytes for f in frames])
         self._protocol_error(
             "a connection",
+            "handshake",
             RemoteProtocolError(
                 f"failed the CURVE handshake ({zmq.Event(event['event']).name.lower()}): "
                 "not a holder of the cluster key, or not speaking CURVE"
             ),
         )
 
-    def _protocol_error(self, sender: str, exc: Exception) -> None:
-        count = self._errors[sender] = self._errors.get(sender, 0) + 1
-        if count <= LOG_BURST or count % 1000 == 0:
-            log.warning("mesh: dropped a message from %s (%d so far): %s", sender, count, exc)
+    def _protocol_error(self, sender: str, kind: str, exc: Exception) -> None:
+        """One line for the first bad message of each kind from each peer, then
+        one at its 10th, 100th, 1000th...: a hostile peer cannot flood the log,
+        nor (the table is bounded) the memory."""
+        key = (sender[:64], kind)
+        count = self._errors.pop(key, 0) + 1
+        self._errors[key] = count  # most recent last: the oldest is forgotten first
+        if len(self._errors) > ERROR_KEYS:
+            del self._errors[next(iter(self._errors))]
+        if count == 1:
+            log.warning("mesh: dropped a %s from %s: %s", kind, sender[:64], exc)
+        elif str(count).rstrip("0") == "1":  # 10, 100, 1000, ...
+            log.warning("mesh: dropped a %s from %s (%d so far): %s", kind, sender[:64], count, exc)
 
     # -- actions (MeshDriver) ------------------------------------------------------
 
@@ -258,14 +275,14 @@ class Mesh(MeshDriver):
         except zmq.Again:
             return False  # a lost heartbeat, by design; callers of work messages handle False
         except zmq.ZMQError as exc:  # an address ZeroMQ cannot dial
-            self._protocol_error(address, RemoteProtocolError(f"cannot dial it: {exc}"))
+            self._protocol_error(address, "dial", RemoteProtocolError(f"cannot dial it: {exc}"))
             return False
 
     def connect(self, address: str) -> None:
         try:
             self._dealer(address)
         except zmq.ZMQError as exc:
-            self._protocol_error(address, RemoteProtocolError(f"cannot dial it: {exc}"))
+            self._protocol_error(address, "dial", RemoteProtocolError(f"cannot dial it: {exc}"))
 
     def disconnect(self, address: str) -> None:
         self._close_dealer(address)
@@ -417,12 +434,33 @@ class Mesh(MeshDriver):
 
     def _recall(self) -> tuple[int, int]:
         path = self._state_path()
-        try:
-            with open(path) as f:
-                state = json.load(f)
-            return int(state["term"]), int(state["promised"])
-        except (TypeError, OSError, ValueError, KeyError):
-            return 0, 0
+        return recall_state(path) if path is not None else (0, 0)
+
+
+def recall_state(path: str) -> tuple[int, int]:
+    """(term, promised) as `write_state` left them in `path`; (0, 0) if none.
+
+    A value no election can go on from (at or near the end of the term range,
+    as an older hived let a hostile peer write) is logged and forgotten:
+    kept, it would fence every real term off for good, across restarts.
+    """
+    try:
+        with open(path) as f:
+            state = json.load(f)
+        term, promised = state["term"], state["promised"]
+    except FileNotFoundError:
+        return 0, 0
+    except (TypeError, OSError, ValueError, KeyError) as exc:
+        log.error("mesh: cannot read the election state in %s (%s); starting from term 0",
+                  path, exc)
+        return 0, 0
+    usable = MAX_TERM - TERM_STEP - 2
+    if not all(type(v) is int and 0 <= v < usable for v in (term, promised)):
+        log.error("mesh: the election state in %s (term %r, promised %r) is beyond any term an "
+                  "election can reach (below %d); starting from term 0", path, term, promised,
+                  usable)
+        return 0, 0
+    return term, promised
 
 
 def _wall(t: float, now: float) -> float:

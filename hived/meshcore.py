@@ -20,9 +20,10 @@ The glue, once:
 
 * Liveness: a membership message is membership's own business; any other
   mesh message (election or work) from a member counts as hearing from it.
-* `TermSeen` (a heartbeat named a higher term) feeds `Election.accept_term`;
-  after every batch membership learns the election's term, so the next
-  heartbeats carry it.
+* `TermSeen` (a peer's heartbeat named a higher term for itself) feeds
+  `Election.heard_term`: a voter's is what it vouches for, and any peer's
+  raises the fencing floor if credible. After every batch membership
+  learns the election's term, so the next heartbeats carry it.
 * `Broadcast` becomes one `Send` per live member.
 * A member that joins, or comes back from suspect or dead, is told of our
   lease at once if we hold it: a restarted node, or the far side of a healed
@@ -169,7 +170,7 @@ class MeshCore:
                 continue
             if kind is TermSeen:
                 # a step-down this causes is due at once: next_deadline() says -inf
-                self.election.accept_term(a.term)
+                self.election.heard_term(a.address, a.term)
                 continue
             out.append(a)
             if kind is PeerJoined or (kind is PeerStateChanged and a.old in ("suspect", "dead")

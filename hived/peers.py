@@ -57,7 +57,7 @@ class Peer:
 
     __slots__ = ("name", "address", "incarnation", "version", "cpus", "gpus", "slots_free",
                  "load", "state", "term", "tasks_done", "status", "last_heard", "since", "mentioned",
-                 "next_probe", "probe_every", "timer")  # fmt: skip
+                 "next_probe", "probe_every", "asked", "timer")  # fmt: skip
 
     def __init__(self, name: str, address: str, incarnation: int, now: float) -> None:
         self.name = name
@@ -73,6 +73,7 @@ class Peer:
         self.mentioned = now  # pending: last time gossip named it
         self.next_probe = now
         self.probe_every = 0.0
+        self.asked: float | None = None  # confirmed: when we last asked it for a HELLO
         self.timer: float = math.inf  # the timer-wheel slot it is armed in
 
     def view_state(self) -> str:
@@ -108,6 +109,11 @@ class PeerTable:
 
     # -- records -----------------------------------------------------------
 
+    @property
+    def pending_count(self) -> int:
+        """How many records are hearsay (every other record is in `by_address`)."""
+        return len(self.by_name) - len(self.by_address)
+
     def add_pending(self, p: Peer) -> None:
         """Record hearsay of a node; it stays pending until it says HELLO."""
         self.by_name[p.name] = p
@@ -138,17 +144,19 @@ class PeerTable:
     # -- tombstones --------------------------------------------------------
 
     def bury(self, name: str, incarnation: int, until: float) -> None:
-        """Refuse news of `name` at `incarnation` or older until `until`."""
+        """Remember until `until` that `name` left at `incarnation`: hearsay of
+        it at that incarnation or older is stale (membership decides)."""
         self._tombs[name] = (incarnation, until)
 
-    def tombstoned(self, name: str, inc: int, now: float) -> bool:
+    def buried(self, name: str, now: float) -> int | None:
+        """The incarnation of `name` that left, while its tombstone stands."""
         tomb = self._tombs.get(name)
         if tomb is None:
-            return False
+            return None
         if tomb[1] <= now:
             del self._tombs[name]
-            return False
-        return inc <= tomb[0]
+            return None
+        return tomb[0]
 
     def expire_tombs(self, now: float) -> None:
         if self._tombs:

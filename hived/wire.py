@@ -17,6 +17,11 @@ truncated message) raises `RemoteProtocolError` naming what was wrong.
 
 Messages are declared where they are used, with `@message(b"TYPE")` on a
 dataclass; dispatch is by class, never by string compare in an if/elif chain.
+A field's annotation may carry `Rule`s (`Annotated[int, Rule(...)]`, the
+shared ones are in `hived.fields`) that its values must also meet, and a
+message may define `problem()` for rules across fields: both are checked
+here, so every message type gets them and no handler (and no socket call)
+sees a value a rule refuses.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import dataclasses
 import types
 import typing
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, TypeVar, Union
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, TypeVar, Union
 
 import msgpack
 
@@ -43,6 +49,15 @@ Frame = Any  # bytes-like, or a zmq.Frame
 ZERO_COPY_MIN = 64 * 1024
 
 
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """What a field's value must also be, beyond its type: `ok(value)`, and
+    `expects`, which error messages quote."""
+
+    expects: str
+    ok: Callable[[Any], bool]
+
+
 class Message:
     """Base of all wire messages; subclasses are dataclasses made by `message`."""
 
@@ -51,6 +66,10 @@ class Message:
     _checks: ClassVar[tuple[tuple[str, Any, Any], ...]] = ()
     _tuples: ClassVar[frozenset[str]] = frozenset()  # fields sent as lists, kept as tuples
     _prefix: ClassVar[bytes] = b""  # version and type, the start of the envelope
+
+    def problem(self) -> str | None:
+        """What is wrong across this message's fields, or None (override it)."""
+        return None
 
 
 _REGISTRY: dict[bytes, type[Message]] = {}
@@ -68,12 +87,12 @@ def message(type_name: bytes):
             raise LocalProtocolError(f"message type {type_name!r} may not hold a space or newline")
         cls.TYPE = type_name
         cls._prefix = VERSION + b" " + type_name + b"\n"
-        hints = typing.get_type_hints(cls)
+        hints = typing.get_type_hints(cls, include_extras=True)
         cls._checks = tuple(
             (f.name, hints[f.name], _checker(hints[f.name])) for f in dataclasses.fields(cls)
         )
         cls._tuples = frozenset(
-            name for name, hint, _ in cls._checks if typing.get_origin(hint) is tuple
+            name for name, hint, _ in cls._checks if typing.get_origin(_bare(hint)) is tuple
         )
         _REGISTRY[type_name] = cls
         return cls
@@ -151,15 +170,23 @@ def decode(frames: Sequence[Frame]) -> tuple[Message, list[Frame]]:
         if not ok(value):
             raise RemoteProtocolError(
                 f"{type_name.decode()} field {name!r} should be {_describe(hint)}, "
-                f"got {type(value).__name__}"
+                f"got {_show(value)}"
             )
         values.append(tuple(value) if name in cls._tuples else value)
-    return cls(*values), list(frames[1:])
+    msg = cls(*values)
+    problem = msg.problem()
+    if problem is not None:
+        raise RemoteProtocolError(f"{type_name.decode()}: {problem}")
+    return msg, list(frames[1:])
 
 
 def _checker(hint: Any) -> Callable[[Any], bool]:
     """A predicate for values that match the annotation `hint`, built once per field."""
     origin = typing.get_origin(hint)
+    if origin is Annotated:
+        base = _checker(hint.__origin__)
+        rules = [r.ok for r in hint.__metadata__ if isinstance(r, Rule)]
+        return lambda value: base(value) and all(ok(value) for ok in rules)
     if hint is Any:
         return lambda value: True
     if hint is float:
@@ -183,5 +210,25 @@ def _checker(hint: Any) -> Callable[[Any], bool]:
     raise LocalProtocolError(f"field annotation {hint!r} is not supported on the wire")
 
 
+def _bare(hint: Any) -> Any:
+    """`hint` without its rules."""
+    return hint.__origin__ if typing.get_origin(hint) is Annotated else hint
+
+
 def _describe(hint: Any) -> str:
+    """What a value of `hint` is, in words an error message can quote."""
+    origin = typing.get_origin(hint)
+    if origin is Annotated:
+        rules = [r.expects for r in hint.__metadata__ if isinstance(r, Rule)]
+        return " and ".join(rules) if rules else _describe(hint.__origin__)
+    if origin in (list, tuple) and typing.get_args(hint):
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _show(value: Any) -> str:
+    """A peer's value, short enough for one log line."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from hived import election as el
 from hived import gossip
 from hived import membership as mb
+from hived.errors import RemoteProtocolError
 from hived.meshcore import MeshCore, MeshDriver
 from hived.wire import Message, decode, encode
 
@@ -280,6 +281,24 @@ class SimNet:
         else:
             self.faults = Faults(drop=op[1], dup=op[2], reorder=op[3])
         self.run_for(0.05)
+
+    def inject(self, sender: str, to: str, msg: Message) -> bool:
+        """What a key holder at address `sender` sends node `to`, now: decoded as
+        the daemon's shell decodes it, and dropped, as the shell drops it, if
+        refused (a RemoteProtocolError). True if the node took it."""
+        node = self.nodes[to]
+        if not node.alive:
+            return False
+        now = node.local(self.now)
+        try:
+            actions = node.core.handle(sender, decode(encode(msg))[0], now)
+        except RemoteProtocolError:
+            return False
+        node.run(actions, now)
+        self._schedule_wake(node)
+        if self.check:
+            self.check_invariants(node)
+        return True
 
     def heal(self) -> None:
         groups, self._groups = self._groups, None

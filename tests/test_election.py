@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from simnet import SIM_SETTINGS, Faults, InvariantViolation, SimNet, fault_schedules
 
@@ -160,17 +161,25 @@ def test_persisted_terms_come_back_after_a_restart():
     assert ask.msg.term == 12
 
 
-def test_peer_nonsense_raises_remote_protocol_error():
+@pytest.mark.parametrize(
+    "msg, match",
+    [
+        (el.Ask(-1, 1, "b"), "'term' should be a term"),
+        (el.Ask(2**62 - 1, 1, "b"), "'term' should be a term from 0 to 2\\*\\*53"),
+        (el.Leader(1, "b", B, math.nan), "'remaining' should be a finite number of seconds"),
+        (el.Leader(1, "b", "b:7700", 1.0), "'address' should be a tcp://host:port"),
+        (el.Deny(1, 1, 1, -1.0), "'wait' should be"),
+        (el.Deny(1, 1, 2**53, 1.0), "'seen' should be a term"),
+        (el.Grant(1, -1), "'round' should be a round id"),
+    ],
+)
+def test_peer_nonsense_is_refused_where_it_is_decoded(msg, match):
+    with pytest.raises(RemoteProtocolError, match=match):
+        decode(encode(msg))
+
+
+def test_a_hostile_lease_is_clamped_to_our_own():
     a = core(A, now=-10.0)
-    with pytest.raises(RemoteProtocolError, match="term"):
-        a.handle(B, el.Ask(-1, 1, "b"), 0.0)
-    with pytest.raises(RemoteProtocolError, match="lease"):
-        a.handle(B, el.Leader(1, "b", B, math.nan), 0.0)
-    with pytest.raises(RemoteProtocolError, match="wait"):
-        a.handle(B, el.Deny(1, 1, 1, -1.0), 0.0)
-    with pytest.raises(RemoteProtocolError):
-        a.handle(B, el.Grant(1, 1 << 70), 0.0)
-    # a hostile lease is clamped to our own
     a.handle(B, el.Leader(1, "b", B, 1e9), 0.0)
     assert a.coordinator(LEASE) is None
 
@@ -322,3 +331,85 @@ def test_one_coordinator_rising_terms_and_a_bounded_election(seed, voters, other
     assert net.run_until(stable + AGREEMENT_BOUND, stop=lambda: net.agreed() is not None), (
         f"no agreement {AGREEMENT_BOUND}s after the majority came together: {net.views()}"
     )
+
+
+# -- hostile members: terms move by bounded, checked steps --------------------
+
+
+def test_a_leader_or_an_ask_far_above_what_voters_vouch_for_changes_nothing():
+    """The issue's inflation, at 2**40 (2**62 - 1 no longer decodes at all)."""
+    f = core("tcp://f:7700", now=0.0)
+    with pytest.raises(RemoteProtocolError, match="more than 16 above"):
+        f.handle(B, el.Leader(2**40, "b", B, 1.0), 1.0)
+    assert f.term == 0 and not f.accept_term(2**40) and f.term == 0
+    assert f.next_deadline() != -math.inf  # nothing to persist
+    v = core(B, now=-10.0)
+    out = v.handle("tcp://m:7700", el.Ask(2**40, 1, "m"), 0.0)
+    (deny,) = sent(out, el.Deny)
+    assert deny.msg.seen == 0 and not of(out, el.Persist)
+    # an honest candidate is granted at once
+    assert sent(v.handle(A, el.Ask(1, 2, "a"), 0.1), el.Grant)
+
+
+def test_a_leader_speaks_only_for_itself():
+    f = core("tcp://f:7700", now=0.0)
+    with pytest.raises(RemoteProtocolError, match="announces only itself"):
+        f.handle("tcp://m:7700", el.Leader(1, "b", B, 1.0), 1.0)
+    assert f.coordinator(1.1) is None
+
+
+def test_a_node_far_behind_catches_up_once_a_majority_of_voters_vouch():
+    f = core("tcp://f:7700", now=0.0)  # a wiped disk: term 0; the hive is at 5000
+    assert not f.heard_term(B, 5000)  # one voter's word is not enough
+    assert f.heard_term(C, 5000) and f.term == 5000  # two of three are
+    f.handle(B, el.Leader(5001, "b", B, 1.0), 1.0)
+    assert f.coordinator(1.1) == ("b", 5001)
+
+
+def test_a_deny_from_a_stranger_teaches_nothing():
+    a = core(A, now=-10.0)
+    (ask, _) = sent(a.tick(0.0), el.Ask)
+    a.handle("tcp://m:7700", el.Deny(1, ask.msg.round, 2**40, 0.0), 0.01)
+    a.handle(B, el.Deny(1, ask.msg.round, 2**40, 0.0), 0.01)  # a voter, but incredible
+    a.handle(C, el.Deny(1, ask.msg.round, 3, 0.0), 0.01)
+    a.tick(a.next_deadline())
+    (again, _) = sent(a.tick(a.next_deadline()), el.Ask)
+    assert again.msg.term <= 4 + el.TERM_STEP
+
+
+HOSTILE = "tcp://m:7700"
+
+
+def hostile_election_messages():
+    term = st.one_of(st.integers(0, 40), st.integers(0, 2**53 - 1))
+    rid = st.integers(0, 2**64 - 1)
+    who = st.sampled_from([B, HOSTILE])  # a voter's address, and a non-voter's
+    return st.tuples(who, st.one_of(
+        st.builds(el.Ask, term, rid, st.sampled_from(["b", "m"])),
+        st.builds(el.Grant, term, rid),
+        st.builds(el.Deny, term, rid, term, st.floats(0, 10)),
+        st.builds(el.Release, term, rid),
+        st.builds(el.Leader, term, st.sampled_from(["b", "m"]), who, st.floats(0, 10)),
+        st.builds(lambda t: ("heartbeat", t), term),
+    ))  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(hostile_election_messages(), max_size=60), st.sampled_from([A, "tcp://f:7700"]))
+def test_no_sequence_of_messages_from_one_member_lifts_terms_past_the_step(batch, address):
+    """Whatever one key holder sends (even from a voter's address), terms stay
+    within TERM_STEP of what the honest voters know (0 here), whether we are
+    a voter or not, and our next ask still fits the wire."""
+    e = core(address, now=-10.0)
+    now = 0.0
+    for sender, msg in batch:
+        now += 0.01
+        with contextlib.suppress(RemoteProtocolError):
+            if isinstance(msg, tuple):
+                e.heard_term(sender, msg[1])
+            else:
+                e.handle(sender, msg, now)
+        e.tick(now)
+        e.validate()
+        assert e.term <= el.TERM_STEP and e._promised <= el.TERM_STEP + 1
+    assert e._next_term() <= el.TERM_STEP + 1

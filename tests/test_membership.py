@@ -30,9 +30,10 @@ def node(name: str, seeds=(), now: float = 0.0, inc: int = 1, **options) -> mb.M
     return mb.Membership(info, [addr(s) for s in seeds], H, DEAD, now, random.Random(0), **options)
 
 
-def hello(name: str, inc: int = 1, reply: bool = False, term: int = 0, gossip=()) -> Hello:
+def hello(name: str, inc: int = 1, reply: bool = False, term: int = 0, gossip=(),
+          at: str | None = None) -> Hello:
     names = [g[0] for g in gossip]
-    return Hello(name, addr(name), "0.1.0", inc, 4, 0, 4, 0.5, "alive", term, 7, reply,
+    return Hello(name, addr(at or name), "0.1.0", inc, 4, 0, 4, 0.5, "alive", term, 7, reply,
                  names, [addr(n) for n in names], [g[1] for g in gossip])  # fmt: skip
 
 
@@ -239,7 +240,7 @@ def test_unreachable_seeds_are_retried_with_back_off():
 def test_terms_in_heartbeats_are_reported_once_and_never_go_back():
     a = node("a")
     a.handle(addr("b"), hello("b", term=2), 0.0)
-    assert of(a.handle(addr("b"), beat("b", term=5), 0.1), mb.TermSeen) == [mb.TermSeen(5)]
+    assert of(a.handle(addr("b"), beat("b", term=5), 0.1), mb.TermSeen) == [mb.TermSeen(addr("b"), 5)]
     assert of(a.handle(addr("b"), beat("b", term=5), 0.2), mb.TermSeen) == []
     assert of(a.handle(addr("b"), beat("b", term=3), 0.3), mb.TermSeen) == []
     assert a.member("b").term == 5
@@ -267,19 +268,27 @@ def test_draining_shows_in_the_view():
     "msg, match",
     [
         (Beat("b", 1, 1, 0.0, "alive", 0, 0, ["x", "y"], [addr("x")], [1, 1]), "malformed"),
-        (Beat("b", 1, 1, 0.0, "zombie", 0, 0, [], [], []), "state"),
-        (Beat("", 1, 1, 0.0, "alive", 0, 0, [], [], []), "empty name"),
-        (Beat("b", 1, 1, math.nan, "alive", 0, 0, [], [], []), "non-finite"),
-        (Beat("b", 1, 1, 0.0, "alive", 0, 0, ["x"] * 65, ["y"] * 65, [1] * 65), "at most"),
-        (Beat("b", 1, 1, 0.0, "alive", 0, 0, [""], ["y"], [1]), "invalid member"),
-        (hello("a", inc=9), "claims our name"),
-        (Leave("", 1), "names no node"),
+        (Beat("b", 1, 1, 0.0, "zombie", 0, 0, [], [], []), "alive or draining"),
+        (Beat("", 1, 1, 0.0, "alive", 0, 0, [], [], []), "'name' should be a node name"),
+        (Beat("b", 1, 1, math.nan, "alive", 0, 0, [], [], []), "finite load"),
+        (Beat("b", 1, -1, 0.0, "alive", 0, 0, [], [], []), "'slots_free' should be a count"),
+        (Beat("b", 2**62, 1, 0.0, "alive", 0, 0, [], [], []), "an incarnation from 0 to 2"),
+        (Beat("b", 1, 1, 0.0, "alive", 2**62 - 1, 0, [], [], []), "a term from 0 to 2"),
+        (Beat("b", 1, 1, 0.0, "alive", 0, 0, ["x"] * 65, ["y"] * 65, [1] * 65), "at most 64"),
+        (Beat("b", 1, 1, 0.0, "alive", 0, 0, [""], ["y"], [1]), "'names' should be"),
+        (Beat("b", 1, 1, 0.0, "alive", 0, 0, ["x"], ["tcp://*:1"], [1]), "'addresses' should be"),
+        (Leave("", 1), "'name' should be a node name"),
     ],
 )
-def test_peer_nonsense_raises_remote_protocol_error(msg, match):
-    a = node("a")
+def test_peer_nonsense_is_refused_where_it_is_decoded(msg, match):
     with pytest.raises(RemoteProtocolError, match=match):
-        a.handle(addr("b"), msg, 0.0)
+        decode(encode(msg))
+
+
+def test_a_peer_claiming_our_name_is_refused():
+    a = node("a")
+    with pytest.raises(RemoteProtocolError, match="claims our name"):
+        a.handle(addr("b"), hello("a", inc=9, at="b"), 0.0)
     a.validate()
 
 
@@ -413,3 +422,66 @@ def test_membership_converges_after_any_schedule(seed, size, ops):
     assert net.run_for(CONVERGE_BOUND, stop=lambda: net.converged(exact=True)), {
         n.name: [(v.name, v.state) for v in n.membership.members()] for n in net.alive()
     }
+
+
+# -- hostile members ---------------------------------------------------------
+
+
+def test_a_member_cannot_speak_for_another_nor_make_it_leave():
+    """The issue's poisoning: HELLO naming n2, then LEAVE at 2**53 - 1, from m's connection."""
+    a = node("a")
+    a.handle(addr("n2"), hello("n2", inc=5), 0.0)
+    a.handle(addr("m"), hello("m", inc=1), 0.0)
+    with pytest.raises(RemoteProtocolError, match="speaks only for itself"):
+        a.handle(addr("m"), hello("n2", inc=2**53 - 1), 0.1)  # n2's address, m's connection
+    with pytest.raises(RemoteProtocolError, match="the live member at tcp://n2:7700 holds"):
+        a.handle(addr("m"), hello("n2", inc=2**53 - 1, at="m"), 0.1)
+    with pytest.raises(RemoteProtocolError, match="'m' is the member there"):
+        a.handle(addr("m"), Leave("n2", 2**53 - 1), 0.2)
+    with pytest.raises(RemoteProtocolError, match="'m' is the member there"):
+        a.handle(addr("m"), beat("n2", inc=5), 0.2)
+    assert a.member("n2").state == "alive" and a.member("n2").incarnation == 5
+    a.validate()
+
+
+def test_gossip_of_a_huge_incarnation_only_asks_the_member_itself():
+    a = node("a")
+    a.handle(addr("n2"), hello("n2", inc=5), 0.0)
+    a.handle(addr("m"), hello("m", inc=1), 0.0)
+    asked = []
+    for i in range(20):  # a rumour every 50 ms for a second
+        out = a.handle(addr("m"), beat("m", gossip=[("n2", 2**53 - 1)]), 0.05 * i)
+        assert not of(out, mb.PeerLeft)
+        asked += [s.to for s in sends(out, Hello)]
+    assert asked == [addr("n2")] * 2  # at most once a heartbeat (0.5 s), and only n2 itself
+    a.handle(addr("n2"), hello("n2", inc=5), 1.0)  # its own answer: still 5
+    assert a.member("n2").incarnation == 5 and a.member("n2").state == "alive"
+    a.validate()
+
+
+def test_an_inflated_incarnation_does_not_outlive_its_process():
+    a = node("a")
+    a.handle(addr("b"), hello("b", inc=2**53 - 1), 0.0)
+    assert a.handle(addr("b"), hello("b", inc=7), 0.1) == []  # a late HELLO, while it lives
+    run(a, DEAD + 1.0)
+    assert a.member("b").state == "dead"
+    out = a.handle(addr("b"), hello("b", inc=7), DEAD + 1.1)  # a new process at b
+    assert of(out, mb.PeerJoined) and a.member("b").incarnation == 7
+    # a LEAVE of that process buries only its own incarnation
+    a.handle(addr("b"), Leave("b", 7), DEAD + 1.2)
+    a.handle(addr("x"), hello("x", gossip=[("b", 7)]), DEAD + 1.3)  # stale hearsay of it
+    assert "b" not in a._peers.by_name
+    assert of(a.handle(addr("b"), hello("b", inc=8), DEAD + 1.4), mb.PeerJoined)
+    a.validate()
+
+
+def test_a_flood_of_made_up_names_dials_a_bounded_number():
+    a = node("a")
+    a.handle(addr("m"), hello("m"), 0.0)
+    dialled = set()
+    for i in range(40):
+        names = [(f"x{i}-{j}", 1) for j in range(64)]
+        out = a.handle(addr("m"), beat("m", gossip=names), 0.001 * i)
+        dialled |= {c.address for c in of(out, mb.Connect)}
+    assert len(dialled) == mb.HEARSAY_LIMIT
+    a.validate()

@@ -19,6 +19,7 @@ from netns import wait_for
 
 import hived
 from hived.control import StatusQuery, ask
+from hived.mesh import recall_state
 from hived.security import load_key, write_key
 
 
@@ -240,3 +241,14 @@ def test_a_voter_that_cannot_write_its_promise_grants_nothing_until_it_can(clust
     new, new_term = c.wait_agreed([voter, candidate], timeout=6 * lease)
     assert new_term > term
     wait_for(lambda: "election state written to" in voter.log, 5, what="the recovery logged")
+
+
+def test_an_election_state_no_election_can_go_on_from_is_forgotten(tmp_path, caplog):
+    """The file an older hived let a LEADER at 2**62 - 1 write wedged a node for good."""
+    path = tmp_path / "election.json"
+    path.write_text(json.dumps({"term": 2**62 - 1, "promised": 2**62}))
+    assert recall_state(str(path)) == (0, 0)
+    assert "beyond any term an election can reach" in caplog.text and str(path) in caplog.text
+    path.write_text(json.dumps({"term": 7, "promised": 9}))
+    assert recall_state(str(path)) == (7, 9)
+    assert recall_state(str(tmp_path / "none.json")) == (0, 0)

@@ -6,9 +6,13 @@ import errno
 import random
 
 import pytest
-from simnet import SimNet
+from hostile import mesh_messages
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from simnet import SIM_SETTINGS, SimNet
 
 from hived import election as el
+from hived import gossip
 from hived import membership as mb
 from hived.gossip import NodeInfo
 from hived.meshcore import MeshCore, MeshDriver
@@ -139,3 +143,52 @@ def test_after_a_partition_heals_everyone_agrees_within_two_leases_and_a_heartbe
             f"seed {seed}: no agreement {HEAL_BOUND}s after the heal: {net.views()}"
         )
         assert net.now - healed <= HEAL_BOUND
+
+
+# -- a hostile member ----------------------------------------------------------
+
+HONEST = [f"n{i}" for i in range(5)]
+ATTACKER = addr("m")
+
+
+def own_hello(term: int = 0) -> gossip.Hello:
+    """The attacker's honest introduction, so it is a member and reaches every path."""
+    return gossip.Hello("m", ATTACKER, "0.1.0", 1, 1, 0, 1, 0.0, "alive", term, 0, False,
+                        [], [], [])  # fmt: skip
+
+
+@settings(SIM_SETTINGS, max_examples=40)
+@given(
+    seed=st.integers(0, 2**16),
+    batch=st.lists(
+        st.tuples(st.integers(0, 4), mesh_messages([*HONEST, "m"], [addr(n) for n in [*HONEST, "m"]])),
+        max_size=120,
+    ),
+)
+def test_a_hostile_member_does_no_lasting_harm(seed, batch):
+    """Whatever one key holder sends from its own connection, within 2 x lease
+    + heartbeat of its last message every honest node sees every other alive,
+    in its own incarnation, and all agree on an honest coordinator."""
+    net = SimNet.cluster(5, voters=3, seed=seed, **TIMING)
+    assert net.run_for(5.0, stop=lambda: net.agreed() is not None and net.converged())
+    incarnations = {n: net.nodes[n].incarnation for n in HONEST}
+    for name in HONEST:
+        net.inject(ATTACKER, name, own_hello())
+    taken = 0
+    for to, msg in batch:
+        taken += net.inject(ATTACKER, HONEST[to], msg)
+        net.run_for(0.005)
+    ended = net.now
+
+    def healed() -> bool:
+        agreed = net.agreed()
+        return agreed is not None and agreed[0] in HONEST and net.converged(exact=True)
+
+    assert net.run_for(HEAL_BOUND, stop=healed), (
+        f"{HEAL_BOUND}s after the attack ({len(batch)} messages, {taken} taken): "
+        f"{net.views()}\n" + "\n".join(net.log)
+    )
+    assert net.now - ended <= HEAL_BOUND
+    assert {n: net.nodes[n].incarnation for n in HONEST} == incarnations
+    for n in HONEST:
+        assert net.nodes[n].election.term <= max(net.nodes[m].election.term for m in HONEST)

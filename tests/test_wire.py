@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Annotated, Any
 
 import msgpack
 import pytest
@@ -11,7 +12,8 @@ from hypothesis import strategies as st
 
 from hived import control, worker  # noqa: F401 - registers their message types
 from hived.errors import LocalProtocolError, RemoteProtocolError
-from hived.wire import Message, decode, encode, message, peer_version
+from hived.matchmaking import Point, RangeDone, RangeLost, RangeMsg
+from hived.wire import Message, Rule, decode, encode, message, peer_version
 
 
 @message(b"T.SAMPLE")
@@ -102,3 +104,38 @@ def test_hostile_headers_of_real_types_are_refused_cleanly(type_name, header):
         decode([b"HV1.0 " + type_name + b"\n" + msgpack.packb(header)])
     except RemoteProtocolError:
         pass
+
+
+@pytest.mark.parametrize(
+    "msg, match",
+    [
+        # a POINT naming an owner ZeroMQ cannot dial once reached sock.connect
+        (Point(3, ["not an address"]), "'owners' should be a list of at most 16 tcp://host:port"),
+        (Point(3, ["tcp://*:7700"]), "'owners' should be"),
+        (Point(3, ["tcp://a:7700"] * 17), "at most 16"),
+        (RangeMsg(1, 1, b"f", False, 5, 2, 1, 0, True), "range 5-2 ends before it starts"),
+        (RangeDone(1, 0, 2**62, 0.1, 0), "'stop' should be a count"),
+        (RangeDone(1, 0, 1, math.nan, 0), "'elapsed' should be a finite number"),
+        (RangeLost(1, -4, "x"), "'crashed_at' should be an item index"),
+    ],
+)
+def test_rules_in_a_message_definition_are_checked_where_it_is_decoded(msg, match):
+    with pytest.raises(RemoteProtocolError, match=match):
+        decode(encode(msg))
+
+
+@message(b"T.RULED")
+class Ruled(Message):
+    small: Annotated[int, Rule("a small number", lambda v: 0 <= v < 10)]
+    pair: list[int]
+
+    def problem(self) -> str | None:
+        return None if len(self.pair) == 2 else "pair should hold two numbers"
+
+
+def test_a_rule_names_what_it_expects_and_what_came():
+    assert decode(encode(Ruled(3, [1, 2])))[0] == Ruled(3, [1, 2])
+    with pytest.raises(RemoteProtocolError, match="'small' should be a small number, got int 12"):
+        decode(encode(Ruled(12, [1, 2])))
+    with pytest.raises(RemoteProtocolError, match="T.RULED: pair should hold two numbers"):
+        decode(encode(Ruled(1, [1])))
