@@ -195,6 +195,15 @@ def _home() -> contextlib.AbstractContextManager[None]:
     return _in_netns(_HOME_FD)
 
 
+def _link_states(dev: str, ns: str | None) -> list[str]:
+    """A device's operstate (UP, DOWN, ...) and, for a bridge port, its port
+    state (forwarding, disabled, ...), in the home namespace or `ns`."""
+    argv = ["ip", *(["-n", ns] if ns else []), "-d", "-o", "link", "show", "dev", dev]
+    with _home():
+        words = subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout.split()
+    return [words[i + 1] for i, w in enumerate(words[:-1]) if w == "state"]
+
+
 def _ip(lines: Sequence[str], *, ns: str | None = None, force: bool = False) -> str:
     """Run ``ip -batch`` in the home namespace (or ``-n ns``); raise with stderr."""
     if not lines:
@@ -773,6 +782,7 @@ class TestNet:
             self._check_open()
             _ip([f"link set {h.veth} up"])
             self._cut.discard(h.name)
+            self._wait_up([h])
 
     def partition(self, *groups: Iterable[Host | int | str]) -> None:
         """Split the segment: hosts in different groups can't reach each other
@@ -813,11 +823,27 @@ class TestNet:
             lines = [f"link set {self.host(n).veth} master {self.bridge}" for n in self._groups]
             lines += [f"link set {self.host(n).veth} up" for n in self._cut]
             _ip(lines)
+            self._wait_up([self.host(n) for n in sorted(set(self._cut) | set(self._groups))])
             for name in sorted(self._shaped):
                 _tc(self.host(name).ns, ["qdisc del dev eth0 root"])
             self._groups.clear()
             self._cut.clear()
             self._shaped.clear()
+
+    @staticmethod
+    def _wait_up(hosts: list[Host]) -> None:
+        """Until both ends of each host's veth are up. `link set up` returns
+        before the kernel's link watcher (rate-limited to once a second) has
+        made the link, and its bridge port, carry packets: a probe or SYN sent
+        meanwhile is dropped."""
+        def up() -> bool:
+            return all(
+                _link_states(h.veth, None) == ["UP", "forwarding"]
+                and _link_states("eth0", h.ns)[:1] == ["UP"]
+                for h in hosts
+            )
+
+        wait_for(up, 5, what=f"the links of {[h.name for h in hosts]} up")
 
     def _shape(self, h: Host) -> None:
         if h.name not in self._shaped:
