@@ -101,6 +101,7 @@ class Exchange:
         self._gathering: dict[int, tuple[list[dict[str, Any]], set[str], Callable[[list], None]]] = {}
         self._offered = float("-inf")
         self._asked_held = float("-inf")
+        self._unanswered: set[str] = set()  # nodes asked HELD? that have not answered yet
         self._handlers: dict[type[Message], Callable[[str, Any, list[Any]], None]] = {
             Offer: self._on_offer,
             Want: self._on_want,
@@ -251,7 +252,13 @@ class Exchange:
         self.puller.gone(address)
 
     def ask_held(self) -> None:
-        """Each `dead_after`: ask every node with our ranges out which it holds."""
+        """Each `dead_after`: ask every node with our ranges out which it holds.
+
+        A node that left the last question unanswered while it stays a
+        member hears us no more on this link (a cut shorter than dead_after in
+        one direction, a rate cap that drove TCP's retransmit back-off to
+        seconds): that link is dialled afresh instead, and what it still held
+        is found by the next question's answer."""
         now = self.node.loop.time()
         if self.mesh is None or now < self._asked_held + self.node.settings.dead_after:
             return
@@ -259,10 +266,18 @@ class Exchange:
         by_node: dict[str, list[int]] = {}
         for aid, node in self.out.items():
             by_node.setdefault(node, []).append(aid)
+        asked = set()
         for node, aids in by_node.items():
-            self.mesh.send(node, HeldAsk(aids))
+            if node in self._unanswered:  # asked again once the new link is up
+                log.info("no answer from %s to the last HELD? in %.1fs; dialling it again",
+                         node, self.node.settings.dead_after)
+                self.mesh.redial(node)
+            elif self.mesh.send(node, HeldAsk(aids)):
+                asked.add(node)
+        self._unanswered = asked
 
     def _on_held_tell(self, sender: str, msg: HeldTell, payload: list[Any]) -> None:
+        self._unanswered.discard(sender)
         self._requeue([aid for aid in msg.missing if self.out.get(aid) == sender],
                       sender, f"{sender} lost it or its report")
 

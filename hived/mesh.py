@@ -22,7 +22,7 @@ armed at the core's `next_deadline()` and re-armed after every message and
 tick. Sends never block: a DEALER queues at most `SEND_QUEUE` messages and
 only to a connected peer, so a slow or dead peer costs dropped heartbeats,
 never a stalled node. A peer gone dead is re-dialled on a fresh DEALER
-(see `_redial`), and each DEALER's monitor tells the core when its link
+(see `redial`), and each DEALER's monitor tells the core when its link
 comes up, so a healed partition is found within a connect attempt, not a
 probe back-off.
 
@@ -350,7 +350,7 @@ class Mesh(MeshDriver):
         elif isinstance(action, PeerStateChanged):
             log.info("mesh: %s is %s (was %s)", action.name, action.new, action.old)
             if action.new in ("suspect", "dead"):  # quiet: its link may be stalled
-                self._redial(action.address)
+                self.redial(action.address)
             if action.new == "dead":
                 self.on_peer_gone(action.address, False)
         elif isinstance(action, PeerLeft):
@@ -394,8 +394,9 @@ class Mesh(MeshDriver):
         if sock is not None:
             sock.close(linger=linger)
 
-    def _redial(self, address: str) -> None:
-        """Replace the DEALER of a peer gone quiet (suspect, dead) with a fresh one.
+    def redial(self, address: str) -> None:
+        """Replace the DEALER of a peer gone quiet (suspect, dead), or one that
+        left an owner's HELD? unanswered, with a fresh one.
 
         A cut cable or a partition leaves the TCP connection established but
         stalled, and what was sent meanwhile waits in the kernel for

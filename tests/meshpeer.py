@@ -38,6 +38,7 @@ class MeshPeer:
             self.router = self.ctx.socket(zmq.ROUTER)
             key.server(self.router)
             self.router.linger = 0
+            self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # as a daemon's: a re-dial takes over
             self.router.bind(self.address)
             self.dealer = self.ctx.socket(zmq.DEALER)
             key.client(self.dealer)

@@ -524,8 +524,9 @@ def test_a_link_cut_shorter_than_dead_after_loses_no_range(cluster):
 def test_a_range_its_node_does_not_hold_runs_again(testnet):
     """A peer pulls a range and never reports it, as when a RANGE or its
     report is dropped with a connection. The owner asks every dead_after
-    which of its ranges that node holds (HELD?): while the node says it holds
-    the range the owner waits; once the node says it lacks it, it runs again.
+    which of its ranges that node holds (HELD?): a question left unanswered
+    gets the link dialled again; while the node says it holds the range the
+    owner waits; once the node says it lacks it, it runs again.
     The peer is driven by hand (tests/meshpeer.py) and stays alive throughout."""
     tmp = tempfile.TemporaryDirectory(prefix="hived-dist-")
     c = Cluster(testnet(2), tmp.name, voters=1)  # a daemon on h0; the peer on h1
@@ -551,10 +552,13 @@ def test_a_range_its_node_does_not_hold_runs_again(testnet):
         held = msg.assignment
         ask_every = TIMING["dead_after"] + 2 * TIMING["heartbeat"]  # a HELD? per dead_after
         first, _ = peer.expect(HeldAsk, ask_every)
-        assert held in first.assignments
-        peer.send(HeldTell([]))  # we hold it: the owner must go on waiting
-        second, _ = peer.expect(HeldAsk, ask_every)
+        assert held in first.assignments  # left unanswered: the owner re-dials us
+        second, _ = peer.expect(HeldAsk, 2 * ask_every)  # a round to re-dial, then asked
         assert held in second.assignments
+        assert f"no answer from {peer.address} to the last HELD?" in owner.log
+        peer.send(HeldTell([]))  # we hold it: the owner must go on waiting
+        third, _ = peer.expect(HeldAsk, ask_every)
+        assert held in third.assignments
         assert "lost it or its report" not in owner.log
         peer.send(HeldTell([held]))  # we lack it: it runs again, on the owner
         mapping.join(30)
