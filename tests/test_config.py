@@ -578,3 +578,17 @@ def test_any_value_is_accepted_or_refused_in_one_line(
     except ConfigError as exc:
         assert "\n" not in str(exc)
         assert str(exc).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("depth", [3000, 400, 40])
+@pytest.mark.parametrize(
+    "template",
+    ["[timing]\ndrain_timeout = {open}{close}\n", "[node]\nseeds = [{tables}]\n"],
+    ids=["arrays", "inline tables"],
+)
+def test_values_nested_deep_give_one_line(tmp_path: Path, depth: int, template: str) -> None:
+    text = template.format(open="[" * depth, close="]" * depth, tables="{a=" * depth + "1" + "}" * depth)
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, environ={})
+    assert str(raised.value).startswith(f"{path}: ") and "\n" not in str(raised.value)
