@@ -22,8 +22,9 @@ from typing import Any
 from hived.addresses import local_control_addresses
 from hived.config import DEFAULT_CONFIG_PATH
 from hived.control import Answer, DrainRequest, JobsQuery, StatusQuery, ask
-from hived.errors import HiveError
+from hived.errors import HiveError, RemoteProtocolError
 from hived.security import client_curve
+from hived.status import check_jobs, check_status
 
 TIMEOUT = 3.0
 _requests = itertools.count(1)
@@ -64,7 +65,7 @@ def _query(args: argparse.Namespace, query: Any) -> dict[str, Any]:
             "`systemctl status hived`"
         )
     if "error" in answer.body:
-        raise HiveError(answer.body["error"])
+        raise HiveError(f"hived at {address}: {str(answer.body['error'])[:500]}")
     return answer.body
 
 
@@ -88,7 +89,7 @@ JOB_COLUMNS = [
 
 
 def status(args: argparse.Namespace) -> None:
-    body = _query(args, StatusQuery(next(_requests)))
+    body = check_status(_query(args, StatusQuery(next(_requests))))
     if args.json:
         print(json.dumps(body, indent=2))
         return
@@ -101,7 +102,7 @@ def status(args: argparse.Namespace) -> None:
 
 
 def jobs(args: argparse.Namespace) -> None:
-    body = _query(args, JobsQuery(next(_requests)))
+    body = check_jobs(_query(args, JobsQuery(next(_requests))))
     if args.json:
         print(json.dumps(body, indent=2))
     elif not body["jobs"]:
@@ -112,7 +113,9 @@ def jobs(args: argparse.Namespace) -> None:
 
 def drain(args: argparse.Namespace) -> None:
     body = _query(args, DrainRequest(next(_requests), args.name))
-    print(f"{body['draining']} is draining: it finishes what it runs and takes nothing new")
+    if body.get("draining") != args.name:
+        raise RemoteProtocolError(f"the drain answer names {body.get('draining')!r}, not {args.name!r}")
+    print(f"{args.name} is draining: it finishes what it runs and takes nothing new")
 
 
 def keygen(args: argparse.Namespace) -> None:

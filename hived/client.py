@@ -41,11 +41,20 @@ from hived.control import (
     Output,
     Result,
     Stranger,
+    Unwelcome,
     Welcome,
+    version_problem,
 )
-from hived.errors import HiveError, HiveUnavailable, SerializationError
+from hived.errors import HiveError, HiveUnavailable, RemoteProtocolError, SerializationError
 from hived.links import EmbeddedLink, SocketLink
-from hived.mapping import FAILURE_TYPES, MapStream, raise_for
+from hived.mapping import (
+    FAILURE_TYPES,
+    MapStream,
+    check_range,
+    lacks_function_again,
+    load_values,
+    raise_for,
+)
 from hived.node import NodeSettings
 from hived.resources import detect_gpus, usable_cpus
 from hived.security import client_curve
@@ -56,6 +65,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
 CONNECT_TIMEOUT = 2.0
+MAX_SLOTS = 1 << 20  # more than any hive has: a WELCOME claiming more is not believed
 QUEUED_AHEAD = 1  # calls sent beyond the slots, as ProcessPoolExecutor's EXTRA_QUEUED_CALLS
 
 _live: weakref.WeakSet[Hive] = weakref.WeakSet()
@@ -71,6 +81,7 @@ class Hive(concurrent.futures.Executor):
         self._job_numbers = itertools.count(1)
         self._sent_fns: set[bytes] = set()
         self._welcome = threading.Event()
+        self._unwelcome: HiveError | None = None  # why the node will not serve us
         self._futures: set[concurrent.futures.Future] = set()
         self._queued: collections.deque[_Single] = collections.deque()  # not sent yet
         self._sent = 0  # submitted calls at the node and not done
@@ -121,6 +132,9 @@ class Hive(concurrent.futures.Executor):
         if not self._welcome.wait(CONNECT_TIMEOUT):
             link.close()
             raise HiveUnavailable(_no_daemon(self.address))
+        if self._unwelcome is not None:
+            link.close()
+            raise self._unwelcome
         return link
 
     # -- messages from the node (on the link's thread) ------------------------
@@ -131,9 +145,10 @@ class Hive(concurrent.futures.Executor):
         except HiveError as exc:
             log.warning("dropped a malformed message from %s: %s", self.address, exc)
             return
-        if isinstance(msg, Welcome):
-            self.node_name, self.slots = msg.node, max(msg.slots, 1)
-            self._welcome.set()
+        if isinstance(msg, (Welcome, Unwelcome)):
+            if not self._welcome.is_set():
+                self._on_greeting(msg)
+                self._welcome.set()
         elif isinstance(msg, Stranger):
             self._on_lost(f"hived on {msg.node} at {self.address} holds nothing of this "
                           "client's (it restarted, or took this client for gone)")
@@ -151,6 +166,21 @@ class Hive(concurrent.futures.Executor):
             target = self._streams.get(getattr(msg, "job", None))
             if target is not None:
                 target.deliver(msg, payload)
+
+    def _on_greeting(self, msg: Welcome | Unwelcome) -> None:
+        if isinstance(msg, Unwelcome):
+            problem = msg.text
+        elif not 0 <= msg.slots <= MAX_SLOTS:
+            self._unwelcome = RemoteProtocolError(
+                f"hived at {self.address} says it has {msg.slots} slots; expected 0 to {MAX_SLOTS}"
+            )
+            return
+        else:
+            problem = version_problem(msg.version)
+        if problem is not None:
+            self._unwelcome = HiveError(f"hived on {msg.node} at {self.address} will not serve this client: {problem}")
+            return
+        self.node_name, self.slots = msg.node, max(msg.slots, 1)
 
     # -- jobs -----------------------------------------------------------------
 
@@ -373,6 +403,7 @@ class _Single:
     ):
         self.hive, self.job, self.future, self.call = hive, job, future, call
         self.state = self.QUEUED  # changed under the hive's lock
+        self.resent = False  # the function went again after the node said it lacked it
 
     def send(self, force_blob: bool) -> None:
         call = self.call
@@ -384,16 +415,23 @@ class _Single:
         if future is None or future.done():  # None: done, and let go
             return
         try:
+            if isinstance(msg, (Result, ItemsFailed)):
+                if msg.chunk != 0:
+                    raise RemoteProtocolError(f"the node sent a result for chunk {msg.chunk} of a submit")
+                check_range(msg, 1)
             if isinstance(msg, Result):
-                (value,) = serialization.loads(payload, "the result")
+                (value,) = load_values(payload, 1, "the result")
                 future.set_result(raise_for(value))
             elif isinstance(msg, ItemsFailed):
                 future.set_exception(FAILURE_TYPES.get(msg.kind, HiveError)(msg.text))
             elif isinstance(msg, JobRefused):
-                if msg.kind == "unknown-blob":
-                    self.send(force_blob=True)
-                else:
+                if msg.kind != "unknown-blob":
                     future.set_exception(FAILURE_TYPES.get(msg.kind, HiveError)(msg.text))
+                elif self.resent:
+                    future.set_exception(lacks_function_again())
+                else:
+                    self.resent = True
+                    self.send(force_blob=True)
         except BaseException as exc:  # the task's own exception, re-raised by raise_for
             if not future.done():
                 # Without this frame in its traceback, which would keep the

@@ -384,6 +384,10 @@ def _file_layer(path: str) -> dict[str, _Raw]:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays and tables by recursion
+        raise ConfigError(
+            f"{path}: values are nested too deeply to read; expected the plain values hived.toml takes"
+        ) from None
 
     layer = {}
     for top, body in data.items():
@@ -429,8 +433,10 @@ def _error(raw: _Raw, key: str, expected: str, got: Any = None) -> ConfigError:
     return ConfigError(f"{raw.where}: {key}: expected {expected}, got {shown}")
 
 
-def _show(value: Any) -> str:
-    """A value as the user wrote it (TOML-ish), on one line, not too long."""
+def _show(value: Any, depth: int = 0) -> str:
+    """A value as the user wrote it (TOML-ish), on one line, not too long;
+    lists nested deeper than a few levels show as [...] (a value may be
+    nested as deep as tomllib reads)."""
     if isinstance(value, bool):
         shown = "true" if value else "false"
     elif isinstance(value, str):
@@ -438,7 +444,7 @@ def _show(value: Any) -> str:
     elif isinstance(value, int | float):
         shown = repr(value)
     elif isinstance(value, list | tuple):
-        shown = "[" + ", ".join(_show(v) for v in value) + "]"
+        shown = "[" + ", ".join(_show(v, depth + 1) for v in value) + "]" if depth < 8 else "[...]"
     elif isinstance(value, dict):
         shown = "a table"
     else:

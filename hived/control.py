@@ -6,15 +6,18 @@ through an in-process link when the node is embedded in the caller. Both
 carry the same messages, so the node cannot tell them apart.
 
     client                                   node (owner)
-      HELLO ─────────────────────────────────▶
-      ◀───────────────────────────────── WELCOME (name, slots)
+      HELLO (version) ───────────────────────▶
+      ◀──────────────── WELCOME (name, slots), or UNWELCOME (why not)
       JOB (function blob once per client) ──▶
       CHUNK × n (opaque payload) ───────────▶
       CLOSE (no more chunks) ───────────────▶
       ◀──────────── RESULT × n / ERROR / OUT
       PING every heartbeat; a silent client is dropped with its jobs.
 
-The node never unpickles a payload frame: only headers are decoded.
+The node never unpickles a payload frame: only headers are decoded. It
+serves only clients that said HELLO with a compatible version: anything else
+from a client it does not know gets an error (STRANGER, or an ANSWER holding
+"error") and changes nothing.
 """
 
 from __future__ import annotations
@@ -22,14 +25,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
 
+from hived import __version__
 from hived.errors import HiveError, RemoteProtocolError
 from hived.reactor import Channel
+from hived.socketdir import check_socket, make_socket_dir
 from hived.wire import Message, decode, encode, message
 
 log = logging.getLogger(__name__)
@@ -41,6 +47,39 @@ EMBEDDED_CLIENT = b"embedded"
 class Hello(Message):
     client: str  # a label for logs: host and pid
     version: str
+
+
+@message(b"C.UNWELCOME")
+class Unwelcome(Message):
+    """The node's answer to a HELLO of an incompatible version: it will run
+    no job for this client (it still answers its queries)."""
+
+    node: str
+    text: str
+
+
+# A release and what it is compatible with: the same major version, and
+# from 0.x the same minor (0.x releases may break the protocol, as semver allows).
+_RELEASE = re.compile(r"(\d{1,9})\.(\d{1,9})(?:\.\d{1,9})?(?:[.+-]?[0-9A-Za-z]{1,32})*")
+
+
+def version_problem(theirs: str, ours: str = __version__) -> str | None:
+    """Why a peer running release `theirs` cannot work with us, or None if it can."""
+    found = _RELEASE.fullmatch(theirs)
+    if found is None:
+        return f"version {theirs[:40]!r} is not a hived release (expected one like {ours})"
+    series = _RELEASE.fullmatch(ours)
+    if _series(found) != _series(series):
+        return (
+            f"hived {theirs} cannot work with hived {ours}: install the same release "
+            f"(`pip install hived-mesh=={ours}`) on both sides"
+        )
+    return None
+
+
+def _series(release: re.Match[str]) -> tuple[int, ...]:
+    major, minor = int(release[1]), int(release[2])
+    return (major,) if major else (0, minor)
 
 
 @message(b"C.WELCOME")
@@ -188,11 +227,16 @@ def ask(
     timeout: float,
     curve: Callable[[zmq.Socket], None] | None = None,
 ) -> Answer | None:
-    """Send one query to a node's control socket; its Answer, or None if none came in time."""
+    """Say HELLO, send one query to a node's control socket, say BYE; its
+    Answer, or None if none came in time. Queries are answered whatever our
+    version; raises HiveError where an ipc socket is not to be trusted."""
     if not address.startswith(("ipc://", "tcp://")):
         raise HiveError(f"address {address!r}: expected ipc://PATH or tcp://HOST:PORT")
-    if address.startswith("ipc://") and not os.path.exists(address[len("ipc://") :]):
-        return None
+    if address.startswith("ipc://"):
+        path = address[len("ipc://") :]
+        if not os.path.exists(path):
+            return None
+        check_socket(path)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
@@ -200,6 +244,7 @@ def ask(
         if curve is not None:
             curve(sock)
         sock.connect(address)
+        sock.send_multipart(encode(Hello(f"ask pid {os.getpid()}", __version__)))
         sock.send_multipart(encode(query))
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
@@ -211,10 +256,12 @@ def ask(
                 log.warning("ignored a malformed answer from %s: %s", address, exc)
                 continue
             if isinstance(msg, Answer) and msg.request == query.request:
+                sock.linger = 100  # time for the BYE to leave, so the node forgets us now
+                sock.send_multipart(encode(Bye()))
                 return msg
         return None
     finally:
-        sock.close(linger=0)
+        sock.close()
         ctx.term()
 
 
@@ -240,7 +287,7 @@ class ControlServer:
             curve(sock)
         if address.startswith("ipc://"):
             path = address[len("ipc://") :]
-            os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+            make_socket_dir(path)
             # Group members may connect (the systemd unit puts users in the
             # daemon's group); nobody else may.
             old = os.umask(0o117)

@@ -35,8 +35,9 @@ from hived import __version__
 from hived.addresses import is_loopback, local_control_addresses
 from hived.config import Config, load_config
 from hived.control import StatusQuery, ask
-from hived.errors import ConfigError
+from hived.errors import ConfigError, HiveError, RemoteProtocolError
 from hived.security import ClusterKey, load_key
+from hived.status import check_status
 
 Level = Literal["ok", "warn", "FAIL"]
 
@@ -222,8 +223,11 @@ def check_control(
     for address in addresses:
         # A daemon with a key puts CURVE on its TCP control socket; ipc goes without.
         secured = curve if address.startswith("tcp://") else None
-        answer = ask(address, StatusQuery(next(_requests)), CONTROL_TIMEOUT, secured)
-        if answer is not None and "nodes" in answer.body:
+        try:
+            answer = ask(address, StatusQuery(next(_requests)), CONTROL_TIMEOUT, secured)
+        except HiveError as exc:  # a socket not to be trusted, or a node that refuses us
+            return None, [Finding("FAIL", str(exc))]  # the message names the fix
+        if answer is not None and _well_formed(answer.body):
             found = [ok(f"control socket {address} answers")]
             if address.startswith("ipc://"):
                 found += _socket_permissions(address[len("ipc://") :])
@@ -239,6 +243,14 @@ def check_control(
         )
     )
     return None, found
+
+
+def _well_formed(body: dict[str, Any]) -> bool:
+    try:
+        check_status(body)
+    except RemoteProtocolError:
+        return False
+    return True
 
 
 def _socket_permissions(path: str) -> list[Finding]:

@@ -56,4 +56,7 @@ class LocalProtocolError(HiveError):
 
 
 class RemoteProtocolError(HiveError):
-    """A peer sent a malformed, truncated or hostile message."""
+    """A peer sent a malformed, truncated or hostile message.
+
+    A node logs it and drops the message (or the peer); a client fails the
+    call it concerns with it (a RESULT outside its chunk, say)."""

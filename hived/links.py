@@ -10,8 +10,10 @@ the network.
   thread (ZeroMQ sockets are not thread-safe). Callers append to an outbox
   and wake the thread through a pipe; the thread also sends the PING that
   tells the node this client is alive, and the node answers each one, so a
-  node that says nothing for `LINK_TIMEOUT` (killed, paused, cut off) is
-  reported to `on_lost` once instead of being waited on for ever.
+  node that answers no PING for `LINK_TIMEOUT` (killed, paused, cut off, or
+  a socket that floods us but does not serve us) is reported to `on_lost`
+  once instead of being waited on for ever. The socket is an ipc one only
+  where nobody but its daemon could have put it (`socketdir`).
 - `EmbeddedLink`: a whole `Node` on its own event-loop thread in this
   process, without a network socket. Frames cross between threads as Python
   lists, with no copy and no socket hop.
@@ -30,15 +32,20 @@ from typing import Any
 
 import zmq
 
-from hived.control import EMBEDDED_CLIENT, LINK_TIMEOUT, Ping
+from hived.control import EMBEDDED_CLIENT, LINK_TIMEOUT, Ping, Pong
 from hived.errors import HiveError
 from hived.node import Node, NodeSettings
 from hived.reactor import EVENTS, POLLIN
+from hived.socketdir import check_socket
 from hived.wire import encode, zero_copy
 
 log = logging.getLogger(__name__)
 
 OnFrames = Callable[[list[Any]], None]
+PONG = encode(Pong())[0]
+# Messages taken per pass of the link's loop: a node that floods us must not
+# keep the thread from its pings and its watch on the node.
+RECEIVE_BATCH = 256
 
 
 class SocketLink:
@@ -54,6 +61,8 @@ class SocketLink:
     ) -> None:
         self.address, self.on_frames, self.heartbeat = address, on_frames, heartbeat
         self.on_lost, self.timeout = on_lost, timeout
+        if address.startswith("ipc://"):
+            check_socket(address[len("ipc://") :])
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.linger = 0
@@ -89,7 +98,7 @@ class SocketLink:
                     next_ping = now + self.heartbeat
                 if not self.lost and now - heard > self.timeout:
                     self.lost = True
-                    self.on_lost(f"hived at {self.address} said nothing for {self.timeout:g}s "
+                    self.on_lost(f"hived at {self.address} answered no ping for {self.timeout:g}s "
                                  "(killed, paused or cut off)")
                 events = dict(poller.poll(int((next_ping - now) * 1000) + 1))
                 if self._wake_r in events:
@@ -100,9 +109,13 @@ class SocketLink:
                 while self.outbox:
                     frames = self.outbox.popleft()
                     sock.send_multipart(frames, copy=not zero_copy(frames))
-                while sock.getsockopt(EVENTS) & POLLIN:
+                for _ in range(RECEIVE_BATCH):
+                    if not sock.getsockopt(EVENTS) & POLLIN:
+                        break
                     frames = sock.recv_multipart(copy=False)
-                    heard = time.monotonic()
+                    if len(frames) == 1 and len(frames[0]) == len(PONG) and frames[0].bytes == PONG:
+                        heard = time.monotonic()  # only its answer to a ping says the node serves us
+                        continue
                     try:
                         self.on_frames(frames)
                     except Exception:  # one bad message must not end the link

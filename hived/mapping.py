@@ -42,10 +42,12 @@ from hived.errors import (
     HiveError,
     HiveUnavailable,
     RemoteError,
+    RemoteProtocolError,
     SerializationError,
     TaskTimeout,
     WorkerCrashed,
 )
+from hived.scheduling import MAX_CHUNK_ITEMS
 from hived.wire import Message, encode
 from hived.worker import TaskError
 
@@ -59,6 +61,44 @@ FAILURE_TYPES: dict[str, type[HiveError]] = {
     "serialization": SerializationError,
     "unavailable": HiveUnavailable,
 }
+
+
+def check_range(msg: Result | ItemsFailed, count: int) -> None:
+    """Raise RemoteProtocolError unless `msg` can be about items of a chunk of `count`."""
+    what = type(msg).TYPE.decode()
+    if not 0 <= msg.start < msg.stop <= count:
+        raise RemoteProtocolError(
+            f"the node sent a {what} for items [{msg.start}, {msg.stop}) of a chunk of {count}; "
+            f"expected 0 <= start < stop <= {count}"
+        )
+    if isinstance(msg, Result):
+        if not (math.isfinite(msg.elapsed) and msg.elapsed >= 0):
+            raise RemoteProtocolError(
+                f"the node sent a {what} with elapsed={msg.elapsed}; expected seconds >= 0"
+            )
+        if not 0 <= msg.failures <= msg.stop - msg.start:
+            raise RemoteProtocolError(
+                f"the node sent a {what} with failures={msg.failures} for "
+                f"{msg.stop - msg.start} items; expected 0 to {msg.stop - msg.start}"
+            )
+
+
+def load_values(payload: list[Any], count: int, what: str) -> list[Any]:
+    """The `count` values a RESULT's payload holds (SerializationError if it
+    does not unpickle, RemoteProtocolError if it holds something else)."""
+    values = serialization.loads(payload, what)
+    if type(values) is not list or len(values) != count:
+        got = f"{len(values)} values" if type(values) is list else f"a {type(values).__name__}"
+        raise RemoteProtocolError(f"the node sent {got} as {what}; expected a list of {count}")
+    return values
+
+
+def lacks_function_again() -> RemoteProtocolError:
+    """What a node that says it lacks a job's function after it was sent is told."""
+    return RemoteProtocolError(
+        "the node said again that it lacks the job's function, which was sent to it; "
+        "it is not behaving as hived does"
+    )
 
 
 def raise_for(value: Any) -> Any:
@@ -75,7 +115,8 @@ def raise_for(value: Any) -> Any:
 
 class ChunkSizer:
     def __init__(self, fixed: int | None, slots: int, total: int | None) -> None:
-        self.fixed, self.slots = fixed, max(slots, 1)
+        self.fixed = min(fixed, MAX_CHUNK_ITEMS) if fixed else None
+        self.slots = max(slots, 1)
         self.cap = max(1, math.ceil(total / (4 * self.slots))) if total else MAX_UNSIZED_CHUNK
         self.items = 0
         self.seconds = 0.0
@@ -165,9 +206,11 @@ class MapStream:
         self.ordered = ordered
         self.progress = Progress(total) if progress else None
         self.chunks: dict[int, ChunkSlots] = {}
-        self.numbers = itertools.count()
+        self.sent = 0  # chunks numbered 0 to sent - 1 went out
         # An item sent again alone goes as a chunk with a negative number.
         self.alone = itertools.count(-1, -1)
+        self.sent_alone = 0  # chunks numbered -1 to -sent_alone
+        self.resent = False  # the function went again after the node said it lacked it
         self.parts: dict[int, tuple[int, int]] = {}  # its number: (chunk, index)
         self.read = 0  # items taken from the input so far
         self.next_out = 0
@@ -198,7 +241,7 @@ class MapStream:
             except SerializationError:
                 out.extend(self._add_one_by_one(items, first))
                 continue
-            number = next(self.numbers)
+            number, self.sent = self.sent, self.sent + 1
             self.chunks[number] = ChunkSlots(len(items), frames, items, first)
             out.append(encode(AddChunk(self.job, number, len(items)), frames))
         if out:
@@ -219,7 +262,7 @@ class MapStream:
         only the items that cannot be pickled fail."""
         out = []
         for offset, item in enumerate(items):
-            number = next(self.numbers)
+            number, self.sent = self.sent, self.sent + 1
             what = f"the argument{'s' if self.nargs > 1 else ''} of item {first + offset}"
             try:
                 frames = serialization.dumps((self.nargs, [item]), what)
@@ -240,6 +283,7 @@ class MapStream:
             if chunk.filled[i]:
                 continue
             alone = next(self.alone)
+            self.sent_alone = -alone
             frames = serialization.dumps((self.nargs, [chunk.items[i]]), "the arguments")
             self.parts[alone] = (number, i)
             out.append(encode(AddChunk(self.job, alone, 1), frames))
@@ -285,27 +329,46 @@ class MapStream:
 
     def _absorb(self, msg: Message, payload: list[Any]) -> None:
         if isinstance(msg, (Result, ItemsFailed)):
-            number, start, stop = msg.chunk, msg.start, msg.stop
-            if number < 0:  # an item sent again alone
-                number, start = self.parts.pop(number, (-1, 0))
-                stop = start + 1
-            chunk = self.chunks.get(number)
-            if chunk is None:
-                return
-            if isinstance(msg, Result):
-                self.sizer.learn(stop - start, msg.elapsed)
-                self._take_results(number, chunk, start, stop, payload, msg.failures)
-            elif msg.kind == "serialization" and stop - start > 1:
-                self._send_alone(number, chunk, start, stop)
-            else:
-                error = FAILURE_TYPES.get(msg.kind, HiveError)
-                failed = [_Failed(error, msg.text)] * (stop - start)
-                self._fill(chunk, start, failed, failures=len(failed))
+            try:
+                self._absorb_range(msg, payload)
+            except RemoteProtocolError as exc:  # the node is not to be believed: fail the map
+                self.refusal = exc
         elif isinstance(msg, JobRefused):
-            if msg.kind == "unknown-blob":
-                self.resend_all()
-            else:
+            if msg.kind != "unknown-blob":
                 self.refusal = FAILURE_TYPES.get(msg.kind, HiveError)(msg.text)
+            elif self.resent:
+                self.refusal = lacks_function_again()
+            else:
+                self.resent = True
+                self.resend_all()
+
+    def _absorb_range(self, msg: Result | ItemsFailed, payload: list[Any]) -> None:
+        number = msg.chunk
+        if not -self.sent_alone <= number < self.sent:
+            raise RemoteProtocolError(
+                f"the node sent a {type(msg).TYPE.decode()} for chunk {number}, which was never sent"
+            )
+        if number < 0:  # an item sent again alone
+            check_range(msg, 1)
+            number, start = self.parts.pop(number, (-1, 0))
+            stop = start + 1
+            chunk = self.chunks.get(number)
+        else:
+            chunk = self.chunks.get(number)
+            if chunk is not None:
+                check_range(msg, chunk.count)
+            start, stop = msg.start, msg.stop
+        if chunk is None:
+            return  # delivered already: what came twice is ignored
+        if isinstance(msg, Result):
+            self.sizer.learn(stop - start, msg.elapsed)
+            self._take_results(number, chunk, start, stop, payload, msg.failures)
+        elif msg.kind == "serialization" and stop - start > 1:
+            self._send_alone(number, chunk, start, stop)
+        else:
+            error = FAILURE_TYPES.get(msg.kind, HiveError)
+            failed = [_Failed(error, msg.text)] * (stop - start)
+            self._fill(chunk, start, failed, failures=len(failed))
 
     def _take_results(
         self, number: int, chunk: ChunkSlots, start: int, stop: int, payload: list[Any],
@@ -313,7 +376,7 @@ class MapStream:
     ) -> None:
         what = f"the result of item {chunk.first + start}"
         try:
-            values = serialization.loads(payload, what if stop - start == 1 else "results")
+            values = load_values(payload, stop - start, what if stop - start == 1 else "results")
         except SerializationError as exc:
             if stop - start > 1:
                 self._send_alone(number, chunk, start, stop)

@@ -57,13 +57,16 @@ from hived.control import (
     Result,
     StatusQuery,
     Stranger,
+    Unwelcome,
     Welcome,
+    version_problem,
 )
 from hived.errors import LocalProtocolError
 from hived.exchange import Exchange
 from hived.pool import Pool
 from hived.scheduling import JobKey, Needs, Owner
 from hived.security import ClusterKey
+from hived.serialization import function_digest
 from hived.status import node_status
 from hived.wire import Message, frame_bytes
 
@@ -104,6 +107,7 @@ class ClientState:
     last_seen: float
     jobs: set[int] = field(default_factory=set)
     fns: set[bytes] = field(default_factory=set)
+    unwelcome: str | None = None  # why its version may not run jobs here (queries it may ask)
 
 
 class Node:
@@ -253,29 +257,48 @@ class Node:
     def _on_client_message(self, cid: bytes, msg: Message, payload: list[Any]) -> None:
         client = self.clients.get(cid)
         if client is None:
-            if not isinstance(msg, (Hello, StatusQuery, JobsQuery, DrainRequest)):
-                # a client of our previous process, or one we dropped as silent:
-                # say so, so that it fails its calls instead of waiting for ever
-                log.info("control: %s from an unknown client %s; told it so",
-                         type(msg).__name__, cid.hex())
-                self.control.send(cid, Stranger(self.name))
-                return
-            client = ClientState(cid, "", self.loop.time())
-            if isinstance(msg, Hello):
-                client.label = msg.client
-                self.clients[cid] = client
-                slots = sum(cpus + gpus for cpus, gpus in self._hive())
-                self.control.send(cid, Welcome(self.name, __version__, slots, self.settings.heartbeat))
-                return
+            self._on_stranger(cid, msg)
+            return
         client.last_seen = self.loop.time()
         handler = self._handlers.get(type(msg))
         if handler is None:
             log.warning("control: unexpected %s from client %s", type(msg).__name__, client.label)
             return
+        job = getattr(msg, "job", None)
+        if client.unwelcome is not None and job is not None:
+            self._refuse(client, job, "invalid", client.unwelcome)
+            return
         try:
             handler(client, msg, payload)
         except LocalProtocolError as exc:
             log.warning("control: client %s: %s", client.label, exc)
+            if job is not None:
+                self._refuse(client, job, "invalid", str(exc))
+
+    def _on_stranger(self, cid: bytes, msg: Message) -> None:
+        """A client we do not know: it may say HELLO; anything else gets an error."""
+        if isinstance(msg, Hello):
+            client = self.clients[cid] = ClientState(cid, msg.client, self.loop.time())
+            client.unwelcome = version_problem(msg.version)
+            if client.unwelcome is not None:
+                # Queries are still answered (a newer hivectl may look at and
+                # drain an older node during an upgrade); jobs are refused.
+                log.warning("control: client %s: %s", msg.client[:80], client.unwelcome)
+                self.control.send(cid, Unwelcome(self.name, client.unwelcome))
+                return
+            slots = sum(cpus + gpus for cpus, gpus in self._hive())
+            self.control.send(cid, Welcome(self.name, __version__, slots, self.settings.heartbeat))
+            return
+        log.info("control: %s from an unknown client %s; told it so", type(msg).__name__, cid.hex())
+        request = getattr(msg, "request", None)
+        if request is not None:  # a query: hivectl shows the error
+            text = f"hived on {self.name} answers only clients that said HELLO first"
+            self.control.send(cid, Answer(request, {"error": text}))
+        else:
+            # a client of our previous process, one we dropped as silent, or
+            # one that never said HELLO: say so, so that it fails its calls
+            # instead of waiting for ever
+            self.control.send(cid, Stranger(self.name))
 
     def _open_job(self, client: ClientState, msg: OpenJob, payload: list[Any]) -> None:
         key = (client.id, msg.job)
@@ -287,7 +310,11 @@ class Node:
             if not payload:
                 self._refuse(client, msg.job, "invalid", "the job says it carries its function but has no frame")
                 return
-            self.blobs.setdefault(msg.fn, frame_bytes(payload[0]))
+            blob = frame_bytes(payload[0])
+            if function_digest(blob) != msg.fn:
+                self._refuse(client, msg.job, "invalid", "the function blob does not match the hash the job names")
+                return
+            self.blobs.setdefault(msg.fn, blob)
         if msg.fn not in self.blobs:
             self._refuse(client, msg.job, "unknown-blob", "this node does not have the job's function")
             return

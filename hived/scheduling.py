@@ -37,6 +37,9 @@ from typing import Any
 from hived.errors import LocalProtocolError
 
 JobKey = tuple[bytes, int]  # (client id, job number within that client)
+# The most items one chunk may hold: the book keeps a byte per item of a
+# chunk, so a client's count is bounded before it is believed.
+MAX_CHUNK_ITEMS = 1 << 24
 SOMEWHERE = -2  # a worker died in a range, at an item it did not record
 
 
@@ -152,8 +155,12 @@ class Owner:
         job = self._job(key)
         if job.closed:
             raise LocalProtocolError(f"job {key[1]} is closed; no chunk may be added")
-        if number in job.chunks or count < 1:
-            raise LocalProtocolError(f"job {key[1]}: chunk {number} is a repeat or empty")
+        if number in job.chunks:
+            raise LocalProtocolError(f"job {key[1]}: chunk {number} is a repeat")
+        if not 1 <= count <= MAX_CHUNK_ITEMS:
+            raise LocalProtocolError(
+                f"job {key[1]}: chunk {number} has {count} items; expected 1 to {MAX_CHUNK_ITEMS}"
+            )
         chunk = Chunk(number, count, frames, bytearray(count))
         job.chunks[number] = chunk
         job.queue.append(Range(chunk, 0, count))

@@ -4,15 +4,20 @@ The shape is a contract (DESIGN.md): `{"coordinator": {"name", "term"} or
 null, "nodes": [{"name", "address", "state", "role", "cpus", "gpus",
 "slots_busy", "slots_free", "tasks_done", "version", ...}]}`. This node's
 row comes from its own pool; the other rows from what their heartbeats said.
+`check_status` and `check_jobs` hold an answer to that shape before hivectl
+or doctor reads it: a broken or hostile daemon gets one clear error, never a
+KeyError.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import TYPE_CHECKING, Any
 
 from hived import __version__
+from hived.errors import RemoteProtocolError
 
 if TYPE_CHECKING:
     from hived.node import Node
@@ -62,3 +67,57 @@ def node_status(node: Node) -> dict[str, Any]:
         "coordinator": {"name": coordinator[0], "term": coordinator[1]} if coordinator else None,
         "nodes": rows,
     }
+
+
+# The fields of a row that DESIGN.md fixes, and their types.
+NODE_FIELDS: dict[str, type] = {
+    "name": str, "address": str, "state": str, "role": str, "cpus": int, "gpus": int,
+    "slots_busy": int, "slots_free": int, "tasks_done": int, "version": str,
+}
+JOB_FIELDS: dict[str, type] = {
+    "id": str, "owner": str, "function": str, "queued": int, "running": int, "done": int, "failed": int,
+}
+
+
+def check_status(body: dict[str, Any]) -> dict[str, Any]:
+    """`body` if it is a status answer of the documented shape, else RemoteProtocolError."""
+    coordinator = body.get("coordinator")
+    if coordinator is not None and not (
+        type(coordinator) is dict
+        and type(coordinator.get("name")) is str
+        and type(coordinator.get("term")) is int
+    ):
+        raise RemoteProtocolError(
+            f'the status answer\'s "coordinator" is {_show(coordinator)}; '
+            'expected null or {"name": text, "term": integer}'
+        )
+    return _check_rows(body, "nodes", NODE_FIELDS)
+
+
+def check_jobs(body: dict[str, Any]) -> dict[str, Any]:
+    """`body` if it is a jobs answer of the documented shape, else RemoteProtocolError."""
+    return _check_rows(body, "jobs", JOB_FIELDS)
+
+
+def _check_rows(body: dict[str, Any], key: str, fields: dict[str, type]) -> dict[str, Any]:
+    rows = body.get(key)
+    if type(rows) is not list:
+        raise RemoteProtocolError(f'the answer\'s "{key}" is {_show(rows)}; expected a list of rows')
+    for i, row in enumerate(rows):
+        if type(row) is not dict:
+            raise RemoteProtocolError(f"{key}[{i}] is {_show(row)}; expected a row (a map)")
+        for name, kind in fields.items():
+            if type(row.get(name)) is not kind:
+                raise RemoteProtocolError(
+                    f"{key}[{i}].{name} is {_show(row.get(name))}; expected {kind.__name__}"
+                )
+    try:  # what `--json` prints must be JSON
+        json.dumps(body, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise RemoteProtocolError(f"the answer holds what JSON cannot carry: {exc}") from None
+    return body
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"

@@ -22,6 +22,7 @@ from typing import Any
 
 import psutil
 import pytest
+from hypothesis import settings
 from netns import wait_for
 
 import hived
@@ -29,6 +30,12 @@ from hived.control import StatusQuery, ask
 from hived.daemon import STACKS_WRITTEN
 
 pytest_plugins = ["netns_fixtures"]
+
+# In CI every hypothesis test draws the same examples each run (a failure
+# is a bug to reproduce, not luck); each test's max_examples bounds its time.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI") == "true":
+    settings.load_profile("ci")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(hived.__file__)))
 # How long a timed-out test waits for its daemons to write their stacks.

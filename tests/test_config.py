@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hived import config as config_module
 from hived.addresses import (
     SYSTEM_CONTROL_ADDRESS,
     default_control_address,
@@ -578,3 +579,70 @@ def test_any_value_is_accepted_or_refused_in_one_line(
     except ConfigError as exc:
         assert "\n" not in str(exc)
         assert str(exc).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("depth", [3000, 400, 40])
+@pytest.mark.parametrize(
+    "template",
+    ["[timing]\ndrain_timeout = {open}{close}\n", "[node]\nseeds = [{tables}]\n"],
+    ids=["arrays", "inline tables"],
+)
+def test_values_nested_deep_give_one_line(tmp_path: Path, depth: int, template: str) -> None:
+    text = template.format(open="[" * depth, close="]" * depth, tables="{a=" * depth + "1" + "}" * depth)
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, environ={})
+    assert str(raised.value).startswith(f"{path}: ") and "\n" not in str(raised.value)
+
+
+# --------------------------------------------------------------------------
+# Whole files, generated from the schema: any document is read or refused in one line
+
+_config_inputs = [0]
+
+
+_SECTIONS = st.sampled_from(sorted(config_module._SCHEMA)) | st.text(min_size=1, max_size=6)
+_DOCUMENTS = st.dictionaries(
+    st.sampled_from(sorted(config_module._TOP)) | _SECTIONS,
+    st.dictionaries(
+        st.sampled_from(sorted({k for keys in config_module._SCHEMA.values() for k in keys}))
+        | st.text(min_size=1, max_size=6),
+        # (value, how deep in arrays): as deep as tomllib's recursion goes and past it
+        st.tuples(_TOML_VALUES.filter(lambda v: v is not None), st.sampled_from([0, 0, 0, 1, 3, 200, 1200])),
+        max_size=5,
+    )
+    | _TOML_VALUES.filter(lambda v: not isinstance(v, dict)),  # a top-level key's value
+    max_size=5,
+)
+
+
+def _document(doc: dict) -> str:
+    import json
+
+    lines = []
+    for top, body in doc.items():
+        if isinstance(body, dict):
+            lines.append(f"[{json.dumps(top)}]")
+            lines += [f"{json.dumps(k)} = {'[' * d}{_toml(v)}{']' * d}" for k, (v, d) in body.items()]
+        elif body is not None:
+            lines.insert(0, f"{json.dumps(top)} = {_toml(body)}")
+    return "\n".join(lines) + "\n"
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(text=st.builds(_document, _DOCUMENTS) | st.text(max_size=200)
+       | st.binary(max_size=200).map(lambda b: b.decode("latin-1")))
+def test_fuzz_config_files(tmp_path: Path, text: str) -> None:
+    _config_inputs[0] += 1
+    path = tmp_path / "fuzz.toml"
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    try:
+        load_config(str(path), environ={})
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith(f"{path}: "), str(exc)
+
+
+def test_fuzz_config_count() -> None:
+    print(f"fuzz config files: {_config_inputs[0]} files")

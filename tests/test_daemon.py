@@ -26,8 +26,23 @@ from conftest import child_env
 from netns import wait_for
 
 import hived
-from hived.control import LINK_TIMEOUT, JobsQuery, ask
-from hived.wire import MAX_HEADER_BYTES
+from hived import serialization
+from hived.control import (
+    LINK_TIMEOUT,
+    Answer,
+    Call,
+    DrainRequest,
+    Hello,
+    JobRefused,
+    JobsQuery,
+    OpenJob,
+    StatusQuery,
+    Stranger,
+    Unwelcome,
+    Welcome,
+    ask,
+)
+from hived.wire import MAX_HEADER_BYTES, decode, encode
 
 try:
     import tomllib
@@ -526,7 +541,7 @@ def test_a_map_whose_node_goes_away_ends_with_hive_unavailable(make_daemon, faul
             assert "holds nothing of this client's" in str(raised.value)
             assert took < LINK_TIMEOUT
         else:  # the client's window for a silent node, plus a ping's period
-            assert "said nothing for" in str(raised.value)
+            assert "answered no ping for" in str(raised.value)
             assert took <= LINK_TIMEOUT + 1.0, took
         with pytest.raises(hived.HiveUnavailable, match="connect again"):
             h.submit(square, 3)
@@ -541,3 +556,95 @@ def test_a_map_whose_node_goes_away_ends_with_hive_unavailable(make_daemon, faul
     told = [datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
             for line in daemon.log.splitlines() if "from an unknown client" in line]
     assert all(t < back + 1.0 for t in told), (told, back)
+
+
+# -- what a local client may do (issue 9) ----------------------------------------
+
+
+class RawClient:
+    """A DEALER on the control socket that sends what it is told."""
+
+    def __init__(self, address: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.connect(address)
+
+    def send(self, msg, payload=()) -> None:
+        self.sock.send_multipart(encode(msg, list(payload)))
+
+    def expect(self, kind, timeout: float = 5.0):
+        """The next message of type `kind` (others are skipped)."""
+        deadline = time.monotonic() + timeout
+        while self.sock.poll(max(int((deadline - time.monotonic()) * 1000), 1)):
+            msg, _ = decode(self.sock.recv_multipart())
+            if isinstance(msg, kind):
+                return msg
+            if time.monotonic() > deadline:
+                break
+        raise AssertionError(f"no {kind.__name__} within {timeout}s")
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+def test_a_client_that_has_not_said_hello_gets_only_an_error(daemon) -> None:
+    raw = RawClient(daemon.address)
+    try:
+        raw.send(DrainRequest(5, "testnode"))
+        assert "said HELLO first" in raw.expect(Answer).body["error"]
+        raw.send(StatusQuery(6))
+        assert raw.expect(Answer).body == {"error": "hived on testnode answers only clients that said HELLO first"}
+        raw.send(Call(1, b"f" * 16, False, 2, "abs"))
+        assert raw.expect(Stranger).node == "testnode"
+    finally:
+        raw.close()
+    assert node_row(daemon)["state"] == "alive"  # not drained
+    with hived.connect(daemon.address) as h:
+        assert h.submit(abs, -3).result(timeout=30) == 3
+
+
+def test_a_hello_of_another_version_may_ask_but_not_run(daemon) -> None:
+    raw = RawClient(daemon.address)
+    try:
+        raw.send(Hello("old client", "7.1.0"))
+        refused = raw.expect(Unwelcome)
+        assert f"hived 7.1.0 cannot work with hived {hived.__version__}" in refused.text
+        raw.send(StatusQuery(3))  # a newer hivectl may still look during an upgrade
+        assert raw.expect(Answer).body["nodes"][0]["name"] == "testnode"
+        blob, digest = serialization.dumps_function(abs)
+        raw.send(Call(1, digest, True, 2, "abs"), [blob, *serialization.dumps((1, [(-3,)]), "a")])
+        assert "cannot work with" in raw.expect(JobRefused).text
+        raw.send(Hello("garbage", "x" * 1000))
+    finally:
+        raw.close()
+    assert node_row(daemon)["tasks_done"] == 0
+    raw = RawClient(daemon.address)
+    try:
+        raw.send(Hello("garbage", "x" * 1000))
+        assert "is not a hived release" in raw.expect(Unwelcome).text
+    finally:
+        raw.close()
+
+
+def evil() -> str:
+    return "evil"
+
+
+def test_a_blob_must_match_its_hash(daemon) -> None:
+    """One client cannot register code under the hash of another's function."""
+    blob, digest = serialization.dumps_function(abs)
+    impostor, _ = serialization.dumps_function(evil)
+    raw = RawClient(daemon.address)
+    try:
+        raw.send(Hello("impostor", hived.__version__))
+        raw.expect(Welcome)
+        raw.send(OpenJob(1, digest, True, 1, 0, 2, "abs"), [impostor])
+        refused = raw.expect(JobRefused)
+        assert (refused.kind, refused.text) == ("invalid", "the function blob does not match the hash the job names")
+        # The victim, connected meanwhile, gets its own function's result.
+        with hived.connect(daemon.address) as h:
+            assert h.submit(abs, -3).result(timeout=30) == 3
+    finally:
+        raw.close()

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hived.errors import LocalProtocolError
-from hived.scheduling import SOMEWHERE, Needs, Owner
+from hived.scheduling import MAX_CHUNK_ITEMS, SOMEWHERE, Needs, Owner
 
 CLIENT = b"c1"
 
@@ -148,8 +148,11 @@ def test_misuse_is_a_local_protocol_error():
     owner = book([1])
     with pytest.raises(LocalProtocolError, match="already open"):
         owner.open_job((CLIENT, 1), b"fn", Needs(), 2, now=0.0)
-    with pytest.raises(LocalProtocolError, match="repeat or empty"):
+    with pytest.raises(LocalProtocolError, match="repeat"):
         owner.add_chunk((CLIENT, 1), 0, 1, [])
+    for count in (0, MAX_CHUNK_ITEMS + 1, 2**62):  # a byte each: bounded before believed
+        with pytest.raises(LocalProtocolError, match=f"has {count} items; expected 1 to"):
+            owner.add_chunk((CLIENT, 1), 9, count, [])
     a = owner.assign()
     with pytest.raises(LocalProtocolError, match="covers"):
         owner.completed(a.id, 0, 5, final=True)

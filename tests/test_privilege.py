@@ -1,0 +1,193 @@
+"""Local users against each other (issue 9): real processes under other uids.
+
+`setpriv` runs the other side as another user: `nobody` squats the victim's
+default control directory (/tmp/hived-UID, XDG_RUNTIME_DIR unset) and binds
+a fake daemon whose answer runs code when unpickled; the victim's client,
+hivectl and daemon must refuse that directory, and nothing may run as the
+victim. Then `nobody` tries a root daemon's control socket and gets nowhere.
+
+Needs root (to become other users) and a Python the other user can run with
+this checkout's hived and its dependencies importable: CI runs as root and
+never skips these; elsewhere they are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import site
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO, child_env
+from netns import wait_for
+
+NOBODY = 65534
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def unavailable(reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"the privilege tests must run in CI: {reason}")
+    pytest.skip(reason)
+
+
+def as_user(uid: int, argv: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv],
+        env=env, cwd="/", capture_output=True, text=True, **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def python() -> tuple[str, dict[str, str]]:
+    """A Python and an environment in which another user imports this hived."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        unavailable("needs root and setpriv to act as another user")
+    paths = [REPO, TESTS, *site.getsitepackages()]
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    for var in ("XDG_RUNTIME_DIR", "HIVED_ADDRESS", "HIVED_KEY_FILE"):
+        env.pop(var, None)
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for candidate in (sys.executable, shutil.which(version, path="/usr/local/bin:/usr/bin")):
+        if candidate and as_user(NOBODY, [candidate, "-c", "import hived.client"], env).returncode == 0:
+            return candidate, env
+    unavailable(f"no Python that user nobody can run imports hived from {REPO} "
+                f"(tried {sys.executable} and /usr/bin/{version}; are the paths readable?)")
+
+
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A directory every user may use (pytest's own are root's alone)."""
+    with tempfile.TemporaryDirectory(prefix="hived-privilege-") as tmp:
+        os.chmod(tmp, 0o777)
+        yield Path(tmp)
+
+
+@pytest.fixture
+def victim() -> Iterator[int]:
+    """A uid of no one, whose default control directory nobody has made yet."""
+    uid = 40000 + os.getpid() % 20000
+    while True:
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            if not os.path.exists(f"/tmp/hived-{uid}"):
+                break
+        uid += 1
+    yield uid
+    shutil.rmtree(f"/tmp/hived-{uid}", ignore_errors=True)
+
+
+FAKE = """
+import os, sys, zmq
+from fakedaemon import FakeDaemon, welcome
+from hived.control import Call, Result
+
+class Payload:  # unpickling it makes the directory, as whoever unpickles it
+    def __reduce__(self):
+        return (os.mkdir, (sys.argv[2],))
+
+def answer(fake, client, msg, payload):
+    welcome(fake, client, msg, payload)
+    if isinstance(msg, Call):
+        import pickle
+        fake.send(client, Result(msg.job, 0, 0, 1, 0.0, 0), [pickle.dumps([Payload()])])
+
+os.umask(0)  # a socket anyone may connect to, as a squatter makes it
+fake = FakeDaemon(sys.argv[1], answer)
+print("ready", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+fake.close()
+"""
+
+VICTIM_CLIENT = """
+import hived
+try:
+    with hived.connect() as h:
+        print("result", h.submit(abs, -3).result(timeout=10))
+except hived.HiveError as exc:
+    print("refused", exc)
+"""
+
+
+def test_a_squatted_control_directory_is_refused_by_client_hivectl_and_daemon(
+    python, victim, shared: Path
+) -> None:
+    interpreter, env = python
+    tmp_path = shared
+    marker = tmp_path / "ran-as-victim"
+    squat = f"/tmp/hived-{victim}"
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE)
+    # nobody gets there first: the directory, world-writable, and a fake daemon in it
+    assert as_user(NOBODY, ["mkdir", "-m", "0777", squat], env).returncode == 0
+    fake = subprocess.Popen(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         interpreter, str(script), squat, str(marker)],
+        env=env, cwd="/", stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert fake.stdout.readline() == "ready\n"
+        client = tmp_path / "client.py"
+        client.write_text(textwrap.dedent(VICTIM_CLIENT))
+        out = as_user(victim, [interpreter, str(client)], env, timeout=60)
+        assert out.stdout.startswith("refused refusing control socket ipc:///tmp/hived-"), out
+        assert f"its directory {squat} is owned by nobody (uid {NOBODY}) with mode 0777" in out.stdout
+        assert f"`rm -r {squat}`" in out.stdout
+        assert not marker.exists(), "the fake daemon's payload ran as the victim"
+
+        out = as_user(victim, [interpreter, "-m", "hived.cli", "status"], env, timeout=60)
+        assert out.returncode == 1 and out.stdout == "", out
+        assert out.stderr.startswith(f"hivectl: refusing control socket ipc://{squat}/hived.sock"), out
+
+        data = tmp_path / "data"
+        out = as_user(victim, [interpreter, "-m", "hived.daemon", "--bind", "tcp://127.0.0.1:0",
+                               "--data-dir", str(data), "--cpus", "1", "--gpus", "0"], env, timeout=60)
+        assert out.returncode == 1, out
+        assert f"ipc://{squat}/hived.sock" in out.stderr and "owned by nobody" in out.stderr, out
+        assert not marker.exists()
+    finally:
+        fake.stdin.close()
+        try:
+            fake.wait(10)
+        except subprocess.TimeoutExpired:
+            fake.kill()
+            fake.wait()
+        fake.stdout.close()
+
+
+NOBODY_CLIENT = """
+import os, sys, hived
+try:
+    with hived.connect(sys.argv[1]) as h:
+        print("ran as", h.submit(os.getuid).result(timeout=10))
+except hived.HiveError as exc:
+    print("refused", type(exc).__name__, exc)
+"""
+
+
+def test_another_user_cannot_use_a_root_daemon(python, daemon, shared: Path) -> None:
+    interpreter, env = python
+    client = shared / "client.py"
+    client.write_text(textwrap.dedent(NOBODY_CLIENT))
+    for mode in (0o700, 0o755):  # the socket hidden, then in sight (mode 0660, root's)
+        os.chmod(daemon.dir, mode)
+        out = as_user(NOBODY, [interpreter, str(client), daemon.address], env, timeout=60)
+        assert out.stdout.startswith("refused "), out
+        assert "ran as" not in out.stdout
+        out = as_user(NOBODY, [interpreter, "-m", "hived.cli", "--connect", daemon.address, "status"],
+                      env, timeout=60)
+        assert out.returncode == 1 and out.stderr.startswith("hivectl: "), out
+        assert out.stderr.count("\n") == 1, out
+    os.chmod(daemon.dir, 0o700)
+    row = daemon.status()["nodes"][0]
+    assert row["tasks_done"] == 0 and row["state"] == "alive"
+    wait_for(lambda: "Traceback" not in daemon.log, 1, what="a clean log")
