@@ -68,6 +68,7 @@ from hived.matchmaking import (
     Want,
 )
 from hived.scheduling import Assignment, JobKey, Needs
+from hived.serialization import function_digest
 from hived.wire import Message, frame_bytes
 
 if TYPE_CHECKING:
@@ -361,8 +362,14 @@ class Exchange:
         if msg.has_blob:
             if not payload:
                 return
-            blob, payload = payload[0], payload[1:]
-            self.node.blobs.setdefault(msg.fn, frame_bytes(blob))
+            blob, payload = frame_bytes(payload[0]), payload[1:]
+            if function_digest(blob) != msg.fn:  # never run what is not what it claims to be
+                log.warning("a RANGE from %s carries a function blob that does not match its"
+                            " hash %s; refused", sender, msg.fn.hex())
+                self.mesh.send(sender, RangeFailed(msg.assignment, "the function blob sent"
+                                                   " does not match its hash"))
+                return
+            self.node.blobs.setdefault(msg.fn, blob)
             self._keep_blob(msg.fn)
         if msg.fn not in self.node.blobs:
             self.mesh.send(sender, RangeLost(msg.assignment, NOT_STARTED, "function blob missing"))

@@ -30,8 +30,9 @@ from netns import wait_for
 
 import hived
 from hived.control import DrainRequest, JobsQuery, ask
-from hived.matchmaking import HeldAsk, HeldTell, Nothing, Pull, RangeMsg
+from hived.matchmaking import HeldAsk, HeldTell, Nothing, Pull, RangeFailed, RangeMsg
 from hived.security import load_key
+from hived.serialization import function_digest
 
 BAD = 10_000  # the item that kills its worker
 SLOWDOWN = "TEST_TASK_SLOWDOWN"  # set for one daemon (and so its workers): its tasks run slower
@@ -570,5 +571,33 @@ def test_a_range_its_node_does_not_hold_runs_again(testnet):
         if peer is not None:
             peer.close()
         owner.kill9()
+        c.net.close()
+        tmp.cleanup()
+
+
+def test_a_range_whose_blob_does_not_match_its_hash_never_runs(testnet):
+    """A peer (an owner, here driven by hand) sends a RANGE whose function
+    blob is not the one its hash names: the node refuses it (FAIL, saying
+    why) and runs nothing."""
+    tmp = tempfile.TemporaryDirectory(prefix="hived-dist-")
+    c = Cluster(testnet(2), tmp.name, voters=1)
+    node = c[0].start()
+    peer = None
+    try:
+        c.wait_agreed([node])
+        peer = MeshPeer(c.net[1], PORT, load_key(c.key_path), "by-hand", node.address,
+                        beat=TIMING["heartbeat"] / 2)
+        eventually(c, lambda: c.states(node).get("by-hand") == "alive", 10, "the peer joined")
+        claimed = function_digest(b"the function it claims to be")
+        peer.send(RangeMsg(7, 1, claimed, True, 0, 1, 1, 0, False), [b"something else", b"[]"])
+        failed, _ = peer.expect(RangeFailed, 5)
+        assert failed.assignment == 7 and "does not match its hash" in failed.text
+        assert "does not match its hash" in node.log
+        assert (node.status() or {"nodes": [{}]})["nodes"][0].get("tasks_done") == 0
+    finally:
+        print(c.logs())
+        if peer is not None:
+            peer.close()
+        node.kill9()
         c.net.close()
         tmp.cleanup()
