@@ -419,13 +419,18 @@ class _Single:
                 if msg.chunk != 0:
                     raise RemoteProtocolError(f"the node sent a result for chunk {msg.chunk} of a submit")
                 check_range(msg, 1)
+            # The arguments go before the future completes: a caller woken by
+            # result() must not find them still held (done() runs after it).
             if isinstance(msg, Result):
                 (value,) = load_values(payload, 1, "the result")
+                self.call = None
                 future.set_result(raise_for(value))
             elif isinstance(msg, ItemsFailed):
+                self.call = None
                 future.set_exception(FAILURE_TYPES.get(msg.kind, HiveError)(msg.text))
             elif isinstance(msg, JobRefused):
                 if msg.kind != "unknown-blob":
+                    self.call = None
                     future.set_exception(FAILURE_TYPES.get(msg.kind, HiveError)(msg.text))
                 elif self.resent:
                     future.set_exception(lacks_function_again())

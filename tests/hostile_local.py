@@ -17,7 +17,7 @@ import types
 import typing
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 from hypothesis import strategies as st
 
@@ -42,6 +42,8 @@ def values_for(hint: Any) -> st.SearchStrategy[Any]:
     origin = typing.get_origin(hint)
     if hint is Any:
         return ANY
+    if origin is Annotated:  # a checked field (hived.fields): hostile values of its base type
+        return values_for(hint.__origin__)
     if hint is bool:
         return st.booleans()
     if hint is int:
