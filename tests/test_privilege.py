@@ -46,21 +46,37 @@ def as_user(uid: int, argv: list[str], env: dict[str, str], **kw) -> subprocess.
 
 
 @pytest.fixture(scope="module")
-def python() -> tuple[str, dict[str, str]]:
-    """A Python and an environment in which another user imports this hived."""
+def python() -> Iterator[tuple[str, dict[str, str]]]:
+    """A Python and an environment in which another user imports this hived.
+
+    Where the checkout or its venv lies in a directory other users cannot
+    enter (a clone under a 0700 temp dir, say), a copy of hived, the tests
+    and the site-packages goes to a directory they can read."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         unavailable("needs root and setpriv to act as another user")
-    paths = [REPO, TESTS, *site.getsitepackages()]
-    env = child_env()
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    for var in ("XDG_RUNTIME_DIR", "HIVED_ADDRESS", "HIVED_KEY_FILE"):
-        env.pop(var, None)
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    for candidate in (sys.executable, shutil.which(version, path="/usr/local/bin:/usr/bin")):
-        if candidate and as_user(NOBODY, [candidate, "-c", "import hived.client"], env).returncode == 0:
-            return candidate, env
-    unavailable(f"no Python that user nobody can run imports hived from {REPO} "
-                f"(tried {sys.executable} and /usr/bin/{version}; are the paths readable?)")
+    candidates = [sys.executable, shutil.which(version, path="/usr/local/bin:/usr/bin")]
+    with tempfile.TemporaryDirectory(prefix="hived-privilege-py-") as copy:
+        os.chmod(copy, 0o755)
+        trees = [(os.path.join(REPO, "hived"), os.path.join(copy, "repo", "hived")),
+                 (TESTS, os.path.join(copy, "tests"))]
+        trees += [(sp, os.path.join(copy, f"site{i}")) for i, sp in enumerate(site.getsitepackages())]
+        for paths in ([REPO, TESTS, *site.getsitepackages()],
+                      [os.path.join(copy, "repo"), *(dst for _, dst in trees[1:])]):
+            if paths[0].startswith(copy):
+                for src, dst in trees:
+                    shutil.copytree(src, dst, symlinks=True)
+            env = child_env()
+            env["PYTHONPATH"] = os.pathsep.join(paths)
+            for var in ("XDG_RUNTIME_DIR", "HIVED_ADDRESS", "HIVED_KEY_FILE"):
+                env.pop(var, None)
+            for candidate in candidates:
+                probe = [candidate or "", "-c", "import hived.client"]
+                if candidate and as_user(NOBODY, probe, env).returncode == 0:
+                    yield candidate, env
+                    return
+    unavailable(f"no Python that user nobody can run imports hived from {REPO} or a readable"
+                f" copy (tried {sys.executable} and /usr/bin/{version})")
 
 
 @pytest.fixture
