@@ -522,63 +522,10 @@ def test_a_link_cut_shorter_than_dead_after_loses_no_range(cluster):
     assert took < bound, f"{took:.1f} s from the cut to the last result (bound {bound:.1f} s)"
 
 
-def test_a_range_its_node_does_not_hold_runs_again(testnet):
-    """A peer pulls a range and never reports it, as when a RANGE or its
-    report is dropped with a connection. The owner asks every dead_after
-    which of its ranges that node holds (HELD?): a question left unanswered
-    gets the link dialled again; while the node says it holds the range the
-    owner waits; once the node says it lacks it, it runs again.
-    The peer is driven by hand (tests/meshpeer.py) and stays alive throughout."""
-    tmp = tempfile.TemporaryDirectory(prefix="hived-dist-")
-    c = Cluster(testnet(2), tmp.name, voters=1)  # a daemon on h0; the peer on h1
-    owner = c[0].start()
-    peer = None
-    try:
-        c.wait_agreed([owner])
-        peer = MeshPeer(c.net[1], PORT, load_key(c.key_path), "by-hand", owner.address,
-                        beat=TIMING["heartbeat"] / 2)
-        eventually(c, lambda: c.states(owner).get("by-hand") == "alive", 10, "the peer joined")
-        got, n = [], 6
-        mapping = threading.Thread(target=lambda: got.extend(hived.connect(owner.control).map(
-            square_where_in, [(x, 0.3) for x in range(n)], chunksize=1, timeout=30)))
-        mapping.start()
-        deadline = time.monotonic() + 10
-        while True:  # pull until the job is there and gives us a range
-            peer.send(Pull(1, 0, []))
-            msg, _ = peer.expect((RangeMsg, Nothing), 2)
-            if isinstance(msg, RangeMsg):
-                break
-            assert time.monotonic() < deadline, "no RANGE for the peer's PULLs"
-            time.sleep(0.05)
-        held = msg.assignment
-        ask_every = TIMING["dead_after"] + 2 * TIMING["heartbeat"]  # a HELD? per dead_after
-        first, _ = peer.expect(HeldAsk, ask_every)
-        assert held in first.assignments  # left unanswered: the owner re-dials us
-        second, _ = peer.expect(HeldAsk, 2 * ask_every)  # a round to re-dial, then asked
-        assert held in second.assignments
-        assert f"no answer from {peer.address} to the last HELD?" in owner.log
-        peer.send(HeldTell([]))  # we hold it: the owner must go on waiting
-        third, _ = peer.expect(HeldAsk, ask_every)
-        assert held in third.assignments
-        assert "lost it or its report" not in owner.log
-        peer.send(HeldTell([held]))  # we lack it: it runs again, on the owner
-        mapping.join(30)
-        assert not mapping.is_alive(), "the map did not end"
-        assert got == [(x * x, owner.proc.pid) for x in range(n)]
-        assert "requeued 1 range(s)" in owner.log and "lost it or its report" in owner.log
-    finally:
-        print(c.logs())
-        if peer is not None:
-            peer.close()
-        owner.kill9()
-        c.net.close()
-        tmp.cleanup()
-
-
-def test_a_range_whose_blob_does_not_match_its_hash_never_runs(testnet):
-    """A peer (an owner, here driven by hand) sends a RANGE whose function
-    blob is not the one its hash names: the node refuses it (FAIL, saying
-    why) and runs nothing."""
+@pytest.fixture
+def node_and_peer(testnet):
+    """A daemon on h0, and on h1 a peer driven by hand (tests/meshpeer.py) that
+    joined it and keeps beating."""
     tmp = tempfile.TemporaryDirectory(prefix="hived-dist-")
     c = Cluster(testnet(2), tmp.name, voters=1)
     node = c[0].start()
@@ -588,12 +535,7 @@ def test_a_range_whose_blob_does_not_match_its_hash_never_runs(testnet):
         peer = MeshPeer(c.net[1], PORT, load_key(c.key_path), "by-hand", node.address,
                         beat=TIMING["heartbeat"] / 2)
         eventually(c, lambda: c.states(node).get("by-hand") == "alive", 10, "the peer joined")
-        claimed = function_digest(b"the function it claims to be")
-        peer.send(RangeMsg(7, 1, claimed, True, 0, 1, 1, 0, False), [b"something else", b"[]"])
-        failed, _ = peer.expect(RangeFailed, 5)
-        assert failed.assignment == 7 and "does not match its hash" in failed.text
-        assert "does not match its hash" in node.log
-        assert (node.status() or {"nodes": [{}]})["nodes"][0].get("tasks_done") == 0
+        yield c, node, peer
     finally:
         print(c.logs())
         if peer is not None:
@@ -601,3 +543,54 @@ def test_a_range_whose_blob_does_not_match_its_hash_never_runs(testnet):
         node.kill9()
         c.net.close()
         tmp.cleanup()
+
+
+def test_a_range_its_node_does_not_hold_runs_again(node_and_peer):
+    """A peer pulls a range and never reports it, as when a RANGE or its
+    report is dropped with a connection. The owner asks every dead_after
+    which of its ranges that node holds (HELD?): a question left unanswered
+    gets the link dialled again; while the node says it holds the range the
+    owner waits; once the node says it lacks it, it runs again.
+    The peer is driven by hand (tests/meshpeer.py) and stays alive throughout."""
+    _, owner, peer = node_and_peer
+    got, n = [], 6
+    mapping = threading.Thread(target=lambda: got.extend(hived.connect(owner.control).map(
+        square_where_in, [(x, 0.3) for x in range(n)], chunksize=1, timeout=30)))
+    mapping.start()
+    deadline = time.monotonic() + 10
+    while True:  # pull until the job is there and gives us a range
+        peer.send(Pull(1, 0, []))
+        msg, _ = peer.expect((RangeMsg, Nothing), 2)
+        if isinstance(msg, RangeMsg):
+            break
+        assert time.monotonic() < deadline, "no RANGE for the peer's PULLs"
+        time.sleep(0.05)
+    held = msg.assignment
+    ask_every = TIMING["dead_after"] + 2 * TIMING["heartbeat"]  # a HELD? per dead_after
+    first, _ = peer.expect(HeldAsk, ask_every)
+    assert held in first.assignments  # left unanswered: the owner re-dials us
+    second, _ = peer.expect(HeldAsk, 2 * ask_every)  # a round to re-dial, then asked
+    assert held in second.assignments
+    assert f"no answer from {peer.address} to the last HELD?" in owner.log
+    peer.send(HeldTell([]))  # we hold it: the owner must go on waiting
+    third, _ = peer.expect(HeldAsk, ask_every)
+    assert held in third.assignments
+    assert "lost it or its report" not in owner.log
+    peer.send(HeldTell([held]))  # we lack it: it runs again, on the owner
+    mapping.join(30)
+    assert not mapping.is_alive(), "the map did not end"
+    assert got == [(x * x, owner.proc.pid) for x in range(n)]
+    assert "requeued 1 range(s)" in owner.log and "lost it or its report" in owner.log
+
+
+def test_a_range_whose_blob_does_not_match_its_hash_never_runs(node_and_peer):
+    """A peer (an owner, here driven by hand) sends a RANGE whose function
+    blob is not the one its hash names: the node refuses it (FAIL, saying
+    why) and runs nothing."""
+    _, node, peer = node_and_peer
+    claimed = function_digest(b"the function it claims to be")
+    peer.send(RangeMsg(7, 1, claimed, True, 0, 1, 1, 0, False), [b"something else", b"[]"])
+    failed, _ = peer.expect(RangeFailed, 5)
+    assert failed.assignment == 7 and "does not match its hash" in failed.text
+    assert "does not match its hash" in node.log
+    assert (node.status() or {"nodes": [{}]})["nodes"][0].get("tasks_done") == 0
