@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from fakedaemon import FakeDaemon, welcome
-from hostile_local import ANY, Count, messages, registered
+from hostile import ANY, Count, messages, registered
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

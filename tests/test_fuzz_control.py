@@ -2,7 +2,7 @@
 
 Each example is a batch from one fresh DEALER: maybe a HELLO (so later
 messages reach the handlers behind it), then messages of every registered
-type (tests/hostile_local.py draws them from the definitions, so a new type is
+type (tests/hostile.py draws them from the definitions, so a new type is
 fuzzed without new code here), then maybe a BYE. After every batch the
 daemon must be alive, answer a status query within 2 s, run a map right
 through a good client, have logged no traceback, and stay within a memory
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 import zmq
-from hostile_local import Count, messages, registered
+from hostile import Count, messages, registered
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

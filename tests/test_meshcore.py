@@ -175,7 +175,7 @@ def test_a_hostile_member_does_no_lasting_harm(seed, batch):
     for name in HONEST:
         net.inject(ATTACKER, name, own_hello())
     taken = 0
-    for to, msg in batch:
+    for to, (msg, _) in batch:
         taken += net.inject(ATTACKER, HONEST[to], msg)
         net.run_for(0.005)
     ended = net.now
