@@ -5,6 +5,7 @@
     hivectl drain NAME
     hivectl keygen PATH
     hivectl doctor [--config PATH] [--user NAME]
+    hivectl --version
 
 Each command is one query to a node's control socket. `--json` output keeps
 the shape DESIGN.md fixes; scripts rely on it.
@@ -19,6 +20,7 @@ import os
 import sys
 from typing import Any
 
+from hived import __version__
 from hived.addresses import local_control_addresses
 from hived.config import DEFAULT_CONFIG_PATH
 from hived.control import Answer, DrainRequest, JobsQuery, StatusQuery, ask
@@ -34,6 +36,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hivectl", description="Look at and steer a hived hive.")
     p.add_argument("--connect", metavar="ADDR", help="a node's control address (default: the local daemon)")
     p.add_argument("--key-file", metavar="PATH", help="cluster key, for a tcp:// address")
+    p.add_argument("--version", action="version", version=f"hivectl {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     status = sub.add_parser("status", help="the coordinator and every node")
     status.add_argument("--json", action="store_true")
