@@ -461,7 +461,7 @@ class Node:
         if key is None:
             return
         for f in self.owner.lost(aid, crashed_at):
-            text = f"{why} (tried {f.tries} times)"
+            text = f"{why} (tried {f.tries} time{'s' if f.tries > 1 else ''})"
             self.control.send(key[0], ItemsFailed(key[1], f.chunk, f.index, f.index + 1, "crashed", text))
         self._retire_if_finished(key)
 

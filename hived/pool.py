@@ -211,14 +211,15 @@ class Pool:
                 aid, index = BLACK_BOX.unpack(f.read(BLACK_BOX.size))
         except (OSError, ValueError):
             return 0, None
-        if worker.running is None or aid != worker.running.id or index == BETWEEN:
+        running = worker.running
+        if running is None or aid != running.id or index == BETWEEN:
             return aid, None
+        if index == SOMEWHERE and running.stop - running.start == 1:
+            return aid, running.start  # a range of one item: that item, no search needed
         return aid, index
 
     def _describe_death(self, worker: WorkerProc, code: int, index: int | None) -> str:
         running = worker.running
-        if index == SOMEWHERE and running.stop - running.start == 1:
-            index = running.start  # a range of one item: that item, whatever the black box says
         if index == SOMEWHERE:
             item = f" while running items {running.start}-{running.stop - 1} of a chunk"
         else:

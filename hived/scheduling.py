@@ -19,7 +19,11 @@ Invariants (checked by `validate`, which the tests call after every step):
 - an item that has crashed its worker more than `retries` times is failed
   alone: when a worker dies, the worker's own record of the item it was
   running (`crashed_at`) splits the range into before / culprit / after, and
-  only the culprit's count of tries goes up.
+  only the culprit's count of tries goes up;
+- an item runs at most `retries + 1` times, the runs that found it
+  included: a crash the fast path could not place is charged, with the next,
+  to the item the recorded rerun dies at, and a job with `retries=0` records
+  from its first run, since it has no run to spare for the search.
 
 Jobs share workers fairly: `assign` walks jobs round-robin, so two jobs with
 queued work each get about half of the assignments.
@@ -69,7 +73,10 @@ class Range:
     chunk: Chunk
     start: int
     stop: int
-    precise: bool = False  # the worker records each item it starts (after an unplaced crash)
+    precise: bool = False  # the worker records each item it starts
+    # It crashed once already, at an item the fast path did not record: the
+    # item it dies at next is charged that run too.
+    suspect: bool = False
 
 
 @dataclass(slots=True)
@@ -163,7 +170,7 @@ class Owner:
             )
         chunk = Chunk(number, count, frames, bytearray(count))
         job.chunks[number] = chunk
-        job.queue.append(Range(chunk, 0, count))
+        job.queue.append(self._untried(job, chunk, 0, count))
         job.items_total += count
 
     def close_job(self, key: JobKey) -> Job | None:
@@ -257,7 +264,8 @@ class Owner:
         alone is charged a try; the rest of the range is requeued as it was.
         SOMEWHERE means the worker died in this range but did not record
         each item (the fast path): the range runs again recording each item,
-        and if it dies there outside any item, every item in it is charged.
+        and the item it dies at is charged both runs; if it dies there
+        outside any item, every item in it is.
         None means the node is gone, through no fault of these items.
         """
         entry = self._running.pop(aid, None)
@@ -273,26 +281,38 @@ class Owner:
             # The node is gone, not necessarily because of these items.
             job.queue.appendleft(Range(chunk, rng.start, rng.stop, rng.precise))
             return []
+        if crashed_at == SOMEWHERE and not rng.precise:
+            job.queue.appendleft(Range(chunk, rng.start, rng.stop, precise=True, suspect=True))
+            return []
+        runs = 2 if rng.suspect else 1  # this crash, and the unplaced one before it
         if crashed_at == SOMEWHERE:
-            if not rng.precise:
-                job.queue.appendleft(Range(chunk, rng.start, rng.stop, precise=True))
-                return []
             failures = []
             for i in reversed(undelivered):  # each item alone, each charged
-                failures += self._charge(job, chunk, i, [])
+                failures += self._charge(job, chunk, i, runs, [])
             self._retire_chunk_if_done(job, chunk)
             return failures[::-1]
-        pieces = [Range(chunk, rng.start, crashed_at), Range(chunk, crashed_at + 1, rng.stop)]
-        failures = self._charge(job, chunk, crashed_at, pieces)
+        pieces = [
+            self._untried(job, chunk, rng.start, crashed_at),
+            self._untried(job, chunk, crashed_at + 1, rng.stop),
+        ]
+        failures = self._charge(job, chunk, crashed_at, runs, pieces)
         self._retire_chunk_if_done(job, chunk)
         return failures
 
-    def _charge(self, job: Job, chunk: Chunk, index: int, around: list[Range]) -> list[Failure]:
-        """One more try against item `index`; requeue it between `around`
+    @staticmethod
+    def _untried(job: Job, chunk: Chunk, start: int, stop: int) -> Range:
+        """Items no crash is charged to: the fast path, unless the job has no
+        retry to spend finding the item a fast-path crash happened at."""
+        return Range(chunk, start, stop, precise=job.retries == 0)
+
+    def _charge(
+        self, job: Job, chunk: Chunk, index: int, runs: int, around: list[Range]
+    ) -> list[Failure]:
+        """`runs` more tries against item `index`; requeue it between `around`
         (the rest of its range), unless that was its last try."""
         pieces = list(around)
         failures = []
-        tries = chunk.tries.get(index, 0) + 1
+        tries = chunk.tries.get(index, 0) + runs
         chunk.tries[index] = tries
         if tries > job.retries:
             chunk.delivered[index] = 1

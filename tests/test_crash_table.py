@@ -346,14 +346,32 @@ def test_unpicklable_arguments_in_a_generator_fail_alone(hive):
     assert_pool_serves(hive)
 
 
+def sigkill_on_bad_noting_runs(runs, x):
+    """Appends a line to `runs` for every run of the bad item, then kills its worker."""
+    if x == BAD:
+        with open(runs, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        os.kill(os.getpid(), 9)
+    return x * 10
+
+
+@pytest.mark.parametrize("chunksize", [1, 2, 6])
 @pytest.mark.parametrize("retries", [0, 2])
-def test_a_task_that_always_kills_its_worker_fails_alone_after_its_retries(hive, retries):
-    # The bad item last: every other item of the map comes out first.
+def test_a_task_that_always_kills_its_worker_runs_retries_plus_one_times(
+    hive, tmp_path, retries, chunksize
+):
+    # The bad item last: every other item of the map comes out first. A range
+    # of several items first runs on the fast path, which cannot say which
+    # item killed the worker; finding it must not cost the bad item a run.
+    runs = tmp_path / "runs"
     items = [0, 1, 2, 4, 5, BAD]
-    results = hive.map(sigkill_on_bad, items, chunksize=2, retries=retries)
+    fn = functools.partial(sigkill_on_bad_noting_runs, str(runs))
+    results = hive.map(fn, items, chunksize=chunksize, retries=retries)
     assert [next(results) for _ in range(5)] == [0, 10, 20, 40, 50]
-    with pytest.raises(hived.WorkerCrashed, match=rf"SIGKILL.*\(tried {retries + 1} times\)"):
+    times = "1 time" if retries == 0 else f"{retries + 1} times"
+    with pytest.raises(hived.WorkerCrashed, match=rf"SIGKILL.*\(tried {times}\)$"):
         next(results)
+    assert len(runs.read_text().splitlines()) == retries + 1
     assert_pool_serves(hive)
 
 

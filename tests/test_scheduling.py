@@ -77,19 +77,53 @@ def test_a_crash_somewhere_in_a_range_reruns_it_recording_each_item():
     b = owner.assign()
     assert (b.start, b.stop, b.precise) == (0, 4, True)
     assert owner.jobs[(CLIENT, 1)].chunks[0].tries == {}  # nobody charged yet
-    owner.lost(b.id, crashed_at=2)
-    assert owner.jobs[(CLIENT, 1)].chunks[0].tries == {2: 1}
+    failures = owner.lost(b.id, crashed_at=2)
+    # Item 2 crashed both runs: with retries=1 that is its last.
+    assert [(f.index, f.tries) for f in failures] == [(2, 2)]
     owner.validate()
+    assert [(x.start, x.stop, x.precise) for x in (owner.assign(), owner.assign())] == [
+        (0, 2, False), (3, 4, False)
+    ]
 
 
 def test_a_recorded_range_dying_between_items_charges_every_item():
-    owner = book([2], retries=0)
+    owner = book([2], retries=1)
     a = owner.assign()
     owner.lost(a.id, crashed_at=SOMEWHERE)
     b = owner.assign()
     failures = owner.lost(b.id, crashed_at=SOMEWHERE)
-    assert [(f.index, f.tries) for f in failures] == [(0, 1), (1, 1)]
+    assert [(f.index, f.tries) for f in failures] == [(0, 2), (1, 2)]
     assert (CLIENT, 1) not in owner.jobs or owner.assign() is None
+
+
+def test_a_job_without_retries_records_from_its_first_run():
+    owner = book([4], retries=0)
+    a = owner.assign()
+    assert a.precise  # no run to spare for finding the item a crash was at
+    failures = owner.lost(a.id, crashed_at=1)
+    assert [(f.index, f.tries) for f in failures] == [(1, 1)]
+    assert [(x.start, x.stop, x.precise) for x in (owner.assign(), owner.assign())] == [
+        (0, 1, True), (2, 4, True)
+    ]
+
+
+@pytest.mark.parametrize("retries", [0, 1, 2, 3])
+@pytest.mark.parametrize(("size", "culprit"), [(1, 0), (4, 0), (4, 2), (4, 3), (6, 5)])
+def test_an_item_that_always_crashes_runs_retries_plus_one_times(retries, size, culprit):
+    """The worker as it behaves: the fast path reports SOMEWHERE, a recorded
+    run the culprit's index (a one-item range is placed by the pool)."""
+    owner = book([size], retries=retries)
+    runs, failures = 0, []
+    while (a := owner.assign()) is not None:
+        owner.validate()
+        if not a.start <= culprit < a.stop:
+            owner.completed(a.id, a.start, a.stop, final=True)
+            continue
+        runs += 1
+        placed = a.precise or a.stop - a.start == 1
+        failures += owner.lost(a.id, crashed_at=culprit if placed else SOMEWHERE)
+    assert runs == retries + 1
+    assert [(f.index, f.tries) for f in failures] == [(culprit, retries + 1)]
 
 
 def test_a_lost_node_requeues_its_range_without_charging_it():
