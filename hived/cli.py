@@ -3,7 +3,7 @@
     hivectl [--connect ADDR] [--key-file PATH] status [--json]
     hivectl jobs [--json]
     hivectl drain NAME
-    hivectl keygen PATH
+    hivectl keygen [--force] PATH
     hivectl doctor [--config PATH] [--user NAME]
     hivectl --version
 
@@ -46,6 +46,7 @@ def parser() -> argparse.ArgumentParser:
     drain.add_argument("name")
     keygen = sub.add_parser("keygen", help="write a new cluster key")
     keygen.add_argument("path")
+    keygen.add_argument("--force", action="store_true", help="replace an existing key file")
     doctor = sub.add_parser("doctor", help="check this machine's set-up: config, key, daemon, seeds, clock")
     doctor.add_argument("--config", metavar="PATH", default=DEFAULT_CONFIG_PATH,
                         help=f"the daemon's config file (default {DEFAULT_CONFIG_PATH})")
@@ -124,7 +125,14 @@ def drain(args: argparse.Namespace) -> None:
 def keygen(args: argparse.Namespace) -> None:
     from hived.security import write_key
 
-    write_key(args.path)
+    try:
+        write_key(args.path, replace=args.force)
+    except FileExistsError:
+        raise HiveError(
+            f"{args.path} exists; refusing to replace the cluster key (nodes that keep the old "
+            "one cannot talk to the others): pass --force to replace it, then copy it to every "
+            "node and restart them all"
+        ) from None
     print(f"wrote {args.path}; copy it to every node (mode 0640, owner root:hived) and set [security] key_file")
 
 

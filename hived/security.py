@@ -11,6 +11,7 @@ without the key never gets a byte of ours decoded, let alone unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
@@ -49,8 +50,12 @@ class ClusterKey:
         sock.curve_secretkey = self.secret
 
 
-def write_key(path: str) -> ClusterKey:
-    """Write a new cluster key to `path`, readable by its owner only."""
+def write_key(path: str, *, replace: bool = False) -> ClusterKey:
+    """Write a new cluster key to `path`, readable by its owner only.
+
+    An existing file at `path` is replaced only with `replace`; otherwise
+    FileExistsError (a node keeping the old key can no longer talk to the
+    others)."""
     public, secret = zmq.curve_keypair()
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -60,10 +65,13 @@ def write_key(path: str) -> ClusterKey:
             os.fchmod(f.fileno(), 0o600)
             f.write("# hived cluster key: whoever holds this file can join the hive and run code.\n")
             f.write(f'public = "{public.decode()}"\nsecret = "{secret.decode()}"\n')
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # atomic, and never onto an existing file
+    finally:
+        with contextlib.suppress(FileNotFoundError):  # gone once replaced
+            os.unlink(tmp)
     return ClusterKey(public, secret)
 
 

@@ -218,3 +218,24 @@ def test_keygen_writes_a_private_key(tmp_path) -> None:
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     key = load_key(str(path))
     assert len(key.public) == 40 and len(key.secret) == 40
+
+
+def test_keygen_keeps_an_existing_key_unless_forced(tmp_path) -> None:
+    # Re-running the step would split the hive at the next restart.
+    path = tmp_path / "cluster.key"
+    assert hivectl("keygen", str(path)).returncode == 0
+    first, public = path.read_text(), load_key(str(path)).public
+    out = hivectl("keygen", str(path))
+    assert out.returncode == 1
+    assert out.stdout == ""
+    assert out.stderr.splitlines() == [
+        f"hivectl: {path} exists; refusing to replace the cluster key (nodes that keep the old "
+        "one cannot talk to the others): pass --force to replace it, then copy it to every "
+        "node and restart them all"
+    ]
+    assert path.read_text() == first
+    assert os.listdir(tmp_path) == ["cluster.key"]  # no temporary file left behind
+    out = hivectl("keygen", "--force", str(path))
+    assert out.returncode == 0, out.stderr
+    assert load_key(str(path)).public != public
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
