@@ -58,6 +58,7 @@ from hived.mapping import (
 from hived.node import NodeSettings
 from hived.resources import detect_gpus, usable_cpus
 from hived.security import client_curve
+from hived.socketdir import check_access
 from hived.wire import Message, decode, encode
 from hived.worker import KEYWORDS
 
@@ -99,8 +100,10 @@ class Hive(concurrent.futures.Executor):
         address = address or os.environ.get("HIVED_ADDRESS") or None
         if address is None:
             for control in local_control_addresses():
-                if not os.path.exists(control[len("ipc://") :]):
-                    continue  # no socket file: no daemon, and no time spent asking
+                # No socket file: no daemon, and no time spent asking. One
+                # closed to this user raises: it meant that daemon.
+                if not check_access(control[len("ipc://") :]):
+                    continue
                 try:
                     return self._socket_link(control, key_file)
                 except HiveUnavailable:

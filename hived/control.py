@@ -35,7 +35,7 @@ import zmq
 from hived import __version__
 from hived.errors import HiveError, RemoteProtocolError
 from hived.reactor import Channel
-from hived.socketdir import check_socket, make_socket_dir
+from hived.socketdir import check_access, check_socket, make_socket_dir
 from hived.wire import Message, decode, encode, message
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ def ask(
         raise HiveError(f"address {address!r}: expected ipc://PATH or tcp://HOST:PORT")
     if address.startswith("ipc://"):
         path = address[len("ipc://") :]
-        if not os.path.exists(path):
+        if not check_access(path):
             return None
         check_socket(path)
     ctx = zmq.Context()

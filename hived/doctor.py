@@ -37,6 +37,7 @@ from hived.config import Config, load_config
 from hived.control import StatusQuery, ask
 from hived.errors import ConfigError, HiveError, RemoteProtocolError
 from hived.security import ClusterKey, load_key
+from hived.socketdir import group_name, user_name
 from hived.status import check_status
 
 Level = Literal["ok", "warn", "FAIL"]
@@ -88,7 +89,7 @@ def check_config(path: str) -> tuple[Config | None, list[Finding]]:
             )
         ]
     except OSError as exc:
-        me = _user_name(os.geteuid())
+        me = user_name(os.geteuid())
         return None, [
             fail(f"cannot read config {path} as {me}: {exc.strerror}", "run `sudo hivectl doctor`")
         ]
@@ -148,7 +149,7 @@ def check_key(path: str, daemon_user: str = DAEMON_USER) -> tuple[ClusterKey | N
         ]
     found: list[Finding] = []
     mode = stat.S_IMODE(st.st_mode)
-    owner = f"{_user_name(st.st_uid)}:{_group_name(st.st_gid)}"
+    owner = f"{user_name(st.st_uid)}:{group_name(st.st_gid)}"
     fix_mode = f"`chmod 0640 {path}; chown root:{daemon_user} {path}`"
     if mode & stat.S_IROTH:
         found.append(
@@ -174,7 +175,7 @@ def check_key(path: str, daemon_user: str = DAEMON_USER) -> tuple[ClusterKey | N
         )
 
     if not os.access(path, os.R_OK):
-        me = _user_name(os.geteuid())
+        me = user_name(os.geteuid())
         found.append(
             warn(
                 f"cannot read key file {path} as {me}, so its contents were not checked",
@@ -232,17 +233,12 @@ def check_control(
             if address.startswith("ipc://"):
                 found += _socket_permissions(address[len("ipc://") :])
             return answer.body, found
-    found = []
-    for address in addresses:
-        if address.startswith("ipc://"):
-            found += _socket_access(address[len("ipc://") :])
-    found.append(
+    return None, [
         fail(
             f"no daemon answered at {' or '.join(addresses)}",
             "is hived running? `systemctl status hived`, `journalctl -u hived`",
         )
-    )
-    return None, found
+    ]
 
 
 def _well_formed(body: dict[str, Any]) -> bool:
@@ -260,7 +256,7 @@ def _socket_permissions(path: str) -> list[Finding]:
     except OSError:
         return []
     dmode, smode = stat.S_IMODE(dst.st_mode), stat.S_IMODE(sst.st_mode)
-    owner = f"{_user_name(dst.st_uid)}:{_group_name(dst.st_gid)}"
+    owner = f"{user_name(dst.st_uid)}:{group_name(dst.st_gid)}"
     fix = f"`chmod 0750 {directory}` (the unit sets RuntimeDirectoryMode=0750)"
     if dmode & stat.S_IWOTH and not dmode & stat.S_ISVTX:
         return [
@@ -274,7 +270,7 @@ def _socket_permissions(path: str) -> list[Finding]:
         return [
             warn(
                 f"anyone on this machine can use control socket {path} and run code as "
-                f"{_user_name(sst.st_uid)} (directory mode {dmode:04o}, socket {smode:04o})",
+                f"{user_name(sst.st_uid)} (directory mode {dmode:04o}, socket {smode:04o})",
                 fix,
             )
         ]
@@ -282,28 +278,6 @@ def _socket_permissions(path: str) -> list[Finding]:
         ok(
             f"control directory {directory} is mode {dmode:04o}, owned by {owner}; "
             f"socket mode {smode:04o}"
-        )
-    ]
-
-
-def _socket_access(path: str) -> list[Finding]:
-    """Why a socket may not answer us: permissions, most often."""
-    directory = os.path.dirname(path) or "."
-    if os.path.exists(path):
-        allowed = os.access(path, os.R_OK | os.W_OK)
-    else:  # or hidden from us by a directory we may not enter
-        allowed = not os.path.isdir(directory) or os.access(directory, os.X_OK)
-    if allowed:
-        return []
-    try:
-        group = _group_name(os.stat(directory).st_gid)
-    except OSError:
-        group = DAEMON_USER
-    me = _user_name(os.geteuid())
-    return [
-        fail(
-            f"{me} may not use control socket {path}",
-            f"`usermod -aG {group} {me}` and log in again, or run as root",
         )
     ]
 
@@ -441,16 +415,3 @@ def diagnose(
         found += check_versions(status)
     return found
 
-
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def _group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)

@@ -35,6 +35,12 @@ class HiveUnavailable(HiveError):
     """No daemon answered where one was named."""
 
 
+class HivePermissionError(HiveError, PermissionError):
+    """A daemon's control socket is there, but this user may not open it.
+
+    Never a reason to fall back to an embedded hive: the user meant the daemon."""
+
+
 class SerializationError(HiveError, pickle.PicklingError, BrokenProcessPool):
     """A function, argument or result could not be pickled or unpickled.
 

@@ -20,22 +20,102 @@ So, as tmux and OpenSSH do, both ends check a path before they use it:
 A client refuses a path that fails (`check_socket`, before it connects); a
 daemon makes a missing directory itself and refuses to bind into one that
 fails (`make_socket_dir`).
+
+A socket that is there but closed to this user (the system daemon's, for a
+user outside group `hived`) is a `HivePermissionError` naming the socket,
+the group that may open it and the fix (`check_access`): such a user meant
+the daemon, and must not be handed a one-node embedded hive in silence.
 """
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import stat
+from pathlib import Path
 
-from hived.errors import HiveError
+from hived.errors import HiveError, HivePermissionError
 
 # Others may not add, remove or rename entries: no group or other write bit.
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 
 
+def check_access(path: str) -> bool:
+    """Whether something is at `path`; raises HivePermissionError where
+    something is, but this user may not connect to it (or cannot tell)."""
+    path = os.path.abspath(path)
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except PermissionError:
+        # A directory on the way lets us not in: find the first one.
+        above = [str(d) for d in reversed(Path(path).parents)]
+        closed = next(
+            (d for d in above if not os.access(d, os.X_OK, effective_ids=True)), above[-1]
+        )
+        raise HivePermissionError(_denied(path, closed, stat.S_IXGRP)) from None
+    if not os.access(path, os.W_OK, effective_ids=True):  # connecting needs write permission
+        raise HivePermissionError(_denied(path, path, stat.S_IWGRP))
+    return True
+
+
+def _denied(path: str, closed: str, group_bit: int) -> str:
+    """Why this user may not reach socket `path` past `closed`, and the fix."""
+    st = os.stat(closed)
+    owner, name, me = user_name(st.st_uid), group_name(st.st_gid), user_name(os.geteuid())
+    try:
+        members = grp.getgrgid(st.st_gid).gr_mem
+    except KeyError:
+        members = []
+    head = (
+        f"permission denied: the control socket ipc://{path} is there, but {closed} "
+        f"(owner {owner}, group {name}, mode {stat.S_IMODE(st.st_mode):04o})"
+    )
+    if not st.st_mode & group_bit or st.st_gid == 0:  # group root: no group to join
+        if owner == "root":
+            return f"{head} lets in only root; run as root"
+        return (
+            f"{head} lets in only {owner}; run as {owner} or root, or, if {owner} is not the "
+            f"daemon's user, remove it (`rm -r {closed}`, as root) and start hived again"
+        )
+    if me in members or _primary_gid(me) == st.st_gid:
+        return (
+            f"{head} lets in only {owner} and group {name}, which user {me} joined after this "
+            f"login began; log in again (or `newgrp {name}`)"
+        )
+    return (
+        f"{head} lets in only {owner} and group {name}, and user {me} is not in it; add the "
+        f"user to the group (`usermod -aG {name} {me}`, as root) and log in again"
+    )
+
+
+def _primary_gid(user: str) -> int | None:
+    try:
+        return pwd.getpwnam(user).pw_gid
+    except KeyError:
+        return None
+
+
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
 def check_socket(path: str) -> None:
-    """Raise HiveError (naming the path and the fix) unless `path` is safe to connect to."""
+    """Raise HiveError (naming the path and the fix) unless `path` is safe to
+    connect to, HivePermissionError where this user may not connect to it."""
+    check_access(path)
     problem = _directory_problem(path) or _socket_problem(path)
     if problem:
         raise HiveError(f"refusing control socket ipc://{path}: {problem}")
@@ -117,8 +197,4 @@ def _socket_problem(path: str) -> str | None:
 
 
 def _described(st: os.stat_result) -> str:
-    try:
-        name = pwd.getpwuid(st.st_uid).pw_name
-    except KeyError:
-        name = "nobody known"
-    return f"owned by {name} (uid {st.st_uid}) with mode {stat.S_IMODE(st.st_mode):04o}"
+    return f"owned by {user_name(st.st_uid)} (uid {st.st_uid}) with mode {stat.S_IMODE(st.st_mode):04o}"

@@ -13,6 +13,7 @@ never skips these; elsewhere they are skipped with the reason.
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import shutil
@@ -197,7 +198,8 @@ def test_another_user_cannot_use_a_root_daemon(python, daemon, shared: Path) -> 
     for mode in (0o700, 0o755):  # the socket hidden, then in sight (mode 0660, root's)
         os.chmod(daemon.dir, mode)
         out = as_user(NOBODY, [interpreter, str(client), daemon.address], env, timeout=60)
-        assert out.stdout.startswith("refused "), out
+        assert out.stdout.startswith("refused HivePermissionError permission denied: "), out
+        assert out.stdout.endswith(" lets in only root; run as root\n"), out
         assert "ran as" not in out.stdout
         out = as_user(NOBODY, [interpreter, "-m", "hived.cli", "--connect", daemon.address, "status"],
                       env, timeout=60)
@@ -207,3 +209,72 @@ def test_another_user_cannot_use_a_root_daemon(python, daemon, shared: Path) -> 
     row = daemon.status()["nodes"][0]
     assert row["tasks_done"] == 0 and row["state"] == "alive"
     wait_for(lambda: "Traceback" not in daemon.log, 1, what="a clean log")
+
+
+GROUP_CLIENT = """
+import hived
+from hived.errors import HivePermissionError
+try:
+    with hived.connect() as h:
+        print("ran on", h.node_name, h.submit(abs, -3).result(timeout=30))
+except HivePermissionError as exc:
+    print("denied", exc)
+"""
+
+
+def test_a_user_outside_the_daemons_group_is_told_so_not_given_an_embedded_hive(
+    python, make_daemon, shared: Path
+) -> None:
+    """The system daemon's layout (RuntimeDirectoryMode=0750, Group=hived,
+    UMask=0007) with a group nobody is not in, found the way a client finds
+    a local daemon: the socket is there, so it is that daemon or an error."""
+    interpreter, env = python
+    group = next(g for g in sorted(grp.getgrall(), key=lambda g: g.gr_gid)
+                 if 0 < g.gr_gid < 1000 and "nobody" not in g.gr_mem)
+    top = tempfile.mkdtemp(prefix="hived-group-")  # root's, in the sticky /tmp
+    try:
+        os.chmod(top, 0o755)
+        runtime = os.path.join(top, "run")  # stands for /run: root's, 0755
+        os.mkdir(runtime, 0o755)
+        sock = os.path.join(runtime, "hived", "hived.sock")
+        daemon = make_daemon("--control", f"ipc://{sock}", start=False)
+        daemon.address = f"ipc://{sock}"
+        daemon.start()
+        os.chown(os.path.dirname(sock), 0, group.gr_gid)
+        os.chown(sock, 0, group.gr_gid)
+        os.chmod(sock, 0o770)
+        client = shared / "client.py"
+        client.write_text(textwrap.dedent(GROUP_CLIENT))
+        user_env = dict(env, XDG_RUNTIME_DIR=runtime)
+        in_group = f"lets in only root and group {group.gr_name}"
+        fix = (f"and user nobody is not in it; add the user to the group "
+               f"(`usermod -aG {group.gr_name} nobody`, as root) and log in again")
+        for closed, mode, socket_mode in ((os.path.dirname(sock), 0o750, 0o770), (sock, 0o755, 0o770)):
+            os.chmod(os.path.dirname(sock), mode)
+            os.chmod(sock, socket_mode)
+            head = (f"permission denied: the control socket ipc://{sock} is there, but {closed} "
+                    f"(owner root, group {group.gr_name}, mode {os.stat(closed).st_mode & 0o777:04o})")
+            out = as_user(NOBODY, [interpreter, str(client)], user_env, timeout=60)
+            assert out.stdout == f"denied {head} {in_group}, {fix}\n", out
+            out = as_user(NOBODY, [interpreter, "-m", "hived.cli", "status"], user_env, timeout=60)
+            assert (out.returncode, out.stdout) == (1, ""), out
+            assert out.stderr == f"hivectl: {head} {in_group}, {fix}\n", out
+        # Joined the group after this login began: the primary group, not this process's.
+        os.chown(sock, 0, NOBODY)
+        out = subprocess.run(
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={group.gr_gid}", "--clear-groups",
+             interpreter, str(client)], env=user_env, cwd="/", capture_output=True, text=True,
+            timeout=60,
+        )
+        assert out.stdout.endswith("which user nobody joined after this login began; log in "
+                                   f"again (or `newgrp {grp.getgrgid(NOBODY).gr_name}`)\n"), out
+        # The fix: in the group, the user reaches the daemon.
+        os.chown(sock, 0, group.gr_gid)
+        out = subprocess.run(
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", f"--groups={group.gr_gid}",
+             interpreter, str(client)], env=user_env, cwd="/", capture_output=True, text=True,
+            timeout=60,
+        )
+        assert out.stdout == "ran on testnode 3\n", out
+    finally:
+        shutil.rmtree(top)

@@ -493,9 +493,17 @@ def test_hivectl_status_for_root_and_group_members_only(box: Box) -> None:
         [node] = status["nodes"]
         assert node["name"] == "box" and node["state"] == "alive"
         assert node["cpus"] == 2 and node["address"] == f"tcp://127.0.0.1:{box.port}"
-    # RuntimeDirectoryMode=0750: someone outside group hived cannot reach the daemon.
+    # RuntimeDirectoryMode=0750: someone outside group hived cannot reach the
+    # daemon, and is told why and what to do, by hivectl and by connect().
+    told = ("permission denied: the control socket ipc:///run/hived/hived.sock is there, but "
+            "/run/hived (owner hived, group hived, mode 0750) lets in only hived and group "
+            "hived, and user nobody is not in it; add the user to the group (`usermod -aG hived "
+            "nobody`, as root) and log in again")
     out = box.sh("hivectl status", user="nobody", check=False)
-    assert out.returncode == 1 and "no daemon answered" in out.stderr
+    assert (out.returncode, out.stderr) == (1, f"hivectl: {told}\n"), out
+    out = box.sh("/opt/hived/bin/python3 -c 'import hived; hived.connect()'", user="nobody",
+                 check=False)
+    assert out.returncode == 1 and out.stderr.endswith(f"HivePermissionError: {told}\n"), out
 
 
 def test_doctor_is_all_ok_on_the_installed_service(box: Box) -> None:
