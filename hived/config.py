@@ -119,11 +119,14 @@ class Config:
                 values[f"{section}.{key}"] = value
         return values
 
-    def to_toml(self) -> str:
+    def to_toml(self, resolved: Mapping[str, str] | None = None) -> str:
         """The effective configuration as TOML that `load_config` reads back.
 
         Values that did not come from the file carry a comment naming their
-        origin, so `hived --check-config` also answers "why is it this?".
+        origin, so `hived --check-config` also answers "why is it this?";
+        `resolved` adds what a dotted key's value comes to on this machine
+        ("auto: 8 on this machine"), as a comment, so the text still reads
+        back as the same configuration.
         """
         lines = [f"# hived effective configuration (file: {self.source or 'none'})"]
         section = ""
@@ -136,8 +139,9 @@ class Config:
                 lines.append(f"# {key} is not set")
                 continue
             origin = self.origins.get(dotted)
-            note = f"  # {origin}" if origin and origin != self.source else ""
-            lines.append(f"{key} = {_toml_value(value)}{note}")
+            notes = [origin if origin and origin != self.source else "", (resolved or {}).get(dotted, "")]
+            note = "; ".join(filter(None, notes))
+            lines.append(f"{key} = {_toml_value(value)}" + (f"  # {note}" if note else ""))
         return "\n".join(lines) + "\n"
 
 

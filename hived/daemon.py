@@ -31,14 +31,14 @@ from typing import Any, TextIO
 import zmq
 
 from hived import __version__
-from hived.config import Config, check_security, load_config
+from hived.config import Config, PoolConfig, check_security, load_config
 from hived.control import StatusQuery, ask
 from hived.errors import ConfigError, HiveError
 from hived.links import _new_event_loop
 from hived.node import Node, NodeSettings
 from hived.resources import memory_limit_bytes, resolve_cpus, resolve_gpus, total_memory
 from hived.sdnotify import Notifier
-from hived.security import load_key
+from hived.security import ClusterKey, load_key
 
 log = logging.getLogger("hived")
 
@@ -104,8 +104,30 @@ def settings_from(config: Config) -> NodeSettings:
         dead_after=timing.dead_after,
         lease=timing.lease,
         data_dir=config.node.data_dir,
-        key=load_key(config.security.key_file) if config.security.key_file else None,
+        key=_key(config),
     )
+
+
+def _key(config: Config) -> ClusterKey | None:
+    path = config.security.key_file
+    if not path:
+        return None
+    try:
+        return load_key(path)
+    except ConfigError as exc:  # say where the path was set, as for any other key
+        origin = config.origins.get("security.key_file", "default")
+        raise ConfigError(f"{origin}: security.key_file: {exc}") from None
+
+
+def _resolved(pool: PoolConfig, settings: NodeSettings) -> dict[str, str]:
+    """What "auto" comes to on this machine, for --check-config."""
+    notes = {}
+    if pool.cpus == "auto":
+        notes["pool.cpus"] = f"auto: {settings.cpus} on this machine"
+    if pool.gpus == "auto":
+        ids = f" ({', '.join(settings.gpus)})" if settings.gpus else ""
+        notes["pool.gpus"] = f"auto: {len(settings.gpus)} on this machine{ids}"
+    return notes
 
 
 class Daemon:
@@ -237,11 +259,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load()
-        if args.check_config:
-            sys.stdout.write(config.to_toml())
-            check_security(config)
-            return 0
         check_security(config)
+        if args.check_config:
+            # What starting would check too: the key file loads, GPUs asked for exist.
+            sys.stdout.write(config.to_toml(_resolved(config.pool, settings_from(config))))
+            return 0
     except ConfigError as exc:
         print(f"hived: {exc}", file=sys.stderr)
         return 2

@@ -81,6 +81,11 @@ def load_key(path: str) -> ClusterKey:
         with open(path) as f:
             text = f.read()
         mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: cannot read the cluster key: no such file (`hivectl keygen {path}` makes "
+            "one; every node needs the same file)"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the cluster key: {exc.strerror}") from None
     if mode & (stat.S_IROTH | stat.S_IWOTH):

@@ -42,6 +42,8 @@ from hived.control import (
     Welcome,
     ask,
 )
+from hived.resources import detect_gpus, usable_cpus
+from hived.security import write_key
 from hived.wire import MAX_HEADER_BYTES, decode, encode
 
 try:
@@ -497,6 +499,36 @@ def test_check_config_prints_toml(tmp_path) -> None:
     assert parsed["pool"]["cpus"] == 3
     assert parsed["pool"]["max_tasks_per_worker"] == 7
     assert {"node", "pool", "timing", "security"} <= set(parsed)
+
+
+def test_check_config_shows_what_auto_comes_to(tmp_path) -> None:
+    config = tmp_path / "hived.toml"
+    config.write_text('[pool]\ncpus = "auto"\n')
+    out = run_hived("--config", str(config), "--gpus", "auto", "--check-config")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert f'cpus = "auto"  # auto: {usable_cpus()} on this machine' in lines
+    gpus = detect_gpus()
+    assert any(line.startswith('gpus = "auto"  # flag --gpus; auto: ' f"{len(gpus)} on this machine")
+               for line in lines), out.stdout
+    assert tomllib.loads(out.stdout)["pool"]["cpus"] == "auto"  # still the same configuration
+
+
+@pytest.mark.parametrize("where", ["file", "flag"])
+def test_check_config_fails_on_a_key_file_that_is_not_there(tmp_path, where) -> None:
+    # Checking the config before making the key must not pass.
+    key, config = tmp_path / "cluster.key", tmp_path / "hived.toml"
+    config.write_text(f'[security]\nkey_file = "{key}"\n' if where == "file" else "")
+    flags = ["--key-file", str(key)] if where == "flag" else []
+    out = run_hived("--config", str(config), *flags, "--check-config")
+    assert (out.returncode, out.stdout) == (2, ""), out
+    origin = str(config) if where == "file" else "flag --key-file"
+    assert out.stderr == (
+        f"hived: {origin}: security.key_file: {key}: cannot read the cluster key: no such file "
+        f"(`hivectl keygen {key}` makes one; every node needs the same file)\n"
+    )
+    write_key(str(key))
+    assert run_hived("--config", str(config), *flags, "--check-config").returncode == 0
 
 
 def test_public_bind_without_key_refuses_to_start(tmp_path) -> None:
