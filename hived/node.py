@@ -24,6 +24,7 @@ Data flow inside one node
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import random
@@ -74,6 +75,8 @@ log = logging.getLogger(__name__)
 
 # How long a cancelled job's running tasks may finish before their workers are stopped.
 CANCEL_GRACE = 1.0
+# Unknown clients remembered as told (a bound: any number may write to the socket).
+STRANGERS_KEPT = 4096
 
 
 @dataclass
@@ -117,6 +120,8 @@ class Node:
         self.ctx = ctx or zmq.Context.instance()
         self.owner = Owner(first_assignment=random.getrandbits(48) << 8)
         self.clients: dict[bytes, ClientState] = {}
+        # Unknown clients seen, and whether each was told so (STRANGER), oldest first.
+        self._strangers: collections.OrderedDict[bytes, bool] = collections.OrderedDict()
         self.blobs: dict[bytes, bytes] = {}
         self._blob_users: dict[bytes, int] = {}
         self._tags: dict[JobKey, int] = {}
@@ -278,6 +283,7 @@ class Node:
     def _on_stranger(self, cid: bytes, msg: Message) -> None:
         """A client we do not know: it may say HELLO; anything else gets an error."""
         if isinstance(msg, Hello):
+            self._strangers.pop(cid, None)
             client = self.clients[cid] = ClientState(cid, msg.client, self.loop.time())
             client.unwelcome = version_problem(msg.version)
             if client.unwelcome is not None:
@@ -289,15 +295,26 @@ class Node:
             slots = sum(cpus + gpus for cpus, gpus in self._hive())
             self.control.send(cid, Welcome(self.name, __version__, slots, self.settings.heartbeat))
             return
-        log.info("control: %s from an unknown client %s; told it so", type(msg).__name__, cid.hex())
+        # A client of our previous process, one we dropped as silent, or one
+        # that never said HELLO. It pings every heartbeat until it hears, so
+        # it is logged once and told once (STRANGER): it fails its calls
+        # instead of waiting for ever, and the log does not grow by a ping.
+        told = self._strangers.get(cid)
+        if told is None:
+            told = self._strangers[cid] = False
+            if len(self._strangers) > STRANGERS_KEPT:
+                self._strangers.popitem(last=False)
+            log.info(
+                "control: %s from an unknown client %s (of this node's previous process, or one "
+                "dropped as silent); told once that its calls here are lost, and not logged again",
+                type(msg).__name__, cid.hex(),
+            )
         request = getattr(msg, "request", None)
-        if request is not None:  # a query: hivectl shows the error
+        if request is not None:  # a query waits for its answer: hivectl shows the error
             text = f"hived on {self.name} answers only clients that said HELLO first"
             self.control.send(cid, Answer(request, {"error": text}))
-        else:
-            # a client of our previous process, one we dropped as silent, or
-            # one that never said HELLO: say so, so that it fails its calls
-            # instead of waiting for ever
+        elif not told:
+            self._strangers[cid] = True
             self.control.send(cid, Stranger(self.name))
 
     def _open_job(self, client: ClientState, msg: OpenJob, payload: list[Any]) -> None:

@@ -36,6 +36,7 @@ from hived.control import (
     JobRefused,
     JobsQuery,
     OpenJob,
+    Ping,
     StatusQuery,
     Stranger,
     Unwelcome,
@@ -588,6 +589,41 @@ def test_a_map_whose_node_goes_away_ends_with_hive_unavailable(make_daemon, faul
     told = [datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
             for line in daemon.log.splitlines() if "from an unknown client" in line]
     assert all(t < back + 1.0 for t in told), (told, back)
+
+
+def test_a_restarted_node_tells_a_stale_client_once_and_logs_it_once(make_daemon) -> None:
+    daemon = make_daemon()
+    raw = RawClient(daemon.address)  # a client that goes on pinging whatever it hears
+    try:
+        raw.send(Hello("stale pinger", hived.__version__))
+        raw.expect(Welcome)
+        with hived.connect(daemon.address) as h:
+            h.link.timeout = 120  # the restart, however slow on a busy machine, comes first
+            pending = h.submit(time.sleep, 60)
+            wait_for(lambda: node_row(daemon)["slots_busy"] == 1, 20, what="the task running")
+            daemon.kill()  # an unclean death: nothing told to anyone
+            daemon.start()
+            with pytest.raises(hived.HiveUnavailable) as raised:
+                pending.result(timeout=60)
+            assert str(raised.value).startswith(
+                f"hived on testnode at {daemon.address} holds nothing of this client's"
+            )
+            assert h.link.lost  # it pings no more
+        for _ in range(20):
+            raw.send(Ping())
+        raw.send(Call(1, b"f" * 16, False, 2, "abs"))
+        raw.send(StatusQuery(9))  # answered after all the above: they came on one connection
+        heard: list = []
+        while not heard or not isinstance(heard[-1], Answer):
+            assert raw.sock.poll(10_000), f"no answer; heard {heard}"
+            heard.append(decode(raw.sock.recv_multipart())[0])
+        assert [type(m) for m in heard] == [Stranger, Answer], heard
+        assert heard[0].node == "testnode"
+    finally:
+        raw.close()
+    told = [line for line in daemon.log.splitlines() if "from an unknown client" in line]
+    assert len(told) == 2, told  # one line for each client, not one a message
+    assert "told once that its calls here are lost" in told[0]
 
 
 # -- what a local client may do (issue 9) ----------------------------------------
