@@ -4,7 +4,7 @@
     hivectl jobs [--json]
     hivectl drain NAME
     hivectl keygen [--force] PATH
-    hivectl doctor [--config PATH] [--user NAME]
+    hivectl doctor [--config PATH] [--user NAME] [--json]
     hivectl --version
 
 Each command is one query to a node's control socket. `--json` output keeps
@@ -48,8 +48,9 @@ def parser() -> argparse.ArgumentParser:
     keygen.add_argument("path")
     keygen.add_argument("--force", action="store_true", help="replace an existing key file")
     doctor = sub.add_parser("doctor", help="check this machine's set-up: config, key, daemon, seeds, clock")
-    doctor.add_argument("--config", metavar="PATH", default=DEFAULT_CONFIG_PATH,
-                        help=f"the daemon's config file (default {DEFAULT_CONFIG_PATH})")
+    doctor.add_argument("--config", metavar="PATH",
+                        help=f"the daemon's config file (default {DEFAULT_CONFIG_PATH}, where present)")
+    doctor.add_argument("--json", action="store_true")
     doctor.add_argument("--user", metavar="NAME", default="hived",
                         help="the user the daemon runs as (default hived), to check it can read the key")
     return p
@@ -140,9 +141,14 @@ def doctor(args: argparse.Namespace) -> int:
     from hived.doctor import diagnose
 
     findings = diagnose(args.config, args.connect, args.key_file, args.user)
-    for finding in findings:
-        print(finding.line())
-    return 1 if any(f.level == "FAIL" for f in findings) else 0
+    failed = any(f.level == "FAIL" for f in findings)
+    if args.json:
+        checks = [{"level": f.level, "what": f.what, "fix": f.fix} for f in findings]
+        print(json.dumps({"ok": not failed, "checks": checks}, indent=2))
+    else:
+        for finding in findings:
+            print(finding.line())
+    return 1 if failed else 0
 
 
 COMMANDS = {"status": status, "jobs": jobs, "drain": drain, "keygen": keygen, "doctor": doctor}

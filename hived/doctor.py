@@ -21,10 +21,13 @@ from __future__ import annotations
 import grp
 import itertools
 import logging
+import math
 import os
 import pwd
+import re
 import socket
 import stat
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +36,7 @@ from typing import Any, Literal
 
 from hived import __version__
 from hived.addresses import is_loopback, local_control_addresses
-from hived.config import Config, load_config
+from hived.config import DEFAULT_CONFIG_PATH, Config, TimingConfig, load_config
 from hived.control import StatusQuery, ask
 from hived.errors import ConfigError, HiveError, RemoteProtocolError
 from hived.security import ClusterKey, load_key
@@ -47,6 +50,9 @@ CLOCK_SPAN = 0.5  # seconds the clock-rate check watches both clocks
 CLOCK_TOLERANCE = 0.01  # relative rate difference above which we warn
 SEED_TIMEOUT = 1.0
 CONTROL_TIMEOUT = 2.0
+# What a stop takes past drain_timeout (the workers' exit, up to 5 s, then
+# their kill): TimeoutStopSec must leave at least this much.
+STOP_MARGIN = 10.0
 
 _requests = itertools.count(1)
 
@@ -77,11 +83,18 @@ def fail(what: str, fix: str) -> Finding:
 # Config and security
 
 
-def check_config(path: str) -> tuple[Config | None, list[Finding]]:
+def check_config(path: str, named: bool = True) -> tuple[Config | None, list[Finding]]:
+    """`named`: the operator named this file; else it is the default path, and
+    a daemon run by its flags alone has none."""
     try:
         with open(path, "rb"):
             pass
     except FileNotFoundError:
+        if not named:
+            return None, [
+                ok(f"no config file at {path}: a daemon here runs on its flags and defaults "
+                   "(`hivectl doctor --config PATH` checks another file)")
+            ]
         return None, [
             fail(
                 f"config {path} does not exist",
@@ -383,16 +396,76 @@ def check_clock(
 
 
 # --------------------------------------------------------------------------
+# systemd
+
+
+def check_stop_timeout(drain_timeout: float, stop_timeout: float | None) -> list[Finding]:
+    """systemd must not SIGKILL a drain that is still within drain_timeout.
+
+    `stop_timeout` is the unit's TimeoutStopSec in seconds (None: no unit, or
+    no limit)."""
+    if stop_timeout is None:
+        return []
+    needed = drain_timeout + STOP_MARGIN
+    if stop_timeout < needed:
+        return [
+            warn(
+                f"drain_timeout {drain_timeout:g} s does not fit in the unit's TimeoutStopSec "
+                f"{stop_timeout:g} s with {STOP_MARGIN:g} s to stop the workers after it: "
+                "systemd kills a long drain (SIGKILL) before it ends",
+                f"`systemctl edit hived` and set [Service] TimeoutStopSec={math.ceil(needed)}s, "
+                "or lower [timing] drain_timeout",
+            )
+        ]
+    return [ok(f"drain_timeout {drain_timeout:g} s fits in the unit's TimeoutStopSec {stop_timeout:g} s")]
+
+
+def unit_stop_timeout(unit: str = "hived") -> float | None:
+    """The loaded unit's TimeoutStopSec (drop-ins included) in seconds, from
+    `systemctl show`; None where there is no such unit, no systemd, or no limit."""
+    try:
+        out = subprocess.run(
+            ["systemctl", "show", "-p", "LoadState", "-p", "TimeoutStopUSec", unit],
+            capture_output=True, text=True, timeout=5, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    shown = dict(line.partition("=")[::2] for line in out.stdout.splitlines())
+    if out.returncode != 0 or shown.get("LoadState") != "loaded":
+        return None
+    return parse_timespan(shown.get("TimeoutStopUSec", ""))
+
+
+_SPAN_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_SPAN = re.compile(r"\s*(\d+(?:\.\d+)?)(us|ms|s|min|h|d|w)")
+
+
+def parse_timespan(text: str) -> float | None:
+    """Seconds in a time span as systemctl shows it ("45s", "1min 30s");
+    None for "infinity" and for anything else it would not show."""
+    seconds, at = 0.0, 0
+    while at < len(text.rstrip()):
+        match = _SPAN.match(text, at)
+        if match is None:
+            return None
+        seconds += float(match[1]) * _SPAN_UNITS[match[2]]
+        at = match.end()
+    return seconds if at else None
+
+
+# --------------------------------------------------------------------------
 
 
 def diagnose(
-    config_path: str,
+    config_path: str | None,
     connect: str | None = None,
     key_file: str | None = None,
     daemon_user: str = DAEMON_USER,
+    stop_timeout: Callable[[], float | None] = unit_stop_timeout,
 ) -> list[Finding]:
-    """Every check, in order; a check whose input is missing is left out."""
-    config, found = check_config(config_path)
+    """Every check, in order; a check whose input is missing is left out.
+    `config_path` None: the default file, which a daemon run by flags lacks."""
+    config, found = check_config(config_path or DEFAULT_CONFIG_PATH, named=config_path is not None)
     key: ClusterKey | None = None
     if config is not None:
         found += check_exposure(config)
@@ -413,5 +486,7 @@ def diagnose(
     found += check_clock()
     if status is not None:
         found += check_versions(status)
+    drain_timeout = (config.timing if config else TimingConfig()).drain_timeout
+    found += check_stop_timeout(drain_timeout, stop_timeout())
     return found
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import shlex
 import signal
 import socket
 import subprocess
@@ -17,12 +18,13 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import msgpack
 import psutil
 import pytest
 import zmq
-from conftest import child_env
+from conftest import REPO, child_env
 from netns import wait_for
 
 import hived
@@ -435,6 +437,39 @@ def test_sighup_reloads_what_it_can_and_names_what_needs_a_restart(make_daemon, 
         assert daemon.proc.poll() is None
     finally:
         notify.close()
+
+
+def reload_as_the_unit_does(daemon, config) -> subprocess.CompletedProcess:
+    """systemd/hived.service's ExecReload, run with this checkout's hived and
+    `config` in place of /etc/hived/hived.toml, MAINPID set as systemd sets it."""
+    unit = (Path(REPO) / "systemd" / "hived.service").read_text()
+    (line,) = [line[len("ExecReload="):] for line in unit.splitlines() if line.startswith("ExecReload=")]
+    command = line.replace("/usr/local/bin/hived", f"{sys.executable} -m hived.daemon")
+    command = command.replace("/etc/hived/hived.toml", str(config))
+    return subprocess.run(shlex.split(command), env=child_env(MAINPID=str(daemon.proc.pid)),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_the_units_reload_fails_on_a_broken_file_and_the_daemon_keeps_its_config(
+    make_daemon, tmp_path
+) -> None:
+    config = tmp_path / "hived.toml"
+    config.write_text("[pool]\nmax_tasks_per_worker = 0\n")
+    daemon = make_daemon("--config", str(config))
+    config.write_text("[pool]\nmax_tasks_per_worker = -3\n")
+    out = reload_as_the_unit_does(daemon, config)
+    assert out.returncode == 2, out  # systemctl reload fails, and says why
+    assert out.stderr.splitlines() == [
+        f"hived: {config}: pool.max_tasks_per_worker: expected an integer >= 0 (0 = never recycle), "
+        "got -3"
+    ], out.stderr
+    assert "SIGHUP" not in daemon.log  # never told: it runs what it ran
+    config.write_text("[pool]\nmax_tasks_per_worker = 1\n")
+    out = reload_as_the_unit_does(daemon, config)
+    assert out.returncode == 0, out
+    wait_for(lambda: "applied pool.max_tasks_per_worker = 1" in daemon.log, 10,
+             what=f"the reload; log:\n{daemon.log}")
+    assert daemon.proc.poll() is None
 
 
 def test_workers_do_not_inherit_notify_socket(make_daemon, tmp_path) -> None:

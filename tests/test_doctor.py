@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO, child_env
 from netns import wait_for
 
+import hived.doctor
 from hived import __version__
 from hived.config import load_config
 from hived.doctor import (
@@ -25,7 +26,10 @@ from hived.doctor import (
     check_exposure,
     check_key,
     check_seeds,
+    check_stop_timeout,
     check_versions,
+    diagnose,
+    unit_stop_timeout,
 )
 from hived.security import load_key, write_key
 
@@ -169,6 +173,89 @@ def test_missing_and_invalid_config(tmp_path: Path) -> None:
     first = lines(out, "FAIL")[0]
     assert f"{bad}: node.bnid: expected one of" in first and 'did you mean "bind"' in first
     assert f"`hived --config {bad} --check-config`" in first
+
+
+def test_a_daemon_run_by_flags_without_a_config_file_passes(
+    daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As README's `hived --cpus auto &`: no file at the default path is no fault.
+    absent = tmp_path / "etc-hived" / "hived.toml"
+    monkeypatch.setattr(hived.doctor, "DEFAULT_CONFIG_PATH", str(absent))
+    found = diagnose(None, connect=daemon.address, stop_timeout=lambda: None)
+    assert [f for f in found if f.level != "ok"] == [], found
+    assert found[0] == Finding(
+        "ok", f"no config file at {absent}: a daemon here runs on its flags and defaults "
+        "(`hivectl doctor --config PATH` checks another file)"
+    )
+    assert f"control socket {daemon.address} answers" in [f.what for f in found]
+    # A file the operator names must be there.
+    assert levels(diagnose(str(absent), connect=daemon.address, stop_timeout=lambda: None))[0] == "FAIL"
+
+
+@pytest.fixture
+def systemctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A `systemctl` first on PATH that shows what the test writes to `shown`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shown = tmp_path / "shown"
+    fake = bin_dir / "systemctl"
+    fake.write_text(f'#!/bin/sh\n[ "$1 $2 $3 $4 $5 $6" = "show -p LoadState -p TimeoutStopUSec hived" ] '
+                    f"|| exit 3\ncat {shown}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return shown
+
+
+@pytest.mark.parametrize(("shown", "seconds"), [
+    ("LoadState=loaded\nTimeoutStopUSec=45s\n", 45.0),
+    ("TimeoutStopUSec=1min 30s\nLoadState=loaded\n", 90.0),
+    ("LoadState=loaded\nTimeoutStopUSec=infinity\n", None),
+    ("LoadState=not-found\nTimeoutStopUSec=1min 30s\n", None),
+])
+def test_the_units_stop_timeout_as_systemctl_shows_it(
+    systemctl: Path, shown: str, seconds: float | None
+) -> None:
+    systemctl.write_text(shown)
+    assert unit_stop_timeout() == seconds
+
+
+def test_a_drain_longer_than_the_units_stop_timeout_warns() -> None:
+    assert check_stop_timeout(30.0, 45.0) == [
+        Finding("ok", "drain_timeout 30 s fits in the unit's TimeoutStopSec 45 s")
+    ]
+    assert check_stop_timeout(30.0, None) == []
+    assert check_stop_timeout(60.0, 45.0) == [
+        Finding(
+            "warn",
+            "drain_timeout 60 s does not fit in the unit's TimeoutStopSec 45 s with 10 s to stop "
+            "the workers after it: systemd kills a long drain (SIGKILL) before it ends",
+            "`systemctl edit hived` and set [Service] TimeoutStopSec=70s, or lower [timing] "
+            "drain_timeout",
+        )
+    ]
+
+
+def test_doctor_json_has_every_check_and_the_verdict(
+    daemon, tmp_path: Path, key: Path, listener: socket.socket, systemctl: Path
+) -> None:
+    systemctl.write_text("LoadState=loaded\nTimeoutStopUSec=45s\n")
+    config = write_config(tmp_path / "hived.toml", daemon.address, [address_of(listener)], key,
+                          extra="[timing]\ndrain_timeout = 60.0\n")
+    out = doctor("--config", str(config), "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    body = json.loads(out.stdout)
+    assert body["ok"] is True
+    assert all(set(check) == {"level", "what", "fix"} for check in body["checks"])
+    assert [c["what"] for c in body["checks"] if c["level"] == "warn"] == [
+        "drain_timeout 60 s does not fit in the unit's TimeoutStopSec 45 s with 10 s to stop "
+        "the workers after it: systemd kills a long drain (SIGKILL) before it ends"
+    ]
+    plain = doctor("--config", str(config))
+    assert [line[6:].split(" — ")[0] for line in plain.stdout.splitlines()] == [
+        c["what"] for c in body["checks"]
+    ]
+    failing = doctor("--config", str(tmp_path / "absent.toml"), "--json")
+    assert failing.returncode == 1 and json.loads(failing.stdout)["ok"] is False
 
 
 def test_version_skew_with_a_peer_warns(

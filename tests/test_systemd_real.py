@@ -561,6 +561,24 @@ def test_reload_rereads_the_config_file(box: Box) -> None:
     box.sh("systemctl reload hived", timeout=30)
 
 
+def test_reload_of_a_broken_file_fails_and_the_daemon_keeps_its_config(box: Box) -> None:
+    before = wait_for(box.active, 30, interval=0.2, what="hived.service to be active")
+    box.sh("cp -p /etc/hived/hived.toml /etc/hived/hived.toml.good && "
+           "sed -i 's/^drain_timeout = 10.0$/drain_timeout = -1.0/' /etc/hived/hived.toml")
+    try:
+        out = box.sh("systemctl reload hived", check=False, timeout=30)
+        assert out.returncode != 0, out  # the operator sees the reload fail
+        assert ("hived: /etc/hived/hived.toml: timing.drain_timeout: expected a number of "
+                "seconds > 0, got -1.0") in box.journal()  # and the journal says why
+        after = wait_for(box.active, 30, interval=0.2, what="hived.service active")
+        assert after["MainPID"] == before["MainPID"]  # never signalled, never stopped
+        assert box.status()["nodes"][0]["state"] == "alive"
+        assert "SIGHUP" not in box.journal().split("Reloading")[-1]
+    finally:
+        box.sh("mv /etc/hived/hived.toml.good /etc/hived/hived.toml")
+    assert box.sh("systemctl reload hived", check=False, timeout=30).returncode == 0
+
+
 def test_watchdog_restarts_a_frozen_daemon(box: Box) -> None:
     box.sh(
         "mkdir -p /etc/systemd/system/hived.service.d && "
