@@ -26,7 +26,7 @@ from hived.config import DEFAULT_CONFIG_PATH
 from hived.control import Answer, DrainRequest, JobsQuery, StatusQuery, ask
 from hived.errors import HiveError, RemoteProtocolError
 from hived.security import client_curve
-from hived.status import check_jobs, check_status
+from hived.status import check_jobs, check_status, seed_problems
 
 TIMEOUT = 3.0
 _requests = itertools.count(1)
@@ -104,6 +104,8 @@ def status(args: argparse.Namespace) -> None:
     else:
         print("coordinator: none known (no valid lease seen from here)")
     print(_table(body["nodes"], NODE_COLUMNS))
+    for seed in seed_problems(body):
+        print(f"seed {seed['address']} is {seed['state']}: {seed['why']}")
 
 
 def jobs(args: argparse.Namespace) -> None:

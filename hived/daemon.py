@@ -39,6 +39,7 @@ from hived.node import Node, NodeSettings
 from hived.resources import memory_limit_bytes, resolve_cpus, resolve_gpus, total_memory
 from hived.sdnotify import Notifier
 from hived.security import ClusterKey, load_key
+from hived.status import seed_problems
 
 log = logging.getLogger("hived")
 
@@ -236,7 +237,10 @@ class Daemon:
         pool, mesh = self.node.pool, self.node.mesh
         role = "coordinator" if mesh is None or mesh.is_coordinator() else "member"
         peers = len(mesh.members()) - 1 if mesh is not None else 0
-        return f"{role}; {peers} peers; {pool.slots_busy}/{pool.slots_total} slots busy"
+        line = f"{role}; {peers} peers; {pool.slots_busy}/{pool.slots_total} slots busy"
+        for seed in seed_problems({"seeds": mesh.seeds_status()}) if mesh is not None else []:
+            line += f"; seed {seed['address']} {seed['state']}: {seed['why']}"
+        return line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,7 @@ from hived.control import StatusQuery, ask
 from hived.errors import ConfigError, HiveError, RemoteProtocolError
 from hived.security import ClusterKey, load_key
 from hived.socketdir import group_name, user_name
-from hived.status import check_status
+from hived.status import check_status, seed_problems
 
 Level = Literal["ok", "warn", "FAIL"]
 
@@ -311,6 +311,18 @@ def check_versions(status: dict[str, Any], ours: str = __version__) -> list[Find
     ]
 
 
+def check_seed_links(status: dict[str, Any]) -> list[Finding]:
+    """What the daemon sees of its seeds: one it cannot reach or that refuses
+    it leaves it cut off, or the election a voter short, while it looks well."""
+    return [
+        fail(
+            f"the daemon's seed {seed['address']} is {seed['state']}: {seed['why']}",
+            "the same cluster key and hived release on every node; `hivectl doctor` there",
+        )
+        for seed in seed_problems(status)
+    ]
+
+
 # --------------------------------------------------------------------------
 # The network and the machine
 
@@ -486,6 +498,7 @@ def diagnose(
     found += check_clock()
     if status is not None:
         found += check_versions(status)
+        found += check_seed_links(status)
     drain_timeout = (config.timing if config else TimingConfig()).drain_timeout
     found += check_stop_timeout(drain_timeout, stop_timeout())
     return found

@@ -59,7 +59,17 @@ from hived.membership import PeerJoined, PeerLeft, PeerStateChanged
 from hived.meshcore import Event, MeshCore, MeshDriver
 from hived.reactor import NOBLOCK, Channel
 from hived.security import ClusterKey, ZapHandler
-from hived.wire import Message, decode, encode, zero_copy
+from hived.seeds import EVENTS as SEED_EVENTS
+from hived.seeds import SeedWatch
+from hived.wire import (
+    PROTOCOL_MAJOR,
+    PROTOCOL_MINOR,
+    Message,
+    decode,
+    encode,
+    peer_version,
+    zero_copy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +110,8 @@ class Mesh(MeshDriver):
         self.on_client_frames = on_client_frames
         self.on_work, self.on_peer_gone = on_work, on_peer_gone
         self.dealers: dict[str, zmq.Socket] = {}
-        self.links: dict[str, Channel] = {}  # each DEALER's monitor: its link coming up
+        self.links: dict[str, Channel] = {}  # each DEALER's monitor: its link up, or failing
+        self.seed_watch = SeedWatch(self.seeds, advertise)
         self.zap: ZapHandler | None = None
         self.zap_channel: Channel | None = None
         self.inbox: Channel | None = None
@@ -129,6 +140,7 @@ class Mesh(MeshDriver):
         if self.advertise.endswith(":0"):  # bound to any free port: say which
             port = sock.last_endpoint.decode().rsplit(":", 1)[1]
             self.advertise = self.advertise[: -len("0")] + port
+            self.seed_watch = SeedWatch(self.seeds, self.advertise)
         self.inbox = Channel(self.loop, sock, self._on_inbox)
         if self.key is not None:  # say so when a connection fails the handshake
             # (not NO_DETAIL: that is also a port probe closing early, `hivectl doctor`'s)
@@ -217,7 +229,12 @@ class Mesh(MeshDriver):
                     f"a mesh message from a connection named {sender[:64]!r}, "
                     "expected a peer's tcp://host:port"
                 )
-            msg, payload = decode(frames[1:])
+            try:
+                msg, payload = decode(frames[1:])
+            except RemoteProtocolError as exc:
+                if peer_version(frames[1:]) not in (None, (PROTOCOL_MAJOR, PROTOCOL_MINOR)):
+                    self.seed_watch.refused(sender, str(exc))
+                raise
             # counted once decoded, so a peer cannot grow this table with made-up types
             self.bytes_in[kind] = self.bytes_in.get(kind, 0) + sum(len(f) for f in frames[1:])
             actions = self.core.handle(sender, msg, now)
@@ -380,9 +397,9 @@ class Mesh(MeshDriver):
             except zmq.ZMQError:
                 sock.close(linger=0)
                 raise
-            link = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            link = sock.get_monitor_socket(SEED_EVENTS)
             self.dealers[address] = sock
-            self.links[address] = Channel(self.loop, link, lambda _f, a=address: self._link_up(a))
+            self.links[address] = Channel(self.loop, link, lambda f, a=address: self._link_event(a, f))
         return sock
 
     def _close_dealer(self, address: str, linger: int = 0) -> None:
@@ -412,9 +429,17 @@ class Mesh(MeshDriver):
             self._close_dealer(address)
             self._dealer(address)
 
-    def _link_up(self, address: str) -> None:
-        if address in self.dealers:
+    def _link_event(self, address: str, frames: list[Any]) -> None:
+        if address not in self.dealers:
+            return
+        event = parse_monitor_message([f.bytes for f in frames])["event"]
+        self.seed_watch.dealer_event(address, event)
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._run(self.core.link_up(address, self.loop.time()))
+
+    def seeds_status(self) -> list[dict[str, Any]]:
+        """Every seed: a live member, or why not (`hivectl status`, doctor, STATUS=)."""
+        return self.seed_watch.rows(set(self.members_alive()))
 
     def _arm(self) -> None:
         due = self.core.next_deadline()

@@ -2,7 +2,9 @@
 
 The shape is a contract (DESIGN.md): `{"coordinator": {"name", "term"} or
 null, "nodes": [{"name", "address", "state", "role", "cpus", "gpus",
-"slots_busy", "slots_free", "tasks_done", "version", ...}]}`. This node's
+"slots_busy", "slots_free", "tasks_done", "version", ...}], ...}`; a mesh
+node adds `"seeds": [{"address", "state", "why"}]`, each configured seed a
+member, joining, unreachable or refusing (hived.seeds). This node's
 row comes from its own pool; the other rows from what their heartbeats said.
 `check_status` and `check_jobs` hold an answer to that shape before hivectl
 or doctor reads it: a broken or hostile daemon gets one clear error, never a
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from hived import __version__
 from hived.errors import RemoteProtocolError
+from hived.seeds import REFUSING, UNREACHABLE
 
 if TYPE_CHECKING:
     from hived.node import Node
@@ -66,7 +69,19 @@ def node_status(node: Node) -> dict[str, Any]:
     return {
         "coordinator": {"name": coordinator[0], "term": coordinator[1]} if coordinator else None,
         "nodes": rows,
+        "seeds": node.mesh.seeds_status(),
     }
+
+
+def seed_problems(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The seeds of a status answer that are unreachable or refuse us."""
+    seeds = body.get("seeds")
+    rows = seeds if type(seeds) is list else []  # an older node's answer has none
+    return [
+        row for row in rows
+        if type(row) is dict and row.get("state") in (UNREACHABLE, REFUSING)
+        and type(row.get("address")) is str and type(row.get("why")) is str
+    ]
 
 
 # The fields of a row that DESIGN.md fixes, and their types.
