@@ -317,7 +317,7 @@ class Pool:
         worker.running = a
         has_blob = a.fn not in worker.blobs
         payload = [self.blobs[a.fn], *a.frames] if has_blob else a.frames
-        run = Run(a.id, a.fn, has_blob, a.start, a.stop, self.job_tag(a.job), a.precise)
+        run = Run(a.id, a.fn, has_blob, a.start, a.stop, self.job_tag(a.job), a.precise, a.needs.cpus)
         if self.channel.send([worker.route, *encode(run, payload)]):
             worker.blobs.add(a.fn)
         # else: the worker is gone; its pidfd callback hands the assignment back

@@ -14,6 +14,14 @@ again untouched.
 
 What a task prints goes, a line at a time, to the node with the job's id, so
 the caller sees it prefixed with node and pid.
+
+Native thread pools (OpenMP, BLAS, numexpr, numba) get as many threads as
+the task has CPUs, through the variables in THREAD_LIMITS, as joblib's
+workers do: without them every worker of a node starts one thread per CPU
+and the node runs workers x CPUs threads. A variable the worker inherited
+(set for the embedded caller, or for the daemon) is the user's choice and
+is left alone. Libraries read these when they load, so they are set at
+start (one CPU) and again before a range whose task asks for other CPUs.
 """
 
 from __future__ import annotations
@@ -39,6 +47,16 @@ SOMEWHERE = -2  # in a range, at an item not recorded (the fast path, or unpickl
 KEYWORDS = -1
 # Set by an embedded node's pool: the caller's multiprocessing authkey (hex).
 AUTHKEY_VARIABLE = "HIVED_AUTHKEY"
+# The thread-count variables joblib's workers get (its MAX_NUM_THREADS_VARS).
+THREAD_LIMITS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMBA_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
 
 
 @message(b"W.READY")
@@ -56,6 +74,7 @@ class Run(Message):
     stop: int
     job: int  # the node's short id for the job, tags printed output
     precise: bool  # record each item in the black box (this range crashed before)
+    cpus: int  # the task's CPUs: its native thread pools' size
 
 
 @message(b"W.DONE")
@@ -132,6 +151,21 @@ class _Lines(io.TextIOBase):
             self._worker.send_output(self._stream, text)
 
 
+class ThreadLimits:
+    """Sets THREAD_LIMITS to a task's CPUs, except those the worker inherited."""
+
+    def __init__(self, environ: Any) -> None:
+        self.environ = environ
+        self.ours = [name for name in THREAD_LIMITS if name not in environ]
+        self.cpus = 0
+
+    def apply(self, cpus: int) -> None:
+        if cpus != self.cpus:  # the common case, every range alike: nothing to do
+            self.cpus = cpus
+            for name in self.ours:
+                self.environ[name] = str(cpus)
+
+
 class Worker:
     def __init__(self, zmq: Any, address: str, number: int, black_box: str, where: str):
         self.zmq = zmq
@@ -148,6 +182,8 @@ class Worker:
         self.page = os.sysconf("SC_PAGE_SIZE")
         self.statm = os.open("/proc/self/statm", os.O_RDONLY)
         self.parent = os.getppid()
+        self.threads = ThreadLimits(os.environ)
+        self.threads.apply(1)
 
     def send_output(self, stream: int, text: str) -> None:
         self.sock.send_multipart(encode(Output(self.job, stream, text)))
@@ -172,6 +208,7 @@ class Worker:
     def run(self, msg: Run, payload: list[Any]) -> None:
         self.job, where = msg.job, f"{self.where} pid {os.getpid()}"
         BLACK_BOX.pack_into(self.box, 0, msg.assignment, SOMEWHERE)
+        self.threads.apply(msg.cpus)
         try:
             if msg.has_blob:
                 blob, payload = payload[0], payload[1:]
