@@ -32,6 +32,7 @@ from typing import Any
 
 from hived import __version__, serialization
 from hived.addresses import local_control_addresses
+from hived.config import check_setting
 from hived.control import (
     Call,
     Hello,
@@ -56,7 +57,7 @@ from hived.mapping import (
     raise_for,
 )
 from hived.node import NodeSettings
-from hived.resources import detect_gpus, usable_cpus
+from hived.resources import detect_gpus, resolve_cpus
 from hived.security import client_curve
 from hived.socketdir import check_access
 from hived.wire import Message, decode, encode
@@ -76,7 +77,11 @@ _exiting = False  # the interpreter is shutting down: no new work
 class Hive(concurrent.futures.Executor):
     """A connection to one node of a hive (or an embedded one)."""
 
-    def __init__(self, address: str | None = None, *, key_file: str | None = None) -> None:
+    def __init__(
+        self, address: str | None = None, *, key_file: str | None = None, cpus: int | None = None
+    ) -> None:
+        if cpus is not None:
+            _check_count("cpus", cpus, 1)
         self._lock = threading.Lock()
         self._streams: dict[int, Any] = {}
         self._job_numbers = itertools.count(1)
@@ -93,10 +98,10 @@ class Hive(concurrent.futures.Executor):
         self._lost: str | None = None  # why the node is gone, once it is
         self.node_name = ""
         self.slots = 1
-        self.link = self._open_link(address, key_file)
+        self.link = self._open_link(address, key_file, cpus)
         _live.add(self)
 
-    def _open_link(self, address: str | None, key_file: str | None) -> Any:
+    def _open_link(self, address: str | None, key_file: str | None, cpus: int | None) -> Any:
         address = address or os.environ.get("HIVED_ADDRESS") or None
         if address is None:
             for control in local_control_addresses():
@@ -112,7 +117,7 @@ class Hive(concurrent.futures.Executor):
         self.address = address
         if address == EMBEDDED:
             settings = NodeSettings(
-                cpus=usable_cpus(),
+                cpus=cpus or _embedded_cpus(),
                 gpus=detect_gpus(),
                 authkey=bytes(multiprocessing.current_process().authkey),
             )
@@ -482,9 +487,21 @@ def _no_daemon(address: str) -> str:
     )
 
 
-def connect(address: str | None = None, *, key_file: str | None = None) -> Hive:
-    """A Hive: the daemon at `address` (or HIVED_ADDRESS, or the local one), else embedded."""
-    return Hive(address, key_file=key_file)
+def _embedded_cpus() -> int:
+    """An embedded hive's CPU slots: HIVED_CPUS (as the daemon reads it), else usable CPUs."""
+    value = os.environ.get("HIVED_CPUS", "")
+    spec = check_setting("pool.cpus", value, "environment HIVED_CPUS") if value.strip() else "auto"
+    return resolve_cpus(spec)
+
+
+def connect(
+    address: str | None = None, *, key_file: str | None = None, cpus: int | None = None
+) -> Hive:
+    """A Hive: the daemon at `address` (or HIVED_ADDRESS, or the local one), else embedded.
+
+    `cpus` sizes an embedded hive (else HIVED_CPUS, else this machine's usable
+    CPUs); a daemon's slots are its own and `cpus` does not change them."""
+    return Hive(address, key_file=key_file, cpus=cpus)
 
 
 class _DefaultHive:

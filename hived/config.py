@@ -177,6 +177,11 @@ def parse_memory_limit(spec: int | str) -> int | str:
     return int(float(number) * (_UNITS[unit.lower()] if unit else 1))
 
 
+def check_setting(key: str, value: str, where: str) -> Any:
+    """One setting given as text (a variable's value), checked as the daemon checks it."""
+    return _validate(key, _Raw(value.strip(), where, text=True))
+
+
 def check_security(config: Config) -> None:
     """Refuse a setup that lets other machines in without authentication.
 
