@@ -91,7 +91,8 @@ class WorkerProc:
     blobs: set[bytes] = field(default_factory=set)
     items_done: int = 0
     retiring: bool = False
-    kill_reason: str | None = None
+    kill_reason: str | None = None  # why the pool itself killed it
+    routine: bool = False  # that kill was part of normal work (a stop, a cancel), not a fault
 
     @property
     def idle(self) -> bool:
@@ -191,7 +192,9 @@ class Pool:
             pass
         if worker.running is not None:
             why = self._describe_death(worker, code, crashed_at)
-            log.warning("%s", why)
+            # A library keeps routine events below WARNING: a stop or a
+            # cancel happens on every normal exit of a caller that left a map.
+            log.log(logging.INFO if worker.routine else logging.WARNING, "%s", why)
             aid, worker.running = worker.running.id, None
             self.sink.on_lost(aid, crashed_at, why)
         elif not worker.retiring and not self.closing:
@@ -245,15 +248,13 @@ class Pool:
             if worker.route is not None and worker.running is None:
                 self.channel.send([worker.route, *encode(Exit())])
             else:  # still starting, or busy with a task: it cannot hear us
-                worker.kill_reason = "the pool is stopping"  # not "out of memory"
-                worker.proc.kill()
+                self._kill(worker, "the pool is stopping", routine=True)  # not "out of memory"
         # Exits arrive through the pidfd callbacks, which set the event.
         try:
             await asyncio.wait_for(self._all_exited.wait(), timeout)
         except asyncio.TimeoutError:
             for worker in list(self.workers.values()):
-                worker.kill_reason = "the pool is stopping"
-                worker.proc.kill()
+                self._kill(worker, "the pool is stopping", routine=True)
             await asyncio.wait_for(self._all_exited.wait(), 5.0)
         self.channel.close()
         for name in os.listdir(self.dir):
@@ -326,8 +327,7 @@ class Pool:
         """Stop the workers running these assignments (their job was cancelled)."""
         for worker in self.workers.values():
             if worker.running is not None and worker.running.id in aids:
-                worker.kill_reason = reason
-                worker.proc.kill()
+                self._kill(worker, reason, routine=True)
 
     def check_memory(self) -> None:
         """Replace workers whose resident memory passed the limit (runs each second)."""
@@ -344,13 +344,18 @@ class Pool:
                 continue
             if rss > self.memory_limit:
                 if worker.running is not None:
-                    worker.kill_reason = (
+                    reason = (
                         f"its resident memory {rss >> 20} MiB passed memory_limit "
                         f"{self.memory_limit >> 20} MiB"
                     )
-                    worker.proc.kill()
+                    self._kill(worker, reason, routine=False)
                 else:
                     self._retire(worker)
+
+    def _kill(self, worker: WorkerProc, reason: str, *, routine: bool) -> None:
+        """Kill a worker on purpose; `reason` is what its task's error says."""
+        worker.kill_reason, worker.routine = reason, routine
+        worker.proc.kill()
 
     def _retire(self, worker: WorkerProc) -> None:
         """Let an idle worker exit and start its successor now."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import os
 import re
 import signal
@@ -386,3 +387,19 @@ def test_max_tasks_per_worker_recycles_workers(make_daemon, tmp_path):
     assert max(per_worker.values()) <= 5, per_worker
     assert len(per_worker) >= 40 // 5, per_worker
     wait_for(lambda: len(daemon.worker_pids()) == 2, 30, what="the daemon's pool to settle at 2")
+
+
+def test_normal_use_logs_nothing_at_warning_or_above(caplog) -> None:
+    """Routine events (workers stopped as the hive shuts down, a map left
+    early and its tasks stopped) are INFO: a library's WARNINGs are faults."""
+    caplog.set_level(logging.DEBUG)
+    with hived.connect("embedded") as h:
+        assert sum(h.map(square, range(1000))) == sum(x * x for x in range(1000))
+        assert h.submit(square, 3).result(timeout=30) == 9
+        left = h.map(nap, [0.0] + [5.0] * 8)
+        next(left)
+        left.close()  # its running tasks are stopped after CANCEL_GRACE
+    hived.connect("embedded").shutdown()  # stopped while its workers still start
+    loud = [f"{r.levelname} {r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not loud
+    assert any("was stopped" in r.getMessage() for r in caplog.records)  # INFO, but said
