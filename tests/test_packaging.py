@@ -1,4 +1,5 @@
-"""What `pip install` gets: the distribution's name, its commands, its version."""
+"""What `pip install` gets: the distribution's name, its commands, its version,
+py.typed and the Pythons it supports."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import pytest
 from conftest import REPO, child_env
 
 import hived
+
+SUPPORTED = ("3.10", "3.11", "3.12", "3.13")
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +63,21 @@ def test_the_wheel_keeps_the_package_and_commands_named_hived(wheel: zipfile.Zip
     assert "hived = hived.daemon:main" in scripts
     assert "hivectl = hived.cli:main" in scripts
 
+
+
+def test_the_wheel_ships_py_typed(wheel: zipfile.ZipFile) -> None:
+    # PEP 561: without the marker, type checkers ignore hived's annotations.
+    assert "hived/py.typed" in wheel.namelist()
+
+
+def test_classifiers_name_every_supported_python_and_typed(wheel: zipfile.ZipFile) -> None:
+    head = _member(wheel, "METADATA").split("\n\n", 1)[0]  # the headers, not the README
+    fields = [line.split(": ", 1) for line in head.splitlines() if ": " in line]
+    classifiers = {value for key, value in fields if key == "Classifier"}
+    listed = {c.rsplit(" :: ", 1)[1] for c in classifiers if c.startswith("Programming Language :: Python :: 3.")}
+    assert listed == set(SUPPORTED)
+    assert "Typing :: Typed" in classifiers
+    assert dict(fields)["Requires-Python"] == f">={SUPPORTED[0]}"
 
 @pytest.mark.parametrize(("module", "command"), [("hived.daemon", "hived"), ("hived.cli", "hivectl")])
 def test_both_commands_print_their_version(module: str, command: str) -> None:
