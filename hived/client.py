@@ -57,6 +57,7 @@ from hived.mapping import (
     raise_for,
 )
 from hived.node import NodeSettings
+from hived.progress import write_output
 from hived.resources import detect_gpus, resolve_cpus
 from hived.security import client_curve
 from hived.socketdir import check_access
@@ -162,14 +163,12 @@ class Hive(concurrent.futures.Executor):
                           "client's (it restarted, or took this client for gone)")
         elif isinstance(msg, Output):
             stream = sys.stdout if msg.stream == 1 else sys.stderr
-            if self.address == EMBEDDED:
-                # This process's own children, as a ProcessPoolExecutor's
-                # are: their lines as they wrote them.
-                stream.write(msg.text)
-            else:
-                for line in msg.text.splitlines(keepends=True):
-                    stream.write(f"({msg.source}) {line}")
-            stream.flush()
+            text = msg.text
+            if self.address != EMBEDDED:
+                # (An embedded hive's workers are this process's own children,
+                # as a ProcessPoolExecutor's are: their lines as they wrote them.)
+                text = "".join(f"({msg.source}) {line}" for line in text.splitlines(keepends=True))
+            write_output(stream, text)
         else:
             target = self._streams.get(getattr(msg, "job", None))
             if target is not None:

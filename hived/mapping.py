@@ -30,7 +30,6 @@ import itertools
 import math
 import operator
 import queue
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from hived.errors import (
     TaskTimeout,
     WorkerCrashed,
 )
+from hived.progress import Progress
 from hived.scheduling import MAX_CHUNK_ITEMS
 from hived.wire import Message, encode
 from hived.worker import TaskError
@@ -134,30 +134,6 @@ class ChunkSizer:
         if per_item <= 0:
             return self.cap
         return max(1, min(self.cap, int(TARGET_CHUNK_SECONDS / per_item)))
-
-
-class Progress:
-    """A one-line progress bar on stderr, redrawn at most ten times a second."""
-
-    def __init__(self, total: int | None) -> None:
-        self.total, self.done, self.began, self.drawn = total, 0, time.monotonic(), 0.0
-
-    def advance(self, n: int, final: bool = False) -> None:
-        self.done += n
-        now = time.monotonic()
-        if not final and now - self.drawn < 0.1:
-            return
-        self.drawn = now
-        rate = self.done / max(now - self.began, 1e-9)
-        if self.total:
-            width = 30
-            filled = int(width * self.done / self.total)
-            bar = "#" * filled + "-" * (width - filled)
-            line = f"\rhived [{bar}] {self.done}/{self.total} {rate:,.0f}/s"
-        else:
-            line = f"\rhived {self.done} done {rate:,.0f}/s"
-        sys.stderr.write(line + ("\n" if final else ""))
-        sys.stderr.flush()
 
 
 @dataclass
@@ -434,7 +410,7 @@ class MapStream:
                         yield _raise_failed(values.pop())
         finally:
             if self.progress:
-                self.progress.advance(0, final=True)
+                self.progress.close()
             if not self.finished:
                 self.send(encode(CancelJob(self.job)))
             self.forget(self.job)

@@ -12,14 +12,19 @@ asserts on timing beyond generous deadlines.
 from __future__ import annotations
 
 import collections
+import fcntl
 import itertools
 import logging
 import os
+import pty
 import re
 import signal
+import struct
 import sys
+import termios
 import threading
 import tracemalloc
+from collections.abc import Iterator
 
 import psutil
 import pytest
@@ -27,6 +32,7 @@ from netns import wait_for
 from tasks import nap, nap_then
 
 import hived
+import hived.progress
 from hived.control import AddChunk
 from hived.mapping import MAX_UNSIZED_CHUNK, TARGET_CHUNK_SECONDS, WINDOW_BUFFER, ChunkSizer
 from hived.wire import decode
@@ -36,6 +42,11 @@ from hived.wire import decode
 
 def square(x):
     return x * x
+
+
+def shout(x):
+    print(f"line {x}", file=sys.stderr)
+    return x
 
 
 
@@ -214,11 +225,99 @@ def test_memory_stays_flat_over_a_long_endless_map(hive):
 # -- what the caller sees -----------------------------------------------------------------
 
 
-def test_progress_bar_on_stderr(hive, capsys):
+class Terminal:
+    """sys.stderr on a pseudo-terminal of 100 columns; `screen()` is what it shows."""
+
+    def __init__(self) -> None:
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+        self.file = open(slave, "w", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        self.got = bytearray()
+        self.reader = threading.Thread(target=self._read, daemon=True)  # a full pty would block writes
+        self.reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:  # the slave side closed
+                return
+            if not chunk:
+                return
+            self.got += chunk
+
+    def close(self) -> None:
+        self.file.close()
+        self.reader.join(10)
+        os.close(self.master)
+
+    def screen(self) -> list[str]:
+        """The lines as a terminal shows them: `\\r` returns, ESC[K erases to the end."""
+        self.file.flush()
+        wait_for(lambda: self.got.endswith(b"\n"), 10, what="the bar's last line")
+        text = self.got.decode().replace("\r\n", "\n")  # the pty's own CR before LF
+        lines = []
+        for raw in text.split("\n")[:-1]:
+            row: list[str] = []
+            at = 0
+            for piece in re.split(r"(\r|\x1b\[K)", raw):
+                if piece == "\r":
+                    at = 0
+                elif piece == "\x1b[K":
+                    del row[at:]
+                else:
+                    row[at : at + len(piece)] = piece
+                    at += len(piece)
+            lines.append("".join(row).rstrip())
+        return [line for line in lines if line]
+
+
+@pytest.fixture
+def terminal() -> Iterator[Terminal]:
+    """A Terminal; the test sets sys.stderr to it (in its body: pytest sets
+    sys.stderr again between a fixture's setup and the test)."""
+    term = Terminal()
+    yield term
+    term.close()
+
+
+@pytest.mark.parametrize("tqdm", ["tqdm", "without tqdm"])
+def test_no_bar_is_drawn_into_what_is_not_a_terminal(hive, capsys, monkeypatch, tqdm):
+    if tqdm == "tqdm":
+        pytest.importorskip("tqdm.auto")
+    else:
+        monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # as if not installed
     assert list(hive.map(square, range(50), progress=True)) == [x * x for x in range(50)]
-    err = capsys.readouterr().err
-    assert "hived [" in err and "50/50" in err, err
-    assert err.endswith("\n")
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("tqdm", ["tqdm", "without tqdm"])
+def test_a_bar_in_a_terminal_with_task_output_above_it(hive, terminal, monkeypatch, tqdm):
+    if tqdm == "tqdm":
+        pytest.importorskip("tqdm.auto")
+    else:
+        monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    monkeypatch.setattr(sys, "stderr", terminal.file)
+    assert list(hive.map(shout, range(40), progress=True)) == list(range(40))
+    lines = terminal.screen()
+    # Every line a task printed is a line of its own, the bar's last state below them.
+    assert sorted(line for line in lines if line.startswith("line ")) == sorted(f"line {i}" for i in range(40))
+    assert all(line.startswith(("line ", "hived")) for line in lines), lines
+    (bar,) = [line for line in lines if line.startswith("hived")]
+    assert lines[-1] == bar and "40/40" in bar, lines
+    if tqdm == "tqdm":
+        assert bar.startswith("hived: 100%"), bar
+    else:
+        assert bar.startswith("hived [" + "#" * 30 + "] 40/40") and " eta 0:00" in bar, bar
+
+
+def test_the_fallback_bar_shows_an_eta_while_it_runs(terminal):
+    clock = [100.0]
+    bar = hived.progress.TextBar(1000, terminal.file, clock=lambda: clock[0])
+    clock[0] = 110.0
+    bar.update(100)  # 10/s: 900 to go, 90 s
+    bar.close()
+    assert terminal.screen() == ["hived [###---------------------------] 100/1000 10/s eta 1:30"]
 
 
 @pytest.mark.parametrize("where", ["embedded", "daemon"])
