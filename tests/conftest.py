@@ -17,13 +17,14 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
 import pytest
 from hypothesis import settings
 from netns import wait_for
+from pythons import interpreter
 
 import hived
 from hived.control import StatusQuery, ask
@@ -141,6 +142,20 @@ def make_daemon() -> Iterator:
 @pytest.fixture
 def daemon(make_daemon) -> Daemon:
     return make_daemon()
+
+
+@pytest.fixture(scope="session")
+def python_of(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], str]:
+    """An interpreter of a declared Python version for this session's tests
+    (tests/pythons.py), its venv made once."""
+    venvs, found = str(tmp_path_factory.mktemp("venvs")), {}
+
+    def of(version: str) -> str:
+        if version not in found:
+            found[version] = interpreter(version, venvs)
+        return found[version]
+
+    return of
 
 
 @pytest.fixture(autouse=True)
