@@ -494,7 +494,8 @@ class Node:
         """What a task printed, to the client of its job (or our log)."""
         key = self._tagged.get(tag)
         if key is None or key[0] not in self.clients:
-            log.info("(%s) %s", source, text.rstrip("\n"))
+            # Its client is gone: the text is the user's, not for our log.
+            log.debug("dropped %d characters of output from %s: its client is gone", len(text), source)
             return
         self.control.send(key[0], Output(key[1], stream, text, source))
 

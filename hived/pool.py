@@ -9,14 +9,19 @@ is *idle* or runs exactly one assignment; whenever a worker becomes idle the
 pool asks its source (the node) for an assignment that fits, so work is
 pulled, never pushed.
 
-    source.assign(fits) ──RUN──▶ worker ──DONE/FAIL/OUT──▶ sink.on_*
-                                   │
+    source.assign(fits) ──RUN──▶ worker ──DONE/FAIL──▶ sink.on_*
+                                   │ └─fd 1/2 pipes──▶ taskoutput.Lines ──▶ sink.on_output
                  pidfd readable ───┘──▶ black box ──▶ sink.on_lost(crashed_at)
 
 A worker's death is noticed at once through its pidfd (Linux), not by a
 timeout; its black box says which item it was running. The pool replaces
 dead workers, and recycles workers after `max_tasks_per_worker` items or
 when their resident memory passes `memory_limit`.
+
+What a worker writes to its fds 1 and 2 belongs to the task it runs at that
+moment (see hived.taskoutput). A worker writes to its pipes before it sends
+DONE (or dies), so the pool reads its pipes dry before it acts on either:
+a task's last lines reach its caller before its results do.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import zmq
 import hived
 from hived.reactor import Channel
 from hived.scheduling import Assignment, Needs
+from hived.taskoutput import Lines
 from hived.wire import decode, encode
 from hived.worker import (
     AUTHKEY_VARIABLE,
@@ -46,7 +52,6 @@ from hived.worker import (
     Done,
     Exit,
     Fail,
-    Output,
     Ready,
     Run,
 )
@@ -54,6 +59,7 @@ from hived.worker import (
 log = logging.getLogger(__name__)
 
 WORKER_MAIN = "from hived.worker import main; main()"
+PIPE_READ = 64 * 1024  # bytes read from a worker's stdout or stderr at a time
 
 # Signals, what they most likely mean for a Python task, for crash messages.
 LIKELY_CAUSE = {
@@ -93,6 +99,8 @@ class WorkerProc:
     retiring: bool = False
     kill_reason: str | None = None  # why the pool itself killed it
     routine: bool = False  # that kill was part of normal work (a stop, a cancel), not a fault
+    pipes: dict[int, int] = field(default_factory=dict)  # read end of fd 1 and fd 2, by stream
+    lines: dict[int, Lines] = field(default_factory=dict)
 
     @property
     def idle(self) -> bool:
@@ -170,11 +178,19 @@ class Pool:
              str(os.getpid())],
             env=env,
             stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             start_new_session=True,  # a Ctrl-C at the caller's terminal is not the task's
             close_fds=True,
         )
         worker = WorkerProc(number, device, proc, box_path)
         self.workers[number] = worker
+        for stream, pipe in ((1, proc.stdout), (2, proc.stderr)):
+            fd = pipe.fileno()
+            os.set_blocking(fd, False)
+            worker.pipes[stream] = fd
+            worker.lines[stream] = Lines(self.loop.time())
+            self.loop.add_reader(fd, self._read_pipe, worker, stream)
         pidfd = os.pidfd_open(proc.pid)
         self.loop.add_reader(pidfd, self._on_exit, worker, pidfd)
 
@@ -182,6 +198,12 @@ class Pool:
         self.loop.remove_reader(pidfd)
         os.close(pidfd)
         code = worker.proc.wait()
+        self._drain(worker)  # its last words (a fatal error's message) are its task's
+        for fd in worker.pipes.values():
+            self.loop.remove_reader(fd)
+        worker.proc.stdout.close()
+        worker.proc.stderr.close()
+        worker.pipes.clear()
         self.workers.pop(worker.number, None)
         if worker.route is not None:
             self.by_route.pop(worker.route, None)
@@ -318,7 +340,7 @@ class Pool:
         worker.running = a
         has_blob = a.fn not in worker.blobs
         payload = [self.blobs[a.fn], *a.frames] if has_blob else a.frames
-        run = Run(a.id, a.fn, has_blob, a.start, a.stop, self.job_tag(a.job), a.precise, a.needs.cpus)
+        run = Run(a.id, a.fn, has_blob, a.start, a.stop, a.precise, a.needs.cpus)
         if self.channel.send([worker.route, *encode(run, payload)]):
             worker.blobs.add(a.fn)
         # else: the worker is gone; its pidfd callback hands the assignment back
@@ -384,9 +406,8 @@ class Pool:
         worker = self.by_route.get(route)
         if worker is None:
             return
-        if isinstance(msg, Output):
-            self.sink.on_output(msg.job, msg.stream, msg.text, worker.proc.pid)
-        elif isinstance(msg, Done):
+        if isinstance(msg, Done):
+            self._drain(worker)
             self._finished(worker, msg.assignment)
             worker.items_done += msg.stop - msg.start
             self.items_done += msg.stop - msg.start
@@ -394,9 +415,49 @@ class Pool:
             self.sink.on_done(msg.assignment, msg.start, msg.stop, msg.elapsed, msg.failures, payload)
             self.kick()
         elif isinstance(msg, Fail):
+            self._drain(worker)
             self._finished(worker, msg.assignment)
             self.sink.on_fail(msg.assignment, msg.message)
             self.kick()
+
+    # -- what workers write to fds 1 and 2 -------------------------------------
+
+    def _read_pipe(self, worker: WorkerProc, stream: int) -> None:
+        fd = worker.pipes[stream]
+        try:
+            data = os.read(fd, PIPE_READ)
+        except BlockingIOError:
+            return
+        if not data:  # every writer closed it: the worker and its children are gone
+            self.loop.remove_reader(fd)
+            return
+        self._emit(worker, stream, worker.lines[stream].feed(data, self.loop.time()))
+
+    def _drain(self, worker: WorkerProc) -> None:
+        """Read what the worker wrote before it finished, and pass on what is held."""
+        for stream, fd in worker.pipes.items():
+            lines, now = worker.lines[stream], self.loop.time()
+            while True:
+                try:
+                    data = os.read(fd, PIPE_READ)
+                except BlockingIOError:
+                    break
+                if not data:
+                    break
+                self._emit(worker, stream, lines.feed(data, now))
+            self._emit(worker, stream, lines.flush())
+
+    def _emit(self, worker: WorkerProc, stream: int, text: str) -> None:
+        if not text:
+            return
+        if worker.running is not None:
+            self.sink.on_output(self.job_tag(worker.running.job), stream, text, worker.proc.pid)
+        elif worker.route is None:  # before READY: the worker's own start failing, not a task
+            log.warning("worker pid %d: %s", worker.proc.pid, text.rstrip("\n"))
+        else:
+            # A past task's child writing on: the user's, so not for our log.
+            log.debug("dropped %d characters a worker pid %d child wrote between tasks",
+                      len(text), worker.proc.pid)
 
     def _finished(self, worker: WorkerProc, aid: int) -> None:
         if worker.running is not None and worker.running.id == aid:

@@ -12,8 +12,10 @@ file, its *black box*. If the process dies in the middle of an item
 item killed it: that item alone is charged a try, and its neighbours run
 again untouched.
 
-What a task prints goes, a line at a time, to the node with the job's id, so
-the caller sees it prefixed with node and pid.
+The worker's fds 1 and 2 are pipes the pool reads (hived.taskoutput): what
+a task writes there, from Python or not, reaches the caller. sys.stdout is
+made line-buffered, as on a terminal, so printed lines travel as they are
+printed, and both streams are flushed before DONE.
 
 Native thread pools (OpenMP, BLAS, numexpr, numba) get as many threads as
 the task has CPUs, through the variables in THREAD_LIMITS, as joblib's
@@ -26,7 +28,6 @@ start (one CPU) and again before a range whose task asks for other CPUs.
 
 from __future__ import annotations
 
-import io
 import mmap
 import os
 import signal
@@ -72,7 +73,6 @@ class Run(Message):
     has_blob: bool  # the blob is the first payload frame (the worker lacks it)
     start: int
     stop: int
-    job: int  # the node's short id for the job, tags printed output
     precise: bool  # record each item in the black box (this range crashed before)
     cpus: int  # the task's CPUs: its native thread pools' size
 
@@ -93,13 +93,6 @@ class Fail(Message):
 
     assignment: int
     message: str
-
-
-@message(b"W.OUT")
-class Output(Message):
-    job: int
-    stream: int  # 1 stdout, 2 stderr
-    text: str
 
 
 @message(b"W.EXIT")
@@ -129,28 +122,6 @@ class _Unloadable(Exception):
     """Stands in `Worker.functions` for a function blob that did not unpickle."""
 
 
-class _Lines(io.TextIOBase):
-    """A sys.stdout/stderr that sends whole lines to the node."""
-
-    def __init__(self, worker: Worker, stream: int):
-        self._worker, self._stream, self._buf = worker, stream, ""
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        self._buf += text
-        if "\n" in self._buf:
-            head, _, self._buf = self._buf.rpartition("\n")
-            self._worker.send_output(self._stream, head + "\n")
-        return len(text)
-
-    def flush(self) -> None:
-        if self._buf:
-            text, self._buf = self._buf, ""
-            self._worker.send_output(self._stream, text)
-
-
 class ThreadLimits:
     """Sets THREAD_LIMITS to a task's CPUs, except those the worker inherited."""
 
@@ -175,7 +146,6 @@ class Worker:
         self.sock.connect(address)
         self.number, self.where = number, where
         self.functions: dict[bytes, Any] = {}
-        self.job = -1
         fd = os.open(black_box, os.O_RDWR)
         self.box = mmap.mmap(fd, BLACK_BOX.size)
         os.close(fd)
@@ -185,12 +155,9 @@ class Worker:
         self.threads = ThreadLimits(os.environ)
         self.threads.apply(1)
 
-    def send_output(self, stream: int, text: str) -> None:
-        self.sock.send_multipart(encode(Output(self.job, stream, text)))
-
     def serve(self) -> None:
         self.sock.send_multipart(encode(Ready(self.number, os.getpid())))
-        sys.stdout, sys.stderr = _Lines(self, 1), _Lines(self, 2)
+        sys.stdout.reconfigure(line_buffering=True)  # a pipe: block-buffered otherwise
         self.sock.rcvtimeo = 1000
         while True:
             try:
@@ -206,7 +173,7 @@ class Worker:
                 self.run(msg, payload)
 
     def run(self, msg: Run, payload: list[Any]) -> None:
-        self.job, where = msg.job, f"{self.where} pid {os.getpid()}"
+        where = f"{self.where} pid {os.getpid()}"
         BLACK_BOX.pack_into(self.box, 0, msg.assignment, SOMEWHERE)
         self.threads.apply(msg.cpus)
         try:
