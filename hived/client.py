@@ -61,6 +61,7 @@ from hived.progress import write_output
 from hived.resources import detect_gpus, resolve_cpus
 from hived.security import client_curve
 from hived.socketdir import check_access
+from hived.taskoutput import Piece, emit_record
 from hived.wire import Message, decode, encode
 from hived.worker import KEYWORDS
 
@@ -162,12 +163,16 @@ class Hive(concurrent.futures.Executor):
             self._on_lost(f"hived on {msg.node} at {self.address} holds nothing of this "
                           "client's (it restarted, or took this client for gone)")
         elif isinstance(msg, Output):
+            # (An embedded hive's workers are this process's own children,
+            # as a ProcessPoolExecutor's are: their lines as they wrote them.)
+            prefix = "" if self.address == EMBEDDED else f"({msg.source}) "
+            if msg.logger:
+                emit_record(Piece(msg.stream, msg.text, msg.logger, msg.level), prefix)
+                return
             stream = sys.stdout if msg.stream == 1 else sys.stderr
             text = msg.text
-            if self.address != EMBEDDED:
-                # (An embedded hive's workers are this process's own children,
-                # as a ProcessPoolExecutor's are: their lines as they wrote them.)
-                text = "".join(f"({msg.source}) {line}" for line in text.splitlines(keepends=True))
+            if prefix:
+                text = "".join(prefix + line for line in text.splitlines(keepends=True))
             write_output(stream, text)
         else:
             target = self._streams.get(getattr(msg, "job", None))

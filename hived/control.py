@@ -190,10 +190,14 @@ class JobRefused(Message):
 
 @message(b"C.OUT")
 class Output(Message):
+    """What a task emitted (a `hived.taskoutput.Piece`): text, or a log record."""
+
     job: int
     stream: int
     text: str
     source: str  # "node pid=1234"
+    logger: str = ""  # a record's logger name; "" for text on the stream
+    level: int = 0  # a record's level
 
 
 @message(b"C.STATUS")

@@ -69,6 +69,7 @@ from hived.matchmaking import (
 )
 from hived.scheduling import Assignment, JobKey, Needs
 from hived.serialization import function_digest
+from hived.taskoutput import Piece
 from hived.wire import Message, frame_bytes
 
 if TYPE_CHECKING:
@@ -223,7 +224,7 @@ class Exchange:
             self.node.pool.kick()
 
     def _on_output(self, sender: str, msg: RangeOutput, payload: list[Any]) -> None:
-        self.node.forward_output(msg.job, msg.stream, msg.text, msg.source)
+        self.node.forward_output(msg.job, Piece(msg.stream, msg.text, msg.logger, msg.level), msg.source)
 
     def drop(self, aids: set[int]) -> None:
         """These assignments' job ended here: the nodes running them stop."""
@@ -453,5 +454,6 @@ class Exchange:
         self.unsent = [u for u in self.unsent if not self.mesh.send(*u)]
         self._resend_later()
 
-    def output(self, key: JobKey, stream: int, text: str, source: str) -> None:
-        self.mesh.send(key[0].decode(), RangeOutput(key[1], stream, text, source))
+    def output(self, key: JobKey, piece: Piece, source: str) -> None:
+        self.mesh.send(key[0].decode(), RangeOutput(key[1], piece.stream, piece.text, source,
+                                                    piece.logger, piece.level))

@@ -124,10 +124,14 @@ class RangeLost(Message):
 
 @message(b"S.OUT")
 class RangeOutput(Message):
+    """What a task emitted, to its job's owner: the fields of control's Output."""
+
     job: int
     stream: int
     text: str
     source: str
+    logger: str = ""
+    level: int = 0
 
 
 @message(b"S.DROP")

@@ -69,6 +69,7 @@ from hived.scheduling import JobKey, Needs, Owner
 from hived.security import ClusterKey
 from hived.serialization import function_digest
 from hived.status import node_status
+from hived.taskoutput import Piece
 from hived.wire import Message, frame_bytes
 
 log = logging.getLogger(__name__)
@@ -482,22 +483,24 @@ class Node:
             self.control.send(key[0], ItemsFailed(key[1], f.chunk, f.index, f.index + 1, "crashed", text))
         self._retire_if_finished(key)
 
-    def on_output(self, tag: int, stream: int, text: str, pid: int) -> None:
+    def on_output(self, tag: int, piece: Piece, pid: int) -> None:
         key = self._tagged.get(tag)
         source = f"{self.name} pid={pid}"
         if key is not None and key[0].startswith(b"tcp://"):  # a range of another owner's job
-            self.exchange.output(key, stream, text, source)
+            self.exchange.output(key, piece, source)
             return
-        self.forward_output(tag, stream, text, source)
+        self.forward_output(tag, piece, source)
 
-    def forward_output(self, tag: int, stream: int, text: str, source: str) -> None:
+    def forward_output(self, tag: int, piece: Piece, source: str) -> None:
         """What a task printed, to the client of its job (or our log)."""
         key = self._tagged.get(tag)
         if key is None or key[0] not in self.clients:
             # Its client is gone: the text is the user's, not for our log.
-            log.debug("dropped %d characters of output from %s: its client is gone", len(text), source)
+            log.debug("dropped %d characters of output from %s: its client is gone",
+                      len(piece.text), source)
             return
-        self.control.send(key[0], Output(key[1], stream, text, source))
+        self.control.send(key[0], Output(key[1], piece.stream, piece.text, source,
+                                         piece.logger, piece.level))
 
     def _retire_if_finished(self, key: JobKey) -> None:
         if key not in self.owner.jobs:  # the Owner retires a job once all is delivered

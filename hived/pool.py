@@ -10,7 +10,7 @@ pool asks its source (the node) for an assignment that fits, so work is
 pulled, never pushed.
 
     source.assign(fits) ──RUN──▶ worker ──DONE/FAIL──▶ sink.on_*
-                                   │ └─fd 1/2 pipes──▶ taskoutput.Lines ──▶ sink.on_output
+                                   │ └─fd 1/2, records──▶ taskoutput ──▶ sink.on_output
                  pidfd readable ───┘──▶ black box ──▶ sink.on_lost(crashed_at)
 
 A worker's death is noticed at once through its pidfd (Linux), not by a
@@ -18,8 +18,9 @@ timeout; its black box says which item it was running. The pool replaces
 dead workers, and recycles workers after `max_tasks_per_worker` items or
 when their resident memory passes `memory_limit`.
 
-What a worker writes to its fds 1 and 2 belongs to the task it runs at that
-moment (see hived.taskoutput). A worker writes to its pipes before it sends
+What a worker writes to its fds 1 and 2, and the `logging` records it
+emits, belong to the task it runs at that moment (see hived.taskoutput),
+each on a pipe of its own. A worker writes to its pipes before it sends
 DONE (or dies), so the pool reads its pipes dry before it acts on either:
 a task's last lines reach its caller before its results do.
 """
@@ -42,7 +43,7 @@ import zmq
 import hived
 from hived.reactor import Channel
 from hived.scheduling import Assignment, Needs
-from hived.taskoutput import Lines
+from hived.taskoutput import RECORDS, Lines, Piece, Records
 from hived.wire import decode, encode
 from hived.worker import (
     AUTHKEY_VARIABLE,
@@ -83,7 +84,7 @@ class Sink(Protocol):
     ) -> None: ...
     def on_fail(self, aid: int, message: str) -> None: ...
     def on_lost(self, aid: int, crashed_at: int | None, why: str) -> None: ...
-    def on_output(self, job: int, stream: int, text: str, pid: int) -> None: ...
+    def on_output(self, job: int, piece: Piece, pid: int) -> None: ...
 
 
 @dataclass(eq=False)
@@ -99,8 +100,8 @@ class WorkerProc:
     retiring: bool = False
     kill_reason: str | None = None  # why the pool itself killed it
     routine: bool = False  # that kill was part of normal work (a stop, a cancel), not a fault
-    pipes: dict[int, int] = field(default_factory=dict)  # read end of fd 1 and fd 2, by stream
-    lines: dict[int, Lines] = field(default_factory=dict)
+    pipes: dict[int, int] = field(default_factory=dict)  # read ends: fd 1, fd 2, RECORDS
+    readers: dict[int, Lines | Records] = field(default_factory=dict)  # by the same keys
 
     @property
     def idle(self) -> bool:
@@ -171,25 +172,29 @@ class Pool:
         elif self.gpus:  # the GPUs belong to the GPU workers; CPU tasks must not contend
             env["CUDA_VISIBLE_DEVICES"] = ""
         where = f"{self.node_name}" + (f" gpu {device}" if device is not None else "")
+        records, records_end = os.pipe()
         # `-c`, not `-m hived.worker`: run as __main__, the worker's classes
         # (TaskError in results) would pickle as `__main__.TaskError`.
         proc = subprocess.Popen(
             [sys.executable, "-c", WORKER_MAIN, self.address, str(number), box_path, where,
-             str(os.getpid())],
+             str(os.getpid()), str(records_end)],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,  # a Ctrl-C at the caller's terminal is not the task's
             close_fds=True,
+            pass_fds=(records_end,),
         )
+        os.close(records_end)
         worker = WorkerProc(number, device, proc, box_path)
         self.workers[number] = worker
-        for stream, pipe in ((1, proc.stdout), (2, proc.stderr)):
-            fd = pipe.fileno()
+        now = self.loop.time()
+        for stream, fd, reader in ((1, proc.stdout.fileno(), Lines(1, now)),
+                                   (2, proc.stderr.fileno(), Lines(2, now)),
+                                   (RECORDS, records, Records(now))):
             os.set_blocking(fd, False)
-            worker.pipes[stream] = fd
-            worker.lines[stream] = Lines(self.loop.time())
+            worker.pipes[stream], worker.readers[stream] = fd, reader
             self.loop.add_reader(fd, self._read_pipe, worker, stream)
         pidfd = os.pidfd_open(proc.pid)
         self.loop.add_reader(pidfd, self._on_exit, worker, pidfd)
@@ -203,6 +208,7 @@ class Pool:
             self.loop.remove_reader(fd)
         worker.proc.stdout.close()
         worker.proc.stderr.close()
+        os.close(worker.pipes[RECORDS])
         worker.pipes.clear()
         self.workers.pop(worker.number, None)
         if worker.route is not None:
@@ -431,12 +437,12 @@ class Pool:
         if not data:  # every writer closed it: the worker and its children are gone
             self.loop.remove_reader(fd)
             return
-        self._emit(worker, stream, worker.lines[stream].feed(data, self.loop.time()))
+        self._emit(worker, worker.readers[stream].feed(data, self.loop.time()))
 
     def _drain(self, worker: WorkerProc) -> None:
         """Read what the worker wrote before it finished, and pass on what is held."""
         for stream, fd in worker.pipes.items():
-            lines, now = worker.lines[stream], self.loop.time()
+            reader, now = worker.readers[stream], self.loop.time()
             while True:
                 try:
                     data = os.read(fd, PIPE_READ)
@@ -444,20 +450,19 @@ class Pool:
                     break
                 if not data:
                     break
-                self._emit(worker, stream, lines.feed(data, now))
-            self._emit(worker, stream, lines.flush())
+                self._emit(worker, reader.feed(data, now))
+            self._emit(worker, reader.flush())
 
-    def _emit(self, worker: WorkerProc, stream: int, text: str) -> None:
-        if not text:
-            return
-        if worker.running is not None:
-            self.sink.on_output(self.job_tag(worker.running.job), stream, text, worker.proc.pid)
-        elif worker.route is None:  # before READY: the worker's own start failing, not a task
-            log.warning("worker pid %d: %s", worker.proc.pid, text.rstrip("\n"))
-        else:
-            # A past task's child writing on: the user's, so not for our log.
-            log.debug("dropped %d characters a worker pid %d child wrote between tasks",
-                      len(text), worker.proc.pid)
+    def _emit(self, worker: WorkerProc, pieces: list[Piece]) -> None:
+        for piece in pieces:
+            if worker.running is not None:
+                self.sink.on_output(self.job_tag(worker.running.job), piece, worker.proc.pid)
+            elif worker.route is None:  # before READY: the worker's own start failing, not a task
+                log.warning("worker pid %d: %s", worker.proc.pid, piece.text.rstrip("\n"))
+            else:
+                # A past task's child writing on: the user's, so not for our log.
+                log.debug("dropped %d characters a worker pid %d child wrote between tasks",
+                          len(piece.text), worker.proc.pid)
 
     def _finished(self, worker: WorkerProc, aid: int) -> None:
         if worker.running is not None and worker.running.id == aid:

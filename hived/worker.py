@@ -15,7 +15,8 @@ again untouched.
 The worker's fds 1 and 2 are pipes the pool reads (hived.taskoutput): what
 a task writes there, from Python or not, reaches the caller. sys.stdout is
 made line-buffered, as on a terminal, so printed lines travel as they are
-printed, and both streams are flushed before DONE.
+printed, and both streams are flushed before DONE. `logging` records go to
+the pool on a third pipe, by a handler on the root logger.
 
 Native thread pools (OpenMP, BLAS, numexpr, numba) get as many threads as
 the task has CPUs, through the variables in THREAD_LIMITS, as joblib's
@@ -28,6 +29,7 @@ start (one CPU) and again before a range whose task asks for other CPUs.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import signal
@@ -38,6 +40,7 @@ import traceback
 from typing import Any
 
 from hived import serialization
+from hived.taskoutput import RecordPipe
 from hived.wire import Message, decode, encode, message, zero_copy
 
 BLACK_BOX = struct.Struct("<qq")  # assignment id, item index (or one of the two below)
@@ -310,6 +313,13 @@ def _die_with(parent: int) -> None:
         os._exit(0)
 
 
+def _forward_logging(fd: int) -> None:
+    """A task's `logging` records go to the pool's record pipe, not the
+    worker's stderr; the task's own children do not inherit the pipe."""
+    os.set_inheritable(fd, False)
+    logging.getLogger().addHandler(RecordPipe(fd))
+
+
 def _take_authkey() -> None:
     """Adopt the caller's multiprocessing authkey, if the pool passed one, and
     keep it out of the environment the tasks' own children inherit."""
@@ -324,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     args = argv if argv is not None else sys.argv[1:]
     address, number, black_box, where, parent = args[0], int(args[1]), args[2], args[3], int(args[4])
     _die_with(parent)
+    _forward_logging(int(args[5]))
     _take_authkey()
     import zmq  # imported here so `import hived.worker` stays light for the node
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,6 +66,14 @@ def square_where_paced(x):
 def nap(seconds):
     time.sleep(seconds)
     return seconds
+
+
+def speaks(x):
+    """Writes a line at the fd level and logs a warning; returns its daemon."""
+    time.sleep(0.1)
+    os.write(1, f"fd line {x}\n".encode())
+    logging.getLogger("hived_tests.remote").warning("remote warning %d", x)
+    return os.getppid()
 
 
 def die_on_bad(args):
@@ -177,6 +187,32 @@ def test_a_map_from_one_owner_spreads_over_every_node(cluster):
     pids = check_squares(got, 40, c)
     others = {n.proc.pid for n in c.nodes if n is not owner}
     assert others <= set(pids), f"ran on {sorted(set(pids))}, expected the others {sorted(others)}"
+
+
+def test_output_and_records_from_other_nodes_reach_the_client_through_the_owner(
+        cluster, capfd, caplog):
+    c = cluster
+    with hived.connect(c[0].control) as h:
+        ran = set(h.map(speaks, range(30), chunksize=1))
+        names = {n.proc.pid: n.name for n in c.nodes}
+        assert len(ran) >= 2, ran
+        out = ""
+
+        def arrived() -> bool:
+            nonlocal out
+            out += capfd.readouterr().out
+            records = [r for r in caplog.records if r.name == "hived_tests.remote"]
+            return out.count("fd line") == 30 and len(records) == 30
+
+        wait_for(arrived, 30, what="every task's line and record")
+    for x in range(30):
+        assert re.search(rf"^\((h\d) pid=\d+\) fd line {x}$", out, re.M), out
+    lines_from = set(re.findall(r"^\((h\d) pid=\d+\) fd line", out, re.M))
+    assert lines_from == {names[pid] for pid in ran}, (lines_from, ran)
+    records = [r for r in caplog.records if r.name == "hived_tests.remote"]
+    assert {r.levelno for r in records} == {logging.WARNING}
+    for node in c.nodes:
+        assert "fd line" not in node.log and "remote warning" not in node.log
 
 
 def test_a_worker_node_killed_mid_job_loses_no_result(cluster):

@@ -8,15 +8,17 @@ says how much was dropped.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
 
+import msgpack
 import pytest
 from netns import wait_for
 
 import hived
-from hived.taskoutput import BURST, Lines
+from hived.taskoutput import BURST, MAX_LINE, Lines, Piece, Records
 
 FLOOD_MIB = 64
 
@@ -27,6 +29,17 @@ def writes_everywhere(x):
     print(f"half {x} ", end="")
     print("whole")
     os.write(2, f"fd two {x}\n".encode())
+    return x
+
+
+def logs(x):
+    log = logging.getLogger("hived_tests.tasklog")
+    log.warning("careful %d", x)
+    log.info("not forwarded: the worker's loggers keep the default level")
+    try:
+        raise KeyError(x)
+    except KeyError:
+        log.exception("went wrong %d", x)
     return x
 
 
@@ -76,6 +89,29 @@ def test_everything_a_task_writes_reaches_the_caller(where, capfd):
             assert word not in daemon.log, daemon.log
 
 
+def test_logging_records_reach_the_callers_logger_with_their_level(where, caplog):
+    address, daemon = where
+    with hived.connect(address) as hive:
+        assert list(hive.map(logs, range(2))) == [0, 1]
+        node = re.escape(hive.node_name)
+
+        def mine() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if r.name == "hived_tests.tasklog"]
+
+        wait_for(lambda: len(mine()) == 4, 30, what="the tasks' records")
+    prefix = "" if daemon is None else rf"\({node} pid=\d+\) "
+    for x in range(2):
+        (warning,) = [r for r in mine() if f"careful {x}" in r.getMessage()]
+        assert warning.levelno == logging.WARNING and warning.levelname == "WARNING"
+        assert re.fullmatch(rf"{prefix}careful {x}", warning.getMessage())
+        (error,) = [r for r in mine() if f"went wrong {x}" in r.getMessage()]
+        assert error.levelno == logging.ERROR
+        assert "Traceback" in error.getMessage() and f"KeyError: {x}" in error.getMessage()
+    if daemon is not None:
+        for word in ("careful", "went wrong"):
+            assert word not in daemon.log, daemon.log
+
+
 def test_a_flood_is_cut_short_with_a_count(where, capfd):
     address, daemon = where
     with hived.connect(address) as hive:
@@ -91,9 +127,20 @@ def test_a_flood_is_cut_short_with_a_count(where, capfd):
 
 
 def test_lines_are_held_until_their_newline_and_long_ones_go_in_pieces():
-    lines = Lines(0.0)
-    assert lines.feed(b"half ", 0.0) == ""
-    assert lines.feed(b"whole\nnext", 0.0) == "half whole\n"
-    assert lines.flush() == "next"
-    long = b"y" * (70 * 1024)
-    assert lines.feed(long, 0.0) == long.decode()
+    lines = Lines(1, 0.0)
+    assert lines.feed(b"half ", 0.0) == []
+    assert lines.feed(b"whole\nnext", 0.0) == [Piece(1, "half whole\n")]
+    assert lines.flush() == [Piece(1, "next")]
+    long = b"y" * (MAX_LINE + 1)
+    assert lines.feed(long, 0.0) == [Piece(1, long.decode())]
+
+
+def test_records_past_the_budget_are_counted_and_garbage_is_skipped():
+    records, text, n = Records(0.0), "z" * MAX_LINE, BURST // MAX_LINE
+    pipe = b"".join(msgpack.packb(["app", logging.ERROR, text]) for _ in range(n + 5))
+    got = [p for at in range(0, len(pipe), 65536) for p in records.feed(pipe[at:at + 65536], 0.0)]
+    assert got == [Piece(2, text, "app", logging.ERROR)] * n
+    (notice,) = records.flush()
+    assert notice.logger == "hived" and notice.level == logging.WARNING and " 5 log records" in notice.text
+    assert records.feed(b"\xc1 not msgpack", 0.0) == []
+    assert records.feed(msgpack.packb(["app", 20, "again"]), 1000.0)[-1] == Piece(2, "again", "app", 20)
