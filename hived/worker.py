@@ -299,15 +299,21 @@ def _pickle_results(results: list[Any], where: str) -> tuple[list[Any], int]:
     return serialization.dumps_result(results, "results"), spoiled
 
 
-def _die_with(parent: int) -> None:
+def _set_up_process(parent: int) -> None:
     """Never outlive the node: the kernel kills us when it dies (Linux), and
-    if it died before we got here, we go at once. `serve` also polls."""
+    if it died before we got here, we go at once. `serve` also polls.
+
+    And C's stdout, block-buffered on a pipe, is made line-buffered as on a
+    terminal, so a C library's printf reaches the caller line by line
+    rather than when the worker exits."""
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
+        libc.setvbuf.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_size_t]
+        libc.setvbuf(ctypes.c_void_p.in_dll(libc, "stdout"), None, 1, 0)  # 1: _IOLBF
+    except (OSError, AttributeError, ValueError):
         pass
     if os.getppid() != parent:
         os._exit(0)
@@ -333,7 +339,7 @@ def _take_authkey() -> None:
 def main(argv: list[str] | None = None) -> None:
     args = argv if argv is not None else sys.argv[1:]
     address, number, black_box, where, parent = args[0], int(args[1]), args[2], args[3], int(args[4])
-    _die_with(parent)
+    _set_up_process(parent)
     _forward_logging(int(args[5]))
     _take_authkey()
     import zmq  # imported here so `import hived.worker` stays light for the node

@@ -1,13 +1,14 @@
 """What tasks write reaches the caller, from real worker processes.
 
-Everything a task writes to fds 1 and 2 (Python's print, os.write, a child
-process) comes to the caller, embedded and through a real daemon, and none
+Everything a task writes to fds 1 and 2 (Python's print, os.write, C's
+printf, a child process) comes to the caller, embedded and through a real daemon, and none
 of it goes into the daemon's own log; a flood is cut short with a line that
 says how much was dropped.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
@@ -15,6 +16,7 @@ import subprocess
 
 import msgpack
 import pytest
+from conftest import child_env
 from netns import wait_for
 
 import hived
@@ -26,6 +28,8 @@ FLOOD_MIB = 64
 def writes_everywhere(x):
     os.write(1, f"fd one {x}\n".encode())
     subprocess.run(["echo", f"child {x}"], check=True)
+    libc = ctypes.CDLL(None)
+    libc.printf(b"c printf %d\n", ctypes.c_int(x))
     print(f"half {x} ", end="")
     print("whole")
     os.write(2, f"fd two {x}\n".encode())
@@ -51,11 +55,16 @@ def floods(_):
 
 
 @pytest.fixture(params=["embedded", "daemon"])
-def where(request) -> tuple[str, object]:
-    """An address and the daemon behind it (None when embedded)."""
+def where(request, monkeypatch) -> tuple[str, object]:
+    """An address and the daemon behind it (None when embedded). Workers get
+    no PYTHONUNBUFFERED, which would leave C's stdout unbuffered: the worker
+    must line-buffer it itself."""
     if request.param == "embedded":
+        monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
         return "embedded", None
-    daemon = request.getfixturevalue("daemon")
+    env = child_env()
+    del env["PYTHONUNBUFFERED"]
+    daemon = request.getfixturevalue("make_daemon")(env=env)
     return daemon.address, daemon
 
 
@@ -80,12 +89,12 @@ def test_everything_a_task_writes_reaches_the_caller(where, capfd):
         node = re.escape(hive.node_name)
     prefix = "" if daemon is None else rf"\({node} pid=\d+\) "
     for i in range(3):
-        for line in (f"fd one {i}", f"child {i}", f"half {i} whole"):
+        for line in (f"fd one {i}", f"child {i}", f"c printf {i}", f"half {i} whole"):
             assert re.search(rf"^{prefix}{line}$", out, re.M), out
         assert re.search(rf"^{prefix}fd two {i}$", err, re.M), err
         assert f"fd two {i}" not in out and f"fd one {i}" not in err
     if daemon is not None:
-        for word in ("fd one", "child", "half", "whole", "fd two"):
+        for word in ("fd one", "child", "c printf", "half", "whole", "fd two"):
             assert word not in daemon.log, daemon.log
 
 
