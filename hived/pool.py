@@ -175,18 +175,23 @@ class Pool:
         records, records_end = os.pipe()
         # `-c`, not `-m hived.worker`: run as __main__, the worker's classes
         # (TaskError in results) would pickle as `__main__.TaskError`.
-        proc = subprocess.Popen(
-            [sys.executable, "-c", WORKER_MAIN, self.address, str(number), box_path, where,
-             str(os.getpid()), str(records_end)],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # a Ctrl-C at the caller's terminal is not the task's
-            close_fds=True,
-            pass_fds=(records_end,),
-        )
-        os.close(records_end)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", WORKER_MAIN, self.address, str(number), box_path, where,
+                 str(os.getpid()), str(records_end)],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # a Ctrl-C at the caller's terminal is not the task's
+                close_fds=True,
+                pass_fds=(records_end,),
+            )
+        except BaseException:
+            os.close(records)
+            raise
+        finally:
+            os.close(records_end)  # the worker's now; ours would keep the pipe open after it
         worker = WorkerProc(number, device, proc, box_path)
         self.workers[number] = worker
         now = self.loop.time()

@@ -10,9 +10,9 @@ the fds. The pool reads the pipes in its event loop, feeds the bytes to one
 worker is running at that moment (as Ray's workers' output reaches the
 driver), so nothing of the user's lands in the daemon's own log.
 
-    worker fd 1/2 ──pipe──▶ pool: Lines.feed ───┐
-    worker's root logger: RecordPipe             ├─Pieces─▶ sink.on_output(job, piece, pid)
-              └──msgpack on a 3rd pipe──▶ Records.feed ┘
+    worker's fds 1, 2 ──two pipes──▶ Lines.feed ───┐
+                                                   ├─ Pieces ─▶ sink.on_output(job, piece, pid)
+    root logger: RecordPipe ──pipe──▶ Records.feed ┘
 
 A `logging` record a task emits goes, by a handler the worker puts on its
 root logger, to a pipe of its own as msgpack [logger name, level, message
