@@ -47,6 +47,11 @@ def logs(x):
     return x
 
 
+def dies_talking(_):
+    os.write(2, b"last words\n")
+    os._exit(3)
+
+
 def floods(_):
     chunk = b"x" * 1023 + b"\n"
     for _ in range(FLOOD_MIB * 1024):
@@ -119,6 +124,14 @@ def test_logging_records_reach_the_callers_logger_with_their_level(where, caplog
     if daemon is not None:
         for word in ("careful", "went wrong"):
             assert word not in daemon.log, daemon.log
+
+
+def test_what_a_worker_wrote_before_it_died_reaches_the_caller(capfd):
+    with hived.connect("embedded") as hive:
+        with pytest.raises(hived.WorkerCrashed):
+            list(hive.map(dies_talking, [0], retries=0))
+        _, err = _gather(capfd, lambda o, e: "last words" in e)
+    assert re.search(r"^last words$", err, re.M), err
 
 
 def test_a_flood_is_cut_short_with_a_count(where, capfd):
