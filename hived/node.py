@@ -492,7 +492,7 @@ class Node:
         self.forward_output(tag, piece, source)
 
     def forward_output(self, tag: int, piece: Piece, source: str) -> None:
-        """What a task printed, to the client of its job (or our log)."""
+        """What a task emitted, to the client of its job (dropped once that is gone)."""
         key = self._tagged.get(tag)
         if key is None or key[0] not in self.clients:
             # Its client is gone: the text is the user's, not for our log.
