@@ -415,7 +415,7 @@ def _file_layer(path: str) -> dict[str, _Raw]:
         if top not in _SCHEMA:
             choices = [f"[{s}]" for s in _SCHEMA] + list(_TOP)
             raise ConfigError(
-                f"{path}: {top}: expected one of {', '.join(choices)}, "
+                f"{path}: {_name(top)}: expected one of {', '.join(choices)}, "
                 f"got an unknown {'section' if isinstance(body, dict) else 'key'}"
                 f"{_did_you_mean(top, list(_SCHEMA) + list(_TOP))}"
             )
@@ -424,11 +424,17 @@ def _file_layer(path: str) -> dict[str, _Raw]:
         for key, value in body.items():
             if key not in _SCHEMA[top]:
                 raise ConfigError(
-                    f"{path}: {top}.{key}: expected one of {', '.join(_SCHEMA[top])}, "
+                    f"{path}: {top}.{_name(key)}: expected one of {', '.join(_SCHEMA[top])}, "
                     f"got an unknown key{_did_you_mean(key, list(_SCHEMA[top]))}"
                 )
             layer[f"{top}.{key}"] = _Raw(value, path, text=False)
     return layer
+
+
+def _name(word: str) -> str:
+    """An unknown key as the user wrote it, quoted where TOML needed quotes,
+    so a newline in it cannot break the error's one line."""
+    return word if re.fullmatch(r"[A-Za-z0-9_-]+", word) else json.dumps(word)
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:

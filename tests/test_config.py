@@ -348,6 +348,11 @@ BAD_FILES = [
      "expected one of [node], [pool], [timing], [security], [metrics], log_level",
      'an unknown section (did you mean "node"?)'),
     ("node = 3", "node", "expected a table [node]", "3"),
+    ('["x\\ny"]\nname = 1', '"x\\ny"',  # quoted: a newline in a name stays off the line
+     "expected one of [node], [pool], [timing], [security], [metrics], log_level",
+     "an unknown section"),
+    ('[pool]\n"a b" = 1', 'pool."a b"',
+     "expected one of cpus, gpus, max_tasks_per_worker, memory_limit", "an unknown key"),
 ]  # fmt: skip
 
 
