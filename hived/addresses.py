@@ -147,6 +147,31 @@ def parse_control(value: object) -> str:
     raise ValueError(f'"ipc://PATH" (at most {MAX_IPC_PATH} bytes) or "tcp://host:port"')
 
 
+def parse_metrics_bind(value: object) -> str:
+    """Where `[metrics]` serves HTTP, "host:port", or ValueError with the expectation.
+
+    A port alone (an integer) means loopback: the figures are unauthenticated,
+    so reaching them from other machines takes a host written out. ":9641"
+    (every interface, to some tools) is refused rather than guessed at.
+    """
+    if type(value) is int and 0 <= value <= 65535:
+        return f"127.0.0.1:{value}"
+    if isinstance(value, str):
+        parsed = split_tcp("tcp://" + value, lowest_port=0)
+        if parsed is not None and parsed[0] != "*":
+            return value
+    raise ValueError(
+        '"host:port" (host an IP address or a name, "0.0.0.0" for every interface; '
+        "port 0..65535), or a port number alone for loopback"
+    )
+
+
+def split_metrics_bind(bind: str) -> tuple[str, int]:
+    """(host, port) of a checked `[metrics] bind`, the host without IPv6 brackets."""
+    host, _, port = bind.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def derive_advertise(bind: str) -> str:
     """What peers should dial when only `bind` was given.
 

@@ -49,6 +49,7 @@ from hived.addresses import (
     parse_advertise,
     parse_bind,
     parse_control,
+    parse_metrics_bind,
 )
 from hived.errors import ConfigError
 from hived.fields import NODE_NAME
@@ -98,11 +99,17 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    bind: str | None = None  # "host:port"; None: no metrics served
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig
     pool: PoolConfig
     timing: TimingConfig
     security: SecurityConfig
+    metrics: MetricsConfig
     log_level: str = "info"
     source: str | None = None
     # dotted key -> "default" | file path | "flag --x" | "environment HIVED_X"
@@ -114,7 +121,7 @@ class Config:
         """Every setting under its dotted key (log_level, node.name, ...), in
         the order the TOML file lists them."""
         values = {"log_level": self.log_level}
-        for section in ("node", "pool", "timing", "security"):
+        for section in _SCHEMA:
             for key, value in vars(getattr(self, section)).items():
                 values[f"{section}.{key}"] = value
         return values
@@ -259,6 +266,7 @@ def load_config(
         pool=PoolConfig(**sections["pool"]),
         timing=TimingConfig(**sections["timing"]),
         security=SecurityConfig(**sections["security"]),
+        metrics=MetricsConfig(**sections["metrics"]),
         log_level=values["log_level"],
         source=source,
         origins=MappingProxyType({k: raw.where for k, raw in layers.items()}),
@@ -305,6 +313,7 @@ def _defaults(environ: Mapping[str, str]) -> dict[str, Any]:
         "timing.drain_timeout": 30.0,
         "security.key_file": None,
         "security.insecure": False,
+        "metrics.bind": None,
     }
 
 
@@ -406,7 +415,7 @@ def _file_layer(path: str) -> dict[str, _Raw]:
         if top not in _SCHEMA:
             choices = [f"[{s}]" for s in _SCHEMA] + list(_TOP)
             raise ConfigError(
-                f"{path}: {top}: expected one of {', '.join(choices)}, "
+                f"{path}: {_name(top)}: expected one of {', '.join(choices)}, "
                 f"got an unknown {'section' if isinstance(body, dict) else 'key'}"
                 f"{_did_you_mean(top, list(_SCHEMA) + list(_TOP))}"
             )
@@ -415,11 +424,17 @@ def _file_layer(path: str) -> dict[str, _Raw]:
         for key, value in body.items():
             if key not in _SCHEMA[top]:
                 raise ConfigError(
-                    f"{path}: {top}.{key}: expected one of {', '.join(_SCHEMA[top])}, "
+                    f"{path}: {top}.{_name(key)}: expected one of {', '.join(_SCHEMA[top])}, "
                     f"got an unknown key{_did_you_mean(key, list(_SCHEMA[top]))}"
                 )
             layer[f"{top}.{key}"] = _Raw(value, path, text=False)
     return layer
+
+
+def _name(word: str) -> str:
+    """An unknown key as the user wrote it, quoted where TOML needed quotes,
+    so a newline in it cannot break the error's one line."""
+    return word if re.fullmatch(r"[A-Za-z0-9_-]+", word) else json.dumps(word)
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
@@ -597,6 +612,15 @@ def _v_seconds(value: Any, text: bool) -> float:
     return number
 
 
+def _v_metrics_bind(value: Any, text: bool) -> str | None:
+    if value is None:  # the default: no metrics served (TOML cannot write it)
+        return None
+    try:
+        return parse_metrics_bind(value)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+
+
 def _v_bool(value: Any, text: bool) -> bool:
     if isinstance(value, bool):
         return value
@@ -637,5 +661,6 @@ _SCHEMA: dict[str, dict[str, Callable[[Any, bool], Any]]] = {
         "drain_timeout": _v_seconds,
     },
     "security": {"key_file": _v_optional_path, "insecure": _v_bool},
+    "metrics": {"bind": _v_metrics_bind},
 }
 _TOP: dict[str, Callable[[Any, bool], Any]] = {"log_level": _v_log_level}

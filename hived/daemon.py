@@ -35,6 +35,7 @@ from hived.config import Config, PoolConfig, check_security, load_config
 from hived.control import StatusQuery, ask
 from hived.errors import ConfigError, HiveError
 from hived.links import _new_event_loop
+from hived.metrics import MetricsServer
 from hived.node import Node, NodeSettings
 from hived.resources import memory_limit_bytes, resolve_cpus, resolve_gpus, total_memory
 from hived.sdnotify import Notifier
@@ -136,6 +137,8 @@ class Daemon:
         """`reload` reads the configuration again, as at startup (raises ConfigError)."""
         self.config, self.notifier, self.reload = config, notifier, reload
         self.node = Node(settings_from(config), zmq.Context())
+        bind = config.metrics.bind
+        self.metrics = MetricsServer(bind, self.node) if bind is not None else None
         self.stop_requested = asyncio.Event()
         self.stop_now = asyncio.Event()
         self.signals = 0
@@ -148,6 +151,18 @@ class Daemon:
         control = self.node.settings.control
         if ask(control, StatusQuery(0), timeout=0.3) is not None:
             raise HiveError(f"another hived already serves {control}; stop it first")
+        if self.metrics is not None:
+            # Bound before the node starts, so a port in use stops us before
+            # any worker is spawned; nothing is scraped until node.start()
+            # below has run, since no await comes between.
+            try:
+                await self.metrics.start()
+            except OSError as exc:
+                origin = self.config.origins.get("metrics.bind", "default")
+                raise ConfigError(
+                    f"{origin}: metrics.bind: cannot serve at {self.metrics.bind}: "
+                    f"{exc.strerror or exc}"
+                ) from None
         self.node.start()
         await self.node.pool.ready.wait()
         s = self.node.settings
@@ -169,6 +184,8 @@ class Daemon:
         second.cancel()
         for task in pulses:
             task.cancel()
+        if self.metrics is not None:
+            await self.metrics.close()
         await self.node.close()
         self.node.ctx.term()
         log.info("hived stopped")

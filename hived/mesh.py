@@ -124,6 +124,8 @@ class Mesh(MeshDriver):
         self._unwritten: str | None = None  # why the election state cannot be written
         # bytes received from peers, by message type (hivectl status --json shows them)
         self.bytes_in: dict[str, int] = {}
+        self.bytes_out: dict[str, int] = {}  # bytes handed to peers' DEALERs, by message type
+        self.elections_won = 0  # times this node became coordinator
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -288,6 +290,8 @@ class Mesh(MeshDriver):
         frames = encode(msg, payload)
         try:
             self._dealer(address).send_multipart(frames, NOBLOCK, copy=not zero_copy(frames))
+            kind = msg.TYPE.decode()
+            self.bytes_out[kind] = self.bytes_out.get(kind, 0) + sum(len(f) for f in frames)
             return True
         except zmq.Again:
             return False  # a lost heartbeat, by design; callers of work messages handle False
@@ -355,6 +359,7 @@ class Mesh(MeshDriver):
                 log.info("mesh: became coordinator, term %d at %.6f (lease to %.6f)",
                          action.term, _wall(now, now), _wall(action.until, now))
                 self._held = action.term
+                self.elections_won += 1
             self._lease_end = action.until
         elif isinstance(action, LostCoordinator):
             if self._held is not None:

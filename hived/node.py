@@ -451,7 +451,7 @@ class Node:
         key = self.owner.assignment(aid)
         if key is None:
             return
-        delivery = self.owner.completed(aid, start, stop, final=True)
+        delivery = self.owner.completed(aid, start, stop, final=True, raised=failures)
         if delivery is not None:
             self.control.send(key[0], Result(key[1], delivery.chunk, start, stop, elapsed, failures), frames)
         self._retire_if_finished(key)

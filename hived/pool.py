@@ -145,6 +145,7 @@ class Pool:
         self.holding = False  # draining: running tasks finish, no new one starts
         self.on_idle: Callable[[], None] | None = None  # called when idle workers found no work
         self.items_done = 0
+        self.worker_crashes = 0  # workers that died other than by the pool's own hand
         self._all_exited = asyncio.Event()
         self.ready = asyncio.Event()  # every worker started so far has said READY
 
@@ -223,6 +224,8 @@ class Pool:
             os.unlink(worker.box_path)
         except OSError:
             pass
+        if not (worker.routine or worker.retiring or self.closing):
+            self.worker_crashes += 1
         if worker.running is not None:
             why = self._describe_death(worker, code, crashed_at)
             # A library keeps routine events below WARNING: a stop or a
@@ -301,6 +304,10 @@ class Pool:
         return sum(
             w.running.needs.cpus for w in self.workers.values() if w.running and w.device is None
         )
+
+    @property
+    def gpu_slots_busy(self) -> int:
+        return sum(1 for w in self.workers.values() if w.running and w.device is not None)
 
     @property
     def slots_busy(self) -> int:

@@ -147,6 +147,12 @@ class Owner:
         # must not name one of ours (it would settle our items with its results).
         self._ids = itertools.count(first_assignment)
         self._turn: deque[JobKey] = deque()  # round-robin order of jobs
+        # Totals over every job this book held (the node's metrics): items
+        # delivered as an error, by why, and items retried: queued again after a loss.
+        self.items_raised = 0  # the function raised: its exception is the result
+        self.items_crashed = 0  # crashed their worker on every try
+        self.items_refused = 0  # their function or arguments would not unpickle
+        self.items_retried = 0
 
     # -- the client's side ---------------------------------------------------
 
@@ -209,8 +215,11 @@ class Owner:
             )
         return None
 
-    def completed(self, aid: int, start: int, stop: int, final: bool) -> Delivery | None:
-        """A worker returned results for [start, stop) of assignment `aid`.
+    def completed(
+        self, aid: int, start: int, stop: int, final: bool, raised: int = 0
+    ) -> Delivery | None:
+        """A worker returned results for [start, stop) of assignment `aid`,
+        `raised` of them exceptions the function raised.
 
         Returns what to deliver, or None for a duplicate or a cancelled job.
         `final` marks the assignment's last message.
@@ -231,6 +240,7 @@ class Owner:
             self._retire_if_finished(job)
             return None
         job.items_done += fresh
+        self.items_raised += raised
         self._retire_chunk_if_done(job, rng.chunk)
         return Delivery(job.key, rng.chunk.number, start, stop)
 
@@ -244,6 +254,7 @@ class Owner:
         job.running.discard(aid)
         fresh = self._settle(job, rng.chunk, rng.start, rng.stop)
         job.items_failed += fresh
+        self.items_refused += fresh
         self._retire_chunk_if_done(job, rng.chunk)
         self._retire_if_finished(job)
         return Delivery(job.key, rng.chunk.number, rng.start, rng.stop) if fresh else None
@@ -273,10 +284,17 @@ class Owner:
             return []
         job, rng = entry
         job.running.discard(aid)
+        undelivered = [i for i in range(rng.start, rng.stop) if not rng.chunk.delivered[i]]
+        failures = self._requeue(job, rng, undelivered, crashed_at) if undelivered else []
+        self.items_retried += len(undelivered) - len(failures)  # the rest run again
+        return failures
+
+    def _requeue(
+        self, job: Job, rng: Range, undelivered: list[int], crashed_at: int | None
+    ) -> list[Failure]:
+        """Queue the lost range's undelivered items again, but for those whose
+        last try this was: they are returned, failed."""
         chunk = rng.chunk
-        undelivered = [i for i in range(rng.start, rng.stop) if not chunk.delivered[i]]
-        if not undelivered:
-            return []
         if crashed_at is None or (crashed_at != SOMEWHERE and not rng.start <= crashed_at < rng.stop):
             # The node is gone, not necessarily because of these items.
             job.queue.appendleft(Range(chunk, rng.start, rng.stop, rng.precise))
@@ -317,6 +335,7 @@ class Owner:
         if tries > job.retries:
             chunk.delivered[index] = 1
             job.items_failed += 1
+            self.items_crashed += 1
             failures.append(Failure(job.key, chunk.number, index, tries))
         else:
             pieces.insert(1 if pieces else 0, Range(chunk, index, index + 1, precise=True))

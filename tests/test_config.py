@@ -54,6 +54,9 @@ drain_timeout = 12.5
 [security]
 key_file = "/etc/hived/cluster.key"
 insecure = false
+
+[metrics]
+bind = "127.0.0.1:9641"
 """
 
 
@@ -89,6 +92,7 @@ def test_full_file_is_read_into_frozen_dataclasses(tmp_path: Path) -> None:
     assert config.timing.drain_timeout == 12.5
     assert config.security.key_file == "/etc/hived/cluster.key"
     assert config.security.insecure is False
+    assert config.metrics.bind == "127.0.0.1:9641"
     with pytest.raises(AttributeError):
         config.node.name = "other"  # type: ignore[misc]
     hash(config)  # frozen and hashable, origins notwithstanding
@@ -114,6 +118,7 @@ def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:
     )
     assert config.timing.drain_timeout == 30.0
     assert config.security.key_file is None and config.security.insecure is False
+    assert config.metrics.bind is None  # off unless asked for
     assert config.log_level == "info"
     assert config.origins["node.bind"] == "default"
 
@@ -270,6 +275,10 @@ E_MEM = (
     "(0 disables)"
 )
 E_SECONDS = "expected a number of seconds > 0"
+E_METRICS = (
+    'expected "host:port" (host an IP address or a name, "0.0.0.0" for every interface; '
+    "port 0..65535), or a port number alone for loopback"
+)
 
 BAD_FILES = [
     # (file text, key, expected, got)
@@ -324,10 +333,26 @@ BAD_FILES = [
      "expected one of cpus, gpus, max_tasks_per_worker, memory_limit", 'an unknown key (did you mean "cpus"?)'),
     ("[timing]\nheartbeat_ms = 5", "timing.heartbeat_ms",
      "expected one of heartbeat, dead_after, lease, drain_timeout", "an unknown key"),
+    ('[metrics]\nbind = ":9641"', "metrics.bind", E_METRICS, '":9641"'),
+    ('[metrics]\nbind = "*:9641"', "metrics.bind", E_METRICS, '"*:9641"'),
+    ('[metrics]\nbind = "127.0.0.1:65536"', "metrics.bind", E_METRICS, '"127.0.0.1:65536"'),
+    ('[metrics]\nbind = "127.0.0.1"', "metrics.bind", E_METRICS, '"127.0.0.1"'),
+    ('[metrics]\nbind = "http://127.0.0.1:9641"', "metrics.bind", E_METRICS,
+     '"http://127.0.0.1:9641"'),
+    ("[metrics]\nbind = 70000", "metrics.bind", E_METRICS, "70000"),
+    ("[metrics]\nbind = true", "metrics.bind", E_METRICS, "true"),
+    ('[metrics]\nbind = ["127.0.0.1:9641"]', "metrics.bind", E_METRICS, '["127.0.0.1:9641"]'),
+    ('[metrics]\nport = 9641', "metrics.port", "expected one of bind", "an unknown key"),
+    ("metrics = 9641", "metrics", "expected a table [metrics]", "9641"),
     ("[nodes]\nname = 'x'", "nodes",
-     "expected one of [node], [pool], [timing], [security], log_level",
+     "expected one of [node], [pool], [timing], [security], [metrics], log_level",
      'an unknown section (did you mean "node"?)'),
     ("node = 3", "node", "expected a table [node]", "3"),
+    ('["x\\ny"]\nname = 1', '"x\\ny"',  # quoted: a newline in a name stays off the line
+     "expected one of [node], [pool], [timing], [security], [metrics], log_level",
+     "an unknown section"),
+    ('[pool]\n"a b" = 1', 'pool."a b"',
+     "expected one of cpus, gpus, max_tasks_per_worker, memory_limit", "an unknown key"),
 ]  # fmt: skip
 
 
@@ -505,6 +530,7 @@ def test_to_toml_round_trips(tmp_path: Path) -> None:
         pool=original.pool,
         timing=original.timing,
         security=original.security,
+        metrics=original.metrics,
         log_level=original.log_level,
         source=again.source,
     )
@@ -520,12 +546,14 @@ def test_to_toml_writes_any_string_as_valid_toml(tmp_path: Path) -> None:
 def test_to_toml_of_defaults_round_trips(tmp_path: Path) -> None:
     original = load_config(None, flags={"bind": "tcp://*:7700"}, environ={})
     assert "# key_file is not set" in original.to_toml()
+    assert "[metrics]\n# bind is not set" in original.to_toml()
     again = load_config(write(tmp_path, original.to_toml()), environ={})
-    assert (again.node, again.pool, again.timing, again.security) == (
+    assert (again.node, again.pool, again.timing, again.security, again.metrics) == (
         original.node,
         original.pool,
         original.timing,
         original.security,
+        original.metrics,
     )
 
 
@@ -646,3 +674,19 @@ def test_fuzz_config_files(tmp_path: Path, text: str) -> None:
 
 def test_fuzz_config_count() -> None:
     print(f"fuzz config files: {_config_inputs[0]} files")
+
+
+@pytest.mark.parametrize(
+    ("written", "bind"),
+    [
+        ("9641", "127.0.0.1:9641"),  # a port alone: loopback
+        ('"127.0.0.1:9641"', "127.0.0.1:9641"),
+        ('"0.0.0.0:9641"', "0.0.0.0:9641"),  # allowed: the docs say it is unauthenticated
+        ('"[::1]:0"', "[::1]:0"),
+        ('"localhost:9641"', "localhost:9641"),
+    ],
+)
+def test_metrics_bind_forms(tmp_path: Path, written: str, bind: str) -> None:
+    config = load_config(write(tmp_path, f"[metrics]\nbind = {written}\n"), environ={})
+    assert config.metrics.bind == bind
+    check_security(config)  # read-only figures: no key file needed

@@ -3,8 +3,8 @@
 CI runs the whole suite under one interpreter; here the tests of what
 differs between versions (the wire and pickling, config parsing with
 tomllib or tomli, the Executor and its maps, task output at the fd level,
-the daemon's event loop and
-signals) run again under each other declared version, in a process of its
+the daemon's event loop and signals, the metrics responder on it) run again
+under each other declared version, in a process of its
 own, with the interpreters of tests/pythons.py. About a minute per version
 on a 2-core machine, plus a venv to make where the interpreter lacks the
 packages.
@@ -20,7 +20,7 @@ import pytest
 from pythons import DECLARED, ROOT, VENV_TIMEOUT
 
 FAST = ["test_wire.py", "test_serialization.py", "test_config.py", "test_map.py", "test_output.py",
-        "test_daemon.py"]  # fmt: skip
+        "test_daemon.py", "test_metrics.py"]  # fmt: skip
 FAST_TIMEOUT = 420  # seconds; the part takes about 60 under each version
 RUNNING = f"{sys.version_info.major}.{sys.version_info.minor}"
 

@@ -69,6 +69,21 @@ def test_an_item_that_crashes_every_try_fails_alone_after_its_retries():
     assert job is None or (job.items_done, job.items_failed) == (2, 1)
 
 
+def test_the_books_totals_count_each_outcome_once():
+    owner = book([3, 1, 2], retries=1)
+    a, b, c = owner.assign(), owner.assign(), owner.assign()
+    owner.completed(a.id, 0, 3, final=True, raised=2)
+    owner.completed(a.id, 0, 3, final=True, raised=2)  # a duplicate counts nothing
+    assert owner.refused(b.id) is not None
+    owner.lost(c.id, crashed_at=0)  # item 0 runs again, item 1 too (its range's rest)
+    again = owner.assign()
+    assert (again.start, again.stop) == (0, 1)
+    assert [f.index for f in owner.lost(again.id, crashed_at=0)] == [0]  # its last try
+    owner.validate()
+    assert (owner.items_raised, owner.items_refused, owner.items_crashed) == (2, 1, 1)
+    assert owner.items_retried == 2
+
+
 def test_a_crash_somewhere_in_a_range_reruns_it_recording_each_item():
     owner = book([4], retries=1)
     a = owner.assign()
