@@ -135,7 +135,8 @@ class Hive(concurrent.futures.Executor):
         _live.add(self)
 
     def _open_link(self, address: str | list[str] | None, cpus: int | None) -> Any:
-        address = address or os.environ.get("HIVED_ADDRESS") or None
+        if address is None or address == "":
+            address = os.environ.get("HIVED_ADDRESS") or None
         if address is None:
             for control in local_control_addresses():
                 # No socket file: no daemon, and no time spent asking. One

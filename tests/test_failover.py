@@ -23,6 +23,10 @@ from conftest import child_env
 from meshnet import TIMING, Cluster, MeshNode
 from netns import wait_for
 
+import hived
+from hived import progress
+from hived.failover import TRIED_AT_ONCE, AddressBook, parse_addresses
+
 CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "failover_client.py")
 TASK = 0.1  # seconds per task: a map of 45 runs ~1.5 s on three slots
 N = 45
@@ -153,3 +157,54 @@ def test_every_node_lost_ends_with_hive_unavailable_naming_them(cluster):
     # counted from the last answer, so at most a ping's period (and a
     # loaded machine's slack) past reconnect_timeout from the kills
     assert took <= reconnect_timeout + TIMING["heartbeat"] + 1.5, (took, last)
+
+
+# -- the sans-IO parts -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("tcp://a:1", ["tcp://a:1"]),
+    ("tcp://a:1, ipc:///run/hived/hived.sock", ["tcp://a:1", "ipc:///run/hived/hived.sock"]),
+    (["tcp://a:1", "tcp://b:2", "tcp://a:1"], ["tcp://a:1", "tcp://b:2"]),
+    ("embedded", ["embedded"]),
+])
+def test_addresses_are_a_list_or_commas(given, expected):
+    assert parse_addresses(given) == expected
+
+
+@pytest.mark.parametrize("given, match", [
+    ("tcp://a:1,", "an empty address"),
+    ([], "an empty address"),
+    ("embedded,tcp://a:1", "'embedded' cannot be one of several"),
+    ("http://a:1", "expected 'embedded', 'ipc://PATH' or 'tcp://HOST:PORT'"),
+    (7, "expected a string or a list of strings"),
+    (["tcp://a:1", None], "expected a string or a list of strings"),
+])
+def test_bad_addresses_get_one_clear_error(given, match):
+    with pytest.raises(hived.HiveError, match=match):
+        hived.connect(given)
+
+
+@pytest.mark.parametrize("value", [-1, float("nan"), float("inf"), "30", True, None])
+def test_a_bad_reconnect_timeout_gets_one_clear_error(value):
+    with pytest.raises(ValueError, match="reconnect_timeout must be a finite number of seconds >= 0"):
+        hived.connect("embedded", reconnect_timeout=value)
+
+
+def test_the_address_book_tries_the_lost_address_last_and_skips_what_it_cannot_dial():
+    book = AddressBook(["tcp://a:1"], dialable=lambda address: address != "tcp://nokey:1")
+    book.learn(["tcp://a:1", "tcp://b:1", "tcp://nokey:1", "tcp://c:1"])
+    assert book.learned == ["tcp://b:1", "tcp://nokey:1", "tcp://c:1"]
+    assert book.candidates() == ["tcp://a:1", "tcp://b:1", "tcp://c:1"]
+    assert book.candidates("tcp://a:1") == ["tcp://b:1", "tcp://c:1", "tcp://a:1"]
+    book.learn([f"tcp://n{i}:1" for i in range(40)])
+    assert len(book.candidates("tcp://a:1")) == TRIED_AT_ONCE
+    assert book.candidates("tcp://a:1")[-1] == "tcp://a:1"
+
+
+def test_the_progress_bar_says_when_the_client_is_reconnecting(monkeypatch, capsys):
+    monkeypatch.setattr(progress, "progress_bar", lambda total: progress.TextBar(total, sys.stderr))
+    bar = progress.Progress(10)
+    bar.note("reconnecting: hived at tcp://a:1 answered no ping for 3s")
+    bar.close()
+    assert "hived reconnecting: hived at tcp://a:1 answered no ping for 3s\n" in capsys.readouterr().err
