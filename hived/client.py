@@ -50,7 +50,6 @@ from hived.control import (
     Stranger,
     Unwelcome,
     Welcome,
-    version_problem,
 )
 from hived.errors import HiveError, HiveUnavailable, RemoteProtocolError, SerializationError
 from hived.failover import (
@@ -62,6 +61,7 @@ from hived.failover import (
     check_reconnect_timeout,
     parse_addresses,
 )
+from hived.greeting import CONNECT_TIMEOUT, Greeting, Tried, greet_any
 from hived.links import EmbeddedLink, SocketLink
 from hived.mapping import (
     FAILURE_TYPES,
@@ -81,11 +81,9 @@ from hived.worker import KEYWORDS
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT = 2.0  # for a WELCOME, per round of greetings
 # The ping period a client takes from its node's WELCOME, within these bounds
 # (a node cannot make the client spin, nor go quiet past its own client_timeout).
 PING_PERIOD = (0.05, 1.0)
-MAX_SLOTS = 1 << 20  # more than any hive has: a WELCOME claiming more is not believed
 QUEUED_AHEAD = 1  # calls sent beyond the slots, as ProcessPoolExecutor's EXTRA_QUEUED_CALLS
 
 _live: weakref.WeakSet[Hive] = weakref.WeakSet()
@@ -121,7 +119,7 @@ class Hive(concurrent.futures.Executor):
         self._lost: str | None = None  # why no node serves us any more, once none does
         # Moving to another node: `_epoch` counts the links adopted, and what
         # went out on the current one is sent again only on the next.
-        self._greeting: _Greeting | None = None  # the current link's
+        self._greeting: Greeting | None = None  # the current link's
         self._epoch = 0
         self._moving = False
         self._mover: threading.Thread | None = None
@@ -156,7 +154,7 @@ class Hive(concurrent.futures.Executor):
             gpus=detect_gpus(),
             authkey=bytes(multiprocessing.current_process().authkey),
         )
-        greeting = _Greeting(EMBEDDED, threading.Event())
+        greeting = Greeting(EMBEDDED, threading.Event())
         greeting.link = EmbeddedLink(settings, lambda frames: self._on_frames(greeting, frames))
         greeting.link.send(self._hello())
         greeting.answered.wait()  # the node is in this process: it answers
@@ -169,7 +167,7 @@ class Hive(concurrent.futures.Executor):
     def _first_link(self, addresses: list[str]) -> SocketLink:
         """The link to the first of `addresses` whose node welcomes us."""
         self.book.given = addresses
-        greeting, tried = self._greet_any(addresses, CONNECT_TIMEOUT)
+        greeting, tried = self._greet(addresses, CONNECT_TIMEOUT)
         if greeting is None:
             problems = [p for p in tried.values() if isinstance(p, HiveError)]
             raise problems[0] if problems else HiveUnavailable(_no_daemon(tried))
@@ -179,6 +177,10 @@ class Hive(concurrent.futures.Executor):
     def _hello(self) -> list[Any]:
         return encode(Hello(f"{socket.gethostname()} pid {os.getpid()}", __version__))
 
+    def _greet(self, addresses: list[str], timeout: float) -> tuple[Greeting | None, Tried]:
+        return greet_any(addresses, timeout, key_file=self.key_file, hello=self._hello(),
+                         on_frames=self._on_frames, on_lost=self._on_lost)
+
     def _dialable(self, address: str) -> bool:
         """Whether we can dial `address` (a tcp one off this machine needs the key)."""
         try:
@@ -187,49 +189,7 @@ class Hive(concurrent.futures.Executor):
             return False
         return True
 
-    def _greet_any(
-        self, addresses: list[str], timeout: float
-    ) -> tuple[_Greeting | None, dict[str, str | HiveError]]:
-        """Say HELLO at every address at once; the first node (in the order
-        given, among those that answered) that welcomes us and takes jobs,
-        and why each other one would not do."""
-        answered = threading.Event()
-        greetings, tried = [], {}
-        for address in addresses:
-            greeting = _Greeting(address, answered)
-            try:
-                greeting.link = SocketLink(
-                    address, lambda frames, g=greeting: self._on_frames(g, frames),
-                    on_lost=lambda reason, g=greeting: self._on_lost(g, reason),
-                    curve=client_curve(address, self.key_file),
-                )
-            except HiveError as exc:  # an ipc socket not to be trusted, a key missing
-                tried[address] = exc
-                continue
-            greeting.link.send(self._hello())
-            greetings.append(greeting)
-        deadline = time.monotonic() + timeout
-        chosen = None
-        while greetings:
-            answered.clear()  # before looking: an answer from now on wakes the wait
-            chosen = next((g for g in greetings if g.takes_jobs()), None)
-            left = deadline - time.monotonic()
-            if chosen is not None or left <= 0 or all(g.answered_at for g in greetings):
-                break
-            answered.wait(left)
-        for greeting in greetings:
-            if greeting is chosen:
-                continue
-            greeting.link.close()
-            if greeting.problem is not None:
-                tried[greeting.address] = greeting.problem
-            elif greeting.welcome is not None:
-                tried[greeting.address] = f"hived on {greeting.welcome.node} is draining"
-            else:
-                tried[greeting.address] = f"no answer within {timeout:.1f}s"
-        return chosen, tried
-
-    def _adopt(self, greeting: _Greeting) -> bool:
+    def _adopt(self, greeting: Greeting) -> bool:
         """Talk to the node that welcomed `greeting` from now on; False if this
         Hive closed meanwhile."""
         welcome, link = greeting.welcome, greeting.link
@@ -253,7 +213,7 @@ class Hive(concurrent.futures.Executor):
 
     # -- messages from the node (on the link's thread) ------------------------
 
-    def _on_frames(self, greeting: _Greeting, frames: list[Any]) -> None:
+    def _on_frames(self, greeting: Greeting, frames: list[Any]) -> None:
         try:
             msg, payload = decode(frames)
         except HiveError as exc:
@@ -286,7 +246,7 @@ class Hive(concurrent.futures.Executor):
                 greeting.served = greeting.served or isinstance(msg, (Result, ItemsFailed))
                 target.deliver(msg, payload)
 
-    def _on_lost(self, greeting: _Greeting, reason: str) -> None:
+    def _on_lost(self, greeting: Greeting, reason: str) -> None:
         """The node is gone (on the link's thread): find another one, on a thread of our own."""
         with self._lock:
             if greeting is not self._greeting or self._moving or self._lost is not None \
@@ -304,7 +264,7 @@ class Hive(concurrent.futures.Executor):
                                            name="hived-reconnect", daemon=True)
             self._mover.start()
 
-    def _move(self, lost: _Greeting, reason: str) -> None:
+    def _move(self, lost: Greeting, reason: str) -> None:
         """Greet the candidates in rounds until one node takes us (the jobs go
         on there) or no node has answered a ping for reconnect_timeout."""
         lost.link.lost = True  # no more pings to it
@@ -317,11 +277,11 @@ class Hive(concurrent.futures.Executor):
                 stream.deliver(Reconnecting(reason), [])
         lost.link.close()
         period = lost.link.heartbeat
-        tried: dict[str, str | HiveError] = {}
+        tried: Tried = {}
         while (left := deadline - time.monotonic()) > 0 and not self._stop_moving.is_set():
             began = time.monotonic()
-            greeting, failed = self._greet_any(self.book.candidates(lost.address),
-                                               min(CONNECT_TIMEOUT, left))
+            greeting, failed = self._greet(self.book.candidates(lost.address),
+                                           min(CONNECT_TIMEOUT, left))
             tried.update(failed)
             if greeting is not None:
                 if self._adopt(greeting):
@@ -343,7 +303,7 @@ class Hive(concurrent.futures.Executor):
             else:
                 stream.send(force_blob=True)
 
-    def _give_up(self, reason: str, tried: dict[str, str | HiveError]) -> None:
+    def _give_up(self, reason: str, tried: Tried) -> None:
         """No node answered for reconnect_timeout: every call fails."""
         where = "; tried " + ", ".join(f"{a} ({why})" for a, why in tried.items()) if tried else ""
         text = f"{reason}; no node answered within reconnect_timeout={self.reconnect_timeout:g}s{where}"
@@ -570,42 +530,6 @@ class Hive(concurrent.futures.Executor):
         return f"<Hive {self.address} node={self.node_name!r} slots={self.slots}>"
 
 
-class _Greeting:
-    """One HELLO on a link of its own, and what the node answered."""
-
-    def __init__(self, address: str, answered: threading.Event) -> None:
-        self.address = address
-        self.answered = answered  # shared by the greetings of one round
-        self.answered_at = 0.0  # monotonic time of the answer; 0 until one came
-        self.link: Any = None
-        self.welcome: Welcome | None = None
-        self.problem: HiveError | None = None  # why this node will not serve us
-        self.served = False  # it answered one of our jobs
-
-    def believe(self, msg: Welcome | Unwelcome) -> None:
-        """The node's answer (on its link's thread), checked before it is believed."""
-        if isinstance(msg, Unwelcome):
-            problem = msg.text
-        elif not 0 <= msg.slots <= MAX_SLOTS:
-            self.problem = RemoteProtocolError(
-                f"hived at {self.address} says it has {msg.slots} slots; expected 0 to {MAX_SLOTS}"
-            )
-            problem = None
-        else:
-            problem = version_problem(msg.version)
-        if problem is not None:
-            self.problem = HiveError(
-                f"hived on {msg.node} at {self.address} will not serve this client: {problem}"
-            )
-        elif self.problem is None:
-            self.welcome = msg
-        self.answered_at = time.monotonic()
-        self.answered.set()
-
-    def takes_jobs(self) -> bool:
-        return self.welcome is not None and not self.welcome.draining
-
-
 class _Single:
     """The one-item job behind a `submit`."""
 
@@ -690,7 +614,7 @@ def _check_count(name: str, value: Any, least: int) -> None:
         raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
 
 
-def _no_daemon(tried: dict[str, str | HiveError]) -> str:
+def _no_daemon(tried: Tried) -> str:
     notes = [f"{a} ({why})" for a, why in tried.items() if "draining" in str(why)]
     others = [a for a in tried if "draining" not in str(tried[a])]
     where = ", ".join([*others, *notes])
