@@ -645,7 +645,8 @@ def test_a_restarted_node_tells_a_stale_client_once_and_logs_it_once(make_daemon
     try:
         raw.send(Hello("stale pinger", hived.__version__))
         raw.expect(Welcome)
-        with hived.connect(daemon.address) as h:
+        # no moving: its call fails once the new process says it holds nothing of ours
+        with hived.connect(daemon.address, reconnect_timeout=0) as h:
             h.link.timeout = 120  # the restart, however slow on a busy machine, comes first
             pending = h.submit(time.sleep, 60)
             wait_for(lambda: node_row(daemon)["slots_busy"] == 1, 20, what="the task running")
