@@ -244,14 +244,17 @@ class Exchange:
     def node_gone(self, address: str, left: bool) -> None:
         """A node is dead or `left` (left, restarted, forgotten): its ranges of
         our jobs run again elsewhere, we stop waiting on it as an owner, and
-        we stop running what we pulled from it: its clients take their jobs
-        to another node. A dead owner that runs again finds what we dropped
-        with its next HELD?, as a lost report."""
+        we start nothing more we pulled from it: its clients take their jobs
+        to another node. What runs finishes (a dead owner may only be paused,
+        and stopping a worker costs a respawn) unless the owner `left`; a
+        dead owner that runs again finds what we dropped with its next HELD?."""
         if left:  # a dead owner may run again and wait on these; a left one never
             self.unsent = [u for u in self.unsent if u[0] != address]
         self._requeue([aid for aid, node in self.out.items() if node == address],
                       address, f"node {address} is gone")
-        pulled = [aid for owner, aid in self.taken.values() if owner == address]
+        queued = {a.id for a in self.queue}  # pulled, not started
+        pulled = [aid for local, (owner, aid) in self.taken.items()
+                  if owner == address and (left or local in queued)]
         if pulled:
             log.info("dropping %d range(s) pulled from %s, which is gone", len(pulled), address)
             self._drop_pulled(address, pulled, "its owner is gone")
