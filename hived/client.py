@@ -2,7 +2,10 @@
 
 `connect()` finds a node the way DESIGN.md says (HIVED_ADDRESS, else the
 local daemon's control socket if a daemon answers there, else an embedded
-node in this process) and returns a `Hive`. A Hive turns `submit` and `map`
+node in this process) and returns a `Hive`. Given several addresses it
+greets them all and keeps the first node that welcomes it; should that node
+be lost, a thread of the Hive's ("hived-reconnect") finds another one
+(`hived.failover`) and the jobs go on there. A Hive turns `submit` and `map`
 into jobs on that node: `map` is a `MapStream` read in the caller's thread;
 `submit` is a one-item job whose result completes a real
 `concurrent.futures.Future` on the link's thread.
@@ -26,6 +29,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -34,19 +38,30 @@ from hived import __version__, serialization
 from hived.addresses import local_control_addresses
 from hived.config import check_setting
 from hived.control import (
+    LINK_TIMEOUT,
     Call,
     Hello,
     ItemsFailed,
     JobRefused,
+    Nodes,
     OpenJob,
     Output,
     Result,
     Stranger,
     Unwelcome,
     Welcome,
-    version_problem,
 )
 from hived.errors import HiveError, HiveUnavailable, RemoteProtocolError, SerializationError
+from hived.failover import (
+    EMBEDDED,
+    RECONNECT_TIMEOUT,
+    AddressBook,
+    Moved,
+    Reconnecting,
+    check_reconnect_timeout,
+    parse_addresses,
+)
+from hived.greeting import CONNECT_TIMEOUT, Greeting, Tried, greet_any
 from hived.links import EmbeddedLink, SocketLink
 from hived.mapping import (
     FAILURE_TYPES,
@@ -67,9 +82,9 @@ from hived.worker import KEYWORDS
 
 log = logging.getLogger(__name__)
 
-EMBEDDED = "embedded"
-CONNECT_TIMEOUT = 2.0
-MAX_SLOTS = 1 << 20  # more than any hive has: a WELCOME claiming more is not believed
+# The ping period a client takes from its node's WELCOME, within these bounds
+# (a node cannot make the client spin, nor go quiet past its own client_timeout).
+PING_PERIOD = (0.05, 1.0)
 QUEUED_AHEAD = 1  # calls sent beyond the slots, as ProcessPoolExecutor's EXTRA_QUEUED_CALLS
 
 _live: weakref.WeakSet[Hive] = weakref.WeakSet()
@@ -80,16 +95,21 @@ class Hive(concurrent.futures.Executor):
     """A connection to one node of a hive (or an embedded one)."""
 
     def __init__(
-        self, address: str | None = None, *, key_file: str | None = None, cpus: int | None = None
+        self,
+        address: str | list[str] | None = None,
+        *,
+        key_file: str | None = None,
+        cpus: int | None = None,
+        reconnect_timeout: float = RECONNECT_TIMEOUT,
     ) -> None:
         if cpus is not None:
             _check_count("cpus", cpus, 1)
+        self.reconnect_timeout = check_reconnect_timeout(reconnect_timeout)
+        self.key_file = key_file
         self._lock = threading.Lock()
         self._streams: dict[int, Any] = {}
         self._job_numbers = itertools.count(1)
-        self._sent_fns: set[bytes] = set()
-        self._welcome = threading.Event()
-        self._unwelcome: HiveError | None = None  # why the node will not serve us
+        self._sent_fns: set[bytes] = set()  # function hashes the current node has from us
         self._futures: set[concurrent.futures.Future] = set()
         self._queued: collections.deque[_Single] = collections.deque()  # not sent yet
         self._sent = 0  # submitted calls at the node and not done
@@ -97,14 +117,25 @@ class Hive(concurrent.futures.Executor):
         self._link_closing = False
         self._link_closed = False
         self._link_gone = threading.Event()  # set once link.close() returned
-        self._lost: str | None = None  # why the node is gone, once it is
+        self._lost: str | None = None  # why no node serves us any more, once none does
+        # Moving to another node: `_epoch` counts the links adopted, and what
+        # went out on the current one is sent again only on the next.
+        self._greeting: Greeting | None = None  # the current link's
+        self._epoch = 0
+        self._moving = False
+        self._mover: threading.Thread | None = None
+        self._stop_moving = threading.Event()  # set once the link closes
+        self._silent_since: float | None = None  # when the last node that served us last answered
+        self.book = AddressBook([], self._dialable)
+        self.address = ""
         self.node_name = ""
         self.slots = 1
-        self.link = self._open_link(address, key_file, cpus)
+        self.link = self._open_link(address, cpus)
         _live.add(self)
 
-    def _open_link(self, address: str | None, key_file: str | None, cpus: int | None) -> Any:
-        address = address or os.environ.get("HIVED_ADDRESS") or None
+    def _open_link(self, address: str | list[str] | None, cpus: int | None) -> Any:
+        if address is None or address == "":
+            address = os.environ.get("HIVED_ADDRESS") or None
         if address is None:
             for control in local_control_addresses():
                 # No socket file: no daemon, and no time spent asking. One
@@ -112,60 +143,100 @@ class Hive(concurrent.futures.Executor):
                 if not check_access(control[len("ipc://") :]):
                     continue
                 try:
-                    return self._socket_link(control, key_file)
+                    return self._first_link([control])
                 except HiveUnavailable:
                     log.info("no daemon answered at %s", control)
             address = EMBEDDED
-        self.address = address
-        if address == EMBEDDED:
-            settings = NodeSettings(
-                cpus=cpus or _embedded_cpus(),
-                gpus=detect_gpus(),
-                authkey=bytes(multiprocessing.current_process().authkey),
-            )
-            return self._greet(EmbeddedLink(settings, self._on_frames))
-        return self._socket_link(address, key_file)
+        addresses = parse_addresses(address)
+        if addresses != [EMBEDDED]:
+            return self._first_link(addresses)
+        settings = NodeSettings(
+            cpus=cpus or _embedded_cpus(),
+            gpus=detect_gpus(),
+            authkey=bytes(multiprocessing.current_process().authkey),
+        )
+        greeting = Greeting(EMBEDDED, threading.Event())
+        greeting.link = EmbeddedLink(settings, lambda frames: self._on_frames(greeting, frames))
+        greeting.link.send(self._hello())
+        greeting.answered.wait()  # the node is in this process: it answers
+        if greeting.problem is not None:
+            greeting.link.close()
+            raise greeting.problem
+        self._adopt(greeting)
+        return greeting.link
 
-    def _socket_link(self, address: str, key_file: str | None) -> SocketLink:
-        """A link to a daemon, once it has answered our HELLO."""
-        if not (address.startswith("ipc://") or address.startswith("tcp://")):
-            raise HiveError(
-                f"address {address!r}: expected 'embedded', 'ipc://PATH' or 'tcp://HOST:PORT'"
-            )
-        self.address = address
-        curve = client_curve(address, key_file)
-        return self._greet(SocketLink(address, self._on_frames, on_lost=self._on_lost, curve=curve))
+    def _first_link(self, addresses: list[str]) -> SocketLink:
+        """The link to the first of `addresses` whose node welcomes us."""
+        self.book.given = addresses
+        greeting, tried = self._greet(addresses, CONNECT_TIMEOUT)
+        if greeting is None:
+            problems = [p for p in tried.values() if isinstance(p, HiveError)]
+            raise problems[0] if problems else HiveUnavailable(_no_daemon(tried))
+        self._adopt(greeting)
+        return greeting.link
 
-    def _greet(self, link: Any) -> Any:
-        """Say HELLO on `link` and wait for the node's WELCOME."""
-        link.send(encode(Hello(f"{socket.gethostname()} pid {os.getpid()}", __version__)))
-        if not self._welcome.wait(CONNECT_TIMEOUT):
+    def _hello(self) -> list[Any]:
+        return encode(Hello(f"{socket.gethostname()} pid {os.getpid()}", __version__))
+
+    def _greet(self, addresses: list[str], timeout: float) -> tuple[Greeting | None, Tried]:
+        return greet_any(addresses, timeout, key_file=self.key_file, hello=self._hello(),
+                         on_frames=self._on_frames, on_lost=self._on_lost)
+
+    def _dialable(self, address: str) -> bool:
+        """Whether we can dial `address` (a tcp one off this machine needs the key)."""
+        try:
+            client_curve(address, self.key_file)
+        except HiveError:
+            return False
+        return True
+
+    def _adopt(self, greeting: Greeting) -> bool:
+        """Talk to the node that welcomed `greeting` from now on; False if this
+        Hive closed meanwhile."""
+        welcome, link = greeting.welcome, greeting.link
+        if isinstance(link, SocketLink):
+            period = min(max(welcome.heartbeat, PING_PERIOD[0]), PING_PERIOD[1])
+            link.watch(period, min(max(welcome.dead_after, 2 * period), LINK_TIMEOUT))
+        self.book.learn(welcome.nodes)
+        with self._lock:
+            if self._link_closed:
+                adopted = False
+            else:
+                adopted = True
+                self._greeting, self.link, self.address = greeting, link, greeting.address
+                self.node_name, self.slots = welcome.node, max(welcome.slots, 1)
+                self._sent_fns.clear()  # this node may lack them
+                self._epoch += 1
+                self._moving = False
+        if not adopted:
             link.close()
-            raise HiveUnavailable(_no_daemon(self.address))
-        if self._unwelcome is not None:
-            link.close()
-            raise self._unwelcome
-        return link
+        return adopted
 
     # -- messages from the node (on the link's thread) ------------------------
 
-    def _on_frames(self, frames: list[Any]) -> None:
+    def _on_frames(self, greeting: Greeting, frames: list[Any]) -> None:
         try:
             msg, payload = decode(frames)
         except HiveError as exc:
-            log.warning("dropped a malformed message from %s: %s", self.address, exc)
+            log.warning("dropped a malformed message from %s: %s", greeting.address, exc)
             return
         if isinstance(msg, (Welcome, Unwelcome)):
-            if not self._welcome.is_set():
-                self._on_greeting(msg)
-                self._welcome.set()
-        elif isinstance(msg, Stranger):
-            self._on_lost(f"hived on {msg.node} at {self.address} holds nothing of this "
-                          "client's (it restarted, or took this client for gone)")
+            if not greeting.answered_at:
+                greeting.believe(msg)
+            return
+        if greeting is not self._greeting:
+            return  # a link being tried, or one left behind: what it had runs again
+        if isinstance(msg, Stranger):
+            self._on_lost(greeting, f"hived on {msg.node} at {greeting.address} holds nothing "
+                          "of this client's (it restarted, or took this client for gone)")
+        elif isinstance(msg, Nodes):
+            self.book.learn(msg.nodes)
+        elif isinstance(msg, JobRefused) and msg.kind == "stopped":
+            self._on_lost(greeting, f"{msg.text} (at {greeting.address})")
         elif isinstance(msg, Output):
             # (An embedded hive's workers are this process's own children,
             # as a ProcessPoolExecutor's are: their lines as they wrote them.)
-            prefix = "" if self.address == EMBEDDED else f"({msg.source}) "
+            prefix = "" if greeting.address == EMBEDDED else f"({msg.source}) "
             if msg.logger:
                 emit_record(Piece(msg.stream, msg.text, msg.logger, msg.level), prefix)
                 return
@@ -177,22 +248,78 @@ class Hive(concurrent.futures.Executor):
         else:
             target = self._streams.get(getattr(msg, "job", None))
             if target is not None:
+                greeting.served = greeting.served or isinstance(msg, (Result, ItemsFailed))
                 target.deliver(msg, payload)
 
-    def _on_greeting(self, msg: Welcome | Unwelcome) -> None:
-        if isinstance(msg, Unwelcome):
-            problem = msg.text
-        elif not 0 <= msg.slots <= MAX_SLOTS:
-            self._unwelcome = RemoteProtocolError(
-                f"hived at {self.address} says it has {msg.slots} slots; expected 0 to {MAX_SLOTS}"
-            )
-            return
-        else:
-            problem = version_problem(msg.version)
-        if problem is not None:
-            self._unwelcome = HiveError(f"hived on {msg.node} at {self.address} will not serve this client: {problem}")
-            return
-        self.node_name, self.slots = msg.node, max(msg.slots, 1)
+    def _on_lost(self, greeting: Greeting, reason: str) -> None:
+        """The node is gone (on the link's thread): find another one, on a thread of our own."""
+        with self._lock:
+            if greeting is not self._greeting or self._moving or self._lost is not None \
+                    or self._link_closed:
+                return
+            self._moving = True
+            # reconnect_timeout runs from the last answer of a node that
+            # served us: one that welcomes us and then fails every job (says
+            # it holds nothing of ours, say) must not keep us for ever.
+            link, now = greeting.link, time.monotonic()
+            if greeting.served or self._silent_since is None \
+                    or now - greeting.answered_at >= self.reconnect_timeout:
+                self._silent_since = link.last_pong or greeting.answered_at
+            self._mover = threading.Thread(target=self._move, args=(greeting, reason),
+                                           name="hived-reconnect", daemon=True)
+            self._mover.start()
+
+    def _move(self, lost: Greeting, reason: str) -> None:
+        """Greet the candidates in rounds until one node takes us (the jobs go
+        on there) or no node has answered a ping for reconnect_timeout."""
+        lost.link.lost = True  # no more pings to it
+        deadline = max(self._silent_since + self.reconnect_timeout, time.monotonic())
+        if self.reconnect_timeout:
+            log.warning("%s; looking for another node (for up to %.1fs)", reason,
+                        deadline - time.monotonic())
+        for stream in list(self._streams.values()):
+            if isinstance(stream, MapStream):
+                stream.deliver(Reconnecting(reason), [])
+        lost.link.close()
+        period = lost.link.heartbeat
+        tried: Tried = {}
+        while (left := deadline - time.monotonic()) > 0 and not self._stop_moving.is_set():
+            began = time.monotonic()
+            greeting, failed = self._greet(self.book.candidates(lost.address),
+                                           min(CONNECT_TIMEOUT, left))
+            tried.update(failed)
+            if greeting is not None:
+                if self._adopt(greeting):
+                    log.warning("now on hived %s at %s; sending again what was not delivered",
+                                greeting.welcome.node, greeting.address)
+                    self._resubmit()
+                return
+            self._stop_moving.wait(min(max(period - (time.monotonic() - began), 0), left))
+        self._give_up(reason, tried)
+
+    def _resubmit(self) -> None:
+        """On the new link: each map opens its job again and sends the chunks
+        not answered (in its caller's thread); each call sent goes again."""
+        with self._lock:
+            epoch, streams = self._epoch, list(self._streams.values())
+        for stream in streams:
+            if isinstance(stream, MapStream):
+                stream.deliver(Moved(epoch, self.address), [])
+            else:
+                stream.send(force_blob=True)
+
+    def _give_up(self, reason: str, tried: Tried) -> None:
+        """No node answered for reconnect_timeout: every call fails."""
+        where = "; tried " + ", ".join(f"{a} ({why})" for a, why in tried.items()) if tried else ""
+        text = f"{reason}; no node answered within reconnect_timeout={self.reconnect_timeout:g}s{where}"
+        with self._lock:
+            if self._link_closed:
+                return
+            self._lost, self._moving = text, False
+        log.info("%s; its jobs are lost", text)  # each call raises it
+        for stream in list(self._streams.values()):
+            stream.deliver(JobRefused(stream.job, "unavailable", f"{text}; this job is lost"), [])
+        self._dispatch()  # what was still queued here fails too
 
     # -- jobs -----------------------------------------------------------------
 
@@ -225,18 +352,6 @@ class Hive(concurrent.futures.Executor):
             return [blob] if force or first else []
 
         return next(self._job_numbers), digest, label, blob_for
-
-    def _on_lost(self, reason: str) -> None:
-        """The node is gone, and every job we had there with it (on the link's thread)."""
-        with self._lock:
-            if self._lost is not None or self._link_closed:
-                return
-            self._lost = reason
-        self.link.lost = True
-        log.warning("%s; its jobs are lost", reason)
-        for stream in list(self._streams.values()):
-            stream.deliver(JobRefused(stream.job, "unavailable", f"{reason}; this job is lost"), [])
-        self._dispatch()  # what was still queued here fails too
 
     def _forget(self, job: int) -> None:
         self._streams.pop(job, None)
@@ -366,12 +481,27 @@ class Hive(concurrent.futures.Executor):
         else:
             self._close_link()
 
-    def _send(self, *messages: list[Any]) -> None:
-        """link.send while the link is open and the node there knows us; after,
-        nothing (a map's last CancelJob, the BYE)."""
+    def _send(self, *messages: list[Any]) -> int | None:
+        """link.send while the link is open and the node there knows us; the
+        link's epoch, or None where nothing went: while moving (what was not
+        delivered goes again on the next link), and after (a map's last
+        CancelJob, the BYE)."""
         with self._lock:
-            if not self._link_closed and self._lost is None:
-                self.link.send(*messages)
+            if self._link_closed or self._lost is not None or self._moving:
+                return None
+            self.link.send(*messages)
+            return self._epoch
+
+    def _send_call(self, single: _Single, frames: list[Any], again: bool) -> None:
+        """A call's message, at most once per link unless `again` (the node
+        asked for it): the mover and `_dispatch` may both send one that was
+        sent as the link changed."""
+        with self._lock:
+            if self._link_closed or self._lost is not None or self._moving \
+                    or (single.epoch == self._epoch and not again):
+                return
+            single.epoch = self._epoch
+            self.link.send(frames)
 
     def _finish(self) -> None:
         """Wait for every submitted call, then close the link."""
@@ -384,7 +514,11 @@ class Hive(concurrent.futures.Executor):
         """Close the link once, whoever asks first; return once it is closed."""
         with self._lock:  # no send is under way once this is set
             first, self._link_closed = not self._link_closed, True
+            mover = self._mover
         if first:
+            self._stop_moving.set()
+            if mover is not None and mover is not threading.current_thread():
+                mover.join()  # within a round of greetings
             self.link.close()
             self._link_gone.set()
         self._link_gone.wait()
@@ -415,12 +549,13 @@ class _Single:
     ):
         self.hive, self.job, self.future, self.call = hive, job, future, call
         self.state = self.QUEUED  # changed under the hive's lock
+        self.epoch = 0  # the link it last went out on (the hive's epoch then)
         self.resent = False  # the function went again after the node said it lacked it
 
-    def send(self, force_blob: bool) -> None:
+    def send(self, force_blob: bool, again: bool = False) -> None:
         call = self.call
         if call is not None:  # None once the future is done
-            self.hive._send(call(force_blob))
+            self.hive._send_call(self, call(force_blob), again)
 
     def deliver(self, msg: Message, payload: list[Any]) -> None:
         future = self.future
@@ -448,7 +583,7 @@ class _Single:
                     future.set_exception(lacks_function_again())
                 else:
                     self.resent = True
-                    self.send(force_blob=True)
+                    self.send(force_blob=True, again=True)
         except BaseException as exc:  # the task's own exception, re-raised by raise_for
             if not future.done():
                 # Without this frame in its traceback, which would keep the
@@ -484,9 +619,12 @@ def _check_count(name: str, value: Any, least: int) -> None:
         raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
 
 
-def _no_daemon(address: str) -> str:
+def _no_daemon(tried: Tried) -> str:
+    notes = [f"{a} ({why})" for a, why in tried.items() if "draining" in str(why)]
+    others = [a for a in tried if "draining" not in str(tried[a])]
+    where = ", ".join([*others, *notes])
     return (
-        f"no daemon answered at {address}; is hived running? "
+        f"no daemon answered at {where}; is hived running? "
         "`systemctl status hived`, or start one with `hived`"
     )
 
@@ -499,13 +637,21 @@ def _embedded_cpus() -> int:
 
 
 def connect(
-    address: str | None = None, *, key_file: str | None = None, cpus: int | None = None
+    address: str | list[str] | None = None,
+    *,
+    key_file: str | None = None,
+    cpus: int | None = None,
+    reconnect_timeout: float = RECONNECT_TIMEOUT,
 ) -> Hive:
-    """A Hive: the daemon at `address` (or HIVED_ADDRESS, or the local one), else embedded.
+    """A Hive: the first node at `address` (several: a list, or commas; else
+    HIVED_ADDRESS, else the local daemon) that answers, else embedded. Should
+    that node be lost, the Hive goes on on another one, or on the same once it
+    is back; only when no node answers for `reconnect_timeout` seconds do its
+    calls fail with HiveUnavailable.
 
     `cpus` sizes an embedded hive (else HIVED_CPUS, else this machine's usable
     CPUs); a daemon's slots are its own and `cpus` does not change them."""
-    return Hive(address, key_file=key_file, cpus=cpus)
+    return Hive(address, key_file=key_file, cpus=cpus, reconnect_timeout=reconnect_timeout)
 
 
 class _DefaultHive:

@@ -7,12 +7,18 @@ carry the same messages, so the node cannot tell them apart.
 
     client                                   node (owner)
       HELLO (version) ───────────────────────▶
-      ◀──────────────── WELCOME (name, slots), or UNWELCOME (why not)
+      ◀──────────────── WELCOME (name, slots, the hive's nodes), or UNWELCOME (why not)
       JOB (function blob once per client) ──▶
       CHUNK × n (opaque payload) ───────────▶
       CLOSE (no more chunks) ───────────────▶
       ◀──────────── RESULT × n / ERROR / OUT
       PING every heartbeat; a silent client is dropped with its jobs.
+      ◀──────────────── NODES whenever the hive's nodes change
+
+A client takes its node as lost once it answers no PING for the node's
+`dead_after`, or once it refuses a job with kind "stopped" (it stops, or
+drains); the client then greets another node (or the same one, back) and
+sends again what was not delivered (`hived.failover`).
 
 The node never unpickles a payload frame: only headers are decoded. It
 serves only clients that said HELLO with a compatible version: anything else
@@ -28,12 +34,13 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import zmq
 
 from hived import __version__
 from hived.errors import HiveError, RemoteProtocolError
+from hived.fields import Address, Seconds, at_most
 from hived.reactor import Channel
 from hived.socketdir import check_access, check_socket, make_socket_dir
 from hived.wire import Message, decode, encode, message
@@ -82,12 +89,28 @@ def _series(release: re.Match[str]) -> tuple[int, ...]:
     return (major,) if major else (0, minor)
 
 
+# At most this many addresses in a WELCOME or NODES: enough for a client to
+# find another node, and a bound on what it keeps.
+MAX_NODES = 1024
+NodeAddresses = Annotated[list[Address], at_most(MAX_NODES, "tcp://host:port addresses")]
+
+
 @message(b"C.WELCOME")
 class Welcome(Message):
     node: str
     version: str
     slots: int  # worker slots the caller may count on, for sizing its window
-    heartbeat: float  # how often the client must show it is alive
+    heartbeat: Seconds  # how often the client must show it is alive
+    dead_after: Seconds  # silence after which the client takes this node as lost
+    draining: bool  # it takes no new jobs: a client looking for a node passes it over
+    nodes: NodeAddresses  # where clients reach the hive's live nodes, this one included
+
+
+@message(b"C.NODES")
+class Nodes(Message):
+    """The hive's live nodes changed: where clients reach them now."""
+
+    nodes: NodeAddresses
 
 
 @message(b"C.JOB")
@@ -184,7 +207,7 @@ class ItemsFailed(Message):
 @message(b"C.JOBERR")
 class JobRefused(Message):
     job: int
-    kind: str  # "unknown-blob", "invalid", "unavailable"
+    kind: str  # "unknown-blob", "invalid", "unavailable", "stopped" (take it elsewhere)
     text: str
 
 

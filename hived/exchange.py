@@ -244,11 +244,21 @@ class Exchange:
 
     def node_gone(self, address: str, left: bool) -> None:
         """A node is dead or `left` (left, restarted, forgotten): its ranges of
-        our jobs run again elsewhere, and we stop waiting on it as an owner."""
+        our jobs run again elsewhere, we stop waiting on it as an owner, and
+        we start nothing more we pulled from it: its clients take their jobs
+        to another node. What runs finishes (a dead owner may only be paused,
+        and stopping a worker costs a respawn) unless the owner `left`; a
+        dead owner that runs again finds what we dropped with its next HELD?."""
         if left:  # a dead owner may run again and wait on these; a left one never
             self.unsent = [u for u in self.unsent if u[0] != address]
         self._requeue([aid for aid, node in self.out.items() if node == address],
                       address, f"node {address} is gone")
+        queued = {a.id for a in self.queue}  # pulled, not started
+        pulled = [aid for local, (owner, aid) in self.taken.items()
+                  if owner == address and (left or local in queued)]
+        if pulled:
+            log.info("dropping %d range(s) pulled from %s, which is gone", len(pulled), address)
+            self._drop_pulled(address, pulled, "its owner is gone")
         self.sent_blobs.pop(address, None)
         self.matchmaker.forget(address)
         self.puller.gone(address)
@@ -385,16 +395,20 @@ class Exchange:
         self.node.pool.kick()
 
     def _on_drop(self, sender: str, msg: RangeDrop, payload: list[Any]) -> None:
-        """The owner dropped these ranges: forget those not started, stop the
-        running ones (their workers report them lost; the owner ignores that)."""
-        wanted = {(sender, aid) for aid in msg.assignments}
+        self._drop_pulled(sender, msg.assignments, "its owner dropped the job")
+
+    def _drop_pulled(self, owner: str, aids: list[int], why: str) -> None:
+        """Forget these ranges pulled from `owner` that have not started, and
+        stop the running ones (their workers report them lost; the owner
+        ignores that)."""
+        wanted = {(owner, aid) for aid in aids}
         drop = {local for local, ref in self.taken.items() if ref in wanted}
         for a in [a for a in self.queue if a.id in drop]:
             self.queue.remove(a)
             del self.taken[a.id]
             drop.discard(a.id)
         if drop:
-            self.node.pool.abort(drop, "its owner dropped the job")
+            self.node.pool.abort(drop, why)
 
     def _on_held_ask(self, sender: str, msg: HeldAsk, payload: list[Any]) -> None:
         asked = set(msg.assignments)
@@ -405,7 +419,7 @@ class Exchange:
         # otherwise (it thought us dead, say): stop spending slots on it
         settled = [aid for aid in mine.values() if aid not in asked]
         if settled:
-            self._on_drop(sender, RangeDrop(settled), [])
+            self._drop_pulled(sender, settled, "its owner dropped the job")
 
     def _on_nothing(self, sender: str, msg: Nothing, payload: list[Any]) -> None:
         self.puller.answered(sender, got_work=False)

@@ -12,7 +12,8 @@ the network.
   tells the node this client is alive, and the node answers each one, so a
   node that answers no PING for `LINK_TIMEOUT` (killed, paused, cut off, or
   a socket that floods us but does not serve us) is reported to `on_lost`
-  once instead of being waited on for ever. The socket is an ipc one only
+  once instead of being waited on for ever. Until the node's WELCOME says
+  otherwise (`watch`), that is after `LINK_TIMEOUT`. The socket is an ipc one only
   where nobody but its daemon could have put it (`socketdir`).
 - `EmbeddedLink`: a whole `Node` on its own event-loop thread in this
   process, without a network socket. Frames cross between threads as Python
@@ -74,12 +75,18 @@ class SocketLink:
         os.set_blocking(self._wake_r, False)
         self._closing = False
         self.lost = False  # the node is gone: no more pings to it
+        self.last_pong: float | None = None  # when the node last answered a ping
         self.thread = threading.Thread(target=self._run, name="hived-link", daemon=True)
         self.thread.start()
 
     def send(self, *messages: list[Any]) -> None:
         self.outbox.extend(messages)
         os.write(self._wake_w, b"\0")
+
+    def watch(self, heartbeat: float, timeout: float) -> None:
+        """Ping every `heartbeat` and take the node as lost after `timeout`
+        without an answer (what its WELCOME asks), from the next pass on."""
+        self.heartbeat, self.timeout = heartbeat, timeout
 
     def _run(self) -> None:
         sock, poller = self.sock, zmq.Poller()
@@ -114,7 +121,8 @@ class SocketLink:
                         break
                     frames = sock.recv_multipart(copy=False)
                     if len(frames) == 1 and len(frames[0]) == len(PONG) and frames[0].bytes == PONG:
-                        heard = time.monotonic()  # only its answer to a ping says the node serves us
+                        # only its answer to a ping says the node serves us
+                        heard = self.last_pong = time.monotonic()
                         continue
                     try:
                         self.on_frames(frames)

@@ -17,6 +17,12 @@ worker, a result did not unpickle here) is sent again item by item, as
 chunks with negative numbers that map back to the original slots. So the job
 stays open (CloseJob) until the last result is in.
 
+When the client moves to another node (`hived.failover`), the stream hears
+`Moved` in its caller's thread and sends its job and every chunk not yet
+complete on the new link: a chunk keeps its inputs until its last slot is
+filled, so what was not delivered can always go again, and what two nodes
+both answer fills each slot once.
+
 Chunk size (`chunksize=None`) adapts: the first chunks hold one item each;
 every result reports the seconds its worker spent, and the next chunks hold
 about `TARGET_CHUNK_SECONDS` of work, capped (like multiprocessing's map) at a
@@ -46,6 +52,7 @@ from hived.errors import (
     TaskTimeout,
     WorkerCrashed,
 )
+from hived.failover import Moved, Reconnecting
 from hived.progress import Progress
 from hived.scheduling import MAX_CHUNK_ITEMS
 from hived.wire import Message, encode
@@ -160,7 +167,7 @@ class MapStream:
         self,
         *,
         job: int,
-        send: Callable[..., None],
+        send: Callable[..., int | None],
         opener: Callable[[bool], list[Any]],
         forget: Callable[[int], None],
         iterables: tuple[Iterable[Any], ...],
@@ -171,7 +178,7 @@ class MapStream:
         progress: bool,
     ) -> None:
         self.job, self.send, self.opener, self.forget = job, send, opener, forget
-        self.inbox: queue.SimpleQueue[tuple[Message, list[Any]]] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[tuple[Message | Moved | Reconnecting, list[Any]]] = queue.SimpleQueue()
         self.nargs = len(iterables)
         self.items = iter(iterables[0]) if self.nargs == 1 else zip(*iterables, strict=False)
         total = _length_hint(iterables)
@@ -193,16 +200,18 @@ class MapStream:
         self.exhausted = False
         self.finished = False
         self.refusal: HiveError | None = None
+        self.link_epoch: int | None = None  # the link the job is open on (see Hive._send)
 
     def start(self) -> None:
         """Open the job and send the first window; call once the stream can
         receive (results may come back before this returns)."""
-        self.fill_window(self.opener(False))
+        self.link_epoch = self.fill_window(self.opener(False))
 
     # -- sending ---------------------------------------------------------------
 
-    def fill_window(self, *first: list[Any]) -> None:
-        """Read and send chunks until the window is full; one hand-over to the link."""
+    def fill_window(self, *first: list[Any]) -> int | None:
+        """Read and send chunks until the window is full; one hand-over to the
+        link. The link's epoch, or None if nothing went."""
         out = list(first)
         while not self.exhausted and self._room():
             items = list(itertools.islice(self.items, self.sizer.next_size()))
@@ -220,8 +229,7 @@ class MapStream:
             number, self.sent = self.sent, self.sent + 1
             self.chunks[number] = ChunkSlots(len(items), frames, items, first)
             out.append(encode(AddChunk(self.job, number, len(items)), frames))
-        if out:
-            self.send(*out)
+        return self.send(*out) if out else None
 
     def _room(self) -> bool:
         """Whether another chunk may go out: at most `window` chunks running,
@@ -267,17 +275,18 @@ class MapStream:
             self.send(*out)
 
     def resend_all(self) -> None:
-        """The node lost our function (it restarted): open the job again, resend."""
+        """The node lost our function, or we talk to another node: open the
+        job again, with its function, and send every chunk not complete."""
         out = [self.opener(True)]
         for number, chunk in self.chunks.items():
             if chunk.missing and chunk.frames:
                 out.append(encode(AddChunk(self.job, number, chunk.count), chunk.frames))
         self.parts.clear()
-        self.send(*out)
+        self.link_epoch = self.send(*out)
 
     # -- receiving (the link's thread puts, the caller's thread takes) ----------
 
-    def deliver(self, msg: Message, payload: list[Any]) -> None:
+    def deliver(self, msg: Message | Moved | Reconnecting, payload: list[Any]) -> None:
         self.inbox.put((msg, payload))
 
     def _wait(self) -> None:
@@ -303,12 +312,18 @@ class MapStream:
         # the ordered output: keep the workers busy.
         self.fill_window()
 
-    def _absorb(self, msg: Message, payload: list[Any]) -> None:
+    def _absorb(self, msg: Message | Moved | Reconnecting, payload: list[Any]) -> None:
         if isinstance(msg, (Result, ItemsFailed)):
             try:
                 self._absorb_range(msg, payload)
             except RemoteProtocolError as exc:  # the node is not to be believed: fail the map
                 self.refusal = exc
+        elif isinstance(msg, Moved):
+            if msg.epoch != self.link_epoch:  # else opened there already
+                self.resend_all()
+        elif isinstance(msg, Reconnecting):
+            if self.progress:
+                self.progress.note(f"reconnecting: {msg.reason}")
         elif isinstance(msg, JobRefused):
             if msg.kind != "unknown-blob":
                 self.refusal = FAILURE_TYPES.get(msg.kind, HiveError)(msg.text)

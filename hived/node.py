@@ -39,6 +39,7 @@ import zmq
 from hived import __version__
 from hived.control import (
     LINK_TIMEOUT,
+    MAX_NODES,
     AddChunk,
     Answer,
     Bye,
@@ -51,6 +52,7 @@ from hived.control import (
     ItemsFailed,
     JobRefused,
     JobsQuery,
+    Nodes,
     OpenJob,
     Output,
     Ping,
@@ -139,6 +141,7 @@ class Node:
         self.mesh: Any = None  # a hived.mesh.Mesh once joined
         self.exchange = Exchange(self)
         self._tasks: set[asyncio.Task] = set()
+        self._told_nodes: list[str] = []  # the hive's nodes as clients last heard of them
         self._handlers: dict[type[Message], Callable[[ClientState, Any, list[Any]], None]] = {
             OpenJob: self._open_job,
             Call: self._call,
@@ -217,6 +220,7 @@ class Node:
         self.exchange.offer()
         self.exchange.ask_held()
         self.pool.kick()  # idle workers look for work elsewhere again
+        self._tell_nodes()
         if self.mesh is not None:  # what our next heartbeats say
             self.mesh.update(
                 load=os.getloadavg()[0],
@@ -242,7 +246,7 @@ class Node:
         for key in list(self.owner.jobs):
             client = self.clients.get(key[0])
             if client is not None:
-                self._refuse(client, key[1], "unavailable", f"hived on {self.name} stopped")
+                self._refuse(client, key[1], "stopped", f"hived on {self.name} stopped")
             self.owner.cancel_job(key)
         for task in list(self._tasks):
             task.cancel()
@@ -294,7 +298,10 @@ class Node:
                 self.control.send(cid, Unwelcome(self.name, client.unwelcome))
                 return
             slots = sum(cpus + gpus for cpus, gpus in self._hive())
-            self.control.send(cid, Welcome(self.name, __version__, slots, self.settings.heartbeat))
+            s = self.settings
+            welcome = Welcome(self.name, __version__, slots, s.heartbeat, s.dead_after,
+                              self.draining, self.client_addresses())
+            self.control.send(cid, welcome)
             return
         # A client of our previous process, one we dropped as silent, or one
         # that never said HELLO. It pings every heartbeat until it hears, so
@@ -354,7 +361,7 @@ class Node:
 
     def _job_problem(self, msg: OpenJob) -> tuple[str, str] | None:
         if self.draining:
-            return "unavailable", f"hived on {self.name} is draining and takes no new jobs"
+            return "stopped", f"hived on {self.name} is draining and takes no new jobs"
         if msg.cpus < 1 or msg.gpus < 0 or msg.retries < 0:
             return "invalid", "cpus must be >= 1, gpus >= 0 and retries >= 0"
         if msg.gpus > 1:
@@ -366,6 +373,27 @@ class Node:
         if msg.gpus == 0 and msg.cpus > largest:
             return "unavailable", f"the tasks ask for {msg.cpus} CPUs but the largest node has {largest}"
         return None
+
+    def client_addresses(self) -> list[str]:
+        """Where clients reach the hive's nodes that take jobs (alive, not
+        draining), this one first: the mesh addresses, whose inboxes serve
+        clients too. Empty without a mesh."""
+        if self.mesh is None:
+            return []
+        members = self.mesh.members()
+        found = [m.address for m in members if m.state == "alive"]
+        return found[:MAX_NODES]
+
+    def _tell_nodes(self) -> None:
+        """Each heartbeat: socket clients hear of a change in the hive's nodes,
+        so that they know where to go should this node be lost."""
+        nodes = self.client_addresses()
+        if nodes == self._told_nodes:
+            return
+        self._told_nodes = nodes
+        for cid in self.clients:
+            if cid not in self.control.local:
+                self.control.send(cid, Nodes(nodes))
 
     def _hive(self) -> list[tuple[int, int]]:
         """(CPU slots, GPU slots) of every live node, this one first."""

@@ -94,6 +94,11 @@ class Progress:
             with _lock:
                 self.bar.update(n)
 
+    def note(self, text: str) -> None:
+        """A line of its own above the bar (the client is reconnecting, say)."""
+        if self.bar is not None:
+            write_output(sys.stderr, f"hived {text}\n")
+
     def close(self) -> None:
         bar, self.bar = self.bar, None
         if bar is not None:

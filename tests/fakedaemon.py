@@ -15,7 +15,7 @@ from typing import Any
 
 import zmq
 
-from hived.control import Hello, Welcome
+from hived.control import LINK_TIMEOUT, Hello, Welcome
 from hived.errors import RemoteProtocolError
 from hived.wire import Message, decode, encode
 
@@ -25,7 +25,7 @@ Answer = Callable[["FakeDaemon", bytes, Message, list[Any]], None]
 def welcome(fake: FakeDaemon, client: bytes, msg: Message, payload: list[Any]) -> None:
     """What every fake says to a HELLO unless told otherwise."""
     if isinstance(msg, Hello):
-        fake.send(client, Welcome("fake", "0.1.0", 2, 0.5))
+        fake.send(client, Welcome("fake", "0.1.0", 2, 0.5, LINK_TIMEOUT, False, []))
 
 
 class FakeDaemon:

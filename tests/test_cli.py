@@ -172,16 +172,21 @@ def test_jobs_show_a_running_job(daemon, tmp_path) -> None:
 
 
 def test_drain_refuses_new_jobs(daemon) -> None:
+    # connected before the drain: its next job is refused, and it finds no other node
+    before = hived.connect(daemon.address, reconnect_timeout=0)
     out = ok("drain", "testnode", address=daemon.address)
     assert "testnode is draining" in out
     node = check_status_shape(json.loads(ok("status", "--json", address=daemon.address)))
     assert node["state"] == "draining"
     assert "draining" in ok("status", address=daemon.address).splitlines()[2]
-    with hived.connect(daemon.address) as h:
-        with pytest.raises(hived.HiveUnavailable, match="testnode is draining"):
+    with before as h:
+        with pytest.raises(hived.HiveUnavailable, match="testnode is draining and takes no new jobs"):
             list(h.map(square, range(3)))
         with pytest.raises(hived.HiveUnavailable, match="draining"):
             h.submit(square, 3).result(timeout=30)
+    # a client looking for a node passes a draining one over
+    with pytest.raises(hived.HiveUnavailable, match="hived on testnode is draining"):
+        hived.connect(daemon.address)
 
 
 def test_drain_of_an_unknown_node_fails(daemon) -> None:

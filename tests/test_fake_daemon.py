@@ -90,7 +90,7 @@ def submit_abs(address: str) -> Any:
     """The issue's statement, timed: its value or its exception, and how long it took."""
     began = time.monotonic()
     try:
-        with hived.connect(address) as h:
+        with hived.connect(address, reconnect_timeout=0) as h:
             outcome: Any = h.submit(abs, -3).result(timeout=4)
     except Exception as exc:
         outcome = exc
@@ -111,7 +111,7 @@ def test_a_daemon_that_never_answers_the_job_ends_in_bounded_time(fake, answer) 
     outcome, took = submit_abs(daemon.address)
     assert isinstance(outcome, (TimeoutError, HiveError)), repr(outcome)
     assert took < BOUND, took
-    with hived.connect(daemon.address) as h:  # waiting on it: the node is declared gone
+    with hived.connect(daemon.address, reconnect_timeout=0) as h:  # waiting on it: the node is declared gone
         with pytest.raises(hived.HiveUnavailable, match="answered no ping"):
             h.submit(abs, -3).result(timeout=BOUND)
 
@@ -192,10 +192,10 @@ def test_unknown_blob_for_ever_is_answered_once(fake) -> None:
 @pytest.mark.parametrize(
     "greeting, error, match",
     [
-        (Welcome("fake", "7.0.0", 2, 0.5), HiveError, "hived 7.0.0 cannot work with hived"),
-        (Welcome("fake", "banana", 2, 0.5), HiveError, "is not a hived release"),
-        (Welcome("fake", "0.1.0", 2**62, 0.5), RemoteProtocolError, "slots"),
-        (Welcome("fake", "0.1.0", -1, 0.5), RemoteProtocolError, "slots"),
+        (Welcome("fake", "7.0.0", 2, 0.5, LINK_TIMEOUT, False, []), HiveError, "hived 7.0.0 cannot work with hived"),
+        (Welcome("fake", "banana", 2, 0.5, LINK_TIMEOUT, False, []), HiveError, "is not a hived release"),
+        (Welcome("fake", "0.1.0", 2**62, 0.5, LINK_TIMEOUT, False, []), RemoteProtocolError, "slots"),
+        (Welcome("fake", "0.1.0", -1, 0.5, LINK_TIMEOUT, False, []), RemoteProtocolError, "slots"),
         (Unwelcome("fake", "go away"), HiveError, "go away"),
     ],
 )
@@ -295,7 +295,7 @@ def test_fuzz_answers_from_a_daemon(fuzz_dir, greeting, replies, finish) -> None
         if isinstance(msg, Hello):
             if greeting is not None:
                 fake.send(client, *greeting)
-            fake.send(client, Welcome("fake", "0.1.0", 2, 0.5))
+            fake.send(client, Welcome("fake", "0.1.0", 2, 0.5, LINK_TIMEOUT, False, []))
         elif isinstance(msg, Ping):
             fake.send(client, Pong())
         elif isinstance(msg, (Call, AddChunk)):
@@ -311,7 +311,7 @@ def test_fuzz_answers_from_a_daemon(fuzz_dir, greeting, replies, finish) -> None
         try:
             began = time.monotonic()
             try:
-                with hived.connect(daemon.address) as h:
+                with hived.connect(daemon.address, reconnect_timeout=0) as h:
                     # A submitted call the node has runs to its end (the Executor
                     # contract: cancel() is False once it runs, and the `with`
                     # waits for it), so only a fake that finishes gets one; a

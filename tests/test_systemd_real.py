@@ -655,3 +655,34 @@ def test_stop_drains_a_running_task(box: Box) -> None:
     assert "Stopping hived.service" in tail and "Stopped hived.service" in tail, tail
     assert "SIGTERM: draining" in tail and "hived stopped" in tail, tail
     assert "SIGKILL" not in tail, tail
+
+
+def test_restart_under_a_running_map_completes_it(box: Box) -> None:
+    """`systemctl restart hived` under a map from a local client: the client
+    greets the new daemon on the same control socket and the map completes,
+    every result exactly once, in order."""
+    box.sh("systemctl start hived", timeout=60)  # a test before may have stopped it
+    wait_for(box.active, 30, interval=0.2, what="hived.service to be active")
+    client = box.popen(
+        "/opt/hived/bin/python -c '"
+        "import time, hived\n"
+        "def slow(x):\n"
+        "    time.sleep(0.2)\n"
+        "    return x * x\n"
+        "with hived.connect() as h:\n"
+        "    got = list(h.map(slow, range(40), chunksize=1))\n"
+        '    print("complete", got == [x * x for x in range(40)], flush=True)\n'
+        "'",
+        user="alice",
+    )
+    try:
+        wait_for(lambda: box.status()["nodes"][0]["tasks_done"] >= 3, 30, interval=0.1,
+                 what="the map to be running")
+        box.sh("systemctl restart hived", timeout=60)
+        out, _ = client.communicate(timeout=90)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert client.returncode == 0 and "complete True" in out, out
+    assert "now on hived" in out, out  # it moved: the first daemon did not finish the map
