@@ -25,6 +25,7 @@ About two minutes with a cold cache (debootstrap), under one warm.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -281,14 +282,23 @@ class Box:
             check=False,
         )
 
-    def popen(self, script: str, user: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
+    @contextlib.contextmanager
+    def popen(self, script: str, user: str) -> Iterator[subprocess.Popen[str]]:
+        """`script` running in the box as `user`, killed on the way out if it
+        still runs (a failed wait or stop leaves no client behind)."""
+        proc = subprocess.Popen(
             self.argv(script, user),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
     def show(self, *props: str) -> dict[str, str]:
         out = self.sh(f"systemctl show hived {' '.join('-p ' + p for p in props)}").stdout
@@ -616,7 +626,7 @@ def test_watchdog_restarts_a_frozen_daemon(box: Box) -> None:
 
 def test_stop_drains_a_running_task(box: Box) -> None:
     wait_for(box.active, 30, interval=0.2, what="hived.service to be active")
-    client = box.popen(
+    with box.popen(
         "/opt/hived/bin/python -c '"
         "import time, hived\n"
         "def slow(x):\n"
@@ -626,8 +636,7 @@ def test_stop_drains_a_running_task(box: Box) -> None:
         '    print("result", h.submit(slow, 41).result(timeout=60), flush=True)\n'
         "'",
         user="alice",
-    )
-    try:
+    ) as client:
         wait_for(
             lambda: box.status()["nodes"][0]["slots_busy"] == 1,
             30,
@@ -636,10 +645,6 @@ def test_stop_drains_a_running_task(box: Box) -> None:
         )
         box.sh("systemctl stop hived", timeout=60)
         out, _ = client.communicate(timeout=60)
-    finally:
-        if client.poll() is None:
-            client.kill()
-            client.wait()
     assert client.returncode == 0 and "result 42" in out, out
     shown = box.show("ActiveState", "Result", "ExecMainCode", "ExecMainStatus")
     assert shown == {
@@ -663,7 +668,7 @@ def test_restart_under_a_running_map_completes_it(box: Box) -> None:
     every result exactly once, in order."""
     box.sh("systemctl start hived", timeout=60)  # a test before may have stopped it
     wait_for(box.active, 30, interval=0.2, what="hived.service to be active")
-    client = box.popen(
+    with box.popen(
         "/opt/hived/bin/python -c '"
         "import time, hived\n"
         "def slow(x):\n"
@@ -674,15 +679,10 @@ def test_restart_under_a_running_map_completes_it(box: Box) -> None:
         '    print("complete", got == [x * x for x in range(40)], flush=True)\n'
         "'",
         user="alice",
-    )
-    try:
+    ) as client:
         wait_for(lambda: box.status()["nodes"][0]["tasks_done"] >= 3, 30, interval=0.1,
                  what="the map to be running")
         box.sh("systemctl restart hived", timeout=60)
         out, _ = client.communicate(timeout=90)
-    finally:
-        if client.poll() is None:
-            client.kill()
-            client.wait()
     assert client.returncode == 0 and "complete True" in out, out
     assert "now on hived" in out, out  # it moved: the first daemon did not finish the map
