@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from hived.errors import (  # noqa: E402
     HiveError,
     HiveUnavailable,
+    JobCancelled,
     SerializationError,
     TaskTimeout,
     WorkerCrashed,
@@ -20,6 +21,7 @@ __all__ = [
     "Hive",
     "HiveError",
     "HiveUnavailable",
+    "JobCancelled",
     "SerializationError",
     "TaskTimeout",
     "WorkerCrashed",

@@ -3,12 +3,16 @@
     hivectl [--connect ADDR] [--key-file PATH] status [--json]
     hivectl jobs [--json]
     hivectl drain NAME
+    hivectl undrain NAME
+    hivectl cancel JOB
     hivectl keygen [--force] PATH
     hivectl doctor [--config PATH] [--user NAME] [--json]
+    hivectl completion bash|zsh|fish
     hivectl --version
 
-Each command is one query to a node's control socket. `--json` output keeps
-the shape DESIGN.md fixes; scripts rely on it.
+Each command is one query to a node's control socket; any node drains,
+undrains or cancels for the whole hive (it forwards to the node concerned).
+`--json` output keeps the shape DESIGN.md fixes; scripts rely on it.
 """
 
 from __future__ import annotations
@@ -23,12 +27,23 @@ from typing import Any
 from hived import __version__
 from hived.addresses import local_control_addresses
 from hived.config import DEFAULT_CONFIG_PATH
-from hived.control import Answer, DrainRequest, JobsQuery, StatusQuery, ask
+from hived.control import (
+    Answer,
+    CancelRequest,
+    DrainRequest,
+    JobsQuery,
+    StatusQuery,
+    UndrainRequest,
+    ask,
+)
 from hived.errors import HiveError, RemoteProtocolError
 from hived.security import client_curve
 from hived.status import check_jobs, check_status, seed_problems
 
 TIMEOUT = 3.0
+# What completion waits for node names and job ids: a shell must not hang on a TAB.
+COMPLETION_TIMEOUT = 1.0
+SHELLS = ("bash", "zsh", "fish")
 _requests = itertools.count(1)
 
 
@@ -43,7 +58,11 @@ def parser() -> argparse.ArgumentParser:
     jobs = sub.add_parser("jobs", help="jobs running in the hive")
     jobs.add_argument("--json", action="store_true")
     drain = sub.add_parser("drain", help="let a node finish what it runs and take nothing new")
-    drain.add_argument("name")
+    drain.add_argument("name", help="the node's name, as `hivectl status` lists it")
+    undrain = sub.add_parser("undrain", help="end a drain: the node takes work again")
+    undrain.add_argument("name", help="the node's name")
+    cancel = sub.add_parser("cancel", help="cancel a job: its caller gets hived.JobCancelled")
+    cancel.add_argument("job", help="the job's id, as `hivectl jobs` lists it")
     keygen = sub.add_parser("keygen", help="write a new cluster key")
     keygen.add_argument("path")
     keygen.add_argument("--force", action="store_true", help="replace an existing key file")
@@ -53,15 +72,20 @@ def parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true")
     doctor.add_argument("--user", metavar="NAME", default="hived",
                         help="the user the daemon runs as (default hived), to check it can read the key")
+    completion = sub.add_parser("completion", help="print a shell completion script")
+    completion.add_argument("shell", nargs="?", choices=SHELLS,
+                            help="e.g. `source <(hivectl completion bash)` in ~/.bashrc")
+    completion.add_argument("--words", choices=("nodes", "jobs"),
+                            help="print the hive's node names or job ids, one a line (the scripts' own use)")
     return p
 
 
-def _query(args: argparse.Namespace, query: Any) -> dict[str, Any]:
+def _query(args: argparse.Namespace, query: Any, timeout: float = TIMEOUT) -> dict[str, Any]:
     named = args.connect or os.environ.get("HIVED_ADDRESS")
     addresses = [named] if named else local_control_addresses()
     answer: Answer | None = None
     for address in addresses:
-        answer = ask(address, query, TIMEOUT, curve=client_curve(address, args.key_file))
+        answer = ask(address, query, timeout, curve=client_curve(address, args.key_file))
         if answer is not None:
             break
     if answer is None:
@@ -103,9 +127,21 @@ def status(args: argparse.Namespace) -> None:
         print(f"coordinator: {coordinator['name']} (term {coordinator['term']})")
     else:
         print("coordinator: none known (no valid lease seen from here)")
-    print(_table(body["nodes"], NODE_COLUMNS))
+    rows = [dict(row, uptime=duration(row.get("uptime"))) for row in body["nodes"]]
+    print(_table(rows, NODE_COLUMNS))
     for seed in seed_problems(body):
         print(f"seed {seed['address']} is {seed['state']}: {seed['why']}")
+
+
+def duration(seconds: Any) -> str:
+    """Seconds as a person reads them, one decimal and a unit: 3.4s, 12.0min,
+    5.0h, 2.1d (no space: a table row stays one word a column); "-" if unknown."""
+    if type(seconds) not in (int, float) or not 0 <= seconds < float("inf"):
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s"
 
 
 def jobs(args: argparse.Namespace) -> None:
@@ -123,6 +159,41 @@ def drain(args: argparse.Namespace) -> None:
     if body.get("draining") != args.name:
         raise RemoteProtocolError(f"the drain answer names {body.get('draining')!r}, not {args.name!r}")
     print(f"{args.name} is draining: it finishes what it runs and takes nothing new")
+
+
+def undrain(args: argparse.Namespace) -> None:
+    body = _query(args, UndrainRequest(next(_requests), args.name))
+    if body.get("undrained") != args.name:
+        raise RemoteProtocolError(f"the undrain answer names {body.get('undrained')!r}, not {args.name!r}")
+    print(f"{args.name} takes work again")
+
+
+def cancel(args: argparse.Namespace) -> None:
+    body = _query(args, CancelRequest(next(_requests), args.job))
+    if body.get("cancelled") != args.job:
+        raise RemoteProtocolError(f"the cancel answer names {body.get('cancelled')!r}, not {args.job!r}")
+    print(str(body.get("text", f"job {args.job} cancelled"))[:500])
+
+
+def completion(args: argparse.Namespace) -> None:
+    if args.words is not None:
+        # For a TAB: what a daemon answers quickly, or nothing, and never an error.
+        try:
+            if args.words == "nodes":
+                body = check_status(_query(args, StatusQuery(next(_requests)), COMPLETION_TIMEOUT))
+                words = [row["name"] for row in body["nodes"]]
+            else:
+                body = check_jobs(_query(args, JobsQuery(next(_requests)), COMPLETION_TIMEOUT))
+                words = [row["id"] for row in body["jobs"]]
+        except (HiveError, OSError):
+            return
+        print("\n".join(w for w in words if w.isprintable() and " " not in w))
+        return
+    if args.shell is None:
+        raise HiveError(f"hivectl completion: name a shell, one of {', '.join(SHELLS)}")
+    from hived.completion import script
+
+    print(script(args.shell, parser()), end="")
 
 
 def keygen(args: argparse.Namespace) -> None:
@@ -153,7 +224,10 @@ def doctor(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-COMMANDS = {"status": status, "jobs": jobs, "drain": drain, "keygen": keygen, "doctor": doctor}
+COMMANDS = {
+    "status": status, "jobs": jobs, "drain": drain, "undrain": undrain, "cancel": cancel,
+    "keygen": keygen, "doctor": doctor, "completion": completion,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -207,7 +207,8 @@ class ItemsFailed(Message):
 @message(b"C.JOBERR")
 class JobRefused(Message):
     job: int
-    kind: str  # "unknown-blob", "invalid", "unavailable", "stopped" (take it elsewhere)
+    kind: str  # "unknown-blob", "invalid", "unavailable", "cancelled" (hivectl cancel),
+    # "stopped" (take it elsewhere)
     text: str
 
 
@@ -237,6 +238,23 @@ class JobsQuery(Message):
 class DrainRequest(Message):
     request: int
     node: str
+
+
+@message(b"C.UNDRAIN")
+class UndrainRequest(Message):
+    """End a `hivectl drain` of the named node: it takes work again."""
+
+    request: int
+    node: str
+
+
+@message(b"C.CANCELJOB")
+class CancelRequest(Message):
+    """`hivectl cancel`: end the job of this id (as `hivectl jobs` lists it),
+    wherever in the hive it is owned; its client gets JobCancelled."""
+
+    request: int
+    job_id: str  # not `job`: that field names a client's own job number
 
 
 @message(b"C.ANSWER")

@@ -164,6 +164,8 @@ class Daemon:
                     f"{exc.strerror or exc}"
                 ) from None
         self.node.start()
+        # A drain that hivectl starts or ends shows in `systemctl status` at once.
+        self.node.on_state_change = lambda: self.notifier.notify(f"STATUS={self._status_line()}")
         await self.node.pool.ready.wait()
         s = self.node.settings
         log.info(
@@ -255,6 +257,8 @@ class Daemon:
         role = "coordinator" if mesh is None or mesh.is_coordinator() else "member"
         peers = len(mesh.members()) - 1 if mesh is not None else 0
         line = f"{role}; {peers} peers; {pool.slots_busy}/{pool.slots_total} slots busy"
+        if self.node.draining:
+            line = f"draining; {line}"
         for seed in seed_problems({"seeds": mesh.seeds_status()}) if mesh is not None else []:
             line += f"; seed {seed['address']} {seed['state']}: {seed['why']}"
         return line

@@ -31,6 +31,12 @@ class TaskTimeout(HiveError, concurrent.futures.TimeoutError):
     """A result did not arrive within the caller's `timeout`."""
 
 
+class JobCancelled(HiveError, concurrent.futures.CancelledError):
+    """An operator cancelled the job (`hivectl cancel`): its undelivered items
+    never will be. A CancelledError, as a future cancelled before it ran
+    raises, so code written for an Executor's cancellation catches it."""
+
+
 class HiveUnavailable(HiveError):
     """No daemon answered where one was named."""
 

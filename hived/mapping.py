@@ -46,6 +46,7 @@ from hived.control import AddChunk, CancelJob, CloseJob, ItemsFailed, JobRefused
 from hived.errors import (
     HiveError,
     HiveUnavailable,
+    JobCancelled,
     RemoteError,
     RemoteProtocolError,
     SerializationError,
@@ -67,6 +68,7 @@ FAILURE_TYPES: dict[str, type[HiveError]] = {
     "crashed": WorkerCrashed,
     "serialization": SerializationError,
     "unavailable": HiveUnavailable,
+    "cancelled": JobCancelled,
 }
 
 

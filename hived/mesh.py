@@ -61,6 +61,7 @@ from hived.reactor import NOBLOCK, Channel
 from hived.security import ClusterKey, ZapHandler
 from hived.seeds import EVENTS as SEED_EVENTS
 from hived.seeds import SeedWatch
+from hived.steering import MESSAGES as STEERING_MESSAGES
 from hived.wire import (
     PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
@@ -74,6 +75,8 @@ from hived.wire import (
 log = logging.getLogger(__name__)
 
 SEND_QUEUE = 1000
+# Messages of a member that the node acts on (the cores only count them as hearing from it).
+NODE_MESSAGES = WORK_MESSAGES + STEERING_MESSAGES
 # Message types nodes send each other; anything else in the inbox is a client's.
 MESH_PREFIXES = (b"M.", b"E.", b"S.")
 # (peer, message type) pairs whose protocol errors are counted, for the log
@@ -210,6 +213,10 @@ class Mesh(MeshDriver):
     def members(self) -> list[Any]:
         return self.core.membership.members()
 
+    def name_of(self, address: str) -> str | None:
+        """The member name of the peer at `address` (None: not a member)."""
+        return self.core.membership.name_of(address)
+
     def members_alive(self) -> list[str]:
         """Addresses of the peers we hear from."""
         return self.core.membership.live_addresses()
@@ -245,7 +252,7 @@ class Mesh(MeshDriver):
             self._arm()
             return
         self._run(actions)
-        if isinstance(msg, WORK_MESSAGES) and self.core.membership.name_of(sender) is not None:
+        if isinstance(msg, NODE_MESSAGES) and self.core.membership.name_of(sender) is not None:
             self.on_work(sender, msg, payload)
 
     def _on_monitor(self, frames: list[Any]) -> None:

@@ -45,6 +45,7 @@ from hived.control import (
     Bye,
     Call,
     CancelJob,
+    CancelRequest,
     CloseJob,
     ControlServer,
     DrainRequest,
@@ -60,6 +61,7 @@ from hived.control import (
     Result,
     StatusQuery,
     Stranger,
+    UndrainRequest,
     Unwelcome,
     Welcome,
     version_problem,
@@ -71,6 +73,7 @@ from hived.scheduling import JobKey, Needs, Owner
 from hived.security import ClusterKey
 from hived.serialization import function_digest
 from hived.status import node_status
+from hived.steering import MAX_JOB_IDS, Forwards, Outcome, Steer, Steered
 from hived.taskoutput import Piece
 from hived.wire import Message, frame_bytes
 
@@ -80,6 +83,9 @@ log = logging.getLogger(__name__)
 CANCEL_GRACE = 1.0
 # Unknown clients remembered as told (a bound: any number may write to the socket).
 STRANGERS_KEPT = 4096
+# How long a node waits on the peers it forwarded a hivectl drain, undrain or
+# cancel to: below hivectl's own wait, so that it hears why not.
+FORWARD_TIMEOUT = 2.0
 
 
 @dataclass
@@ -133,6 +139,14 @@ class Node:
         self._next_tag = 0
         self.started_at = time.monotonic()
         self.draining = False
+        self.stopping = False  # drains to exit (SIGTERM): no undrain ends that
+        # Called when this node starts or ends a drain that hivectl asked for
+        # (the daemon's STATUS= line says so at once).
+        self.on_state_change: Callable[[], None] | None = None
+        self.forwards = Forwards(FORWARD_TIMEOUT)
+        # forwarded hivectl requests: Forwards' id -> (client, its request, action,
+        # target, for a cancel the ids of this node's own jobs)
+        self._forwarded: dict[int, tuple[ClientState, int, str, str, list[str]]] = {}
         self.stopped = asyncio.Event()
         self._drained = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -153,6 +167,8 @@ class Node:
             StatusQuery: self._status_query,
             JobsQuery: self._jobs_query,
             DrainRequest: self._drain_request,
+            UndrainRequest: self._undrain_request,
+            CancelRequest: self._cancel_request,
         }
 
     # -- lifecycle -------------------------------------------------------------
@@ -188,7 +204,7 @@ class Node:
                 advertise=s.advertise or s.bind, seeds=s.seeds, heartbeat=s.heartbeat,
                 dead_after=s.dead_after, lease=s.lease, key=s.key, data_dir=s.data_dir,
                 cpus=s.cpus, gpus=len(s.gpus), on_client_frames=self.control.accept,
-                on_work=self.exchange.handle, on_peer_gone=self.exchange.node_gone,
+                on_work=self._on_mesh_message, on_peer_gone=self.exchange.node_gone,
             )
             self.mesh.start()
             self.pool.on_idle = self.exchange.idle
@@ -232,6 +248,7 @@ class Node:
     async def drain(self) -> None:
         """Take no new jobs and start no queued task; let running tasks finish
         up to the drain timeout (what never started fails in `close`)."""
+        self.stopping = True
         self._start_draining()
         self._drained.clear()  # a `hivectl drain` may have set it while tasks still ran
         if self.pool.slots_busy:
@@ -553,7 +570,7 @@ class Node:
             age = max(now - job.opened_at, 1e-9)
             rows.append(
                 {
-                    "id": f"{key[0].hex()[:8]}/{key[1]}",
+                    "id": job_id(key),
                     "owner": self.name,
                     "client": client.label if client else "",
                     "function": self._labels.get(key, ""),
@@ -577,13 +594,143 @@ class Node:
 
         self.exchange.gather_jobs(reply)
 
+    # -- steering from any node: drain, undrain, cancel ---------------------------
+
     def _drain_request(self, client: ClientState, msg: DrainRequest, payload: list[Any]) -> None:
-        if msg.node != self.name:
-            body = {"error": f"no node named {msg.node!r} in this hive (this node is {self.name!r})"}
+        self._steer_node(client, msg.request, "drain", msg.node)
+
+    def _undrain_request(self, client: ClientState, msg: UndrainRequest, payload: list[Any]) -> None:
+        self._steer_node(client, msg.request, "undrain", msg.node)
+
+    def _steer_node(self, client: ClientState, request: int, action: str, name: str) -> None:
+        """Drain or undrain the node named `name`: this one, or forwarded to it."""
+        if name == self.name:
+            done, text, _ = self.steer(action, name, by=self.name)
+            self._answer(client, request, action, name, done, text)
+            return
+        members = self.mesh.members() if self.mesh is not None else []
+        member = next((m for m in members if m.name == name), None)
+        if member is None:
+            known = ", ".join(m.name for m in members) or self.name
+            self._answer(client, request, action, name, False,
+                         f"no node named {name!r} in this hive (this node is {self.name!r}); "
+                         f"the nodes it knows: {known}")
+        elif member.state == "dead":
+            silent = self.loop.time() - member.last_heard
+            self._answer(client, request, action, name, False,
+                         f"{name} at {member.address} cannot be reached: {self.name} has not "
+                         f"heard from it for {silent:.1f} s (it is dead)")
         else:
+            self._forward(client, request, action, name, [member.address])
+
+    def _cancel_request(self, client: ClientState, msg: CancelRequest, payload: list[Any]) -> None:
+        """Cancel a job by its id: here if this node owns it, else on whichever peer does."""
+        done, text, mine = self.steer("cancel", msg.job_id, by=self.name)
+        peers = self.mesh.members_alive() if self.mesh is not None else []
+        if done or not peers:
+            self._answer(client, msg.request, "cancel", msg.job_id, done,
+                         text if done else _no_such_job(msg.job_id, mine, []))
+            return
+        self._forward(client, msg.request, "cancel", msg.job_id, peers, mine)
+
+    def _forward(self, client: ClientState, request: int, action: str, target: str,
+                 peers: list[str], mine: list[str] | None = None) -> None:
+        ask, sends = self.forwards.ask(peers, action, target, self.loop.time())
+        self._forwarded[ask] = (client, request, action, target, mine or [])
+        for send in sends:
+            if not self.mesh.send(send.to, send.msg):
+                self._settle(self.forwards.unsent(ask, send.to))
+        if ask in self._forwarded:
+            self.loop.call_later(FORWARD_TIMEOUT, self._forward_due, ask)
+
+    def _forward_due(self, ask: int) -> None:
+        self._settle(self.forwards.expire(ask, self.loop.time()))
+
+    def _on_mesh_message(self, sender: str, msg: Message, payload: list[Any]) -> None:
+        """A member's work or steering message (the mesh checked it is a member)."""
+        if isinstance(msg, Steer):
+            by = self.mesh.name_of(sender) or sender
+            done, text, jobs = self.steer(msg.action, msg.target, by=by)
+            self.mesh.send(sender, Steered(msg.request, done, text[:2000], jobs[:MAX_JOB_IDS]))
+        elif isinstance(msg, Steered):
+            self._settle(self.forwards.answered(sender, msg))
+        else:
+            self.exchange.handle(sender, msg, payload)
+
+    def _settle(self, outcome: Outcome | None) -> None:
+        """A forwarded request ended: answer the hivectl that asked."""
+        if outcome is None:
+            return
+        client, request, action, target, mine = self._forwarded.pop(outcome.request)
+        if outcome.done:
+            text = outcome.texts[0]
+        elif action == "cancel":
+            text = _no_such_job(target, mine + outcome.jobs,
+                                [self.mesh.name_of(a) or a for a in outcome.silent])
+        elif outcome.silent:
+            text = (f"{target} at {outcome.silent[0]} did not answer within "
+                    f"{FORWARD_TIMEOUT:.1f} s: {self.name} cannot reach it, or it runs a "
+                    "hived that cannot be steered from another node")
+        else:
+            text = outcome.texts[0]
+        if client.id in self.clients:
+            self._answer(client, request, action, target, outcome.done, text)
+
+    def _answer(self, client: ClientState, request: int, action: str, target: str,
+                done: bool, text: str) -> None:
+        if not done:
+            body: dict[str, Any] = {"error": text}
+        elif action == "drain":
+            body = {"draining": target}
+        elif action == "undrain":
+            body = {"undrained": target}
+        else:
+            body = {"cancelled": target, "text": text}
+        self.control.send(client.id, Answer(request, body))
+
+    def steer(self, action: str, target: str, by: str) -> tuple[bool, str, list[str]]:
+        """Do what hivectl on node `by` asked of this node: (done, what was done
+        or why not, for a cancel of a job not ours the ids of our jobs)."""
+        if action == "cancel":
+            return self._cancel_by_id(target, by)
+        if action == "drain":
+            if self.draining:
+                return True, f"{self.name} is draining already", []
+            log.info("draining (asked by %s via hivectl): finishing what runs, taking nothing new", by)
             self._start_draining()
-            body = {"draining": msg.node}
-        self.control.send(client.id, Answer(msg.request, body))
+        elif self.stopping:
+            return False, f"hived on {self.name} is stopping; it cannot take work again", []
+        elif not self.draining:
+            return True, f"{self.name} was not draining", []
+        else:
+            log.info("drain ended (asked by %s via hivectl): taking work again", by)
+            self._stop_draining()
+        if self.on_state_change is not None:
+            self.on_state_change()
+        return True, f"{self.name} is {'draining' if self.draining else 'taking work again'}", []
+
+    def _cancel_by_id(self, target: str, by: str) -> tuple[bool, str, list[str]]:
+        keys = [key for key in self.owner.jobs if job_id(key) == target]
+        if not keys:
+            return False, f"{self.name} owns no job {target!r}", [job_id(k) for k in self.owner.jobs]
+        for key in keys:
+            job = self.owner.jobs[key]
+            client = self.clients.get(key[0])
+            log.info("job %s (%s, client %s) cancelled (asked by %s via hivectl); %d of its "
+                     "items done, the rest dropped", target, self._labels.get(key, "?"),
+                     client.label if client else "gone", by, job.items_done)
+            if client is not None:
+                self._refuse(client, key[1], "cancelled",
+                             f"job {target} was cancelled (`hivectl cancel` on {by})")
+            self._cancel(key, grace=CANCEL_GRACE)
+        return True, f"job {target} cancelled on its owner {self.name}", []
+
+    def _stop_draining(self) -> None:
+        """Take work again: new jobs, queued tasks, ranges from other owners."""
+        self.draining = False
+        self.pool.holding = False
+        self._drained.clear()
+        self.pool.kick()
 
     def _start_draining(self) -> None:
         """Take no new jobs and start no task; give back pulled ranges not started.
@@ -591,3 +738,16 @@ class Node:
         self.draining = True
         self.pool.holding = True
         self.exchange.hand_back()
+
+
+def job_id(key: JobKey) -> str:
+    """A job's id as `hivectl jobs` lists it and `hivectl cancel` takes it."""
+    return f"{key[0].hex()[:8]}/{key[1]}"
+
+
+def _no_such_job(target: str, ids: list[str], silent: list[str]) -> str:
+    listed = ", ".join(sorted(ids)[:20]) + (" ..." if len(ids) > 20 else "")
+    text = f"no job {target!r} in this hive; the jobs it has: {listed or 'none'} (`hivectl jobs`)"
+    if silent:
+        text += f"; {', '.join(silent)} did not answer"
+    return text

@@ -2,7 +2,8 @@
 
 The shape is a contract (DESIGN.md): `{"coordinator": {"name", "term"} or
 null, "nodes": [{"name", "address", "state", "role", "cpus", "gpus",
-"slots_busy", "slots_free", "tasks_done", "version", ...}], ...}`; a mesh
+"slots_busy", "slots_free", "tasks_done", "version", ...}], ...}`, each row
+with its "uptime" in seconds; a mesh
 node adds `"seeds": [{"address", "state", "why"}]`, each configured seed a
 member, joining, unreachable or refusing (hived.seeds). This node's
 row comes from its own pool; the other rows from what their heartbeats said.
@@ -62,6 +63,8 @@ def node_status(node: Node) -> dict[str, Any]:
                 "tasks_done": member.tasks_done,
                 "version": member.version,
                 "load": round(member.load, 2),
+                # its incarnation is its start on its own wall clock: as good as the clocks agree
+                "uptime": round(max(time.time() - member.incarnation / 1000, 0.0), 1),
                 "last_heard": round(now - member.last_heard, 2),
             }
         row["role"] = "coordinator" if coordinator and coordinator[0] == member.name else "member"

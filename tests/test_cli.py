@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from conftest import child_env
 from netns import wait_for
 
 import hived
+from hived.cli import duration
 from hived.security import load_key
 
 NODE_FIELDS = {
@@ -244,3 +247,133 @@ def test_keygen_keeps_an_existing_key_unless_forced(tmp_path) -> None:
     assert out.returncode == 0, out.stderr
     assert load_key(str(path)).public != public
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_undrain_ends_a_drain_and_the_node_takes_work_again(daemon) -> None:
+    ok("drain", "testnode", address=daemon.address)
+    assert "draining (asked by testnode via hivectl)" in daemon.log
+    assert "testnode takes work again" in ok("undrain", "testnode", address=daemon.address)
+    assert "drain ended (asked by testnode via hivectl)" in daemon.log
+    node = check_status_shape(json.loads(ok("status", "--json", address=daemon.address)))
+    assert node["state"] == "alive"
+    with hived.connect(daemon.address) as h:
+        assert list(h.map(square, range(5))) == [0, 1, 4, 9, 16]
+    # an undrain of a node that is not draining is no error either
+    assert hivectl("undrain", "testnode", address=daemon.address).returncode == 0
+
+
+@pytest.mark.parametrize("command", ["drain", "undrain"])
+def test_an_unknown_node_is_one_error_naming_the_known_ones(daemon, command) -> None:
+    out = hivectl(command, "nosuch", address=daemon.address)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.splitlines() == [
+        f"hivectl: hived at {daemon.address}: no node named 'nosuch' in this hive (this node "
+        "is 'testnode'); the nodes it knows: testnode"
+    ]
+
+
+def test_cancel_of_a_running_job_fails_its_map_at_once(daemon, tmp_path) -> None:
+    release = str(tmp_path / "release")  # never made: the tasks would run a minute
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with hived.connect(daemon.address) as h:
+                list(h.map(held, [release] * 6, chunksize=1, timeout=90))
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    client = threading.Thread(target=run)
+    client.start()
+    try:
+        rows = wait_for(lambda: json.loads(ok("jobs", "--json", address=daemon.address))["jobs"],
+                        30, what="the job to be listed")
+        job = rows[0]["id"]
+        out = ok("cancel", job, address=daemon.address)
+        cancelled = time.monotonic()
+        assert out.strip() == f"job {job} cancelled on its owner testnode"
+        client.join(30)
+        assert time.monotonic() - cancelled < 5, "the map went on after its job was cancelled"
+    finally:
+        open(release, "w").close()
+        client.join(90)
+    assert len(errors) == 1 and isinstance(errors[0], hived.JobCancelled), errors
+    assert isinstance(errors[0], concurrent.futures.CancelledError)
+    assert f"job {job} was cancelled (`hivectl cancel` on testnode)" in str(errors[0])
+    assert f"job {job} (held, client " in daemon.log and "cancelled (asked by testnode" in daemon.log
+    wait_for(lambda: json.loads(ok("status", "--json", address=daemon.address))["nodes"][0]
+             ["slots_busy"] == 0, 10, what="the cancelled tasks' slots to be free")
+    with hived.connect(daemon.address) as h:  # the node serves the next job
+        assert list(h.map(square, range(5))) == [0, 1, 4, 9, 16]
+
+
+def test_cancel_of_an_unknown_job_lists_the_jobs_there_are(daemon) -> None:
+    out = hivectl("cancel", "nosuch/1", address=daemon.address)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.splitlines() == [
+        f"hivectl: hived at {daemon.address}: no job 'nosuch/1' in this hive; the jobs it has: "
+        "none (`hivectl jobs`)"
+    ]
+
+
+def test_every_row_shows_uptime_with_a_unit(daemon) -> None:
+    lines = ok("status", address=daemon.address).splitlines()
+    row = dict(zip(lines[1].split(), lines[2].split(), strict=True))
+    assert re.fullmatch(r"\d+\.\d(s|min|h|d)", row["UPTIME"]), row["UPTIME"]
+    node = check_status_shape(json.loads(ok("status", "--json", address=daemon.address)))
+    assert type(node["uptime"]) is float and node["uptime"] >= 0
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [(0, "0.0s"), (3.44, "3.4s"), (59.9, "59.9s"), (720, "12.0min"), (18000, "5.0h"),
+     (181440, "2.1d"), (None, "-"), ("1", "-"), (-1, "-"), (float("nan"), "-")],
+)
+def test_durations_read_as_people_read_them(seconds, shown) -> None:
+    assert duration(seconds) == shown
+
+
+def complete(line: str, address: str | None = None) -> list[str]:
+    """What bash offers for `line` (the word being completed is its last), with
+    the script `hivectl completion bash` prints loaded and hivectl this checkout's."""
+    script = hivectl("completion", "bash").stdout
+    words = line.split(" ")
+    program = (
+        f'hivectl() {{ {sys.executable} -m hived.cli "$@"; }}\n{script}\n'
+        f"COMP_WORDS=({' '.join(repr(w) for w in words)}); COMP_CWORD={len(words) - 1}\n"
+        '_hivectl; printf "%s\\n" "${COMPREPLY[@]}"\n'
+    )
+    out = subprocess.run(["bash", "-c", program], env=child_env(), capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    return [w for w in out.stdout.splitlines() if w]
+
+
+def test_bash_loads_the_completion_and_completes_commands_and_options() -> None:
+    script = hivectl("completion", "bash").stdout
+    out = subprocess.run(["bash", "-c", f"{script}\ncomplete -p hivectl"], capture_output=True,
+                         text=True, timeout=30)
+    assert out.stdout.strip() == "complete -F _hivectl hivectl", out.stderr
+    assert complete("hivectl dr") == ["drain"]
+    assert complete("hivectl un") == ["undrain"]
+    assert complete("hivectl status --j") == ["--json"]
+    assert complete("hivectl completion ") == ["--help", "--words", "bash", "zsh", "fish"]
+    assert complete("hivectl --connect ipc:///x s") == ["status"]
+
+
+def test_bash_completes_node_names_and_job_ids_from_the_daemon(daemon) -> None:
+    assert complete(f"hivectl --connect {daemon.address} drain t") == ["testnode"]
+    assert complete(f"hivectl --connect {daemon.address} cancel ") == ["--help"]  # no jobs
+    # no daemon: the commands' options only, at once and without an error
+    started = time.monotonic()
+    assert complete("hivectl --connect ipc:///nonexistent/x.sock undrain ") == ["--help"]
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_each_shell_gets_a_script_naming_every_command(shell) -> None:
+    out = hivectl("completion", shell)
+    assert out.returncode == 0 and out.stderr == ""
+    for command in ("status", "jobs", "drain", "undrain", "cancel", "keygen", "doctor"):
+        assert command in out.stdout
+    assert "completion --words nodes" in out.stdout
