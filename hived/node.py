@@ -611,7 +611,7 @@ class Node:
         members = self.mesh.members() if self.mesh is not None else []
         member = next((m for m in members if m.name == name), None)
         if member is None:
-            known = ", ".join(m.name for m in members) or self.name
+            known = ", ".join(sorted(m.name for m in members)) or self.name
             self._answer(client, request, action, name, False,
                          f"no node named {name!r} in this hive (this node is {self.name!r}); "
                          f"the nodes it knows: {known}")
@@ -665,8 +665,12 @@ class Node:
         if outcome.done:
             text = outcome.texts[0]
         elif action == "cancel":
+            silent = outcome.silent + outcome.unreachable
             text = _no_such_job(target, mine + outcome.jobs,
-                                [self.mesh.name_of(a) or a for a in outcome.silent])
+                                sorted(self.mesh.name_of(a) or a for a in silent))
+        elif outcome.unreachable:
+            text = (f"{target} at {outcome.unreachable[0]} cannot be reached: {self.name} has "
+                    "no connection to it")
         elif outcome.silent:
             text = (f"{target} at {outcome.silent[0]} did not answer within "
                     f"{FORWARD_TIMEOUT:.1f} s: {self.name} cannot reach it, or it runs a "

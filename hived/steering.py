@@ -20,7 +20,7 @@ node's own socket.
 `Forwards` keeps the requests out: the first STEERED that says done settles
 one; once every peer asked has said no, or the deadline passed, it settles
 as not done, with what the peers said (a cancel: the job ids each owns) and
-who never answered. The node shell sends, arms one timer per request, and
+who never answered or could not be asked. The node shell sends, arms one timer per request, and
 turns an `Outcome` into hivectl's answer.
 """
 
@@ -74,6 +74,7 @@ class Outcome:
     texts: list[str]  # the deciding peer's text if done; else every refusal's
     jobs: list[str]  # the job ids the refusing peers own
     silent: list[str]  # peers that never answered
+    unreachable: list[str]  # peers the STEER could not be sent to
     peer: str | None  # the peer that did it
 
 
@@ -83,6 +84,7 @@ class _Out:
     deadline: float
     texts: list[str] = field(default_factory=list)
     jobs: list[str] = field(default_factory=list)
+    unreachable: list[str] = field(default_factory=list)
 
 
 class Forwards:
@@ -106,7 +108,7 @@ class Forwards:
         if out is None or peer not in out.asked:
             return None
         out.asked.discard(peer)
-        out.texts.append(f"{peer} cannot be reached (no connection to it)")
+        out.unreachable.append(peer)
         return self._settle(request) if not out.asked else None
 
     def answered(self, sender: str, msg: Steered) -> Outcome | None:
@@ -116,7 +118,7 @@ class Forwards:
         out.asked.discard(sender)
         if msg.done:
             self._out.pop(msg.request)
-            return Outcome(msg.request, True, [msg.text], [], [], sender)
+            return Outcome(msg.request, True, [msg.text], [], [], [], sender)
         out.texts.append(msg.text)
         out.jobs.extend(msg.jobs)
         return self._settle(msg.request) if not out.asked else None
@@ -130,7 +132,8 @@ class Forwards:
 
     def _settle(self, request: int) -> Outcome:
         out = self._out.pop(request)
-        return Outcome(request, False, out.texts, out.jobs, sorted(out.asked), None)
+        return Outcome(request, False, out.texts, out.jobs, sorted(out.asked), out.unreachable,
+                       None)
 
     def __len__(self) -> int:
         return len(self._out)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import os
 import re
@@ -29,6 +30,8 @@ from conftest import child_env
 from meshnet import PORT, TIMING, Cluster, MeshNode
 from meshpeer import MeshPeer
 from netns import wait_for
+from test_cli import hivectl
+from test_daemon import NotifySocket
 
 import hived
 from hived.control import DrainRequest, JobsQuery, ask
@@ -377,6 +380,117 @@ def test_a_drained_node_takes_nothing_new_and_the_job_completes_elsewhere(cluste
     assert {owner.proc.pid, c[2].proc.pid} <= set(pids[30:])
     eventually(c, lambda: c.states(owner).get(victim.name) == "draining", 5,
                f"the owner to see {victim.name} draining")
+
+
+@pytest.fixture
+def notified_cluster(testnet, tmp_path):
+    """As `cluster`, with systemd's end of the third node's NOTIFY_SOCKET."""
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    try:
+        with running_cluster(testnet, env={2: {"NOTIFY_SOCKET": notify.path}}) as c:
+            yield c, notify
+    finally:
+        notify.close()
+
+
+def status_line(notify: NotifySocket) -> str | None:
+    """The last STATUS= the node sent, if any came since `lines` was cleared."""
+    notify.pump()
+    sent = [line for line in notify.lines if line.startswith("STATUS=")]
+    return sent[-1] if sent else None
+
+
+def test_a_node_drained_from_another_takes_nothing_new_until_a_third_undrains_it(
+    notified_cluster,
+):
+    c, notify = notified_cluster
+    owner, asked, victim = c[0], c[1], c[2]
+    got = []
+    with hived.connect(owner.control) as h:
+        for r in h.map(square_where_when, range(60), chunksize=1):
+            got.append(r)
+            if len(got) == 15:
+                notify.lines.clear()
+                out = hivectl("drain", victim.name, address=asked.control)
+                assert out.returncode == 0, out.stderr
+                drained_at = time.time()
+                assert out.stdout.startswith(f"{victim.name} is draining")
+    pids = check_squares(got, 60, c)
+    assert victim.proc.pid in pids[:15], "the victim ran nothing before the drain"
+    late = [r for r in got if r[1] == victim.proc.pid and r[2] > drained_at]
+    assert len(late) <= 2, f"{len(late)} tasks started on the drained node after the drain"
+    assert f"draining (asked by {asked.name} via hivectl)" in victim.log
+    assert status_line(notify).startswith("STATUS=draining; "), notify.lines
+    eventually(c, lambda: all(c.states(n).get(victim.name) == "draining" for n in c.nodes), 5,
+               f"every node to show {victim.name} draining")
+
+    notify.lines.clear()
+    out = hivectl("undrain", victim.name, address=owner.control)
+    assert out.returncode == 0 and out.stdout == f"{victim.name} takes work again\n", out.stderr
+    assert f"drain ended (asked by {owner.name} via hivectl)" in victim.log
+    assert "draining" not in status_line(notify), notify.lines
+    eventually(c, lambda: all(c.states(n).get(victim.name) == "alive" for n in c.nodes), 5,
+               f"every node to show {victim.name} alive again")
+    with hived.connect(owner.control) as h:
+        pids = check_squares(list(h.map(square_where, range(30), chunksize=1)), 30, c)
+    assert victim.proc.pid in pids, "the undrained node took no work"
+
+    out = hivectl("drain", "nosuch", address=asked.control)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.strip().endswith(
+        f"no node named 'nosuch' in this hive (this node is '{asked.name}'); the nodes it "
+        f"knows: {', '.join(sorted(n.name for n in c.nodes))}"
+    )
+    # A node gone: hivectl hears that it cannot be reached, within its own wait.
+    victim.kill9()
+    out = hivectl("drain", victim.name, address=asked.control)
+    assert out.returncode == 1, out.stdout
+    assert f"{victim.name} at {victim.address}" in out.stderr
+    assert "did not answer within" in out.stderr or "cannot be reached" in out.stderr, out.stderr
+
+
+def test_a_job_cancelled_from_another_node_fails_its_map_at_once(cluster):
+    c = cluster
+    owner, asked = c[0], c[1]
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with hived.connect(owner.control) as h:
+                list(h.map(nap, [60] * 9, chunksize=1))
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    client = threading.Thread(target=run)
+    client.start()
+    try:
+        eventually(c, lambda: all(busy(n) == 1 for n in c.nodes), 20,
+                   "the job's tasks running on every node")
+        jobs = json.loads(hivectl("jobs", "--json", address=asked.control).stdout)["jobs"]
+        (job,) = [row["id"] for row in jobs]
+        out = hivectl("cancel", job, address=asked.control)
+        cancelled = time.monotonic()
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == f"job {job} cancelled on its owner {owner.name}\n"
+        client.join(10)
+        assert not client.is_alive(), "the map went on after its job was cancelled"
+        assert time.monotonic() - cancelled < 5
+    finally:
+        client.join(90)
+    assert len(errors) == 1 and isinstance(errors[0], hived.JobCancelled), errors
+    assert f"`hivectl cancel` on {asked.name}" in str(errors[0])
+    assert f"cancelled (asked by {asked.name} via hivectl)" in owner.log
+    # Every node drops its tasks long before they would end (60 s), and the
+    # hive serves the next map.
+    eventually(c, lambda: all(busy(n) == 0 for n in c.nodes), 10,
+               "every node to drop the cancelled job's tasks")
+    with hived.connect(owner.control) as h:
+        check_squares(list(h.map(square_where, range(12), chunksize=1)), 12, c)
+
+    out = hivectl("cancel", job, address=c[2].control)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.strip().endswith(
+        f"no job '{job}' in this hive; the jobs it has: none (`hivectl jobs`)"), out.stderr
 
 
 def test_systemctl_stop_of_a_worker_node_mid_job_loses_no_result(cluster):

@@ -59,7 +59,7 @@ def test_a_peer_the_link_refused_counts_as_having_said_no_at_once() -> None:
     request, _ = f.ask([B], "undrain", "node2", now=0.0)
     outcome = f.unsent(request, B)
     assert outcome is not None and not outcome.done
-    assert "cannot be reached" in outcome.texts[0] and outcome.silent == []
+    assert outcome.unreachable == [B] and outcome.silent == [] and outcome.texts == []
 
 
 def test_concurrent_requests_are_kept_apart() -> None:
