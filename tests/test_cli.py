@@ -6,6 +6,7 @@ import concurrent.futures
 import json
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -260,6 +261,22 @@ def test_undrain_ends_a_drain_and_the_node_takes_work_again(daemon) -> None:
         assert list(h.map(square, range(5))) == [0, 1, 4, 9, 16]
     # an undrain of a node that is not draining is no error either
     assert hivectl("undrain", "testnode", address=daemon.address).returncode == 0
+
+
+def test_a_node_draining_to_stop_cannot_be_undrained(daemon, tmp_path) -> None:
+    release = tmp_path / "release"
+    with hived.connect(daemon.address, reconnect_timeout=0) as h:
+        running = h.submit(held, str(release))
+        wait_for(lambda: daemon.status()["nodes"][0]["slots_busy"] == 1, 30,
+                 what="the task to run")
+        daemon.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "SIGTERM: draining" in daemon.log, 10, what="the drain to begin")
+        out = hivectl("undrain", "testnode", address=daemon.address)
+        assert out.returncode == 1 and out.stdout == ""
+        assert out.stderr.strip().endswith("hived on testnode is stopping; it cannot take work again")
+        release.touch()
+        assert running.result(timeout=30) > 0  # the drain went on: its task finished
+    assert daemon.proc.wait(30) == 0, daemon.log
 
 
 @pytest.mark.parametrize("command", ["drain", "undrain"])

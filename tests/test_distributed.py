@@ -449,6 +449,18 @@ def test_a_node_drained_from_another_takes_nothing_new_until_a_third_undrains_it
     assert "did not answer within" in out.stderr or "cannot be reached" in out.stderr, out.stderr
 
 
+def test_every_node_shows_every_row_with_an_uptime(cluster):
+    c = cluster
+    for node in c.nodes:
+        rows = node.status()["nodes"]
+        assert len(rows) == 3 and all(type(r["uptime"]) is float and r["uptime"] >= 0
+                                      for r in rows), rows
+        lines = hivectl("status", address=node.control).stdout.splitlines()
+        header = lines[1].split()
+        shown = [dict(zip(header, line.split(), strict=True))["UPTIME"] for line in lines[2:]]
+        assert len(shown) == 3 and all(re.fullmatch(r"\d+\.\ds", u) for u in shown), lines
+
+
 def test_a_job_cancelled_from_another_node_fails_its_map_at_once(cluster):
     c = cluster
     owner, asked = c[0], c[1]
