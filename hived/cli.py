@@ -190,7 +190,8 @@ def completion(args: argparse.Namespace) -> None:
         print("\n".join(w for w in words if w.isprintable() and " " not in w))
         return
     if args.shell is None:
-        raise HiveError(f"hivectl completion: name a shell, one of {', '.join(SHELLS)}")
+        raise HiveError(f"completion for which shell? expected one of {', '.join(SHELLS)} "
+                        "(`hivectl completion bash`)")
     from hived.completion import script
 
     print(script(args.shell, parser()), end="")

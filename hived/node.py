@@ -605,7 +605,7 @@ class Node:
     def _steer_node(self, client: ClientState, request: int, action: str, name: str) -> None:
         """Drain or undrain the node named `name`: this one, or forwarded to it."""
         if name == self.name:
-            done, text, _ = self.steer(action, name, by=self.name)
+            done, text, _ = self._steer(action, name, by=self.name)
             self._answer(client, request, action, name, done, text)
             return
         members = self.mesh.members() if self.mesh is not None else []
@@ -625,7 +625,7 @@ class Node:
 
     def _cancel_request(self, client: ClientState, msg: CancelRequest, payload: list[Any]) -> None:
         """Cancel a job by its id: here if this node owns it, else on whichever peer does."""
-        done, text, mine = self.steer("cancel", msg.job_id, by=self.name)
+        done, text, mine = self._steer("cancel", msg.job_id, by=self.name)
         peers = self.mesh.members_alive() if self.mesh is not None else []
         if done or not peers:
             self._answer(client, msg.request, "cancel", msg.job_id, done,
@@ -650,7 +650,7 @@ class Node:
         """A member's work or steering message (the mesh checked it is a member)."""
         if isinstance(msg, Steer):
             by = self.mesh.name_of(sender) or sender
-            done, text, jobs = self.steer(msg.action, msg.target, by=by)
+            done, text, jobs = self._steer(msg.action, msg.target, by=by)
             self.mesh.send(sender, Steered(msg.request, done, text[:2000], jobs[:MAX_JOB_IDS]))
         elif isinstance(msg, Steered):
             self._settle(self.forwards.answered(sender, msg))
@@ -692,7 +692,7 @@ class Node:
             body = {"cancelled": target, "text": text}
         self.control.send(client.id, Answer(request, body))
 
-    def steer(self, action: str, target: str, by: str) -> tuple[bool, str, list[str]]:
+    def _steer(self, action: str, target: str, by: str) -> tuple[bool, str, list[str]]:
         """Do what hivectl on node `by` asked of this node: (done, what was done
         or why not, for a cancel of a job not ours the ids of our jobs)."""
         if action == "cancel":

@@ -6,6 +6,7 @@ import concurrent.futures
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -394,3 +395,42 @@ def test_each_shell_gets_a_script_naming_every_command(shell) -> None:
     for command in ("status", "jobs", "drain", "undrain", "cancel", "keygen", "doctor"):
         assert command in out.stdout
     assert "completion --words nodes" in out.stdout
+
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="no zsh here")
+def test_zsh_loads_the_completion_through_bashcompinit() -> None:
+    # Under bashcompinit the function runs in sh emulation (0-based arrays)
+    # and zsh itself narrows the words to the prefix typed.
+    program = (
+        f'hivectl() {{ {sys.executable} -m hived.cli "$@" }}\n'
+        "autoload -U compinit && compinit -u\n"
+        "source <(hivectl completion zsh)\n"
+        "print -r -- $_comps[hivectl]\n"
+        "emulate sh -c 'COMP_WORDS=(hivectl status --j); COMP_CWORD=2; _hivectl; "
+        'printf "%s\\n" "${COMPREPLY[@]}"\'\n'
+    )
+    out = subprocess.run(["zsh", "-fc", program], env=child_env(), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert out.stdout.splitlines() == ["_bash_complete -F _hivectl", "--help", "--json"]
+
+
+@pytest.mark.skipif(shutil.which("fish") is None, reason="no fish here")
+def test_fish_loads_the_completion_and_completes_commands_and_options() -> None:
+    program = (
+        f"function hivectl; {sys.executable} -m hived.cli $argv; end\n"
+        "hivectl completion fish | source\n"
+        "complete -C 'hivectl dr'; complete -C 'hivectl status --j'\n"
+    )
+    out = subprocess.run(["fish", "-c", program], env=child_env(), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert out.stdout.splitlines() == [
+        "drain\tlet a node finish what it runs and take nothing new", "--json"]
+
+def test_completion_without_a_shell_says_which_there_are() -> None:
+    out = hivectl("completion")
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr == ("hivectl: completion for which shell? expected one of bash, zsh, fish "
+                          "(`hivectl completion bash`)\n")
