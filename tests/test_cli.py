@@ -397,8 +397,7 @@ def test_each_shell_gets_a_script_naming_every_command(shell) -> None:
     assert "completion --words nodes" in out.stdout
 
 
-
-@pytest.mark.skipif(shutil.which("zsh") is None, reason="no zsh here")
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="no zsh here (.ci/run installs it)")
 def test_zsh_loads_the_completion_through_bashcompinit() -> None:
     # Under bashcompinit the function runs in sh emulation (0-based arrays)
     # and zsh itself narrows the words to the prefix typed.
@@ -416,7 +415,7 @@ def test_zsh_loads_the_completion_through_bashcompinit() -> None:
     assert out.stdout.splitlines() == ["_bash_complete -F _hivectl", "--help", "--json"]
 
 
-@pytest.mark.skipif(shutil.which("fish") is None, reason="no fish here")
+@pytest.mark.skipif(shutil.which("fish") is None, reason="no fish here (.ci/run installs it)")
 def test_fish_loads_the_completion_and_completes_commands_and_options() -> None:
     program = (
         f"function hivectl; {sys.executable} -m hived.cli $argv; end\n"
@@ -428,6 +427,7 @@ def test_fish_loads_the_completion_and_completes_commands_and_options() -> None:
     assert out.returncode == 0 and out.stderr == "", out.stderr
     assert out.stdout.splitlines() == [
         "drain\tlet a node finish what it runs and take nothing new", "--json"]
+
 
 def test_completion_without_a_shell_says_which_there_are() -> None:
     out = hivectl("completion")
