@@ -404,12 +404,16 @@ class Mesh(MeshDriver):
             sock.setsockopt(zmq.CONNECT_TIMEOUT, max(100, int(heartbeat * 2000)))
             if self.key is not None:
                 self.key.client(sock)
+            # watched before it dials: the first CONNECTED must not be missed,
+            # or the retry after a refused handshake reads as "no connection"
+            link = sock.get_monitor_socket(SEED_EVENTS)
             try:
                 sock.connect(address)
             except zmq.ZMQError:
+                sock.disable_monitor()
+                link.close(linger=0)
                 sock.close(linger=0)
                 raise
-            link = sock.get_monitor_socket(SEED_EVENTS)
             self.dealers[address] = sock
             self.links[address] = Channel(self.loop, link, lambda f, a=address: self._link_event(a, f))
         return sock

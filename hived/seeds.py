@@ -56,7 +56,8 @@ class SeedWatch:
             if address not in self._connected:
                 self._note(address, UNREACHABLE, NO_CONNECTION)
             self._connected.discard(address)
-        elif event & _FAILED:
+        elif event & _FAILED:  # a handshake failed: there was a connection
+            self._connected.add(address)
             self._note(address, REFUSING, WRONG_KEY)
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             # Reached, with the right key; a version refusal comes after this.

@@ -22,7 +22,7 @@ from test_daemon import NotifySocket
 import hived.doctor
 from hived.doctor import diagnose
 from hived.security import write_key
-from hived.seeds import NO_CONNECTION, WRONG_KEY
+from hived.seeds import NO_CONNECTION, WRONG_KEY, SeedWatch
 from hived.wire import PROTOCOL_MAJOR, PROTOCOL_MINOR
 
 
@@ -35,6 +35,32 @@ def free_port() -> int:
 def seed_row(daemon, address: str) -> dict | None:
     rows = [r for r in daemon.status().get("seeds", []) if r["address"] == address]
     return rows[0] if rows and rows[0]["state"] not in ("joining", "member") else None
+
+
+SEED = "tcp://10.0.0.1:7000"
+
+
+def seed_state(events: list[int]) -> tuple[str, str]:
+    watch = SeedWatch([SEED], "tcp://10.0.0.2:7000")
+    for event in events:
+        watch.dealer_event(SEED, event)
+    (row,) = watch.rows(alive=())
+    return row["state"], row["why"]
+
+
+@pytest.mark.parametrize("events, expected", [
+    ([zmq.EVENT_CONNECT_RETRIED], ("unreachable", NO_CONNECTION)),
+    ([zmq.EVENT_CONNECTED, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_CONNECT_RETRIED],
+     ("refusing", WRONG_KEY)),
+    # The first CONNECTED before anyone watched: the failed handshake says there was one.
+    ([zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_CONNECT_RETRIED], ("refusing", WRONG_KEY)),
+    ([zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CONNECT_RETRIED],
+     ("unreachable", NO_CONNECTION)),
+    ([zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_CONNECTED, zmq.EVENT_HANDSHAKE_SUCCEEDED],
+     ("joining", "not heard from yet")),
+])
+def test_the_seed_table_reads_the_monitor_events(events: list[int], expected: tuple[str, str]) -> None:
+    assert seed_state(events) == expected
 
 
 def test_a_seed_with_another_key_is_refusing_in_status_doctor_and_status_line(
