@@ -228,6 +228,8 @@ def test_memory_stays_flat_over_a_long_endless_map(hive):
 class Terminal:
     """sys.stderr on a pseudo-terminal of 100 columns; `screen()` is what it shows."""
 
+    END = "<end of screen>"
+
     def __init__(self) -> None:
         self.master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
@@ -253,9 +255,13 @@ class Terminal:
 
     def screen(self) -> list[str]:
         """The lines as a terminal shows them: `\\r` returns, ESC[K erases to the end."""
+        # A mark written after everything else: once the reader has it, it
+        # has all that came before (a newline alone may be a task's line,
+        # the bar's last state still on its way).
+        self.file.write(self.END)
         self.file.flush()
-        wait_for(lambda: self.got.endswith(b"\n"), 10, what="the bar's last line")
-        text = self.got.decode().replace("\r\n", "\n")  # the pty's own CR before LF
+        wait_for(lambda: self.got.endswith(self.END.encode()), 10, what="all the terminal was sent")
+        text = self.got.decode()[: -len(self.END)].replace("\r\n", "\n")  # the pty's CR before LF
         lines = []
         for raw in text.split("\n")[:-1]:
             row: list[str] = []
