@@ -45,8 +45,9 @@ from hived.journal import configure, say
 from hived.links import _new_event_loop
 from hived.metrics import MetricsServer
 from hived.node import Node, NodeSettings
+from hived.pool import STOP_MARGIN
 from hived.resources import memory_limit_bytes, resolve_cpus, resolve_gpus, total_memory
-from hived.sdnotify import Notifier
+from hived.sdnotify import EXTEND_EVERY, Notifier, stop_extension
 from hived.security import ClusterKey, load_key
 from hived.status import seed_problems
 
@@ -197,6 +198,9 @@ class Daemon:
             pulses.append(asyncio.ensure_future(self._watchdog(interval)))
         await self.stop_requested.wait()
         self.notifier.notify("STOPPING=1", "STATUS=draining")
+        # The most this stop takes: the drain, then the workers' exit.
+        until = loop.time() + self.node.settings.drain_timeout + STOP_MARGIN
+        pulses.append(asyncio.ensure_future(self._extend_stop(until)))
         drain = asyncio.ensure_future(self.node.drain())
         second = asyncio.ensure_future(self.stop_now.wait())
         await asyncio.wait([drain, second], return_when=asyncio.FIRST_COMPLETED)
@@ -280,6 +284,17 @@ class Daemon:
         while True:
             self.notifier.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+    async def _extend_stop(self, until: float) -> None:
+        """While the stop runs, keep systemd's stop timeout ahead of us, up to
+        `until` (loop time): TimeoutStopSec may be shorter than drain_timeout."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(EXTEND_EVERY)
+            usec = stop_extension(loop.time(), until)
+            if usec is None:
+                return
+            self.notifier.notify(f"EXTEND_TIMEOUT_USEC={usec}")
 
     async def _report(self) -> None:
         while True:

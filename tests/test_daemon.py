@@ -43,7 +43,9 @@ from hived.control import (
     Welcome,
     ask,
 )
+from hived.pool import STOP_MARGIN
 from hived.resources import detect_gpus, usable_cpus
+from hived.sdnotify import EXTEND_EVERY
 from hived.security import write_key
 from hived.wire import MAX_HEADER_BYTES, decode, encode
 
@@ -412,6 +414,50 @@ def test_sd_notify_ready_status_watchdog_stopping(make_daemon, tmp_path) -> None
         assert "STATUS=draining" in notify.lines
     finally:
         notify.close()
+
+
+def test_a_long_drain_asks_systemd_for_more_time_within_its_own_bound(make_daemon, tmp_path) -> None:
+    drain_timeout = 4.5  # two extensions, EXTEND_EVERY apart, before the drain gives up
+    config = tmp_path / "hived.toml"
+    config.write_text(f"[timing]\ndrain_timeout = {drain_timeout}\n")
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    try:
+        daemon = make_daemon("--config", str(config), env=child_env(NOTIFY_SOCKET=notify.path))
+        notify.wait_line("READY=1", 30)
+        with hived.connect(daemon.address, reconnect_timeout=0) as h:
+            stuck = h.submit(time.sleep, 60)
+            wait_for(lambda: node_row(daemon)["slots_busy"] == 1, 20, what="the task running")
+            signalled = time.monotonic()
+            daemon.proc.send_signal(signal.SIGTERM)
+
+            def stopped() -> bool:  # read as they come: a datagram's time is when it was sent
+                notify.pump()
+                return daemon.proc.poll() is not None
+
+            wait_for(stopped, 30, interval=0.01, what="the daemon to stop")
+            exited = time.monotonic()
+            assert daemon.proc.returncode == 0, daemon.log
+            with pytest.raises(hived.HiveUnavailable):
+                stuck.result(timeout=30)
+        [(stopping_at, _)] = notify.with_line("STOPPING=1")
+        extensions = [
+            (at, int(line.split("=", 1)[1]) / 1e6)
+            for at, lines in notify.datagrams
+            for line in lines
+            if line.startswith("EXTEND_TIMEOUT_USEC=")
+        ]
+    finally:
+        notify.close()
+    assert len(extensions) == 2, (extensions, daemon.log)
+    # None within the first EXTEND_EVERY (a short drain needs none), then one every EXTEND_EVERY.
+    assert extensions[0][0] - stopping_at >= EXTEND_EVERY - 0.1, (stopping_at, extensions)
+    assert EXTEND_EVERY - 0.5 <= extensions[1][0] - extensions[0][0] <= EXTEND_EVERY + 0.5
+    for at, seconds in extensions:
+        assert at <= exited
+        # Ahead of the next one, but never past the stop's own end: the drain and
+        # the workers' exit (a read's delay of slack, since `at` is when we read it).
+        assert seconds >= EXTEND_EVERY
+        assert at + seconds <= signalled + drain_timeout + STOP_MARGIN + 0.5, (at, seconds)
 
 
 def test_sighup_reloads_what_it_can_and_names_what_needs_a_restart(make_daemon, tmp_path) -> None:
