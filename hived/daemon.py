@@ -160,6 +160,7 @@ class Daemon:
         self.stop_requested = asyncio.Event()
         self.stop_now = asyncio.Event()
         self.signals = 0
+        self.ready = False  # READY=1 sent: a reload before it would send a READY=1 too soon
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -192,6 +193,7 @@ class Daemon:
             __version__, s.name, s.control, s.cpus, len(s.gpus),
         )
         self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
+        self.ready = True
         pulses = [asyncio.ensure_future(self._report())]
         interval = self.notifier.watchdog_interval()
         if interval:
@@ -235,6 +237,9 @@ class Daemon:
         """Read the configuration again and apply it; `why` starts its log lines.
         Returns the answer `hived --reload` gets: {"applied": ["key = value"],
         "restart": [key]} or {"error": why not}."""
+        if not self.ready:
+            log.warning("%s: hived is still starting; nothing is read again", why)
+            return {"error": "hived is still starting; ask again once it is ready"}
         # MONOTONIC_USEC ties this reload to the SIGHUP of Type=notify-reload
         # (systemd >= 253): it waits for a RELOADING=1 stamped after its signal.
         self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")

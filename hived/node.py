@@ -651,7 +651,7 @@ class Node:
             body = {"error": f"hived on {self.name} is embedded in a program; it has no "
                              "configuration file to read again"}
         else:
-            body = self.on_reload(f"reload (asked by {client.label})")
+            body = self.on_reload(f"reload (asked on the control socket by {client.label})")
         self.control.send(client.id, Answer(msg.request, body))
 
     # -- steering from any node: drain, undrain, cancel ---------------------------

@@ -28,6 +28,7 @@ from netns import wait_for
 
 import hived
 from hived import serialization
+from hived.config import load_config
 from hived.control import (
     Answer,
     Call,
@@ -43,9 +44,10 @@ from hived.control import (
     Welcome,
     ask,
 )
+from hived.daemon import Daemon
 from hived.pool import STOP_MARGIN
 from hived.resources import detect_gpus, usable_cpus
-from hived.sdnotify import EXTEND_EVERY
+from hived.sdnotify import EXTEND_EVERY, Notifier
 from hived.security import write_key
 from hived.wire import MAX_HEADER_BYTES, decode, encode
 
@@ -866,3 +868,19 @@ def test_a_blob_must_match_its_hash(daemon) -> None:
             assert h.submit(abs, -3).result(timeout=30) == 3
     finally:
         raw.close()
+
+
+def test_a_reload_before_ready_changes_nothing_and_tells_systemd_nothing(tmp_path) -> None:
+    """A SIGHUP or `hived --reload` while the daemon starts: a READY=1 from the
+    reload would tell systemd the daemon is up before its pool is."""
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    config = load_config(None, {"control": f"ipc://{tmp_path}/s", "cpus": "1", "gpus": "0"}, {})
+    reads: list[int] = []
+    daemon = Daemon(config, Notifier(notify.path), lambda: reads.append(1) or config)
+    try:
+        assert daemon.reload_now("SIGHUP") == {
+            "error": "hived is still starting; ask again once it is ready"}
+        assert reads == [] and notify.pump() == []
+    finally:
+        daemon.node.ctx.term()
+        notify.close()
