@@ -257,6 +257,15 @@ class CancelRequest(Message):
     job_id: str  # not `job`: that field names a client's own job number
 
 
+@message(b"C.RELOAD")
+class ReloadRequest(Message):
+    """`hived --reload`: read the configuration again, as SIGHUP does, and
+    answer once it is applied ({"applied": [...], "restart": [...]}) or
+    refused ({"error": why})."""
+
+    request: int
+
+
 @message(b"C.ANSWER")
 class Answer(Message):
     request: int

@@ -2,17 +2,23 @@
 
     startup:   config → node (pool, control socket) → READY=1
     main loop: serve; WATCHDOG=1 from the loop itself; STATUS= every few seconds
-    reload:    SIGHUP reads the config again (RELOADING=1 ... READY=1): the
-               keys in RELOADABLE apply at once, the others are named as
-               needing a restart; a config that does not load changes nothing
+    reload:    SIGHUP, or `hived --reload` on the control socket (C.RELOAD),
+               reads the config again (RELOADING=1 ... READY=1): the keys in
+               RELOADABLE apply at once, the others are named as needing a
+               restart; a config that does not load changes nothing.
+               `hived --reload` exits once the daemon has answered, so the
+               unit's reload job lasts as long as the reload does.
     shutdown:  first SIGTERM/SIGINT drains (no new work, running tasks finish
-               up to drain_timeout), then stops workers and exits 0;
+               up to drain_timeout), then stops workers and exits 0, asking
+               systemd for more time (EXTEND_TIMEOUT_USEC) while it runs;
                a second signal stops at once.
     diagnose:  SIGUSR1 writes every thread's stack to the log, even when the
                event loop is wedged.
 
-Runs in the foreground and logs to stderr, as systemd expects. This is the
-only place (with the CLI) that turns errors into exit codes.
+Runs in the foreground and logs to stderr, as systemd expects (journald's
+priority prefixes instead of timestamps where stderr is the journal:
+hived.journal). This is the only place (with the CLI) that turns errors
+into exit codes.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import dataclasses
 import faulthandler
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -32,13 +39,15 @@ import zmq
 
 from hived import __version__
 from hived.config import Config, PoolConfig, check_security, load_config
-from hived.control import StatusQuery, ask
+from hived.control import ReloadRequest, StatusQuery, ask
 from hived.errors import ConfigError, HiveError
+from hived.journal import configure, say
 from hived.links import _new_event_loop
 from hived.metrics import MetricsServer
 from hived.node import Node, NodeSettings
+from hived.pool import STOP_MARGIN
 from hived.resources import memory_limit_bytes, resolve_cpus, resolve_gpus, total_memory
-from hived.sdnotify import Notifier
+from hived.sdnotify import EXTEND_EVERY, Notifier, stop_extension
 from hived.security import ClusterKey, load_key
 from hived.status import seed_problems
 
@@ -51,6 +60,9 @@ STATUS_EVERY = 5.0
 RELOADABLE = frozenset(
     {"log_level", "pool.max_tasks_per_worker", "pool.memory_limit", "timing.drain_timeout"}
 )
+# How long `hived --reload` waits for the daemon's answer (a reload takes
+# milliseconds; this bounds a daemon that is stuck).
+RELOAD_TIMEOUT = 10.0
 # Logged after the stacks a SIGUSR1 wrote: what the block above it is.
 STACKS_WRITTEN = "SIGUSR1: every thread's stack is above (most recent call first)"
 
@@ -84,7 +96,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--key-file", metavar="PATH", help="cluster key from `hivectl keygen`")
     p.add_argument("--data-dir", metavar="DIR")
     p.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning, error")
-    p.add_argument("--check-config", action="store_true", help="print the effective config and exit")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--check-config", action="store_true", help="print the effective config and exit")
+    what.add_argument(
+        "--reload", action="store_true",
+        help="check the config, then have the running hived (at its control socket) apply it; "
+        "exit 0 once it has, 1 if it refused or did not answer",
+    )
     p.add_argument("--version", action="version", version=f"hived {__version__}")
     return p
 
@@ -142,6 +160,7 @@ class Daemon:
         self.stop_requested = asyncio.Event()
         self.stop_now = asyncio.Event()
         self.signals = 0
+        self.ready = False  # READY=1 sent: a reload before it would send a READY=1 too soon
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -166,6 +185,7 @@ class Daemon:
         self.node.start()
         # A drain that hivectl starts or ends shows in `systemctl status` at once.
         self.node.on_state_change = lambda: self.notifier.notify(f"STATUS={self._status_line()}")
+        self.node.on_reload = self.reload_now
         await self.node.pool.ready.wait()
         s = self.node.settings
         log.info(
@@ -173,24 +193,34 @@ class Daemon:
             __version__, s.name, s.control, s.cpus, len(s.gpus),
         )
         self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
+        self.ready = True
         pulses = [asyncio.ensure_future(self._report())]
         interval = self.notifier.watchdog_interval()
         if interval:
             pulses.append(asyncio.ensure_future(self._watchdog(interval)))
         await self.stop_requested.wait()
         self.notifier.notify("STOPPING=1", "STATUS=draining")
+        # The most this stop takes: the drain, then the workers' exit.
+        until = loop.time() + self.node.settings.drain_timeout + STOP_MARGIN
+        pulses.append(asyncio.ensure_future(self._extend_stop(until)))
         drain = asyncio.ensure_future(self.node.drain())
         second = asyncio.ensure_future(self.stop_now.wait())
         await asyncio.wait([drain, second], return_when=asyncio.FIRST_COMPLETED)
         drain.cancel()
         second.cancel()
-        for task in pulses:
-            task.cancel()
         if self.metrics is not None:
             await self.metrics.close()
         await self.node.close()
+        for task in pulses:
+            task.cancel()
         self.node.ctx.term()
-        log.info("hived stopped")
+        node, pool = self.node, self.node.pool
+        log.info(
+            "hived stopped after %.1f s: %d task(s) run here, %d job(s) owned (%d finished, "
+            "%d cancelled), %d worker crash(es)",
+            time.monotonic() - node.started_at, pool.items_done, node.jobs_owned,
+            node.jobs_finished, node.jobs_cancelled, pool.worker_crashes,
+        )
         return 0
 
     def _on_signal(self, sig: int) -> None:
@@ -201,16 +231,27 @@ class Daemon:
             self.stop_now.set()
 
     def _on_reload(self) -> None:
-        # MONOTONIC_USEC ties this reload to its READY=1 (systemd >= 253).
+        self.reload_now("SIGHUP")
+
+    def reload_now(self, why: str) -> dict[str, Any]:
+        """Read the configuration again and apply it; `why` starts its log lines.
+        Returns the answer `hived --reload` gets: {"applied": ["key = value"],
+        "restart": [key]} or {"error": why not}."""
+        if not self.ready:
+            log.warning("%s: hived is still starting; nothing is read again", why)
+            return {"error": "hived is still starting; ask again once it is ready"}
+        # MONOTONIC_USEC ties this reload to the SIGHUP of Type=notify-reload
+        # (systemd >= 253): it waits for a RELOADING=1 stamped after its signal.
         self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
-            self._apply(self.reload())
+            return self._apply(self.reload(), why)
         except ConfigError as exc:
-            log.error("SIGHUP: %s; the running configuration stays", exc)
+            log.error("%s: %s; the running configuration stays", why, exc)
+            return {"error": f"{exc}; the running configuration stays"}
         finally:  # whatever happened, systemd must not be left "reloading"
             self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
 
-    def _apply(self, new: Config) -> None:
+    def _apply(self, new: Config, why: str) -> dict[str, Any]:
         """Take the reloadable keys of `new`; name the changed keys that are not."""
         check_security(new)
         memory_limit = memory_limit_bytes(new.pool.memory_limit, total_memory())
@@ -232,13 +273,15 @@ class Daemon:
             ),
             timing=dataclasses.replace(self.config.timing, drain_timeout=new.timing.drain_timeout),
         )
-        applied = ", ".join(f"{key} = {wanted[key]!r}" for key in changed if key in RELOADABLE)
-        log.info("SIGHUP: configuration reloaded; %s", f"applied {applied}" if applied else "nothing to apply")
+        applied = [f"{key} = {wanted[key]!r}" for key in changed if key in RELOADABLE]
+        log.info("%s: configuration reloaded; %s", why,
+                 f"applied {', '.join(applied)}" if applied else "nothing to apply")
         if fixed:
             log.warning(
-                "SIGHUP: %s changed but only take effect on a restart (`systemctl restart hived`)",
-                ", ".join(fixed),
+                "%s: %s changed but only take effect on a restart (`systemctl restart hived`)",
+                why, ", ".join(fixed),
             )
+        return {"applied": applied, "restart": fixed}
 
     async def _watchdog(self, interval: float) -> None:
         # Pinged from the event loop itself: a blocked loop stops the pings
@@ -246,6 +289,17 @@ class Daemon:
         while True:
             self.notifier.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+    async def _extend_stop(self, until: float) -> None:
+        """While the stop runs, keep systemd's stop timeout ahead of us, up to
+        `until` (loop time): TimeoutStopSec may be shorter than drain_timeout."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(EXTEND_EVERY)
+            usec = stop_extension(loop.time(), until)
+            if usec is None:
+                return
+            self.notifier.notify(f"EXTEND_TIMEOUT_USEC={usec}")
 
     async def _report(self) -> None:
         while True:
@@ -285,18 +339,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load()
         check_security(config)
-        if args.check_config:
+        if args.check_config or args.reload:
             # What starting would check too: the key file loads, GPUs asked for exist.
-            sys.stdout.write(config.to_toml(_resolved(config.pool, settings_from(config))))
+            settings = settings_from(config)
+            if args.reload:
+                return reload_running(config.node.control, settings.key)
+            sys.stdout.write(config.to_toml(_resolved(config.pool, settings)))
             return 0
     except ConfigError as exc:
-        print(f"hived: {exc}", file=sys.stderr)
+        say(f"hived: {exc}", sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure(config.log_level, sys.stderr)
     dump_stacks_on_sigusr1(sys.stderr)  # from here on: a hang during startup is diagnosable too
     notifier = Notifier.from_env(unset_environment=True)
     loop = _new_event_loop()
@@ -305,13 +358,62 @@ def main(argv: list[str] | None = None) -> int:
         daemon = Daemon(config, notifier, load)
         return loop.run_until_complete(daemon.run())
     except ConfigError as exc:  # found late: the key file, GPUs asked for
-        print(f"hived: {exc}", file=sys.stderr)
+        say(f"hived: {exc}", sys.stderr)
         return 2
     except (HiveError, OSError, zmq.ZMQError) as exc:
-        print(f"hived: {exc}", file=sys.stderr)
+        say(f"hived: {exc}", sys.stderr)
         return 1
     finally:
         loop.close()
+
+
+def reload_running(control: str, key: ClusterKey | None, timeout: float = RELOAD_TIMEOUT) -> int:
+    """`hived --reload`: ask the daemon at `control` to read its configuration
+    again, and wait for what it did: 0 applied, 1 refused or no answer."""
+    if control.startswith("ipc://") and not _listening(control[len("ipc://"):]):
+        say(f"hived: no hived listens at {control}: it is not running (`systemctl status hived`)",
+            sys.stderr)
+        return 1
+    try:
+        curve = key.client if key is not None and control.startswith("tcp://") else None
+        answer = ask(control, ReloadRequest(1), timeout, curve)
+    except HiveError as exc:  # a control socket not to be trusted
+        say(f"hived: {exc}", sys.stderr)
+        return 1
+    if answer is None:
+        say(f"hived: no answer from a hived at {control} (waited up to {timeout:g} s): it is not running "
+            "(`systemctl status hived`), it is stuck, or it is older than this release and "
+            "cannot be asked (`systemctl restart hived` starts this one)", sys.stderr)
+        return 1
+    body = answer.body
+    if isinstance(body.get("error"), str):
+        say(f"hived: the running hived did not reload: {body['error']}", sys.stderr)
+        return 1
+    applied, restart = body.get("applied"), body.get("restart")
+    if not (isinstance(applied, list) and isinstance(restart, list)
+            and all(isinstance(x, str) for x in applied + restart)):
+        say(f"hived: the answer to a reload should list what was applied and what needs a "
+            f"restart; got {str(body)[:200]}", sys.stderr)
+        return 1
+    line = f"hived: reloaded; {'applied ' + ', '.join(applied) if applied else 'nothing to apply'}"
+    if restart:
+        line += f"; {', '.join(restart)} only take effect on a restart (`systemctl restart hived`)"
+    say(line, sys.stdout, logging.INFO)
+    return 0
+
+
+
+def _listening(path: str) -> bool:
+    """Whether anything accepts connections on the Unix socket at `path`: a
+    stopped daemon leaves its socket file behind, and ZeroMQ would wait on it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:  # not for this check to judge (permissions): `ask` says why
+            return True
+    return True
 
 
 if __name__ == "__main__":

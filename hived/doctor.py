@@ -39,6 +39,7 @@ from hived.addresses import is_loopback, local_control_addresses
 from hived.config import DEFAULT_CONFIG_PATH, Config, TimingConfig, load_config
 from hived.control import StatusQuery, ask
 from hived.errors import ConfigError, HiveError, RemoteProtocolError
+from hived.pool import STOP_MARGIN  # what a stop takes past drain_timeout
 from hived.security import ClusterKey, load_key
 from hived.socketdir import group_name, user_name
 from hived.status import check_status, seed_problems
@@ -50,9 +51,6 @@ CLOCK_SPAN = 0.5  # seconds the clock-rate check watches both clocks
 CLOCK_TOLERANCE = 0.01  # relative rate difference above which we warn
 SEED_TIMEOUT = 1.0
 CONTROL_TIMEOUT = 2.0
-# What a stop takes past drain_timeout (the workers' exit, up to 5 s, then
-# their kill): TimeoutStopSec must leave at least this much.
-STOP_MARGIN = 10.0
 
 _requests = itertools.count(1)
 
@@ -424,7 +422,8 @@ def check_stop_timeout(drain_timeout: float, stop_timeout: float | None) -> list
             warn(
                 f"drain_timeout {drain_timeout:g} s does not fit in the unit's TimeoutStopSec "
                 f"{stop_timeout:g} s with {STOP_MARGIN:g} s to stop the workers after it: "
-                "systemd kills a long drain (SIGKILL) before it ends",
+                "past it, systemd lets the drain run only while hived keeps asking for more "
+                "time (EXTEND_TIMEOUT_USEC)",
                 f"`systemctl edit hived` and set [Service] TimeoutStopSec={math.ceil(needed)}s, "
                 "or lower [timing] drain_timeout",
             )

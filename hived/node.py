@@ -58,6 +58,7 @@ from hived.control import (
     Output,
     Ping,
     Pong,
+    ReloadRequest,
     Result,
     StatusQuery,
     Stranger,
@@ -69,7 +70,7 @@ from hived.control import (
 from hived.errors import LocalProtocolError
 from hived.exchange import Exchange
 from hived.pool import Pool
-from hived.scheduling import JobKey, Needs, Owner
+from hived.scheduling import Job, JobKey, Needs, Owner
 from hived.security import ClusterKey
 from hived.serialization import function_digest
 from hived.status import node_status
@@ -113,6 +114,18 @@ class NodeSettings:
 
 
 @dataclass
+class OpenedJob:
+    """A job this node owns, as its log lines name it."""
+
+    job: Job  # the owner's book entry: its counts outlive the book's forgetting it
+    label: str  # the function's name
+    client: str  # the client's label: host and pid
+    # INFO for a map; DEBUG for a submit, a job of one task, which a program
+    # may open thousands of a second
+    level: int
+
+
+@dataclass
 class ClientState:
     id: bytes
     label: str
@@ -135,9 +148,14 @@ class Node:
         self._blob_users: dict[bytes, int] = {}
         self._tags: dict[JobKey, int] = {}
         self._tagged: dict[int, JobKey] = {}
-        self._labels: dict[JobKey, str] = {}
+        self._opened: dict[JobKey, OpenedJob] = {}
         self._next_tag = 0
         self.started_at = time.monotonic()
+        # Jobs this node owned, for the line its stop logs.
+        self.jobs_owned = self.jobs_finished = self.jobs_cancelled = 0
+        # Answers a `hived --reload` (C.RELOAD) with what was applied, or
+        # {"error": why}; None for a node that has no configuration file (embedded).
+        self.on_reload: Callable[[str], dict[str, Any]] | None = None
         self.draining = False
         self.stopping = False  # drains to exit (SIGTERM): no undrain ends that
         # Called when this node starts or ends a drain that hivectl asked for
@@ -169,6 +187,7 @@ class Node:
             DrainRequest: self._drain_request,
             UndrainRequest: self._undrain_request,
             CancelRequest: self._cancel_request,
+            ReloadRequest: self._reload_request,
         }
 
     # -- lifecycle -------------------------------------------------------------
@@ -251,11 +270,17 @@ class Node:
         self.stopping = True
         self._start_draining()
         self._drained.clear()  # a `hivectl drain` may have set it while tasks still ran
-        if self.pool.slots_busy:
+        running, began = self.pool.slots_busy, self.loop.time()
+        if running:
+            log.info("draining to stop: %d task(s) running may finish within drain_timeout %g s; "
+                     "nothing new starts", running, self.settings.drain_timeout)
             try:
                 await asyncio.wait_for(self._drained.wait(), self.settings.drain_timeout)
             except asyncio.TimeoutError:
-                log.warning("drain timeout: %d task(s) still running", self.pool.slots_busy)
+                log.warning("drain timeout: %d task(s) still running after %g s are stopped",
+                            self.pool.slots_busy, self.settings.drain_timeout)
+            else:
+                log.info("drained in %.2f s: every running task finished", self.loop.time() - began)
 
     async def close(self) -> None:
         """Fail what is left to its clients, stop the workers, release sockets."""
@@ -265,6 +290,7 @@ class Node:
             if client is not None:
                 self._refuse(client, key[1], "stopped", f"hived on {self.name} stopped")
             self.owner.cancel_job(key)
+            self._forget_job(key, cancelled="the node stopped")
         for task in list(self._tasks):
             task.cancel()
         if self.mesh is not None:
@@ -342,7 +368,10 @@ class Node:
             self._strangers[cid] = True
             self.control.send(cid, Stranger(self.name))
 
-    def _open_job(self, client: ClientState, msg: OpenJob, payload: list[Any]) -> None:
+    def _open_job(
+        self, client: ClientState, msg: OpenJob, payload: list[Any], call: bool = False
+    ) -> None:
+        """`call`: a submit's job of one task (`_call`)."""
         key = (client.id, msg.job)
         problem = self._job_problem(msg)
         if problem:
@@ -363,15 +392,21 @@ class Node:
         if msg.fn not in client.fns:
             client.fns.add(msg.fn)
             self._blob_users[msg.fn] = self._blob_users.get(msg.fn, 0) + 1
-        self.owner.open_job(key, msg.fn, Needs(msg.cpus, msg.gpus), msg.retries, self.loop.time())
-        self._labels[key] = msg.label
+        job = self.owner.open_job(key, msg.fn, Needs(msg.cpus, msg.gpus), msg.retries, self.loop.time())
+        opened = self._opened[key] = OpenedJob(
+            job, msg.label, client.label, logging.DEBUG if call else logging.INFO
+        )
         client.jobs.add(msg.job)
+        self.jobs_owned += 1
+        log.log(opened.level, "job %s started: %s, client %s, %s", job_id(key), msg.label,
+                client.label, "1 task (a submit)" if call else
+                f"cpus={msg.cpus} gpus={msg.gpus} retries={msg.retries}, tasks as they come")
 
     def _call(self, client: ClientState, msg: Call, payload: list[Any]) -> None:
         """A submit in one message: open the job, add its one item, close it."""
         blob = payload[:1] if msg.has_blob else []
         opened = OpenJob(msg.job, msg.fn, msg.has_blob, 1, 0, msg.retries, msg.label)
-        self._open_job(client, opened, blob)
+        self._open_job(client, opened, blob, call=True)
         if (client.id, msg.job) in self.owner.jobs:
             self._add_chunk(client, AddChunk(msg.job, 0, 1), payload[len(blob) :])
             self._close_job(client, CloseJob(msg.job), [])
@@ -435,11 +470,11 @@ class Node:
             self._forget_job(key)
 
     def _cancel_job(self, client: ClientState, msg: CancelJob, payload: list[Any]) -> None:
-        self._cancel((client.id, msg.job), grace=CANCEL_GRACE)
+        self._cancel((client.id, msg.job), grace=CANCEL_GRACE, why="its client cancelled it")
 
-    def _cancel(self, key: JobKey, grace: float) -> None:
+    def _cancel(self, key: JobKey, grace: float, why: str) -> None:
         aids = set(self.owner.cancel_job(key))
-        self._forget_job(key)
+        self._forget_job(key, cancelled=why)
         if aids:
             reason = "its job was cancelled"
             if grace:
@@ -452,19 +487,34 @@ class Node:
         self.pool.abort(aids, reason)
         self.exchange.drop(aids)
 
-    def _forget_job(self, key: JobKey) -> None:
+    def _forget_job(self, key: JobKey, cancelled: str | None = None) -> None:
+        """The job is out of the owner's book: finished, or `cancelled` and why."""
         client = self.clients.get(key[0])
         if client is not None:
             client.jobs.discard(key[1])
         tag = self._tags.pop(key, None)
         self._tagged.pop(tag, None)
-        self._labels.pop(key, None)
+        opened = self._opened.pop(key, None)
+        if opened is None:  # ended before (a CANCEL after its last result, say)
+            return
+        job = opened.job
+        if cancelled is None:
+            self.jobs_finished += 1
+        else:
+            self.jobs_cancelled += 1
+        log.log(
+            opened.level, "job %s (%s, client %s) %s after %.2f s: %d done, %d failed, %d cancelled",
+            job_id(key), opened.label, opened.client,
+            "finished" if cancelled is None else f"cancelled ({cancelled})",
+            self.loop.time() - job.opened_at, job.items_done - job.items_raised,
+            job.items_raised + job.items_failed, job.items_total - job.items_done - job.items_failed,
+        )
 
     def _drop_client(self, client: ClientState, why: str) -> None:
         if client.jobs:
             log.info("client %s %s; dropping its %d job(s)", client.label, why, len(client.jobs))
         for job in list(client.jobs):
-            self._cancel((client.id, job), grace=0)
+            self._cancel((client.id, job), grace=0, why=f"its client {why}")
         for fn in client.fns:
             self._blob_users[fn] -= 1
             if not self._blob_users[fn]:
@@ -554,8 +604,10 @@ class Node:
 
     def _note_drained(self) -> None:
         """A task ended: if we drain and none runs any more, the drain is over."""
-        if self.draining and not self.pool.slots_busy:
+        if self.draining and not self.pool.slots_busy and not self._drained.is_set():
             self._drained.set()
+            if not self.stopping:  # a stop's drain says so itself (`drain`)
+                log.info("drained: no task runs here any more")
 
     # -- hivectl ---------------------------------------------------------------
 
@@ -573,7 +625,7 @@ class Node:
                     "id": job_id(key),
                     "owner": self.name,
                     "client": client.label if client else "",
-                    "function": self._labels.get(key, ""),
+                    "function": self._opened[key].label if key in self._opened else "",
                     "queued": job.items_queued,
                     "running": len(job.running),
                     "done": job.items_done,
@@ -593,6 +645,14 @@ class Node:
             self.control.send(client.id, Answer(msg.request, {"jobs": rows}))
 
         self.exchange.gather_jobs(reply)
+
+    def _reload_request(self, client: ClientState, msg: ReloadRequest, payload: list[Any]) -> None:
+        if self.on_reload is None:
+            body = {"error": f"hived on {self.name} is embedded in a program; it has no "
+                             "configuration file to read again"}
+        else:
+            body = self.on_reload(f"reload (asked on the control socket by {client.label})")
+        self.control.send(client.id, Answer(msg.request, body))
 
     # -- steering from any node: drain, undrain, cancel ---------------------------
 
@@ -717,16 +777,12 @@ class Node:
         keys = [key for key in self.owner.jobs if job_id(key) == target]
         if not keys:
             return False, f"{self.name} owns no job {target!r}", [job_id(k) for k in self.owner.jobs]
-        for key in keys:
-            job = self.owner.jobs[key]
+        for key in keys:  # its line says how much was done (`_forget_job`)
             client = self.clients.get(key[0])
-            log.info("job %s (%s, client %s) cancelled (asked by %s via hivectl); %d of its "
-                     "items done, the rest dropped", target, self._labels.get(key, "?"),
-                     client.label if client else "gone", by, job.items_done)
             if client is not None:
                 self._refuse(client, key[1], "cancelled",
                              f"job {target} was cancelled (`hivectl cancel` on {by})")
-            self._cancel(key, grace=CANCEL_GRACE)
+            self._cancel(key, grace=CANCEL_GRACE, why=f"asked by {by} via hivectl")
         return True, f"job {target} cancelled on its owner {self.name}", []
 
     def _stop_draining(self) -> None:

@@ -61,6 +61,10 @@ log = logging.getLogger(__name__)
 
 WORKER_MAIN = "from hived.worker import main; main()"
 PIPE_READ = 64 * 1024  # bytes read from a worker's stdout or stderr at a time
+# How long `stop` waits for the workers to exit, and then for those it killed.
+EXIT_WAIT = 5.0
+# The most `stop` takes: what a daemon's stop needs past its drain_timeout.
+STOP_MARGIN = 2 * EXIT_WAIT
 
 # Signals, what they most likely mean for a Python task, for crash messages.
 LIKELY_CAUSE = {
@@ -275,7 +279,7 @@ class Pool:
             "(os._exit, or sys.exit from native code)"
         )
 
-    async def stop(self, timeout: float = 5.0) -> None:
+    async def stop(self, timeout: float = EXIT_WAIT) -> None:
         """Ask every worker to exit, wait up to `timeout`, then kill what is left."""
         self.closing = True
         if not self.workers:
@@ -291,7 +295,7 @@ class Pool:
         except asyncio.TimeoutError:
             for worker in list(self.workers.values()):
                 self._kill(worker, "the pool is stopping", routine=True)
-            await asyncio.wait_for(self._all_exited.wait(), 5.0)
+            await asyncio.wait_for(self._all_exited.wait(), EXIT_WAIT)
         self.channel.close()
         for name in os.listdir(self.dir):
             os.unlink(os.path.join(self.dir, name))

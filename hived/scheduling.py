@@ -91,8 +91,9 @@ class Job:
     running: set[int] = field(default_factory=set)
     closed: bool = False
     items_total: int = 0
-    items_done: int = 0
-    items_failed: int = 0
+    items_done: int = 0  # delivered, returning or raising
+    items_raised: int = 0  # of those done, how many the function raised in
+    items_failed: int = 0  # delivered as hived's error: crashed, would not unpickle
 
     @property
     def items_queued(self) -> int:
@@ -240,6 +241,7 @@ class Owner:
             self._retire_if_finished(job)
             return None
         job.items_done += fresh
+        job.items_raised += raised
         self.items_raised += raised
         self._retire_chunk_if_done(job, rng.chunk)
         return Delivery(job.key, rng.chunk.number, start, stop)

@@ -10,8 +10,10 @@ datagram of newline-separated ``VAR=value`` assignments::
     READY=1            the service is up (mesh socket bound, pool running)
     STATUS=...         free text for `systemctl status`
     WATCHDOG=1         "still alive"; needed every WatchdogSec or we are killed
-    RELOADING=1        configuration reload begins
+    RELOADING=1        configuration reload begins; with MONOTONIC_USEC=<now>, which
+                       Type=notify-reload (systemd >= 253) needs to match it to its SIGHUP
     STOPPING=1         shutdown (drain) begins
+    EXTEND_TIMEOUT_USEC=N   "give me N µs more" (from now), while a stop runs long
 
 systemd learns the sender from the socket's SCM_CREDENTIALS, which the
 kernel attaches, so nothing else is needed. With ``NotifyAccess=main`` only
@@ -22,6 +24,14 @@ removes it from ``os.environ`` before workers are spawned.
 ``$WATCHDOG_USEC`` is the watchdog period. Pinging at half of it leaves a
 full half-period of slack. ``$WATCHDOG_PID``, when set, says which process
 the watchdog is meant for; any other process must not ping.
+
+systemd kills a stop that outlasts TimeoutStopSec, unless the service keeps
+asking for more time: each EXTEND_TIMEOUT_USEC moves the deadline to N µs
+after it arrives (never below TimeoutStopSec), and the next must come
+before that. `stop_extension` says how much to ask for: a few periods
+ahead, so a datagram or two may be late, but never past the end the
+daemon itself sets for its stop, so a drain that overruns its own bound is
+still killed.
 
 Sending never blocks and never raises on socket errors: the daemon's event
 loop must not stall on systemd, and a lost STATUS line must not take the
@@ -38,6 +48,10 @@ from collections.abc import Mapping, MutableMapping
 log = logging.getLogger(__name__)
 
 _ENV_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+# While a stop runs: ask for more time every EXTEND_EVERY seconds, each time
+# for EXTEND_AHEAD seconds (cut to what is left of the stop's own bound).
+EXTEND_EVERY = 2.0
+EXTEND_AHEAD = 5 * EXTEND_EVERY
 
 
 class Notifier:
@@ -135,3 +149,12 @@ def _watchdog_usec(environ: Mapping[str, str]) -> int | None:
         except ValueError:
             return None
     return usec
+
+
+def stop_extension(now: float, until: float, ahead: float = EXTEND_AHEAD) -> int | None:
+    """EXTEND_TIMEOUT_USEC's value at `now` for a stop bound to end by `until`
+    (both in seconds on one monotonic clock); None once `until` has passed."""
+    left = until - now
+    if left <= 0:
+        return None
+    return max(1, int(min(ahead, left) * 1_000_000))

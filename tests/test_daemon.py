@@ -28,6 +28,7 @@ from netns import wait_for
 
 import hived
 from hived import serialization
+from hived.config import load_config
 from hived.control import (
     Answer,
     Call,
@@ -43,7 +44,10 @@ from hived.control import (
     Welcome,
     ask,
 )
+from hived.daemon import Daemon
+from hived.pool import STOP_MARGIN
 from hived.resources import detect_gpus, usable_cpus
+from hived.sdnotify import EXTEND_EVERY, Notifier
 from hived.security import write_key
 from hived.wire import MAX_HEADER_BYTES, decode, encode
 
@@ -339,6 +343,8 @@ class NotifySocket:
         self.sock.bind(path)
         self.sock.settimeout(0.05)
         self.lines: list[str] = []
+        # Each datagram as it came: (time.monotonic() when read, its lines).
+        self.datagrams: list[tuple[float, list[str]]] = []
 
     def pump(self) -> list[str]:
         """Everything that has arrived so far (also kept in `lines`)."""
@@ -348,9 +354,16 @@ class NotifySocket:
                 data = self.sock.recv(4096)
             except (TimeoutError, BlockingIOError):
                 break
-            new += data.decode().split("\n")
+            lines = data.decode().split("\n")
+            self.datagrams.append((time.monotonic(), lines))
+            new += lines
         self.lines += new
         return new
+
+    def with_line(self, line: str) -> list[tuple[float, list[str]]]:
+        """The datagrams so far that hold `line`, in order (each as `datagrams` keeps it)."""
+        self.pump()
+        return [(at, lines) for at, lines in self.datagrams if line in lines]
 
     def count(self, line: str) -> int:
         """How often `line` has arrived (since `lines` was last cleared)."""
@@ -405,6 +418,50 @@ def test_sd_notify_ready_status_watchdog_stopping(make_daemon, tmp_path) -> None
         notify.close()
 
 
+def test_a_long_drain_asks_systemd_for_more_time_within_its_own_bound(make_daemon, tmp_path) -> None:
+    drain_timeout = 4.5  # two extensions, EXTEND_EVERY apart, before the drain gives up
+    config = tmp_path / "hived.toml"
+    config.write_text(f"[timing]\ndrain_timeout = {drain_timeout}\n")
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    try:
+        daemon = make_daemon("--config", str(config), env=child_env(NOTIFY_SOCKET=notify.path))
+        notify.wait_line("READY=1", 30)
+        with hived.connect(daemon.address, reconnect_timeout=0) as h:
+            stuck = h.submit(time.sleep, 60)
+            wait_for(lambda: node_row(daemon)["slots_busy"] == 1, 20, what="the task running")
+            signalled = time.monotonic()
+            daemon.proc.send_signal(signal.SIGTERM)
+
+            def stopped() -> bool:  # read as they come: a datagram's time is when it was sent
+                notify.pump()
+                return daemon.proc.poll() is not None
+
+            wait_for(stopped, 30, interval=0.01, what="the daemon to stop")
+            exited = time.monotonic()
+            assert daemon.proc.returncode == 0, daemon.log
+            with pytest.raises(hived.HiveUnavailable):
+                stuck.result(timeout=30)
+        [(stopping_at, _)] = notify.with_line("STOPPING=1")
+        extensions = [
+            (at, int(line.split("=", 1)[1]) / 1e6)
+            for at, lines in notify.datagrams
+            for line in lines
+            if line.startswith("EXTEND_TIMEOUT_USEC=")
+        ]
+    finally:
+        notify.close()
+    assert len(extensions) == 2, (extensions, daemon.log)
+    # None within the first EXTEND_EVERY (a short drain needs none), then one every EXTEND_EVERY.
+    assert extensions[0][0] - stopping_at >= EXTEND_EVERY - 0.1, (stopping_at, extensions)
+    assert EXTEND_EVERY - 0.5 <= extensions[1][0] - extensions[0][0] <= EXTEND_EVERY + 0.5
+    for at, seconds in extensions:
+        assert at <= exited
+        # Ahead of the next one, but never past the stop's own end: the drain and
+        # the workers' exit (a read's delay of slack, since `at` is when we read it).
+        assert seconds >= EXTEND_EVERY
+        assert at + seconds <= signalled + drain_timeout + STOP_MARGIN + 0.5, (at, seconds)
+
+
 def test_sighup_reloads_what_it_can_and_names_what_needs_a_restart(make_daemon, tmp_path) -> None:
     config = tmp_path / "hived.toml"
     config.write_text("[pool]\nmax_tasks_per_worker = 0\n")
@@ -417,9 +474,19 @@ def test_sighup_reloads_what_it_can_and_names_what_needs_a_restart(make_daemon, 
             assert len(kept) <= 2  # two slots, workers kept
 
             config.write_text("[pool]\nmax_tasks_per_worker = 1\n[timing]\nheartbeat = 0.25\n")
+            notify.pump()
+            signalled = time.monotonic_ns() // 1000
             daemon.proc.send_signal(signal.SIGHUP)
             notify.wait_line("READY=1", 10, times=2)
             assert notify.count("RELOADING=1") == 1
+            # What Type=notify-reload (systemd >= 253) waits for: RELOADING=1 in one
+            # datagram with MONOTONIC_USEC stamped after its SIGHUP (CLOCK_MONOTONIC
+            # is one clock for every process), then READY=1 in a later one.
+            (reloading_at, reloading), = notify.with_line("RELOADING=1")
+            stamp = next(int(x.split("=", 1)[1]) for x in reloading if x.startswith("MONOTONIC_USEC="))
+            assert signalled <= stamp <= time.monotonic_ns() // 1000, (signalled, stamp)
+            assert notify.with_line("READY=1")[-1][0] >= reloading_at
+            assert notify.datagrams.index((reloading_at, reloading)) < len(notify.datagrams) - 1
             assert "applied pool.max_tasks_per_worker = 1" in daemon.log
             assert "timing.heartbeat changed but only take effect on a restart" in daemon.log
             fresh = [h.submit(os.getpid).result(timeout=30) for _ in range(4)]
@@ -441,35 +508,71 @@ def test_sighup_reloads_what_it_can_and_names_what_needs_a_restart(make_daemon, 
 
 def reload_as_the_unit_does(daemon, config) -> subprocess.CompletedProcess:
     """systemd/hived.service's ExecReload, run with this checkout's hived and
-    `config` in place of /etc/hived/hived.toml, MAINPID set as systemd sets it."""
+    `config` in place of /etc/hived/hived.toml, in the unit's environment
+    (HIVED_CONTROL names the daemon's control socket) and MAINPID set as
+    systemd sets it."""
     unit = (Path(REPO) / "systemd" / "hived.service").read_text()
     (line,) = [line[len("ExecReload="):] for line in unit.splitlines() if line.startswith("ExecReload=")]
     command = line.replace("/usr/local/bin/hived", f"{sys.executable} -m hived.daemon")
     command = command.replace("/etc/hived/hived.toml", str(config))
-    return subprocess.run(shlex.split(command), env=child_env(MAINPID=str(daemon.proc.pid)),
-                          capture_output=True, text=True, timeout=60)
+    env = child_env(MAINPID=str(daemon.proc.pid), HIVED_CONTROL=daemon.address)
+    return subprocess.run(shlex.split(command), env=env, capture_output=True, text=True, timeout=60)
 
 
-def test_the_units_reload_fails_on_a_broken_file_and_the_daemon_keeps_its_config(
+def test_the_units_reload_waits_for_the_daemon_and_fails_when_the_file_is_refused(
     make_daemon, tmp_path
 ) -> None:
     config = tmp_path / "hived.toml"
     config.write_text("[pool]\nmax_tasks_per_worker = 0\n")
-    daemon = make_daemon("--config", str(config))
-    config.write_text("[pool]\nmax_tasks_per_worker = -3\n")
-    out = reload_as_the_unit_does(daemon, config)
-    assert out.returncode == 2, out  # systemctl reload fails, and says why
-    assert out.stderr.splitlines() == [
-        f"hived: {config}: pool.max_tasks_per_worker: expected an integer >= 0 (0 = never recycle), "
-        "got -3"
-    ], out.stderr
-    assert "SIGHUP" not in daemon.log  # never told: it runs what it ran
-    config.write_text("[pool]\nmax_tasks_per_worker = 1\n")
-    out = reload_as_the_unit_does(daemon, config)
-    assert out.returncode == 0, out
-    wait_for(lambda: "applied pool.max_tasks_per_worker = 1" in daemon.log, 10,
-             what=f"the reload; log:\n{daemon.log}")
-    assert daemon.proc.poll() is None
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    try:
+        daemon = make_daemon("--config", str(config), env=child_env(NOTIFY_SOCKET=notify.path))
+        notify.wait_line("READY=1", 30)
+
+        # A file that does not load: the reload fails with its reason, the daemon is not asked.
+        config.write_text("[pool]\nmax_tasks_per_worker = -3\n")
+        out = reload_as_the_unit_does(daemon, config)
+        assert out.returncode == 2, out  # systemctl reload fails, and says why
+        assert out.stderr.splitlines() == [
+            f"hived: {config}: pool.max_tasks_per_worker: expected an integer >= 0 (0 = never "
+            "recycle), got -3"
+        ], out.stderr
+        assert "reload" not in daemon.log and notify.count("RELOADING=1") == 0  # never asked
+
+        # A good one: the command returns once the daemon has applied it, so the
+        # reload job covers the whole reload (under Type=notify, on systemd 252 too).
+        config.write_text("[pool]\nmax_tasks_per_worker = 1\n[timing]\nheartbeat = 0.25\n")
+        out = reload_as_the_unit_does(daemon, config)
+        assert out.returncode == 0, out
+        assert out.stdout == (
+            "hived: reloaded; applied pool.max_tasks_per_worker = 1; timing.heartbeat only take "
+            "effect on a restart (`systemctl restart hived`)\n"
+        ), out
+        assert "configuration reloaded; applied pool.max_tasks_per_worker = 1" in daemon.log
+        assert (notify.count("RELOADING=1"), notify.count("READY=1")) == (1, 2)  # no waiting
+
+        # The daemon reads its own file; one it refuses fails the command with its reason.
+        other = tmp_path / "checked.toml"
+        other.write_text("")
+        config.write_text("[pool]\nmax_tasks_per_worker = -3\n")
+        out = reload_as_the_unit_does(daemon, other)
+        assert out.returncode == 1, out
+        assert out.stderr == (
+            f"hived: the running hived did not reload: {config}: pool.max_tasks_per_worker: "
+            "expected an integer >= 0 (0 = never recycle), got -3; the running configuration "
+            "stays\n"
+        ), out
+        assert (notify.count("RELOADING=1"), notify.count("READY=1")) == (2, 3)
+        with hived.connect(daemon.address) as h:  # serving on
+            assert h.submit(pow, 2, 10).result(timeout=30) == 1024
+    finally:
+        notify.close()
+    daemon.stop()
+
+    # Nobody at the control socket: one line, and not a hang.
+    out = reload_as_the_unit_does(daemon, other)
+    assert out.returncode == 1 and out.stderr.startswith(
+        f"hived: no hived listens at {daemon.address}: it is not running"), out
 
 
 def test_workers_do_not_inherit_notify_socket(make_daemon, tmp_path) -> None:
@@ -765,3 +868,19 @@ def test_a_blob_must_match_its_hash(daemon) -> None:
             assert h.submit(abs, -3).result(timeout=30) == 3
     finally:
         raw.close()
+
+
+def test_a_reload_before_ready_changes_nothing_and_tells_systemd_nothing(tmp_path) -> None:
+    """A SIGHUP or `hived --reload` while the daemon starts: a READY=1 from the
+    reload would tell systemd the daemon is up before its pool is."""
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    config = load_config(None, {"control": f"ipc://{tmp_path}/s", "cpus": "1", "gpus": "0"}, {})
+    reads: list[int] = []
+    daemon = Daemon(config, Notifier(notify.path), lambda: reads.append(1) or config)
+    try:
+        assert daemon.reload_now("SIGHUP") == {
+            "error": "hived is still starting; ask again once it is ready"}
+        assert reads == [] and notify.pump() == []
+    finally:
+        daemon.node.ctx.term()
+        notify.close()

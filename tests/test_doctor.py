@@ -228,7 +228,8 @@ def test_a_drain_longer_than_the_units_stop_timeout_warns() -> None:
         Finding(
             "warn",
             "drain_timeout 60 s does not fit in the unit's TimeoutStopSec 45 s with 10 s to stop "
-            "the workers after it: systemd kills a long drain (SIGKILL) before it ends",
+            "the workers after it: past it, systemd lets the drain run only while hived "
+            "keeps asking for more time (EXTEND_TIMEOUT_USEC)",
             "`systemctl edit hived` and set [Service] TimeoutStopSec=70s, or lower [timing] "
             "drain_timeout",
         )
@@ -248,7 +249,8 @@ def test_doctor_json_has_every_check_and_the_verdict(
     assert all(set(check) == {"level", "what", "fix"} for check in body["checks"])
     assert [c["what"] for c in body["checks"] if c["level"] == "warn"] == [
         "drain_timeout 60 s does not fit in the unit's TimeoutStopSec 45 s with 10 s to stop "
-        "the workers after it: systemd kills a long drain (SIGKILL) before it ends"
+        "the workers after it: past it, systemd lets the drain run only while hived "
+        "keeps asking for more time (EXTEND_TIMEOUT_USEC)"
     ]
     plain = doctor("--config", str(config))
     assert [line[6:].split(" — ")[0] for line in plain.stdout.splitlines()] == [

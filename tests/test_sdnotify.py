@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hived.sdnotify import Notifier
+from hived.sdnotify import EXTEND_AHEAD, Notifier, stop_extension
 
 RECV_TIMEOUT = 5.0  # seconds; a datagram on a local socket arrives at once, or never
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,3 +158,17 @@ def test_notify_never_blocks_on_a_full_receiver(tmp_path: Path) -> None:
     finally:
         notifier.close()
         receiver.close()
+
+
+def test_stop_extension_asks_ahead_but_never_past_the_stops_own_end() -> None:
+    # A stop at 100 s that may run until 140 s (drain_timeout 30 s plus 10 s to stop the workers).
+    until = 140.0
+    assert stop_extension(100.0, until) == int(EXTEND_AHEAD * 1_000_000)
+    assert stop_extension(130.0, until) == int(EXTEND_AHEAD * 1_000_000)
+    assert stop_extension(135.5, until) == 4_500_000  # what is left, no more
+    assert stop_extension(140.0 - 1e-7, until) == 1  # a last moment still asks for something
+    assert stop_extension(140.0, until) is None  # past its end the daemon asks for nothing:
+    assert stop_extension(151.0, until) is None  # systemd's own deadline stands
+    for now in (100.0, 120.0, 131.0, 139.0):  # every answer ends by `until`
+        assert now + stop_extension(now, until) / 1_000_000 <= until + 1e-6
+

@@ -44,15 +44,17 @@ pytestmark = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not 
 
 @pytest.fixture
 def unit_copy(tmp_path: Path) -> Path:
-    """The unit with ExecStart pointed at a binary that exists here.
+    """The unit with ExecStart and ExecReload pointed at a binary that exists here.
 
-    verify refuses an ExecStart whose binary is missing, and hived is not
+    verify refuses a command whose binary is missing, and hived is not
     installed in /usr/local/bin on a build machine; the rest is unchanged.
     """
     text = UNIT.read_text()
     assert re.search(r"^ExecStart=/usr/local/bin/hived --config /etc/hived/hived.toml$", text, re.M)
     copy = tmp_path / "hived.service"
-    copy.write_text(re.sub(r"^ExecStart=\S+", f"ExecStart={sys.executable}", text, flags=re.M))
+    copy.write_text(
+        re.sub(r"^(ExecStart|ExecReload)=\S+", rf"\1={sys.executable}", text, flags=re.M)
+    )
     return copy
 
 
@@ -100,7 +102,11 @@ def directives(text: str) -> dict[str, list[str]]:
 
 def test_the_settings_the_daemon_relies_on() -> None:
     unit = directives(UNIT.read_text())
-    assert unit["Type"] == ["notify"]
+    assert unit["Type"] == ["notify"]  # notify-reload needs systemd >= 253; Debian 12 has 252
+    # The reload command is the daemon's own program and arguments, plus --reload.
+    assert unit["ExecReload"] == [unit["ExecStart"][0] + " --reload"]
+    # Lines that bypass hived's logging (SIGUSR1's stacks) are warnings, not info.
+    assert unit["SyslogLevel"] == ["warning"]
     assert unit["NotifyAccess"] == ["main"]
     assert unit["Restart"] == ["on-failure"]
     assert unit["WatchdogSec"] == ["10s"]
