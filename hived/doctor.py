@@ -302,7 +302,7 @@ def check_versions(
     """Protocols first: a node of another major cannot be in our hive; minors
     interoperate (a rolling upgrade). Then releases: every node should run ours.
 
-    `protocol` is this hivectl's ("1.0"; None: this hived's)."""
+    `protocol` is this hivectl's ("1.0"; None: the one this hivectl speaks)."""
     protocol = protocol or f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
     nodes = [n for n in status.get("nodes") or [] if type(n) is dict]
     found: list[Finding] = []
