@@ -38,7 +38,7 @@ from hived.control import (
 )
 from hived.errors import HiveError, RemoteProtocolError
 from hived.security import client_curve
-from hived.status import check_jobs, check_status, seed_problems
+from hived.status import check_jobs, check_status, link_problems
 
 TIMEOUT = 3.0
 # What completion waits for node names and job ids: a shell must not hang on a TAB.
@@ -109,7 +109,8 @@ def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
 NODE_COLUMNS = [
     ("name", "NAME"), ("address", "ADDRESS"), ("state", "STATE"), ("role", "ROLE"),
     ("cpus", "CPUS"), ("gpus", "GPUS"), ("slots_busy", "BUSY"), ("slots_free", "FREE"),
-    ("tasks_done", "DONE"), ("load", "LOAD"), ("version", "VERSION"), ("uptime", "UPTIME"),
+    ("tasks_done", "DONE"), ("load", "LOAD"), ("version", "VERSION"), ("protocol", "PROTOCOL"),
+    ("uptime", "UPTIME"),
 ]
 JOB_COLUMNS = [
     ("id", "JOB"), ("owner", "OWNER"), ("function", "FUNCTION"), ("queued", "QUEUED"),
@@ -129,8 +130,8 @@ def status(args: argparse.Namespace) -> None:
         print("coordinator: none known (no valid lease seen from here)")
     rows = [dict(row, uptime=duration(row.get("uptime"))) for row in body["nodes"]]
     print(_table(rows, NODE_COLUMNS))
-    for seed in seed_problems(body):
-        print(f"seed {seed['address']} is {seed['state']}: {seed['why']}")
+    for kind, row in link_problems(body):
+        print(f"{kind} {row['address']} is {row['state']}: {row['why']}")
 
 
 def duration(seconds: Any) -> str:

@@ -41,7 +41,8 @@ from hived.control import StatusQuery, ask
 from hived.errors import ConfigError, HiveError, RemoteProtocolError
 from hived.security import ClusterKey, load_key
 from hived.socketdir import group_name, user_name
-from hived.status import check_status, seed_problems
+from hived.status import check_status, link_problems
+from hived.wire import PROTOCOL_MAJOR, PROTOCOL_MINOR
 
 Level = Literal["ok", "warn", "FAIL"]
 
@@ -295,31 +296,55 @@ def _socket_permissions(path: str) -> list[Finding]:
     ]
 
 
-def check_versions(status: dict[str, Any], ours: str = __version__) -> list[Finding]:
-    """Every node should run our release: peers of another protocol are refused."""
-    nodes = status.get("nodes") or []
+def check_versions(
+    status: dict[str, Any], ours: str = __version__, protocol: str | None = None
+) -> list[Finding]:
+    """Protocols first: a node of another major cannot be in our hive; minors
+    interoperate (a rolling upgrade). Then releases: every node should run ours.
+
+    `protocol` is this hivectl's ("1.0"; None: this hived's)."""
+    protocol = protocol or f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
+    nodes = [n for n in status.get("nodes") or [] if type(n) is dict]
+    found: list[Finding] = []
+    speaking: dict[str, list[str]] = {}  # protocol: names of the nodes that speak it
+    for n in nodes:
+        if type(n.get("protocol")) is str:
+            speaking.setdefault(n["protocol"], []).append(str(n.get("name")))
+    major = protocol.partition(".")[0]
+    for version, names in sorted(speaking.items()):
+        if version.partition(".")[0] != major:
+            found.append(fail(
+                f"node(s) {', '.join(names)} speak protocol {version}, this hivectl {protocol}: "
+                "nodes of another major version do not interoperate",
+                "upgrade the older side, so that every node speaks one major version",
+            ))  # fmt: skip
+    if len(speaking) > 1 and not found:
+        mix = "; ".join(f"{v} on {', '.join(names)}" for v, names in sorted(speaking.items()))
+        found.append(ok(f"a rolling upgrade in progress: protocol {mix} "
+                        "(minors interoperate: each pair speaks the lower one)"))
     other = [n for n in nodes if str(n.get("version")) != ours]
     if not other:
-        return [ok(f"all {len(nodes)} node(s) run hived {ours}")]
-    return [
+        return [*found, ok(f"all {len(nodes)} node(s) run hived {ours}")]
+    return found + [
         warn(
             f"node {n.get('name')} runs hived {n.get('version')}, this hivectl is {ours}",
             "install the same hived release on every node (peers of another "
-            "protocol version are refused)",
+            "protocol major are refused)",
         )
         for n in other
     ]
 
 
 def check_seed_links(status: dict[str, Any]) -> list[Finding]:
-    """What the daemon sees of its seeds: one it cannot reach or that refuses
-    it leaves it cut off, or the election a voter short, while it looks well."""
+    """What the daemon sees of its seeds and peers: one it cannot reach or
+    that refuses it leaves it cut off, or the election a voter short, while
+    it looks well."""
     return [
         fail(
-            f"the daemon's seed {seed['address']} is {seed['state']}: {seed['why']}",
+            f"the daemon's {kind} {row['address']} is {row['state']}: {row['why']}",
             "the same cluster key and hived release on every node; `hivectl doctor` there",
         )
-        for seed in seed_problems(status)
+        for kind, row in link_problems(status)
     ]
 
 

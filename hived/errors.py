@@ -72,3 +72,22 @@ class RemoteProtocolError(HiveError):
 
     A node logs it and drops the message (or the peer); a client fails the
     call it concerns with it (a RESULT outside its chunk, say)."""
+
+
+class OtherMajorVersion(RemoteProtocolError):
+    """A peer speaks another major protocol version: nothing it sends is read.
+
+    `theirs` is its (major, minor); the message names both versions."""
+
+    def __init__(self, theirs: tuple[int, int], text: str) -> None:
+        super().__init__(text)
+        self.theirs = theirs
+
+
+class NewerMinorType(RemoteProtocolError):
+    """A message type this node does not know, from a peer of a newer minor:
+    no fault of the peer's, so a node ignores it (the minors interoperate)."""
+
+    def __init__(self, type_name: bytes, text: str) -> None:
+        super().__init__(text)
+        self.type_name = type_name

@@ -51,25 +51,28 @@ from zmq.utils.monitor import parse_monitor_message
 
 from hived import __version__
 from hived.election import TERM_STEP, BecameCoordinator, LostCoordinator, Persist
-from hived.errors import RemoteProtocolError
+from hived.errors import NewerMinorType, OtherMajorVersion, RemoteProtocolError
 from hived.fields import MAX_TERM, is_peer_address
 from hived.gossip import NodeInfo
 from hived.matchmaking import MESSAGES as WORK_MESSAGES
 from hived.membership import PeerJoined, PeerLeft, PeerStateChanged
 from hived.meshcore import Event, MeshCore, MeshDriver
-from hived.reactor import NOBLOCK, Channel
+from hived.reactor import Channel
 from hived.security import ClusterKey, ZapHandler
 from hived.seeds import EVENTS as SEED_EVENTS
 from hived.seeds import SeedWatch
 from hived.steering import MESSAGES as STEERING_MESSAGES
+from hived.versions import PeerVersions
 from hived.wire import (
     PROTOCOL_MAJOR,
-    PROTOCOL_MINOR,
+    REFUSED,
     Message,
     decode,
     encode,
-    peer_version,
-    zero_copy,
+    known_at,
+    refusal,
+    refusal_reason,
+    refused_by,
 )
 
 log = logging.getLogger(__name__)
@@ -114,7 +117,9 @@ class Mesh(MeshDriver):
         self.on_work, self.on_peer_gone = on_work, on_peer_gone
         self.dealers: dict[str, zmq.Socket] = {}
         self.links: dict[str, Channel] = {}  # each DEALER's monitor: its link up, or failing
+        self.replies: dict[str, Channel] = {}  # each DEALER itself: sends, and a REFUSED back
         self.seed_watch = SeedWatch(self.seeds, advertise)
+        self.versions = PeerVersions()  # the protocol minor each peer speaks
         self.zap: ZapHandler | None = None
         self.zap_channel: Channel | None = None
         self.inbox: Channel | None = None
@@ -225,13 +230,13 @@ class Mesh(MeshDriver):
 
     def _on_inbox(self, frames: list[Any]) -> None:
         envelope = frames[1].bytes if len(frames) > 1 else b""
-        type_name = envelope.partition(b" ")[2][:2]
-        if type_name not in MESH_PREFIXES:
+        word, _, rest = envelope.partition(b" ")
+        if rest[:2] not in MESH_PREFIXES:
             self.on_client_frames(self.inbox, frames)
             return
         sender = frames[0].bytes.decode("utf-8", "replace")
         now = self.loop.time()
-        kind = envelope.partition(b" ")[2].partition(b"\n")[0][:16].decode("ascii", "replace")
+        kind = rest.partition(b"\n")[0][:16].decode("ascii", "replace")
         try:
             if not is_peer_address(sender):  # its DEALER's routing id: where it says it is
                 raise RemoteProtocolError(
@@ -240,10 +245,17 @@ class Mesh(MeshDriver):
                 )
             try:
                 msg, payload = decode(frames[1:])
-            except RemoteProtocolError as exc:
-                if peer_version(frames[1:]) not in (None, (PROTOCOL_MAJOR, PROTOCOL_MINOR)):
-                    self.seed_watch.refused(sender, str(exc))
+            except OtherMajorVersion as exc:
+                self.seed_watch.refused(sender, str(exc), now)
+                if not rest.startswith(REFUSED + b"\n"):  # a refusal is never answered
+                    # on the connection it came by: its sender learns it was refused
+                    self.inbox.send([frames[0], *refusal()])
                 raise
+            except NewerMinorType as exc:  # a newer minor's type: ignored, not a fault
+                self.versions.heard(sender, word)
+                self.versions.ignored(sender, exc.type_name)
+                return
+            self.versions.heard(sender, word)
             # counted once decoded, so a peer cannot grow this table with made-up types
             self.bytes_in[kind] = self.bytes_in.get(kind, 0) + sum(len(f) for f in frames[1:])
             actions = self.core.handle(sender, msg, now)
@@ -254,6 +266,16 @@ class Mesh(MeshDriver):
         self._run(actions)
         if isinstance(msg, NODE_MESSAGES) and self.core.membership.name_of(sender) is not None:
             self.on_work(sender, msg, payload)
+
+    def _on_reply(self, address: str, frames: list[Any]) -> None:
+        """What came back on our DEALER to `address`: only ever its REFUSED,
+        when it read our messages as another major's."""
+        theirs = refused_by(frames)
+        if theirs is None or theirs[0] == PROTOCOL_MAJOR:
+            self._protocol_error(address, "reply", RemoteProtocolError(
+                "expected nothing back on our link to it but the REFUSED of another major"))
+            return
+        self.seed_watch.refused(address, refusal_reason(theirs), self.loop.time())
 
     def _on_monitor(self, frames: list[Any]) -> None:
         event = parse_monitor_message([f.bytes for f in frames])
@@ -294,17 +316,21 @@ class Mesh(MeshDriver):
         """Send to a peer without blocking; False if not connected or its queue is full."""
         if address == self.advertise:
             return False
-        frames = encode(msg, payload)
+        minor = self.versions.minor_for(address)  # each pair speaks the lower minor
+        if not known_at(msg, minor):
+            return False  # a type of a newer minor than the peer's
+        frames = encode(msg, payload, minor)
         try:
-            self._dealer(address).send_multipart(frames, NOBLOCK, copy=not zero_copy(frames))
-            kind = msg.TYPE.decode()
-            self.bytes_out[kind] = self.bytes_out.get(kind, 0) + sum(len(f) for f in frames)
-            return True
-        except zmq.Again:
-            return False  # a lost heartbeat, by design; callers of work messages handle False
+            self._dealer(address)
         except zmq.ZMQError as exc:  # an address ZeroMQ cannot dial
             self._protocol_error(address, "dial", RemoteProtocolError(f"cannot dial it: {exc}"))
             return False
+        # False: a full queue (a lost heartbeat, by design; callers of work messages handle it)
+        if not self.replies[address].send(frames):
+            return False
+        kind = msg.TYPE.decode()
+        self.bytes_out[kind] = self.bytes_out.get(kind, 0) + sum(len(f) for f in frames)
+        return True
 
     def connect(self, address: str) -> None:
         try:
@@ -416,15 +442,19 @@ class Mesh(MeshDriver):
                 raise
             self.dealers[address] = sock
             self.links[address] = Channel(self.loop, link, lambda f, a=address: self._link_event(a, f))
+            self.replies[address] = Channel(self.loop, sock, lambda f, a=address: self._on_reply(a, f))
         return sock
 
     def _close_dealer(self, address: str, linger: int = 0) -> None:
         sock = self.dealers.pop(address, None)
         link = self.links.pop(address, None)
+        reply = self.replies.pop(address, None)
         if link is not None:
             sock.disable_monitor()
             link.close()
-        if sock is not None:
+        if reply is not None:
+            reply.close(linger)  # and the DEALER with it
+        elif sock is not None:
             sock.close(linger=linger)
 
     def redial(self, address: str) -> None:
@@ -456,6 +486,10 @@ class Mesh(MeshDriver):
     def seeds_status(self) -> list[dict[str, Any]]:
         """Every seed: a live member, or why not (`hivectl status`, doctor, STATUS=)."""
         return self.seed_watch.rows(set(self.members_alive()))
+
+    def refusing_peers(self) -> list[dict[str, Any]]:
+        """Peers, not seeds, of another protocol major lately (`hivectl status`, doctor)."""
+        return self.seed_watch.other_rows(set(self.members_alive()), self.loop.time())
 
     def _arm(self) -> None:
         due = self.core.next_deadline()

@@ -73,8 +73,9 @@ class Channel:
                 log.exception("error handling a message")
         self._schedule()  # more may be waiting: come back after other callbacks
 
-    def close(self) -> None:
+    def close(self, linger: int = 0) -> None:
+        """Stop reading and close the socket; what it still queues gets `linger` ms."""
         if not self._closed:
             self._closed = True
             self.loop.remove_reader(self.sock.FD)
-            self.sock.close(linger=0)
+            self.sock.close(linger=linger)

@@ -9,10 +9,16 @@ STATUS= line show every seed that is not a live member, with the reason:
     our DEALER's monitor ──▶ CONNECT_RETRIED, no connection ──▶ unreachable
                         ──▶ HANDSHAKE_FAILED_* ───────────────▶ refusing (key)
                         ──▶ HANDSHAKE_SUCCEEDED ──────────────▶ (reason cleared)
-    our ROUTER inbox ──▶ a message of another protocol ───────▶ refusing (version)
+    our ROUTER inbox ──▶ a message of another protocol major ─▶ refusing (version)
+    our DEALER ──▶ its REFUSED: it read ours as another major ─▶ refusing (version)
     membership ──▶ a live member ─────────────────────────────▶ member
 
 A reason stays until something newer replaces it or the seed is a member.
+A peer that is not a seed and speaks another major (a node upgraded past
+us that has us as its seed, or that we have as ours under another name) is
+kept too, in `other_rows`, for `REFUSAL_KEPT` seconds after its last
+message: it never becomes a member, and a machine switched off stops
+showing.
 """
 
 from __future__ import annotations
@@ -38,6 +44,10 @@ _FAILED = (
 )
 WRONG_KEY = "it failed the CURVE handshake: it holds another cluster key, or none"
 NO_CONNECTION = "no connection (refused, or no answer): is hived running there, and its port open?"
+# Seconds a refusing peer that is not a seed is shown after its last message;
+# it says HELLO at its seed back-off, at most `dead_after` apart.
+REFUSAL_KEPT = 300.0
+MAX_OTHERS = 64  # refusing peers (not seeds) kept: the most recent
 
 
 class SeedWatch:
@@ -45,6 +55,7 @@ class SeedWatch:
         self.seeds = [s for s in dict.fromkeys(seeds) if s != me]
         self._problems: dict[str, tuple[str, str]] = {}
         self._connected: set[str] = set()  # a connection since the last retry
+        self._others: dict[str, tuple[str, float]] = {}  # refusing, not a seed: why, last seen
 
     def dealer_event(self, address: str, event: int) -> None:
         """An event of the monitor on our DEALER to `address`."""
@@ -64,10 +75,18 @@ class SeedWatch:
             if self._problems.get(address, ("", WRONG_KEY))[1] in (WRONG_KEY, NO_CONNECTION):
                 self._problems.pop(address, None)
 
-    def refused(self, address: str, why: str) -> None:
-        """`address` sent what we cannot speak (another protocol version)."""
+    def refused(self, address: str, why: str, now: float) -> None:
+        """`address` speaks another protocol major: we refused its message, or
+        it refused ours (`now`: the caller's monotonic clock)."""
         if address in self.seeds:
             self._note(address, REFUSING, why)
+            return
+        old = self._others.pop(address, None)
+        if old is None or old[0] != why:
+            log.warning("mesh: peer %s is %s: %s", address[:64], REFUSING, why)
+        self._others[address] = (why, now)
+        if len(self._others) > MAX_OTHERS:
+            del self._others[next(iter(self._others))]
 
     def _note(self, address: str, state: str, why: str) -> None:
         if self._problems.get(address) != (state, why):  # logged once a change, not a retry
@@ -85,3 +104,10 @@ class SeedWatch:
                 state, why = self._problems.get(address, (JOINING, "not heard from yet"))
                 rows.append({"address": address, "state": state, "why": why})
         return rows
+
+    def other_rows(self, alive: Collection[str], now: float) -> list[dict[str, Any]]:
+        """One row per refusing peer that is not a seed, heard within `REFUSAL_KEPT`."""
+        for address, (_, seen) in list(self._others.items()):
+            if address in alive or now - seen > REFUSAL_KEPT:
+                del self._others[address]
+        return [{"address": a, "state": REFUSING, "why": why} for a, (why, _) in self._others.items()]

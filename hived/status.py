@@ -3,10 +3,12 @@
 The shape is a contract (DESIGN.md): `{"coordinator": {"name", "term"} or
 null, "nodes": [{"name", "address", "state", "role", "cpus", "gpus",
 "slots_busy", "slots_free", "tasks_done", "version", ...}], ...}`, each row
-with its "uptime" in seconds; a mesh
-node adds `"seeds": [{"address", "state", "why"}]`, each configured seed a
-member, joining, unreachable or refusing (hived.seeds). This node's
-row comes from its own pool; the other rows from what their heartbeats said.
+with its "uptime" in seconds and the "protocol" it speaks ("1.0"; absent
+for a peer not heard from directly); a mesh node adds `"seeds":
+[{"address", "state", "why"}]`, each configured seed a member, joining,
+unreachable or refusing (hived.seeds), and `"refusing"`, rows of the same
+shape for other peers of another protocol major. This node's row comes
+from its own pool; the other rows from what their heartbeats said.
 `check_status` and `check_jobs` hold an answer to that shape before hivectl
 or doctor reads it: a broken or hostile daemon gets one clear error, never a
 KeyError.
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from hived import __version__
 from hived.errors import RemoteProtocolError
 from hived.seeds import REFUSING, UNREACHABLE
+from hived.wire import PROTOCOL_MAJOR, PROTOCOL_MINOR
 
 if TYPE_CHECKING:
     from hived.node import Node
@@ -40,6 +43,7 @@ def node_status(node: Node) -> dict[str, Any]:
         "slots_free": pool.slots_total - pool.slots_busy,
         "tasks_done": pool.items_done,
         "version": __version__,
+        "protocol": f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}",
         "load": round(os.getloadavg()[0], 2),
         "uptime": round(time.monotonic() - node.started_at, 1),
     }
@@ -50,7 +54,8 @@ def node_status(node: Node) -> dict[str, Any]:
     rows = []
     for member in node.mesh.members():
         if member.last_heard is None:  # this node
-            row = dict(me, address=member.address, mesh_bytes_in=dict(node.mesh.bytes_in))
+            row = dict(me, address=member.address, mesh_bytes_in=dict(node.mesh.bytes_in),
+                       mesh_ignored=dict(node.mesh.versions.ignored_by_type))
         else:
             row = {
                 "name": member.name,
@@ -67,23 +72,36 @@ def node_status(node: Node) -> dict[str, Any]:
                 "uptime": round(max(time.time() - member.incarnation / 1000, 0.0), 1),
                 "last_heard": round(now - member.last_heard, 2),
             }
+            protocol = node.mesh.versions.version_of(member.address)
+            if protocol is not None:
+                row["protocol"] = protocol
         row["role"] = "coordinator" if coordinator and coordinator[0] == member.name else "member"
         rows.append(row)
     return {
         "coordinator": {"name": coordinator[0], "term": coordinator[1]} if coordinator else None,
         "nodes": rows,
         "seeds": node.mesh.seeds_status(),
+        "refusing": node.mesh.refusing_peers(),
     }
 
 
-def seed_problems(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """The seeds of a status answer that are unreachable or refuse us."""
-    seeds = body.get("seeds")
+def seed_problems(body: dict[str, Any], key: str = "seeds") -> list[dict[str, Any]]:
+    """The seeds of a status answer that are unreachable or refuse us (with
+    `key="refusing"`: the other peers of another protocol major)."""
+    seeds = body.get(key)
     rows = seeds if type(seeds) is list else []  # an older node's answer has none
     return [
         row for row in rows
         if type(row) is dict and row.get("state") in (UNREACHABLE, REFUSING)
         and type(row.get("address")) is str and type(row.get("why")) is str
+    ]
+
+
+def link_problems(body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """("seed" or "peer", row) for every seed and other peer of a status answer
+    that is unreachable or refuses us, seeds first."""
+    return [("seed", row) for row in seed_problems(body)] + [
+        ("peer", row) for row in seed_problems(body, "refusing")
     ]
 
 

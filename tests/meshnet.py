@@ -39,6 +39,8 @@ class MeshNode:
         # workers CUDA_VISIBLE_DEVICES 0..N-1, which routing needs, not a GPU.
         self.gpus = 0
         self.env: dict[str, str] = {}  # extra environment for the daemon and its workers
+        # what runs the daemon, after the interpreter (tests/speak.py: another protocol version)
+        self.launch = ["-m", "hived.daemon"]
 
     def start(self) -> MeshNode:
         c = self.cluster
@@ -46,7 +48,7 @@ class MeshNode:
         with open(config, "w") as f:
             f.write("[timing]\n" + "".join(f"{k} = {v}\n" for k, v in c.timing.items()))
         args = [
-            sys.executable, "-m", "hived.daemon", "--config", config, "--name", self.name,
+            sys.executable, *self.launch, "--config", config, "--name", self.name,
             "--bind", self.address, "--control", self.control, "--key-file", c.key_path,
             "--cpus", "1", "--gpus", str(self.gpus), "--data-dir", self.data_dir,
             "--log-level", "info",
@@ -96,7 +98,8 @@ class MeshNode:
 class Cluster:
     def __init__(self, net: TestNet, tmp: str, voters: int | None = None,
                  timing: dict[str, float] | None = None, gpus: dict[int, int] | None = None,
-                 env: dict[int, dict[str, str]] | None = None) -> None:
+                 env: dict[int, dict[str, str]] | None = None,
+                 launch: dict[int, list[str]] | None = None) -> None:
         self.net, self.dir = net, tmp
         self.timing = timing or TIMING
         self.key_path = os.path.join(tmp, "cluster.key")
@@ -106,6 +109,8 @@ class Cluster:
             self.nodes[i].gpus = count
         for i, extra in (env or {}).items():
             self.nodes[i].env = extra
+        for i, command in (launch or {}).items():
+            self.nodes[i].launch = command
         self.seeds = [n.address for n in self.nodes[: voters or len(self.nodes)]]
 
     def start(self) -> Cluster:

@@ -21,6 +21,7 @@ from netns import wait_for
 import hived
 from hived.cli import duration
 from hived.security import load_key
+from hived.wire import PROTOCOL_MAJOR, PROTOCOL_MINOR
 
 NODE_FIELDS = {
     "name": str,
@@ -74,7 +75,7 @@ def test_status_table_has_the_node_row(daemon) -> None:
     assert lines[0] == "coordinator: testnode (term 1)"
     header = lines[1].split()
     assert header[:4] == ["NAME", "ADDRESS", "STATE", "ROLE"]
-    for title in ("CPUS", "GPUS", "BUSY", "FREE", "DONE", "LOAD", "VERSION", "UPTIME"):
+    for title in ("CPUS", "GPUS", "BUSY", "FREE", "DONE", "LOAD", "VERSION", "PROTOCOL", "UPTIME"):
         assert title in header
     rows = [line.split() for line in lines[2:]]
     assert len(rows) == 1
@@ -84,6 +85,7 @@ def test_status_table_has_the_node_row(daemon) -> None:
     assert row["STATE"] == "alive"
     assert row["CPUS"] == "2" and row["GPUS"] == "0"
     assert row["VERSION"] == hived.__version__
+    assert row["PROTOCOL"] == f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
 
 
 def check_status_shape(body: dict) -> dict:

@@ -180,7 +180,7 @@ BAD_FRAMES = [
     ([random.Random(7).randbytes(64)], "not a hived message"),
     ([b""], "not a hived message"),
     ([b"HV1.0 C.JOB"], "truncated envelope"),
-    ([b"HV9.9 C.PING\n" + msgpack.packb({})], "protocol version 9.9 is not ours"),
+    ([b"HV9.9 C.PING\n" + msgpack.packb({})], "peer speaks protocol 9.9, this node 1.0"),
     ([b"HV1.0 C.NOSUCH\n" + msgpack.packb({})], "unknown message type"),
     ([b"HV1.0 C.STATUS\n" + msgpack.packb({"request": "seven"})], "field 'request' should be int"),
     ([b"HV1.0 C.STATUS\n" + msgpack.packb({})], "lacks field 'request'"),

@@ -274,7 +274,7 @@ def test_version_skew_with_a_peer_warns(
     assert out.returncode == 0, out.stdout + out.stderr
     assert lines(out, "warn") == [
         f"warn  node testnode runs hived 9.9.9, this hivectl is {__version__} — install the same "
-        "hived release on every node (peers of another protocol version are refused)"
+        "hived release on every node (peers of another protocol major are refused)"
     ]
 
 
@@ -449,6 +449,25 @@ def test_versions_from_a_status_answer() -> None:
     [finding] = check_versions(status)
     assert finding.level == "warn" and finding.what.startswith("node b runs hived 0.0.1")
     assert levels(check_versions({"nodes": [{"name": "a", "version": __version__}]})) == ["ok"]
+
+
+def test_protocol_minors_are_a_rolling_upgrade_and_another_major_fails() -> None:
+    def row(name: str, protocol: str) -> dict:
+        return {"name": name, "version": __version__, "protocol": protocol}
+
+    mixed = {"nodes": [row("a", "1.0"), row("b", "1.1"), row("c", "1.0")]}
+    assert [f.line() for f in check_versions(mixed, protocol="1.0")] == [
+        "ok    a rolling upgrade in progress: protocol 1.0 on a, c; 1.1 on b "
+        "(minors interoperate: each pair speaks the lower one)",
+        f"ok    all 3 node(s) run hived {__version__}",
+    ]
+    other = {"nodes": [row("a", "1.0"), row("b", "2.0")]}
+    assert [f.line() for f in check_versions(other, protocol="1.0")] == [
+        "FAIL  node(s) b speak protocol 2.0, this hivectl 1.0: nodes of another major version "
+        "do not interoperate — upgrade the older side, so that every node speaks one major version",
+        f"ok    all 2 node(s) run hived {__version__}",
+    ]
+    assert levels(check_versions({"nodes": [row("a", "1.0")]}, protocol="1.0")) == ["ok"]
 
 
 # -- the example cluster -------------------------------------------------------

@@ -22,7 +22,7 @@ from test_daemon import NotifySocket
 import hived.doctor
 from hived.doctor import diagnose
 from hived.security import write_key
-from hived.seeds import NO_CONNECTION, WRONG_KEY, SeedWatch
+from hived.seeds import NO_CONNECTION, REFUSAL_KEPT, WRONG_KEY, SeedWatch
 from hived.wire import PROTOCOL_MAJOR, PROTOCOL_MINOR
 
 
@@ -100,7 +100,7 @@ def test_a_seed_nobody_answers_at_is_unreachable(make_daemon) -> None:
     assert row == {"address": seed, "state": "unreachable", "why": NO_CONNECTION}
 
 
-def test_a_seed_of_another_protocol_major_is_refusing(make_daemon) -> None:
+def test_a_seed_of_another_protocol_major_is_refusing_and_hears_why(make_daemon) -> None:
     ctx = zmq.Context()
     try:
         inbox = ctx.socket(zmq.ROUTER)  # the seed's address answers, as a newer node's would
@@ -120,8 +120,49 @@ def test_a_seed_of_another_protocol_major_is_refusing(make_daemon) -> None:
         row = wait_for(refused, 20, what="the seed's protocol in status")
         assert row == {
             "address": seed, "state": "refusing",
-            "why": f"protocol version {newer}.0 is not ours ({PROTOCOL_MAJOR}.{PROTOCOL_MINOR}); "
-                   "upgrade the older side",
+            "why": f"peer speaks protocol {newer}.0, this node {PROTOCOL_MAJOR}.{PROTOCOL_MINOR}; "
+                   "nodes of another major version do not interoperate: upgrade this node",
         }
+        # and the seed's side is told, on the connection its message came by
+        assert outbox.poll(5000), "no answer to a message of another major"
+        assert outbox.recv_multipart() == [b"HV%d.%d M.REFUSED\n\x80" % (PROTOCOL_MAJOR, PROTOCOL_MINOR)]
     finally:
         ctx.destroy(linger=0)
+
+
+def test_a_seed_that_refuses_our_major_is_refusing_naming_both_versions(make_daemon) -> None:
+    """The seed never sends us a message of its own: its REFUSED, the answer
+    to our HELLO, is all this node hears, and enough."""
+    ctx = zmq.Context()
+    try:
+        inbox = ctx.socket(zmq.ROUTER)
+        port = inbox.bind_to_random_port("tcp://127.0.0.1")
+        seed = f"tcp://127.0.0.1:{port}"
+        daemon = make_daemon("--seed", seed)
+        assert inbox.poll(20_000), "no HELLO from the daemon"
+        sender, envelope = inbox.recv_multipart()
+        assert envelope.startswith(b"HV%d.%d M.HELLO\n" % (PROTOCOL_MAJOR, PROTOCOL_MINOR))
+        older = PROTOCOL_MAJOR - 1
+        inbox.send_multipart([sender, b"HV%d.3 M.REFUSED\n\x80" % older])
+        row = wait_for(lambda: seed_row(daemon, seed), 20, what="the seed's refusal in status")
+        assert row == {
+            "address": seed, "state": "refusing",
+            "why": f"peer speaks protocol {older}.3, this node {PROTOCOL_MAJOR}.{PROTOCOL_MINOR}; "
+                   "nodes of another major version do not interoperate: upgrade that node",
+        }
+        assert f"seed {seed} is refusing: peer speaks protocol {older}.3" in daemon.log
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_peer_that_is_no_seed_is_kept_while_it_refuses() -> None:
+    watch = SeedWatch([SEED], "tcp://10.0.0.2:7000")
+    other = "tcp://10.0.0.9:7000"
+    watch.refused(other, "peer speaks protocol 2.0, this node 1.0; ...", now=100.0)
+    assert watch.rows(alive=()) == [{"address": SEED, "state": "joining", "why": "not heard from yet"}]
+    assert watch.other_rows(alive=(), now=100.0 + REFUSAL_KEPT) == [
+        {"address": other, "state": "refusing", "why": "peer speaks protocol 2.0, this node 1.0; ..."}
+    ]
+    assert watch.other_rows(alive=(), now=100.1 + REFUSAL_KEPT) == []  # switched off, say
+    watch.refused(other, "again", now=200.0)
+    assert watch.other_rows(alive=[other], now=200.0) == []  # upgraded: a member now

@@ -41,7 +41,7 @@ def test_a_control_message_is_one_frame():
     [
         ([], "empty"),
         ([b"GET / HTTP/1.1\r\n"], "not a hived message"),
-        ([b"HV9.9 C.PING\n\x80"], "protocol version 9.9"),
+        ([b"HV9.9 C.PING\n\x80"], "peer speaks protocol 9.9, this node 1.0; .* upgrade this node"),
         ([b"HV1.0 NOPE\n\x80"], "unknown message type"),
         ([b"HV1.0 C.PING"], "truncated"),
         ([b"HV1.0 T.SAMPLE\n\xc1"], "not msgpack"),
