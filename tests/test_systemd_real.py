@@ -153,8 +153,22 @@ with hived.connect() as h:
 print("done", flush=True)
 """
 MAP_UNTIL_PATH = "/usr/local/share/hived-test/map_until.py"
+# One task still running when its node is told to stop; it says when it ended.
+SLOW_TASK = """\
+import time, hived
 
-pytestmark = pytest.mark.timeout(300)
+def slow_task(x):
+    time.sleep(5)
+    return x + 1, time.time()
+
+with hived.connect() as h:
+    value, ended = h.submit(slow_task, 41).result(timeout=60)
+    print("result", value, ended, flush=True)
+"""
+SLOW_TASK_PATH = "/usr/local/share/hived-test/slow_task.py"
+
+# The first test also waits for the cluster: with a cold cache, debootstrap.
+pytestmark = pytest.mark.timeout(600)
 T = TypeVar("T")
 
 
@@ -728,13 +742,14 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     found = tools()
     require_netns()
     failures_before = request.session.testsfailed
-    with step("root file system (cached)"):
+    with step("root file system"):
         tarball = rootfs(found["debootstrap"])
     net = TestNet(len(NODES), names=NODES)  # sweeps what crashed runs left first
     sweep_stale_runs()
     run_dir = Path(tempfile.mkdtemp(prefix="hived-nspawn-", dir=RUNS))
     (run_dir / "owner").write_text(str(os.getpid()))
     nodes = [Node(name, net[name], run_dir, found["nsenter"]) for name in NODES]
+    set_up = False
     try:
         with step("boot three containers, wheelhouse alongside"):
             with ThreadPoolExecutor(max_workers=1) as builder:
@@ -743,9 +758,10 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
                 wheels = wheels_built.result()
         c = Cluster(nodes, wheels)
         install(c, net)
+        set_up = True
         yield c
     finally:
-        if request.session.testsfailed > failures_before:
+        if not set_up or request.session.testsfailed > failures_before:
             keep_evidence(request, nodes)
         with step("power off"):
             each(Node.remove, nodes)
@@ -770,6 +786,7 @@ def install(c: Cluster, net: TestNet) -> None:
         n.write(f"/root/{n.name}.toml", example_config(n.name, hosts))
         shutil.copytree(Path(REPO) / "systemd", n.root / "root" / "systemd")
         n.write(MAP_UNTIL_PATH, MAP_UNTIL)
+        n.write(SLOW_TASK_PATH, SLOW_TASK)
 
     with step("1. the package, the user, the directories (each machine)"):
         each(lambda n: (copy_files(n), n.sh(script("package"), timeout=180)), c.nodes)
@@ -907,6 +924,18 @@ class MapRun:
 
 
 @contextlib.contextmanager
+def kill_on_exit(proc: subprocess.Popen) -> Iterator[None]:
+    """A client in a container killed on the way out if it still runs (a
+    failed wait leaves none behind)."""
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
 def mapping(node: Node, seconds: float = 0.05) -> Iterator[MapRun]:
     m = MapRun(node, seconds)
     try:
@@ -1031,16 +1060,28 @@ def test_a_map_across_all_three(cluster: Cluster) -> None:
 
 
 def test_stop_of_a_node_mid_map_drains_it(cluster: Cluster) -> None:
-    """`systemctl stop` of a member under a map from another node: its
+    """`systemctl stop` of a member under a map from another node and a task
+    of its own client: the task runs to its end and its result comes, the
     journal shows the drain, the map goes on, every result exactly once."""
     cluster.ready()
     coordinator, _ = cluster.coordinator()
     client, stopped = [n for n in cluster.nodes if n is not coordinator]
-    with mapping(client, seconds=0.2) as m:
+    with mapping(client, seconds=0.2) as m, stopped.popen(
+        f"/opt/hived/bin/python3 {SLOW_TASK_PATH}", user="alice"
+    ) as own, kill_on_exit(own):
         m.more(3, 60, f"results from {stopped.name}", cluster.journals, on=stopped.name)
-        mark = time.monotonic()
+
+        def slow_task_running() -> bool:
+            body = json.loads(stopped.sh("hivectl jobs --json").stdout)
+            return any("slow_task" in j["function"] and j["running"] == 1 for j in body["jobs"])
+
+        waited(slow_task_running, 30, "the slow task to run", cluster.journals)
+        mark, asked = time.monotonic(), time.time()
         with step(f"systemctl stop on {stopped.name} mid-map"):
             stopped.sh("systemctl stop hived", timeout=60)
+        out, _ = own.communicate(timeout=30)
+        assert own.returncode == 0 and out.startswith("result 42 "), out
+        assert float(out.split()[2]) > asked, out  # it ran on into the stop, to its end
         shown = stopped.show("ActiveState", "Result", "ExecMainCode", "ExecMainStatus")
         assert shown == {"ActiveState": "inactive", "Result": "success", "ExecMainCode": "1",
                          "ExecMainStatus": "0"}, shown
