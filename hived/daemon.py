@@ -5,9 +5,10 @@
     reload:    SIGHUP reads the config again (RELOADING=1 ... READY=1): the
                keys in RELOADABLE apply at once, the others are named as
                needing a restart; a config that does not load changes nothing
-    shutdown:  first SIGTERM/SIGINT drains (no new work, running tasks finish
-               up to drain_timeout), then stops workers and exits 0;
-               a second signal stops at once.
+    shutdown:  first SIGTERM/SIGINT hands the coordinator's lease over (if
+               held: the hive elects another at once), drains (no new work,
+               running tasks finish up to drain_timeout), then stops workers
+               and exits 0; a second signal stops at once.
     diagnose:  SIGUSR1 writes every thread's stack to the log, even when the
                event loop is wedged.
 
