@@ -16,7 +16,9 @@ clock `offset + rate * now`, read in whole milliseconds as uvloop's is
 (`clock_resolution`), with rates skewed within the drift bound so that
 any two clocks' rates differ by a ratio of at most 1 - max_drift. A killed
 node loses its cores and everything in flight to it; a restarted node gets
-fresh cores (new incarnation, the persisted terms, the same clock). Every
+fresh cores (new incarnation, the persisted terms, the same clock); a
+stopped one hands its lease over as the daemon does on SIGTERM and drains,
+a member still, until it leaves or is killed. Every
 random choice comes from one seeded `random.Random`, so a run is a pure
 function of its seed and the operations applied.
 
