@@ -33,13 +33,14 @@ voter). Every node runs the same core, which plays two parts:
   stands for that sender and that term frees it, so it may grant t + 1 at
   once; a node that believed the sender's lease for t drops the belief and
   backs off to stand (the voters after the sender in the order move up one
-  place, so the next stands within a slot); both refuse that sender's ASK and LEADER up to t from
-  then on (a renewal or an announcement still in flight). Safety needs
-  nothing of it: a grant is freed only after its holder stopped, and only
-  for its own term (a later process of the same node asks above every term
-  its predecessor asked, the promise being on disk before any ASK left), so
-  a delayed, duplicated or reordered RESIGN frees nothing anyone acts on,
-  and a lost one (or one an older node does not know) costs the old wait.
+  place, so the next stands within a slot); both refuse that sender's ASK
+  and LEADER up to t from then on (a renewal or an announcement still in
+  flight). Safety needs nothing of it: a grant is freed only after its
+  holder stopped, and only for its own term (a later process of the same
+  node asks above every term its predecessor asked, the promise being on
+  disk before any ASK left), so a delayed, duplicated or reordered RESIGN
+  frees nothing anyone acts on, and a lost one (or one an older node does
+  not know) costs the old wait.
 * **Fencing.** `term` is the highest term known to have had a coordinator
   (announced, won, or reported by heartbeats). `accept_term(t)` is False for
   anything below it (and above `term_limit()`); coordinator messages of
