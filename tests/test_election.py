@@ -479,11 +479,11 @@ def test_no_sequence_of_messages_from_one_member_lifts_terms_past_the_step(batch
 # -- hand-over at stop ----------------------------------------------------------
 
 
-def elected(address=A, now=0.0) -> el.Election:
-    """A core of voters (A, B, C) that won term 1 at `now` with B's grant."""
-    a = core(address, now=now - 10.0)
+def elected(now=0.0) -> el.Election:
+    """A's core (voters A, B, C), having won term 1 at `now` with B's grant."""
+    a = core(A, now=now - 10.0)
     (ask, _) = sent(a.tick(now), el.Ask)
-    assert of(a.handle(B if address != B else C, el.Grant(1, ask.msg.round), now), el.BecameCoordinator)
+    assert of(a.handle(B, el.Grant(1, ask.msg.round), now), el.BecameCoordinator)
     return a
 
 
