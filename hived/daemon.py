@@ -8,10 +8,12 @@
                restart; a config that does not load changes nothing.
                `hived --reload` exits once the daemon has answered, so the
                unit's reload job lasts as long as the reload does.
-    shutdown:  first SIGTERM/SIGINT drains (no new work, running tasks finish
-               up to drain_timeout), then stops workers and exits 0, asking
-               systemd for more time (EXTEND_TIMEOUT_USEC) while it runs;
-               a second signal stops at once.
+    shutdown:  first SIGTERM/SIGINT hands the coordinator's lease over (if
+               held: the hive elects another at once), drains (no new work,
+               running tasks finish up to drain_timeout), then stops workers
+               and exits 0, asking systemd for more time
+               (EXTEND_TIMEOUT_USEC) while it runs; a second signal stops
+               at once.
     diagnose:  SIGUSR1 writes every thread's stack to the log, even when the
                event loop is wedged.
 

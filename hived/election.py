@@ -27,6 +27,20 @@ voter). Every node runs the same core, which plays two parts:
   believes it for `remaining` minus the drift margin on its own clock, which
   is what `coordinator(now)` answers. A minority side stops hearing it and
   answers None once that runs out.
+* **Hand-over.** A node that is stopping (`step_down`) never stands again;
+  if it holds the lease it stops acting first (LostCoordinator), then sends
+  RESIGN(t) to every voter and live member. A voter whose unexpired grant
+  stands for that sender and that term frees it, so it may grant t + 1 at
+  once; a node that believed the sender's lease for t drops the belief and
+  backs off to stand (the voters after the sender in the order move up one
+  place, so the next stands within a slot); both refuse that sender's ASK
+  and LEADER up to t from then on (a renewal or an announcement still in
+  flight). Safety needs nothing of it: a grant is freed only after its
+  holder stopped, and only for its own term (a later process of the same
+  node asks above every term its predecessor asked, the promise being on
+  disk before any ASK left), so a delayed, duplicated or reordered RESIGN
+  frees nothing anyone acts on, and a lost one (or one an older node does
+  not know) costs the old wait.
 * **Fencing.** `term` is the highest term known to have had a coordinator
   (announced, won, or reported by heartbeats). `accept_term(t)` is False for
   anything below it (and above `term_limit()`); coordinator messages of
@@ -91,9 +105,11 @@ from hived.wire import Message, message
 
 @dataclass(frozen=True, slots=True)
 class Broadcast:
-    """Send `msg` to every live member (Membership.live_addresses())."""
+    """Send `msg` to every live member (Membership.live_addresses()), and to
+    the addresses in `also` that are not among them."""
 
     msg: Message
+    also: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +173,14 @@ class Release(Message):
     round: RoundId
 
 
+@message(b"E.RESIGN")
+class Resign(Message):
+    """The sender stopped acting as coordinator of `term` and never will again
+    (it is stopping): a grant for it in that term protects nothing."""
+
+    term: Term
+
+
 @message(b"E.LEADER")
 class Leader(Message):
     term: Term
@@ -165,7 +189,7 @@ class Leader(Message):
     remaining: Seconds  # of lease left when sent, on the sender's clock
 
 
-MESSAGES = (Ask, Grant, Deny, Release, Leader)
+MESSAGES = (Ask, Grant, Deny, Release, Resign, Leader)
 
 # How far above the term a majority of voters vouch for a peer's term may be
 # (honest terms rise one per election, and voters report theirs every
@@ -186,6 +210,9 @@ TERM_STEP = 16
 #   3. Hence no two nodes are coordinator at the same real instant.
 #   4. `term` (the fencing floor) and `promised` never go down, and a
 #      coordinator's term is the floor (a higher one seen makes it step down).
+#   5. A node that is stopping never stands, and once it resigned it is never
+#      coordinator again; a voter frees a grant on RESIGN only for the node
+#      and term it was given to, which stopped acting before it sent it.
 
 FOLLOWER, CANDIDATE, COORDINATOR = "follower", "candidate", "coordinator"
 
@@ -194,7 +221,7 @@ _MOVES = {
     (CANDIDATE, COORDINATOR): "a majority of voters granted the term",
     (CANDIDATE, FOLLOWER): "the round was refused or timed out, or a coordinator announced",
     (COORDINATOR, COORDINATOR): "a renewal round won (same or next term)",
-    (COORDINATOR, FOLLOWER): "the lease ran out unrenewed, or a higher term was seen",
+    (COORDINATOR, FOLLOWER): "the lease ran out unrenewed, a higher term was seen, or it stops",
 }
 
 
@@ -297,6 +324,11 @@ class Election:
         # write succeeds; the write is tried again at this time
         self._unsaved_until: float | None = None
         self._now = now  # the latest time we were given (for accept_term's step-down)
+        # hand-over: we are stopping (never stand again), and the term we
+        # resigned; the latest RESIGN heard: (sender, term)
+        self._stopping = False
+        self._handed_over: int | None = None
+        self._resigned: tuple[str, int] | None = None
         self.story.add(now, "start", f"voters={self._voters} term={initial_term}")
 
     # -- what the shell reads ----------------------------------------------
@@ -309,6 +341,11 @@ class Election:
     @property
     def state(self) -> str:
         return self._state
+
+    @property
+    def stopping(self) -> bool:
+        """`step_down` was called: this node stands no more."""
+        return self._stopping
 
     @property
     def voters(self) -> list[str]:
@@ -360,6 +397,28 @@ class Election:
             self._lost_candidacy(self._rounds[rid], rid, now, out)  # type: ignore[index]
         return out
 
+    def step_down(self, now: float) -> list[Action]:
+        """The node is stopping: it never stands again, and if it holds the
+        lease it gives it up now, first stopping (LostCoordinator), then
+        telling every voter and live member (RESIGN), so the hive elects
+        another within a round instead of a lease after we are gone. A node
+        that is its own only voter keeps the lease: nobody else could hold it."""
+        out, self._outbox = self._outbox, []
+        self._now = now
+        if not self._stopping:
+            self._stopping = True
+            self.story.add(now, "stopping", f"in state {self._state}, term {self._term}")
+        if self._state == CANDIDATE:
+            rid = self._candidacy
+            self._lost_candidacy(self._rounds[rid], rid, now, out)  # type: ignore[index]
+        elif self._state == COORDINATOR and self._voters != [self.address]:
+            term = self._lease_term
+            self._step_down(now, "stopping: handing over", out)
+            self._handed_over = term
+            others = tuple(v for v in self._voters if v != self.address)
+            out.append(Broadcast(Resign(term), also=others))
+        return self._finish(out)
+
     def accept_term(self, term: int) -> bool:
         """Fencing: False for a coordinator message below the highest term seen,
         or above `term_limit()`. A higher term raises the floor (a coordinator
@@ -394,7 +453,8 @@ class Election:
         elif self._persisted != (self._term, max(self._promised, self._asked)):
             return -math.inf
         else:
-            due = self._stand_at if self._state == FOLLOWER and self._belief is None else math.inf
+            standing = self._state == FOLLOWER and self._belief is None and not self._stopping
+            due = self._stand_at if standing else math.inf
         if self._state == COORDINATOR:
             due = min(due, self._lease_end)
             if not any(r.renewal for r in self._rounds.values()):
@@ -439,7 +499,7 @@ class Election:
             self._belief = None
             self._stand_at = now + self._backoff()
         if (self._state == FOLLOWER and self._belief is None and now >= self._stand_at
-                and self._unsaved_until is None):  # fmt: skip
+                and self._unsaved_until is None and not self._stopping):  # fmt: skip
             if self._holder not in (None, self.address) and self._grant_until > now:
                 # our vote is promised to another candidate: standing now would
                 # only split the votes, so wait until that grant runs out
@@ -464,6 +524,10 @@ class Election:
             problems.append(f"promised {self._promised} above anything seen")
         if self._lease_term > self._term:
             problems.append(f"lease term {self._lease_term} above the floor {self._term}")
+        if self._stopping and self._state == CANDIDATE:
+            problems.append("stands while stopping")
+        if self._handed_over is not None and self._state == COORDINATOR:
+            problems.append(f"coordinator again after resigning term {self._handed_over}")
         if problems:
             raise LocalProtocolError(
                 f"election of {self.name} in state {self._state}, term {self._term}, broke "
@@ -478,6 +542,8 @@ class Election:
             return False, max(self._unsaved_until - now, 0.0)
         if now < self._quiet_until:
             return False, self._quiet_until - now
+        if self._resigned is not None and self._resigned[0] == candidate and term <= self._resigned[1]:
+            return False, 0.0  # a renewal of a resigned lease, still in flight
         if self._holder not in (None, candidate) and self._grant_until > now:
             wait = self._grant_until - now
             if self._holder == self.address and self._candidacy in self._rounds:
@@ -553,6 +619,21 @@ class Election:
             self.story.add(now, "released", f"term {m.term} by {sender}")
             if self._state == FOLLOWER and self._belief is None:
                 self._stand_at = min(self._stand_at, now + self._backoff())
+
+    def _on_resign(self, sender: str, m: Resign, now: float, out: list[Action]) -> None:
+        if m.term > self.term_limit():
+            self.story.add(now, "incredible", f"RESIGN term {m.term} from {sender}")
+            return
+        if self._resigned is None or self._resigned[0] != sender or self._resigned[1] < m.term:
+            self._resigned = (sender, m.term)
+        if self._holder == sender and self._promised == m.term and self._grant_until > now:
+            self._grant_until = now
+            self.story.add(now, "resigned", f"term {m.term} by {sender}: grant freed")
+        b = self._belief
+        if b is not None and b.address == sender and b.term == m.term:
+            self.story.add(now, "resigned", f"{b.name} gave up term {m.term}")
+            self._belief = None
+            self._stand_at = now + self._backoff(without=sender)
 
     def _on_grant(self, sender: str, m: Grant, now: float, out: list[Action]) -> None:
         r = self._rounds.get(m.round)
@@ -656,6 +737,10 @@ class Election:
             return
         if m.address == self.address:
             return  # an echo of our own announcement, or of our previous process
+        r = self._resigned
+        if r is not None and r[0] == sender and m.term <= r[1]:
+            self.story.add(now, "resigned", f"LEADER term {m.term} from {m.name} came late")
+            return
         if m.term > self._term:
             self._raise_floor(m.term, out)
         elif self._state == COORDINATOR:
@@ -723,12 +808,17 @@ class Election:
         rank = self._ranks.get(address)
         return (0, rank, "") if rank is not None else (1, 0, address)
 
-    def _backoff(self) -> float:
+    def _backoff(self, without: str | None = None) -> float:
+        """How long to wait before standing: our place in the back-off order
+        (that of the voters but `without`, one that stands no more) plus jitter."""
         slot = self.lease / 8
         jitter = self._rng.uniform(0, slot * 2 ** min(self._attempt, 2))
         if self._rank is None:
             return 3 * self.lease + jitter
-        return self._rank * slot + jitter
+        rank = self._rank
+        if without is not None and self._ranks.get(without, rank) < rank:
+            rank -= 1
+        return rank * slot + jitter
 
     def _finish(self, out: list[Action]) -> list[Action]:
         """Put a Persist first if what must survive a restart changed."""
@@ -745,6 +835,7 @@ class Election:
 _HANDLERS = {
     Ask: Election._on_ask,
     Release: Election._on_release,
+    Resign: Election._on_resign,
     Grant: Election._on_grant,
     Deny: Election._on_deny,
     Leader: Election._on_leader,

@@ -173,6 +173,20 @@ class Mesh(MeshDriver):
         self._run(self.core.tick(now))
         log.info("mesh: %s at %s, seeds %s", self.name, self.advertise, self.seeds or "none")
 
+    def step_down(self) -> None:
+        """We are stopping: stand no more, and if we hold the lease hand it
+        over now (the other nodes elect another within a round), not a lease
+        after we are gone."""
+        if self.core is None:
+            return
+        now = self.loop.time()
+        actions = self.core.step_down(now)
+        for action in actions:
+            if isinstance(action, LostCoordinator):
+                log.info("stepping down as coordinator (term %d): stopping; the hive elects "
+                         "another now", action.term)
+        self._run(actions)
+
     def leave(self) -> None:
         """Tell the peers we go, so they drop us at once rather than after dead_after."""
         if self.core is not None:

@@ -24,7 +24,8 @@ The glue, once:
   `Election.heard_term`: a voter's is what it vouches for, and any peer's
   raises the fencing floor if credible. After every batch membership
   learns the election's term, so the next heartbeats carry it.
-* `Broadcast` becomes one `Send` per live member.
+* `Broadcast` becomes one `Send` per live member (and per address in its
+  `also` that is not one: a RESIGN reaches every voter).
 * A member that joins, or comes back from suspect or dead, is told of our
   lease at once if we hold it: a restarted node, or the far side of a healed
   partition, learns the coordinator within one message instead of waiting
@@ -129,6 +130,10 @@ class MeshCore:
     def leave(self, now: float) -> list[Action]:
         return self._wire(self.membership.leave(now), now)
 
+    def step_down(self, now: float) -> list[Action]:
+        """The node is stopping: hand the lease over (Election.step_down)."""
+        return self._wire(self.election.step_down(now), now)
+
     def persist_failed(self, now: float) -> list[Action]:
         """The last Persist could not be written; the rest of its batch was dropped."""
         return self._wire(self.election.persist_failed(now), now)
@@ -166,7 +171,9 @@ class MeshCore:
         for a in actions:
             kind = type(a)
             if kind is Broadcast:
-                out.extend(Send(address, a.msg) for address in self.membership.live_addresses())
+                live = self.membership.live_addresses()
+                out.extend(Send(address, a.msg) for address in live)
+                out.extend(Send(address, a.msg) for address in a.also if address not in live)
                 continue
             if kind is TermSeen:
                 # a step-down this causes is due at once: next_deadline() says -inf

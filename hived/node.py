@@ -266,8 +266,12 @@ class Node:
 
     async def drain(self) -> None:
         """Take no new jobs and start no queued task; let running tasks finish
-        up to the drain timeout (what never started fails in `close`)."""
+        up to the drain timeout (what never started fails in `close`). The
+        lease, if we hold it, goes to another node first: the hive's work
+        must not wait a lease for a coordinator while we drain and after."""
         self.stopping = True
+        if self.mesh is not None:
+            self.mesh.step_down()
         self._start_draining()
         self._drained.clear()  # a `hivectl drain` may have set it while tasks still ran
         running, began = self.pool.slots_busy, self.loop.time()

@@ -16,7 +16,9 @@ clock `offset + rate * now`, read in whole milliseconds as uvloop's is
 (`clock_resolution`), with rates skewed within the drift bound so that
 any two clocks' rates differ by a ratio of at most 1 - max_drift. A killed
 node loses its cores and everything in flight to it; a restarted node gets
-fresh cores (new incarnation, the persisted terms, the same clock). Every
+fresh cores (new incarnation, the persisted terms, the same clock); a
+stopped one hands its lease over as the daemon does on SIGTERM and drains,
+a member still, until it leaves or is killed. Every
 random choice comes from one seeded `random.Random`, so a run is a pure
 function of its seed and the operations applied.
 
@@ -243,6 +245,17 @@ class SimNet:
         self.kill(name)
         self.start(name)
 
+    def stop(self, name: str) -> None:
+        """SIGTERM, as the daemon takes it: the node hands the lease over
+        (Election.step_down) and drains, a member still, until a later
+        `leave`, `kill` or `restart` ends the process."""
+        node = self.nodes[name]
+        if node.alive:
+            now = node.local(self.now)
+            node.run(node.core.step_down(now), now)
+            self._schedule_wake(node)
+            self.log.append(f"{self.now:.4f} stop {name}")
+
     def leave(self, name: str) -> None:
         """A graceful stop: LEAVE to every peer, then the process ends."""
         node = self.nodes[name]
@@ -265,7 +278,7 @@ class SimNet:
         kind = op[0]
         if kind == "run":
             self.run_for(op[1])
-        elif kind in ("kill", "restart", "leave"):
+        elif kind in ("kill", "restart", "leave", "stop"):
             getattr(self, kind)(names[op[1] % len(names)])
         elif kind == "partition":
             groups: dict[int, list[str]] = {}
@@ -524,10 +537,12 @@ def _profiles():
 SIM_SETTINGS = _profiles()
 
 
-def fault_schedules(run_for: float, max_size: int, leave: bool = False):
+def fault_schedules(run_for: float, max_size: int, leave: bool = False, stop: bool = False):
     """A hypothesis strategy: random schedules of runs, kills, restarts,
-    (leaves), partitions into 3 groups of up to 7 nodes, heals, disks that
-    fill up and free again, and message fault rates (drop, duplicate, reorder)."""
+    (leaves), (stops: a hand-over, the node draining until a later kill,
+    restart or leave), partitions into 3 groups of up to 7 nodes, heals,
+    disks that fill up and free again, and message fault rates (drop,
+    duplicate, reorder)."""
     from hypothesis import strategies as st
 
     node = st.integers(0, 6)
@@ -542,4 +557,6 @@ def fault_schedules(run_for: float, max_size: int, leave: bool = False):
     ]
     if leave:
         ops.insert(3, st.tuples(st.just("leave"), node))
+    if stop:
+        ops.insert(3, st.tuples(st.just("stop"), node))
     return st.lists(st.one_of(*ops), max_size=max_size)

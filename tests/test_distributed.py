@@ -26,6 +26,7 @@ import threading
 import time
 
 import pytest
+from campaign import BECAME, Report, check_leases, leases
 from conftest import child_env
 from meshnet import PORT, TIMING, Cluster, MeshNode
 from meshpeer import MeshPeer
@@ -505,12 +506,24 @@ def test_a_job_cancelled_from_another_node_fails_its_map_at_once(cluster):
         f"no job '{job}' in this hive; the jobs it has: none (`hivectl jobs`)"), out.stderr
 
 
+# A stopped coordinator resigns its term: the next voter in the back-off order
+# stands within lease/8 of the RESIGN and wins in a round trip. Half a lease
+# leaves room for a loaded machine and is still half of what a stop cost when
+# the hive waited out the old lease (a lease or more after the drain ended).
+HAND_OVER = TIMING["lease"] / 2
+HANDED_OVER = re.compile(r"stepping down as coordinator \(term (\d+)\): stopping; the hive "
+                         r"elects another now")
+
+
 def test_systemctl_stop_of_a_worker_node_mid_job_loses_no_result(cluster):
     """SIGTERM (what `systemctl stop` sends) drains a worker node in the middle
     of a distributed map: its running task finishes and reports, what it had
-    pulled goes back, it leaves, exits 0, and the job completes elsewhere."""
+    pulled goes back, it leaves, exits 0, and the job completes elsewhere.
+    Not the coordinator, it hands nothing over: the lease stays where it is."""
     c = cluster
-    owner, victim = c[0], c[1]
+    held = c.wait_agreed()
+    owner = pick(c, [c.node(held[0])])
+    victim = pick(c, [c.node(held[0]), owner])
     got = []
     with hived.connect(owner.control) as h:
         for r in h.map(square_where, range(60), chunksize=1):
@@ -525,6 +538,45 @@ def test_systemctl_stop_of_a_worker_node_mid_job_loses_no_result(cluster):
     assert victim.proc.pid in pids[:15], "the victim ran nothing before it was stopped"
     eventually(c, lambda: victim.name not in c.states(owner), 10,
                f"the owner to drop {victim.name}, which said goodbye")
+    assert not HANDED_OVER.search(victim.log), victim.log
+    # the same node; its term may have risen (a renewal round that a voter
+    # refused and that timed out asks for the next term)
+    assert c.wait_agreed([owner, c.node(held[0])])[0] == held[0]
+
+
+def test_systemctl_stop_of_the_coordinator_hands_over_at_once_and_loses_no_result(cluster):
+    """SIGTERM to the coordinator in the middle of a distributed map: it says
+    it steps down, the others know a new coordinator within HAND_OVER (not
+    the ~2 leases a lost coordinator costs), the leases never overlap, the
+    old one drains and exits 0, and every result arrives exactly once."""
+    c = cluster
+    old, term = c.wait_agreed()
+    coord = c.node(old)
+    owner = pick(c, [coord])
+    rest = [n for n in c.nodes if n is not coord]
+    got = []
+    with hived.connect(owner.control) as h:
+        for r in h.map(square_where, range(60), chunksize=1):
+            got.append(r)
+            if len(got) == 15:
+                stopped_at = time.time()
+                coord.proc.terminate()
+                new, new_term = c.wait_agreed(rest, timeout=10, exclude=old)
+                known = time.time() - stopped_at
+        assert coord.proc.wait(30) == 0, coord.log
+    pids = check_squares(got, 60, c)
+    assert coord.proc.pid in pids, "the old coordinator ran nothing"
+    assert [int(t) for t in HANDED_OVER.findall(coord.log)] == [term], coord.log
+    assert new != old and new_term > term
+    logs = {n.name: n.log for n in c.nodes}
+    won = next(float(m.group(2)) for m in BECAME.finditer(logs[new]) if int(m.group(1)) == new_term)
+    assert won - stopped_at < HAND_OVER, f"{new} won {won - stopped_at:.3f}s after the SIGTERM"
+    assert known < HAND_OVER, f"the others knew {new} {known:.3f}s after the SIGTERM"
+    report = Report(0, [], [])
+    check_leases(leases(logs, [], time.time(), report), report)
+    assert report.ok, report.violations
+    print(f"hand-over: {new} won {won - stopped_at:.3f}s and the others knew it "
+          f"{known:.3f}s after the SIGTERM")
 
 
 def test_two_clients_on_two_owners_share_the_slots_about_evenly(cluster):

@@ -98,6 +98,21 @@ def test_heartbeats_carry_the_term_after_every_batch():
     assert core.membership.members()[0].term == 5  # what our BEATs and HELLOs say
 
 
+def test_a_resign_goes_to_every_live_member_and_to_every_voter_even_one_thought_dead():
+    net = SimNet.cluster(4, voters=3, seed=2, **TIMING)
+    assert net.run_for(5.0, stop=lambda: net.agreed() is not None and net.converged())
+    old = net.nodes[net.agreed()[0]]
+    voter = net._by_address[next(v for v in old.voters if v != old.address)]
+    net.partition([voter.name])
+    assert net.run_for(2 * DEAD, stop=lambda: voter.address not in old.membership.live_addresses())
+    assert old.election.is_coordinator(old.local(net.now))  # two voters of three renew it
+    now = old.local(net.now)
+    resigns = [a.to for a in old.core.step_down(now)
+               if isinstance(a, mb.Send) and isinstance(a.msg, el.Resign)]  # fmt: skip
+    others = {n.address for n in net.nodes.values() if n is not old}
+    assert sorted(resigns) == sorted(others)  # each once
+
+
 def test_a_majority_of_full_disks_elects_nobody_until_one_is_freed():
     net = SimNet.cluster(3, voters=3, seed=3, **TIMING)
     for name in ("n0", "n1"):
