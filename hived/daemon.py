@@ -1,7 +1,7 @@
 """`hived`: the daemon's entry point and lifecycle.
 
     startup:   config → node (pool, control socket) → READY=1
-    main loop: serve; WATCHDOG=1 from the loop itself; STATUS= every few seconds
+    main loop: serve; WATCHDOG=1 from the loop itself; STATUS= when it changes
     reload:    SIGHUP, or `hived --reload` on the control socket (C.RELOAD),
                reads the config again (RELOADING=1 ... READY=1): the keys in
                RELOADABLE apply at once, the others are named as needing a
@@ -55,7 +55,9 @@ from hived.status import seed_problems
 
 log = logging.getLogger("hived")
 
-STATUS_EVERY = 5.0
+# How often the STATUS= line is looked at; it is sent when it changed, so a
+# peer joining or leaving shows in `systemctl status` within this.
+STATUS_EVERY = 0.5
 # What a running daemon changes on SIGHUP. Every other key takes a restart:
 # sockets, the node's identity, its slots and the mesh's timing are fixed
 # for the life of the process.
@@ -304,15 +306,22 @@ class Daemon:
             self.notifier.notify(f"EXTEND_TIMEOUT_USEC={usec}")
 
     async def _report(self) -> None:
+        sent = ""
         while True:
             await asyncio.sleep(STATUS_EVERY)
-            self.notifier.notify(f"STATUS={self._status_line()}")
+            line = self._status_line()
+            if line != sent:
+                self.notifier.notify(f"STATUS={line}")
+                sent = line
 
     def _status_line(self) -> str:
         pool, mesh = self.node.pool, self.node.mesh
         role = "coordinator" if mesh is None or mesh.is_coordinator() else "member"
-        peers = len(mesh.members()) - 1 if mesh is not None else 0
-        line = f"{role}; {peers} peers; {pool.slots_busy}/{pool.slots_total} slots busy"
+        others = mesh.members()[1:] if mesh is not None else []
+        heard = sum(peer.state in ("alive", "draining") for peer in others)
+        lost = len(others) - heard  # suspect or dead: remembered, not heard from
+        peers = f"{heard} peers" + (f" ({lost} lost)" if lost else "")
+        line = f"{role}; {peers}; {pool.slots_busy}/{pool.slots_total} slots busy"
         if self.node.draining:
             line = f"draining; {line}"
         for seed in seed_problems({"seeds": mesh.seeds_status()}) if mesh is not None else []:

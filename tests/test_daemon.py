@@ -23,7 +23,7 @@ import msgpack
 import psutil
 import pytest
 import zmq
-from conftest import REPO, child_env
+from conftest import REPO, child_env, free_port
 from netns import wait_for
 
 import hived
@@ -44,7 +44,7 @@ from hived.control import (
     Welcome,
     ask,
 )
-from hived.daemon import Daemon
+from hived.daemon import STATUS_EVERY, Daemon
 from hived.pool import STOP_MARGIN
 from hived.resources import detect_gpus, usable_cpus
 from hived.sdnotify import EXTEND_EVERY, Notifier
@@ -414,6 +414,37 @@ def test_sd_notify_ready_status_watchdog_stopping(make_daemon, tmp_path) -> None
         assert daemon.stop(signal.SIGTERM) == 0, daemon.log
         assert notify.count("STOPPING=1") == 1
         assert "STATUS=draining" in notify.lines
+    finally:
+        notify.close()
+
+
+def test_the_status_line_follows_a_peer_joining_and_leaving(make_daemon, tmp_path) -> None:
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    try:
+        port = free_port()
+        first = make_daemon("--bind", f"tcp://127.0.0.1:{port}", start=False,
+                            env=child_env(NOTIFY_SOCKET=notify.path))
+        first.start()
+        notify.wait_line("READY=1", 30)
+        assert any("; 0 peers;" in line for line in notify.lines if line.startswith("STATUS=")), notify.lines
+        peer = make_daemon("--name", "peer", "--seed", f"tcp://127.0.0.1:{port}")
+
+        def status_says(peers: int) -> bool:
+            notify.pump()
+            sent = [line for line in notify.lines if line.startswith("STATUS=")]
+            return bool(sent) and f"; {peers} peers" in sent[-1]
+
+        def members() -> int:
+            return sum(row["state"] == "alive" for row in first.status()["nodes"])
+
+        # The line is looked at every STATUS_EVERY and sent when it changed:
+        # well within the 5 s it took when it was only sent now and then.
+        wait_for(lambda: members() == 2, 20, what="the peer to join")
+        wait_for(lambda: status_says(1), 4 * STATUS_EVERY + 1, what="STATUS= to count the peer")
+        notify.lines.clear()
+        assert peer.stop(signal.SIGTERM) == 0, peer.log
+        wait_for(lambda: members() == 1, 20, what="the peer to leave")  # suspect, then dead
+        wait_for(lambda: status_says(0), 4 * STATUS_EVERY + 1, what="STATUS= to drop the peer")
     finally:
         notify.close()
 

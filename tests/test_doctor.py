@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, child_env
+from conftest import REPO, child_env, free_port
 from netns import wait_for
 
 import hived.doctor
@@ -70,12 +70,6 @@ def listener() -> Iterator[socket.socket]:
 
 def address_of(s: socket.socket) -> str:
     return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

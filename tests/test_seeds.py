@@ -15,7 +15,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
-from conftest import child_env
+from conftest import child_env, free_port
 from netns import wait_for
 from test_daemon import NotifySocket
 
@@ -24,12 +24,6 @@ from hived.doctor import diagnose
 from hived.security import write_key
 from hived.seeds import NO_CONNECTION, REFUSAL_KEPT, WRONG_KEY, SeedWatch
 from hived.wire import PROTOCOL_MAJOR, PROTOCOL_MINOR
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def seed_row(daemon, address: str) -> dict | None:
