@@ -556,3 +556,31 @@ def test_normal_use_logs_nothing_at_warning_or_above(caplog) -> None:
     loud = [f"{r.levelname} {r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.WARNING]
     assert not loud
     assert any("was stopped" in r.getMessage() for r in caplog.records)  # INFO, but said
+
+
+# -- start-up -------------------------------------------------------------------------
+
+
+def test_embedded_workers_start_before_the_node_and_go_if_it_fails(monkeypatch):
+    import hived.node
+    import hived.pool
+
+    launched: list[hived.pool.Launcher] = []
+    real_prelaunch = hived.pool.Launcher.prelaunch
+
+    def prelaunch(self, cpus):
+        real_prelaunch(self, cpus)
+        launched.append(self)
+
+    def broken_start(self):
+        raise RuntimeError("the node could not start")
+
+    monkeypatch.setattr(hived.pool.Launcher, "prelaunch", prelaunch)
+    monkeypatch.setattr(hived.node.Node, "start", broken_start)
+    before = worker_pids()
+    with pytest.raises(hived.HiveError, match="the embedded hive did not start: the node could not start"):
+        hived.connect("embedded", cpus=2)
+    (launcher,) = launched
+    assert not launcher.early
+    assert not os.path.exists(launcher.dir)  # its sockets and black boxes gone with it
+    assert worker_pids() == before  # the two early workers were killed and reaped
