@@ -34,6 +34,7 @@ import argparse
 import concurrent.futures as cf
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -124,6 +125,7 @@ class HivedEngine(Engine):
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(30)
             self.proc = None
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def map(self, fn, items, chunksize):
         return list(self.hive.map(fn, items, chunksize=chunksize))
@@ -429,7 +431,7 @@ def floors(sizes: Sizes) -> dict[str, dict[str, float]]:
         proc.join()
         router.close(linger=0)
         ctx.term()
-    os.rmdir(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -494,6 +496,10 @@ def main() -> None:
         sizes.rounds = args.rounds
     todo = set(args.only or ["W1", "W2", "W3", "W4", "W5"])
     found, notes = engines(args.quick)
+    if os.environ.pop("PYTHONDONTWRITEBYTECODE", None):
+        # Every program here would compile its modules anew each start: not
+        # how users run them, and the worse for whoever has more source.
+        notes.append("PYTHONDONTWRITEBYTECODE was set: unset for the engines' processes")
     if args.engine:
         found = [e for e in found if any(s in e.name for s in args.engine)]
     unit, one = calibrate() if "W3" in todo else (0, 0.0)
@@ -504,6 +510,9 @@ def main() -> None:
     print(f"# engines: {', '.join(e.name for e in found)}")
     for note in notes:
         print(f"# {note}")
+    if "W5" in todo:  # unmeasured: bytecode written, files cached, as on a second run
+        for engine in found:
+            w5(engine.name)
     samples: Samples = {e.name: {} for e in found}
     for r in range(sizes.rounds):
         shift = r % len(found)

@@ -71,6 +71,23 @@ class Message:
         """What is wrong across this message's fields, or None (override it)."""
         return None
 
+    # What dataclass would generate, written once here: generating them for
+    # every message class cost more than a third of importing the messages.
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name, _, _ in self._checks)
+        return f"{type(self).__qualname__}({shown})"
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name, _, _ in self._checks)
+
 
 _REGISTRY: dict[bytes, type[Message]] = {}
 M = TypeVar("M", bound=type)
@@ -82,7 +99,7 @@ def message(type_name: bytes):
     def register(cls: M) -> M:
         if type_name in _REGISTRY:
             raise LocalProtocolError(f"message type {type_name!r} is registered twice")
-        cls = dataclasses.dataclass(frozen=True, slots=True)(cls)
+        cls = dataclasses.dataclass(frozen=True, slots=True, repr=False, eq=False)(cls)
         if b" " in type_name or b"\n" in type_name:
             raise LocalProtocolError(f"message type {type_name!r} may not hold a space or newline")
         cls.TYPE = type_name
