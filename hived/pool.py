@@ -7,7 +7,8 @@ The pool starts one worker process per CPU slot and one per GPU (with
 `hived.worker`, connected to the pool's ROUTER over an ipc socket. A worker
 is *idle* or runs exactly one assignment; whenever a worker becomes idle the
 pool asks its source (the node) for an assignment that fits, so work is
-pulled, never pushed.
+pulled, never pushed. A `Launcher` starts the processes; the embedded hive
+has it start them before the node exists, and the pool adopts them.
 
     source.assign(fits) ──RUN──▶ worker ──DONE/FAIL──▶ sink.on_*
                                    │ └─fd 1/2, records──▶ taskoutput ──▶ sink.on_output
