@@ -9,9 +9,8 @@ the results as they come. It prints the caller's RSS after every tenth of
 the items and its peak (getrusage), for hived's map with its default
 chunking (a generator's chunks settle at MAX_UNSIZED_CHUNK items) and for
 multiprocessing.Pool.imap with that same chunksize. Pool.imap's feeder
-thread reads its input as fast as it can, without waiting for results, so
-its memory grows with what the workers have not yet done; hived reads ahead
-by a bounded window of chunks.
+thread is held back by its pipe's buffer, hived's stream by its window of
+chunks; both should stay flat, and the peak says what each costs.
 """
 
 from __future__ import annotations
