@@ -71,7 +71,7 @@ from hived.mapping import (
     load_values,
     raise_for,
 )
-from hived.node import NodeSettings
+from hived.pool import Launcher
 from hived.progress import write_output
 from hived.resources import detect_gpus, resolve_cpus
 from hived.security import client_curve
@@ -150,11 +150,14 @@ class Hive(concurrent.futures.Executor):
         addresses = parse_addresses(address)
         if addresses != [EMBEDDED]:
             return self._first_link(addresses)
-        settings = NodeSettings(
-            cpus=cpus or _embedded_cpus(),
-            gpus=detect_gpus(),
-            authkey=bytes(multiprocessing.current_process().authkey),
-        )
+        cpus, gpus = cpus or _embedded_cpus(), detect_gpus()
+        authkey = bytes(multiprocessing.current_process().authkey)
+        # The workers boot while the node is imported and built.
+        launcher = Launcher(socket.gethostname(), gpus, authkey)
+        launcher.prelaunch(cpus)
+        from hived.node import NodeSettings
+
+        settings = NodeSettings(cpus=cpus, gpus=gpus, authkey=authkey, launcher=launcher)
         greeting = Greeting(EMBEDDED, threading.Event())
         greeting.link = EmbeddedLink(settings, lambda frames: self._on_frames(greeting, frames))
         greeting.link.send(self._hello())

@@ -29,15 +29,17 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from hived.control import EMBEDDED_CLIENT, LINK_TIMEOUT, Ping, Pong
 from hived.errors import HiveError
-from hived.node import Node, NodeSettings
 from hived.reactor import EVENTS, POLLIN
 from hived.socketdir import check_socket
+
+if TYPE_CHECKING:  # the node is imported when an embedded link starts, after its workers
+    from hived.node import Node, NodeSettings
 from hived.wire import encode, zero_copy
 
 log = logging.getLogger(__name__)
@@ -177,9 +179,13 @@ class EmbeddedLink:
 
     async def _serve(self, settings: NodeSettings) -> None:
         try:
+            from hived.node import Node
+
             self.node = Node(settings, zmq.Context())
             self.node.start()
         except BaseException as exc:
+            if settings.launcher is not None:
+                settings.launcher.abandon()
             self._error = exc
             self._ready.set()
             return

@@ -23,11 +23,13 @@ complete on the new link: a chunk keeps its inputs until its last slot is
 filled, so what was not delivered can always go again, and what two nodes
 both answer fills each slot once.
 
-Chunk size (`chunksize=None`) adapts: the first chunks hold one item each;
-every result reports the seconds its worker spent, and the next chunks hold
-about `TARGET_CHUNK_SECONDS` of work, capped (like multiprocessing's map) at a
-quarter of the known items per slot, so that long tasks are never batched and
-the last chunks finish together.
+Chunk size (`chunksize=None`) adapts (`ChunkSizer`): the first chunks are
+probes of one item, one per slot; every result reports the seconds its
+worker spent, and the next chunks hold about `TARGET_CHUNK_SECONDS` of work,
+at most what multiprocessing's map would use for a sized input (a quarter
+of the items per slot) and one item each when an item takes
+`LONG_TASK_SECONDS` or more: long tasks are never batched, trivial ones go
+in multiprocessing's chunks from the second round trip on.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ from hived.scheduling import MAX_CHUNK_ITEMS
 from hived.wire import Message, encode
 from hived.worker import TaskError
 
-TARGET_CHUNK_SECONDS = 0.02
+TARGET_CHUNK_SECONDS = 0.02  # of worker time per chunk, once items are measured
+LONG_TASK_SECONDS = 0.01  # items this long go one per chunk
 WINDOW_BUFFER = 4  # finished chunks held for ordered output, in windows
 MAX_UNSIZED_CHUNK = 4096  # cap when the input's length is unknown
 _EMPTY = object()
@@ -122,13 +125,38 @@ def raise_for(value: Any) -> Any:
     raise SerializationError(value.problem) from cause
 
 
+def heuristic_chunksize(total: int, slots: int) -> int:
+    """multiprocessing.Pool.map's chunksize for `total` items on `slots` workers:
+    four chunks per worker, rounded up."""
+    chunks, extra = divmod(total, 4 * slots)
+    return max(1, chunks + (1 if extra else 0))
+
+
 class ChunkSizer:
+    """How many items the next chunk of a map holds (sans-IO: fed each result's
+    item count and worker seconds).
+
+    A fixed `chunksize` is used as given. Otherwise the first chunks are
+    probes of one item each, one per slot, and no more go out until one
+    reports: a long task is never batched before its duration is known.
+    Then chunks hold about TARGET_CHUNK_SECONDS of the measured work, at most
+    multiprocessing's heuristic for a sized input (MAX_UNSIZED_CHUNK for
+    one of unknown length), and one item each while an item takes
+    LONG_TASK_SECONDS or more.
+    """
+
     def __init__(self, fixed: int | None, slots: int, total: int | None) -> None:
         self.fixed = min(fixed, MAX_CHUNK_ITEMS) if fixed else None
         self.slots = max(slots, 1)
-        self.cap = max(1, math.ceil(total / (4 * self.slots))) if total else MAX_UNSIZED_CHUNK
+        self.cap = min(heuristic_chunksize(total, self.slots), MAX_CHUNK_ITEMS) if total \
+            else MAX_UNSIZED_CHUNK
         self.items = 0
         self.seconds = 0.0
+
+    @property
+    def probing(self) -> bool:
+        """No result has said yet what an item costs."""
+        return not self.fixed and not self.items
 
     def learn(self, count: int, elapsed: float) -> None:
         self.items += count
@@ -140,6 +168,8 @@ class ChunkSizer:
         if not self.items:
             return 1
         per_item = self.seconds / self.items
+        if per_item >= LONG_TASK_SECONDS:
+            return 1
         if per_item <= 0:
             return self.cap
         return max(1, min(self.cap, int(TARGET_CHUNK_SECONDS / per_item)))
@@ -235,13 +265,14 @@ class MapStream:
 
     def _room(self) -> bool:
         """Whether another chunk may go out: at most `window` chunks running,
-        and at most WINDOW_BUFFER windows held in all. Finished chunks behind
+        and at most WINDOW_BUFFER windows held in all (while the sizer probes,
+        a chunk per slot). Finished chunks behind
         one that waits (its node died and it waits for dead_after) do not
         hold up the rest, yet memory stays bounded."""
         if len(self.chunks) >= WINDOW_BUFFER * self.window:
             return False
         running = sum(1 for chunk in self.chunks.values() if chunk.missing)
-        return running < self.window
+        return running < (self.sizer.slots if self.sizer.probing else self.window)
 
     def _add_one_by_one(self, items: list[Any], first: int) -> list[list[Any]]:
         """A chunk that will not pickle: each item a chunk of its own, so that

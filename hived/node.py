@@ -69,7 +69,7 @@ from hived.control import (
 )
 from hived.errors import LocalProtocolError
 from hived.exchange import Exchange
-from hived.pool import Pool
+from hived.pool import Launcher, Pool
 from hived.scheduling import Job, JobKey, Needs, Owner
 from hived.security import ClusterKey
 from hived.serialization import function_digest
@@ -111,6 +111,8 @@ class NodeSettings:
     # The embedded node's: its caller's multiprocessing authkey, so that the
     # caller's multiprocessing.Manager() proxies work in the workers.
     authkey: bytes | None = None
+    # The embedded node's workers, started before the node (see Launcher).
+    launcher: Launcher | None = None
 
 
 @dataclass
@@ -209,6 +211,7 @@ class Node:
             max_tasks_per_worker=s.max_tasks_per_worker,
             memory_limit=s.memory_limit,
             authkey=s.authkey,
+            launcher=s.launcher,
         )
         self.pool.start()
         self.control = ControlServer(self.loop, self._on_client_message)

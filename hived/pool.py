@@ -7,7 +7,8 @@ The pool starts one worker process per CPU slot and one per GPU (with
 `hived.worker`, connected to the pool's ROUTER over an ipc socket. A worker
 is *idle* or runs exactly one assignment; whenever a worker becomes idle the
 pool asks its source (the node) for an assignment that fits, so work is
-pulled, never pushed.
+pulled, never pushed. A `Launcher` starts the processes; the embedded hive
+has it start them before the node exists, and the pool adopts them.
 
     source.assign(fits) ──RUN──▶ worker ──DONE/FAIL──▶ sink.on_*
                                    │ └─fd 1/2, records──▶ taskoutput ──▶ sink.on_output
@@ -112,56 +113,51 @@ class WorkerProc:
         return self.route is not None and self.running is None and not self.retiring
 
 
-class Pool:
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        ctx: zmq.Context,
-        *,
-        node_name: str,
-        cpus: int,
-        gpus: list[str],
-        source: Source,
-        sink: Sink,
-        blobs: Mapping[bytes, bytes],
-        job_tag: Callable[[Any], int],
-        max_tasks_per_worker: int = 0,
-        memory_limit: int | None = None,
-        authkey: bytes | None = None,
-    ) -> None:
-        self.loop, self.node_name = loop, node_name
-        self.cpus, self.gpus = cpus, list(gpus)
-        self.source, self.sink, self.blobs = source, sink, blobs
-        self.job_tag = job_tag
-        self.max_tasks_per_worker, self.memory_limit = max_tasks_per_worker, memory_limit
-        self.authkey = authkey
+@dataclass(eq=False)
+class Launched:
+    """A worker process started, not yet watched by a pool."""
+
+    number: int
+    device: str | None
+    proc: subprocess.Popen
+    box_path: str
+    records: int  # the read end of its records pipe
+
+
+class Launcher:
+    """Starts a pool's worker processes: its directory, its workers' address.
+
+    Apart from the Pool so that workers can start before their pool does:
+    the embedded hive starts them first and imports and builds its node
+    while they boot (`prelaunch`). A worker that connects before the pool's
+    socket is bound is let in once it is (ZeroMQ dials again)."""
+
+    def __init__(self, node_name: str, gpus: list[str], authkey: bytes | None) -> None:
+        self.node_name, self.gpus, self.authkey = node_name, list(gpus), authkey
         self.dir = tempfile.mkdtemp(prefix="hived-pool-")
-        sock = ctx.socket(zmq.ROUTER)
-        sock.linger = 0
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.address = f"ipc://{self.dir}/workers.sock"
-        sock.bind(self.address)
-        self.channel = Channel(loop, sock, self._on_frames)
-        self.workers: dict[int, WorkerProc] = {}
-        self.by_route: dict[bytes, WorkerProc] = {}
         self._numbers = iter(range(1, 1 << 62))
-        self.closing = False
-        self.holding = False  # draining: running tasks finish, no new one starts
-        self.on_idle: Callable[[], None] | None = None  # called when idle workers found no work
-        self.items_done = 0
-        self.worker_crashes = 0  # workers that died other than by the pool's own hand
-        self._all_exited = asyncio.Event()
-        self.ready = asyncio.Event()  # every worker started so far has said READY
+        self.early: list[Launched] = []  # started by prelaunch, for the pool to adopt
 
-    # -- lifecycle -------------------------------------------------------------
+    def prelaunch(self, cpus: int) -> None:
+        """Start a pool's first workers now: one per CPU slot and one per GPU."""
+        for device in [None] * cpus + self.gpus:
+            self.early.append(self.launch(device))
 
-    def start(self) -> None:
-        for _ in range(self.cpus):
-            self._spawn(None)
-        for device in self.gpus:
-            self._spawn(device)
+    def abandon(self) -> None:
+        """No pool will adopt the early workers: kill them and remove the directory."""
+        for launched in self.early:
+            launched.proc.kill()
+            launched.proc.wait()
+            launched.proc.stdout.close()
+            launched.proc.stderr.close()
+            os.close(launched.records)
+        self.early.clear()
+        for name in os.listdir(self.dir):
+            os.unlink(os.path.join(self.dir, name))
+        os.rmdir(self.dir)
 
-    def _spawn(self, device: str | None) -> None:
+    def launch(self, device: str | None) -> Launched:
         number = next(self._numbers)
         box_path = os.path.join(self.dir, f"worker-{number}.box")
         with open(box_path, "wb") as f:
@@ -197,8 +193,69 @@ class Pool:
             raise
         finally:
             os.close(records_end)  # the worker's now; ours would keep the pipe open after it
-        worker = WorkerProc(number, device, proc, box_path)
-        self.workers[number] = worker
+        return Launched(number, device, proc, box_path, records)
+
+
+class Pool:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        ctx: zmq.Context,
+        *,
+        node_name: str,
+        cpus: int,
+        gpus: list[str],
+        source: Source,
+        sink: Sink,
+        blobs: Mapping[bytes, bytes],
+        job_tag: Callable[[Any], int],
+        max_tasks_per_worker: int = 0,
+        memory_limit: int | None = None,
+        authkey: bytes | None = None,
+        launcher: Launcher | None = None,
+    ) -> None:
+        self.loop, self.node_name = loop, node_name
+        self.cpus, self.gpus = cpus, list(gpus)
+        self.source, self.sink, self.blobs = source, sink, blobs
+        self.job_tag = job_tag
+        self.max_tasks_per_worker, self.memory_limit = max_tasks_per_worker, memory_limit
+        self.launcher = launcher or Launcher(node_name, gpus, authkey)
+        self.dir = self.launcher.dir
+        sock = ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.address = self.launcher.address
+        sock.bind(self.address)
+        self.channel = Channel(loop, sock, self._on_frames)
+        self.workers: dict[int, WorkerProc] = {}
+        self.by_route: dict[bytes, WorkerProc] = {}
+        self.closing = False
+        self.holding = False  # draining: running tasks finish, no new one starts
+        self.on_idle: Callable[[], None] | None = None  # called when idle workers found no work
+        self.items_done = 0
+        self.worker_crashes = 0  # workers that died other than by the pool's own hand
+        self._all_exited = asyncio.Event()
+        self.ready = asyncio.Event()  # every worker started so far has said READY
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        early, self.launcher.early = self.launcher.early, []
+        for launched in early:
+            self._adopt(launched)
+        for _ in range(self.cpus - sum(1 for w in early if w.device is None)):
+            self._spawn(None)
+        for device in self.gpus[sum(1 for w in early if w.device is not None):]:
+            self._spawn(device)
+
+    def _spawn(self, device: str | None) -> None:
+        self._adopt(self.launcher.launch(device))
+
+    def _adopt(self, launched: Launched) -> None:
+        """Watch a started worker's pipes and exit on this pool's loop."""
+        proc, records = launched.proc, launched.records
+        worker = WorkerProc(launched.number, launched.device, proc, launched.box_path)
+        self.workers[launched.number] = worker
         now = self.loop.time()
         for stream, fd, reader in ((1, proc.stdout.fileno(), Lines(1, now)),
                                    (2, proc.stderr.fileno(), Lines(2, now)),

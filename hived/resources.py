@@ -39,8 +39,6 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-import psutil
-
 from hived.config import parse_memory_limit
 from hived.errors import ConfigError
 
@@ -98,6 +96,8 @@ def _ratio(quota: str, period: str) -> float:
 
 def total_memory(proc_root: str = PROC_ROOT, cgroup_root: str = CGROUP_ROOT) -> int:
     """Bytes of memory this process's cgroup may use: min(physical, cgroup limit)."""
+    import psutil  # here: a client that never asks the memory does without it
+
     total = psutil.virtual_memory().total
     limit = cgroup_memory_limit(proc_root, cgroup_root)
     return min(total, limit) if limit is not None else total

@@ -113,6 +113,23 @@ class Message:
         """What is wrong across this message's fields, or None (override it)."""
         return None
 
+    # What dataclass would generate, written once here: generating them for
+    # every message class cost more than a third of importing the messages.
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name, _, _ in self._checks)
+        return f"{type(self).__qualname__}({shown})"
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name, _, _ in self._checks)
+
 
 _REGISTRY: dict[bytes, type[Message]] = {}
 M = TypeVar("M", bound=type)
@@ -132,7 +149,7 @@ def message(type_name: bytes, since: int = 0):
                 f"message type {type_name!r} of minor {since} is newer than this protocol "
                 f"({PROTOCOL_MAJOR}.{PROTOCOL_MINOR})"
             )
-        cls = dataclasses.dataclass(frozen=True, slots=True)(cls)
+        cls = dataclasses.dataclass(frozen=True, slots=True, repr=False, eq=False)(cls)
         cls.TYPE = type_name
         cls._prefix = VERSION + b" " + type_name + b"\n"
         hints = typing.get_type_hints(cls, include_extras=True)

@@ -146,6 +146,9 @@ class Worker:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.linger = 0
+        # A worker may start before its pool binds (Launcher.prelaunch): dial
+        # again soon, not after ZeroMQ's default 100 ms.
+        self.sock.reconnect_ivl = 5
         self.sock.connect(address)
         self.number, self.where = number, where
         self.functions: dict[bytes, Any] = {}

@@ -23,6 +23,7 @@ import struct
 import sys
 import termios
 import threading
+import time
 import tracemalloc
 from collections.abc import Iterator
 
@@ -34,7 +35,14 @@ from tasks import nap, nap_then
 import hived
 import hived.progress
 from hived.control import AddChunk
-from hived.mapping import MAX_UNSIZED_CHUNK, TARGET_CHUNK_SECONDS, WINDOW_BUFFER, ChunkSizer
+from hived.mapping import (
+    LONG_TASK_SECONDS,
+    MAX_UNSIZED_CHUNK,
+    TARGET_CHUNK_SECONDS,
+    WINDOW_BUFFER,
+    ChunkSizer,
+    heuristic_chunksize,
+)
 from hived.wire import decode
 
 # -- task functions ---------------------------------------------------------------------
@@ -62,6 +70,11 @@ def chatty(x):
 
 
 def pid_of(_):
+    return os.getpid()
+
+
+def nap_then_pid(seconds):
+    time.sleep(seconds)
     return os.getpid()
 
 
@@ -135,30 +148,69 @@ def test_explicit_chunksize_is_used(hive, monkeypatch):
 
 
 def test_chunk_sizer():
-    # A fixed size is a fixed size.
-    assert ChunkSizer(7, slots=2, total=100).next_size() == 7
-    # Unsized: one item per chunk until a result tells what an item costs.
+    # A fixed size is a fixed size, and no probing.
+    sizer = ChunkSizer(7, slots=2, total=100)
+    assert sizer.next_size() == 7 and not sizer.probing
+    # Before any result: one-item probes.
     sizer = ChunkSizer(None, slots=2, total=20_000)
-    assert sizer.next_size() == 1
-    # Tiny tasks: batched up to a quarter of the items per slot.
-    sizer.learn(10, 10e-6)
-    assert sizer.next_size() == 2500 == 20_000 // (4 * 2)
+    assert sizer.probing and sizer.next_size() == 1
+    # Tiny tasks: straight to multiprocessing's heuristic, four chunks per slot.
+    sizer.learn(1, 2e-6)
+    assert not sizer.probing
+    assert sizer.next_size() == 2500 == heuristic_chunksize(20_000, 2)
+    # ... rounded up as multiprocessing rounds it.
+    sizer = ChunkSizer(None, slots=2, total=20_001)
+    sizer.learn(2, 0.0)
+    assert sizer.next_size() == 2501 == heuristic_chunksize(20_001, 2)
     # Tasks of a tenth of TARGET_CHUNK_SECONDS (a bit more) each: ten to a chunk.
     sizer = ChunkSizer(None, slots=2, total=20_000)
     sizer.learn(4, 4 * TARGET_CHUNK_SECONDS / 10.5)
     assert sizer.next_size() == 10
-    # Long tasks are never batched.
+    # Long tasks are never batched, from LONG_TASK_SECONDS on.
+    for seconds in (LONG_TASK_SECONDS, 0.5, 60.0):
+        sizer = ChunkSizer(None, slots=2, total=20_000)
+        sizer.learn(3, 3 * seconds)
+        assert sizer.next_size() == 1
+    # One slow item among fast ones: the mean of what was measured.
     sizer = ChunkSizer(None, slots=2, total=20_000)
-    sizer.learn(3, 1.5)
-    assert sizer.next_size() == 1
-    # Unknown length: a fixed cap.
+    sizer.learn(1, 1.0)
+    sizer.learn(2500, 0.001)
+    assert sizer.next_size() == int(TARGET_CHUNK_SECONDS / (1.001 / 2501))
+    # Unknown length (a generator): a fixed cap, so what is read ahead stays bounded.
     sizer = ChunkSizer(None, slots=2, total=None)
+    assert sizer.next_size() == 1
     sizer.learn(100, 0.0)
     assert sizer.next_size() == MAX_UNSIZED_CHUNK
     # A short input is spread over the slots, a chunk per slot at least.
     sizer = ChunkSizer(None, slots=2, total=6)
     sizer.learn(3, 0.0)
     assert sizer.next_size() == 1
+
+
+def test_long_tasks_go_one_per_chunk_over_both_workers(monkeypatch):
+    h = hived.connect("embedded", cpus=2)
+    try:
+        wait_workers_ready(h)
+        counts = count_chunks(h, monkeypatch)
+        pids = list(h.map(nap_then_pid, [LONG_TASK_SECONDS * 3] * 12))
+        assert counts == [1] * 12  # the probes, and every chunk after them
+        assert len(set(pids)) == 2
+    finally:
+        h.shutdown()
+
+
+def test_a_sized_map_of_tiny_tasks_goes_in_multiprocessing_chunks(hive, monkeypatch):
+    # The workers' own timings would make the sizes depend on this machine's
+    # load (a probe preempted looks long): each item reports a microsecond.
+    learn = ChunkSizer.learn
+    monkeypatch.setattr(ChunkSizer, "learn", lambda self, count, elapsed: learn(self, count, count * 1e-6))
+    counts = count_chunks(hive, monkeypatch)
+    assert list(hive.map(square, list(range(20_000)))) == [x * x for x in range(20_000)]
+    probes = counts[: hive.slots]
+    assert probes == [1] * hive.slots
+    rest = counts[hive.slots :]
+    assert set(rest[:-1]) == {heuristic_chunksize(20_000, hive.slots)}  # the last holds what is left
+    assert sum(counts) == 20_000
 
 
 def test_unsized_map_batches_twenty_thousand_tiny_tasks(hive, monkeypatch):
@@ -508,3 +560,31 @@ def test_normal_use_logs_nothing_at_warning_or_above(caplog) -> None:
     loud = [f"{r.levelname} {r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.WARNING]
     assert not loud
     assert any("was stopped" in r.getMessage() for r in caplog.records)  # INFO, but said
+
+
+# -- start-up -------------------------------------------------------------------------
+
+
+def test_embedded_workers_start_before_the_node_and_go_if_it_fails(monkeypatch):
+    import hived.node
+    import hived.pool
+
+    launched: list[hived.pool.Launcher] = []
+    real_prelaunch = hived.pool.Launcher.prelaunch
+
+    def prelaunch(self, cpus):
+        real_prelaunch(self, cpus)
+        launched.append(self)
+
+    def broken_start(self):
+        raise RuntimeError("the node could not start")
+
+    monkeypatch.setattr(hived.pool.Launcher, "prelaunch", prelaunch)
+    monkeypatch.setattr(hived.node.Node, "start", broken_start)
+    before = worker_pids()
+    with pytest.raises(hived.HiveError, match="the embedded hive did not start: the node could not start"):
+        hived.connect("embedded", cpus=2)
+    (launcher,) = launched
+    assert not launcher.early
+    assert not os.path.exists(launcher.dir)  # its sockets and black boxes gone with it
+    assert worker_pids() == before  # the two early workers were killed and reaped
