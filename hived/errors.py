@@ -1,9 +1,22 @@
 """Every error hived raises, in one place.
 
-User-facing errors derive from `HiveError`. Protocol errors follow h11's split:
-`LocalProtocolError` means our own caller misused us, `RemoteProtocolError`
-means a peer sent something malformed or hostile; the latter is logged with the
-peer's name and the peer is dropped, never allowed to crash the daemon.
+What each class means:
+
+* `HiveError` and its subclasses are for users: what `except HiveError`
+  catches is something that happened to their work or their setup (a
+  crash, a timeout, no daemon, a bad config), never a bug of hived's.
+* `RemoteProtocolError`: a peer or a node sent something malformed or
+  hostile. A node logs it with the peer's name and drops the message (or
+  the peer), never letting it crash the daemon; a client fails the call it
+  concerns with it.
+* `LocalProtocolError`: a client asked the node's job book for something
+  the job's state does not allow (a chunk for a job that is not open, a
+  repeat chunk). The node refuses that job (kind "invalid"), which the
+  client raises as a `HiveError`; nothing else is disturbed.
+* `InternalError`: hived's own code broke one of its rules (an illegal
+  state move, a broken invariant, a message type registered twice, a core
+  built with settings its caller should have checked). Not a `HiveError`:
+  a user's `except HiveError` does not hide it. It is a bug to report.
 """
 
 from __future__ import annotations
@@ -64,7 +77,15 @@ class ConfigError(HiveError):
 
 
 class LocalProtocolError(HiveError):
-    """Our caller asked a protocol core for something it cannot do in its state."""
+    """A client asked for something its job's state does not allow; the node
+    refuses the job (kind "invalid") (see the module docstring)."""
+
+
+class InternalError(Exception):
+    """hived's own code broke one of its rules: a bug, never the user's doing.
+
+    Deliberately not a `HiveError`, so that `except HiveError` does not
+    swallow it."""
 
 
 class RemoteProtocolError(HiveError):
@@ -91,3 +112,4 @@ class NewerMinorType(RemoteProtocolError):
     def __init__(self, type_name: bytes, text: str) -> None:
         super().__init__(text)
         self.type_name = type_name
+

@@ -72,7 +72,7 @@ import math
 import random
 from dataclasses import dataclass, replace
 
-from hived.errors import LocalProtocolError, RemoteProtocolError
+from hived.errors import InternalError, RemoteProtocolError
 from hived.gossip import (
     BEAT_VARIANTS,
     MAX_GOSSIP,
@@ -172,12 +172,12 @@ class Membership:
     ) -> None:
         suspect_after = 2 * heartbeat if suspect_after is None else suspect_after
         if not 0 < heartbeat < suspect_after < dead_after:
-            raise LocalProtocolError(
+            raise InternalError(
                 "membership needs 0 < heartbeat < suspect_after < dead_after, got "
                 f"{heartbeat}, {suspect_after}, {dead_after}"
             )
         if self_info.state not in NODE_STATES:
-            raise LocalProtocolError(
+            raise InternalError(
                 f"node state must be alive or draining, got {self_info.state!r}"
             )
         self._info = self_info
@@ -262,7 +262,7 @@ class Membership:
     ) -> None:
         """Change what the next heartbeats say about this node."""
         if state is not None and state not in NODE_STATES:
-            raise LocalProtocolError(f"node state must be alive or draining, got {state!r}")
+            raise InternalError(f"node state must be alive or draining, got {state!r}")
         changes = {
             k: v
             for k, v in (
@@ -317,7 +317,7 @@ class Membership:
         """Feed one decoded membership message from the peer at `sender`."""
         handler = _HANDLERS.get(type(msg))
         if handler is None:
-            raise LocalProtocolError(
+            raise InternalError(
                 f"membership got a {type(msg).__name__}, not one of its messages"
             )
         if self._stopped:
@@ -344,10 +344,10 @@ class Membership:
     # -- invariants --------------------------------------------------------
 
     def validate(self) -> None:
-        """Check the peer table's invariants; raise LocalProtocolError with the story."""
+        """Check the peer table's invariants; raise InternalError with the story."""
         problems = self._peers.problems(self._info.name)
         if problems:
-            raise LocalProtocolError(
+            raise InternalError(
                 f"membership of {self._info.name} broke invariants: {'; '.join(problems)}\n"
                 + self.story.format(50)
             )

@@ -38,7 +38,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from hived.errors import LocalProtocolError
+from hived.errors import InternalError, LocalProtocolError
 
 JobKey = tuple[bytes, int]  # (client id, job number within that client)
 # The most items one chunk may hold: the book keeps a byte per item of a
@@ -230,7 +230,7 @@ class Owner:
             return None
         job, rng = entry
         if not (rng.start <= start < stop <= rng.stop):
-            raise LocalProtocolError(
+            raise InternalError(
                 f"assignment {aid} covers [{rng.start}, {rng.stop}), not [{start}, {stop})"
             )
         if final:
@@ -394,10 +394,10 @@ class Owner:
                     for i in range(rng.start, rng.stop):
                         if not chunk.delivered[i]:
                             if cover[i] > 1:
-                                raise LocalProtocolError(f"item {i} of chunk {chunk.number} twice")
+                                raise InternalError(f"item {i} of chunk {chunk.number} twice")
                             cover[i] += 2
                 missing = [i for i, c in enumerate(cover) if c == 0]
                 if missing:
-                    raise LocalProtocolError(
+                    raise InternalError(
                         f"items {missing[:5]} of chunk {chunk.number} are nowhere"
                     )

@@ -13,7 +13,7 @@ from simnet import SIM_SETTINGS, Faults, SimNet, fault_schedules
 
 from hived import membership as mb
 from hived import peers
-from hived.errors import LocalProtocolError, RemoteProtocolError
+from hived.errors import InternalError, RemoteProtocolError
 from hived.gossip import BEAT_VARIANTS, Beat, Hello, Leave, NodeInfo
 from hived.wire import decode, encode
 
@@ -260,7 +260,7 @@ def test_draining_shows_in_the_view():
     ]
     view = a.member("b")
     assert (view.state, view.slots_free, view.load) == ("draining", 0, 3.5)
-    with pytest.raises(LocalProtocolError, match="alive or draining"):
+    with pytest.raises(InternalError, match="alive or draining"):
         b.update(state="asleep")
 
 
@@ -293,11 +293,11 @@ def test_a_peer_claiming_our_name_is_refused():
 
 
 def test_misuse_raises_local_protocol_error():
-    with pytest.raises(LocalProtocolError, match="dead -> suspect for peer 'b'"):
+    with pytest.raises(InternalError, match="dead -> suspect for peer 'b'"):
         peers.check_move(peers.DEAD, peers.SUSPECT, "b", 3)
-    with pytest.raises(LocalProtocolError, match="not one of its messages"):
+    with pytest.raises(InternalError, match="not one of its messages"):
         node("a").handle(addr("b"), mb.Send("x", beat("b")), 0.0)  # type: ignore[arg-type]
-    with pytest.raises(LocalProtocolError, match="heartbeat < suspect_after < dead_after"):
+    with pytest.raises(InternalError, match="heartbeat < suspect_after < dead_after"):
         mb.Membership(node("a").info, [], 1.0, 1.5, 0.0, random.Random())
 
 
