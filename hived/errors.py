@@ -1,4 +1,4 @@
-"""Every error hived raises, in one place.
+"""Every error hived raises, in one place, and the error kinds a node sends.
 
 What each class means:
 
@@ -11,12 +11,16 @@ What each class means:
   concerns with it.
 * `LocalProtocolError`: a client asked the node's job book for something
   the job's state does not allow (a chunk for a job that is not open, a
-  repeat chunk). The node refuses that job (kind "invalid"), which the
+  repeat chunk). The node refuses that job (kind INVALID), which the
   client raises as a `HiveError`; nothing else is disturbed.
 * `InternalError`: hived's own code broke one of its rules (an illegal
   state move, a broken invariant, a message type registered twice, a core
   built with settings its caller should have checked). Not a `HiveError`:
   a user's `except HiveError` does not hide it. It is a bug to report.
+
+A node says why it failed items (C.ERROR) or refused a job (C.JOBERR) with
+one of the error kinds at the end of this module; `error_type` is the one
+place that turns a kind into the exception the caller gets.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ class ConfigError(HiveError):
 
 class LocalProtocolError(HiveError):
     """A client asked for something its job's state does not allow; the node
-    refuses the job (kind "invalid") (see the module docstring)."""
+    refuses the job with kind INVALID (see the module docstring)."""
 
 
 class InternalError(Exception):
@@ -113,3 +117,27 @@ class NewerMinorType(RemoteProtocolError):
         super().__init__(text)
         self.type_name = type_name
 
+
+# The error kinds a node sends in C.ERROR and C.JOBERR (their `kind` field).
+CRASHED = "crashed"  # the worker running the items died on every try
+SERIALIZATION = "serialization"  # the function or an argument would not unpickle
+UNAVAILABLE = "unavailable"  # no node of the hive can run the job (or it was lost)
+CANCELLED = "cancelled"  # an operator cancelled the job (`hivectl cancel`)
+INVALID = "invalid"  # the job's request broke the protocol
+UNKNOWN_BLOB = "unknown-blob"  # the node lacks the job's function: send it along
+STOPPED = "stopped"  # the node stops or drains: take the job to another
+SHUTDOWN = "shutdown"  # the client's own: its hive was shut down mid-map
+ERROR_KINDS = (CRASHED, SERIALIZATION, UNAVAILABLE, CANCELLED, INVALID, UNKNOWN_BLOB, STOPPED, SHUTDOWN)
+
+_ERROR_TYPES: dict[str, type[HiveError]] = {
+    CRASHED: WorkerCrashed,
+    SERIALIZATION: SerializationError,
+    UNAVAILABLE: HiveUnavailable,
+    CANCELLED: JobCancelled,
+}
+
+
+def error_type(kind: str) -> type[HiveError]:
+    """The exception a node's error `kind` becomes in the caller: `HiveError`
+    for a kind with no class of its own, or one this release does not know."""
+    return _ERROR_TYPES.get(kind, HiveError)

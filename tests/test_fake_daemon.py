@@ -43,7 +43,7 @@ from hived.control import (
     Unwelcome,
     Welcome,
 )
-from hived.errors import HiveError, RemoteProtocolError
+from hived.errors import UNKNOWN_BLOB, HiveError, RemoteProtocolError
 from hived.wire import encode
 
 # A fake that never answers the job: the caller's 4 s, then the link's
@@ -175,7 +175,7 @@ def test_unknown_blob_for_ever_is_answered_once(fake) -> None:
     def refuse(fake: FakeDaemon, client: bytes, msg: Any, payload: list[Any]) -> None:
         welcome(fake, client, msg, payload)
         if isinstance(msg, (Call, OpenJob)):
-            fake.send(client, JobRefused(msg.job, "unknown-blob", "no such function"))
+            fake.send(client, JobRefused(msg.job, UNKNOWN_BLOB, "no such function"))
 
     daemon = fake(refuse)
     outcome, took = submit_abs(daemon.address)
