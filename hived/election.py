@@ -94,6 +94,7 @@ import math
 import random
 from dataclasses import dataclass
 
+from hived.config import DEFAULT_LEASE
 from hived.errors import InternalError, RemoteProtocolError
 from hived.fields import MAX_TERM, Address, Name, RoundId, Seconds, Term
 from hived.sansio import Send, Story
@@ -262,7 +263,7 @@ class Election:
         now: float,
         rng: random.Random,
         *,
-        lease: float = 2.0,
+        lease: float = DEFAULT_LEASE,
         max_drift: float = 0.01,
         min_margin: float = 0.01,
         initial_term: int = 0,

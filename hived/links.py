@@ -33,6 +33,7 @@ from typing import Any
 
 import zmq
 
+from hived.config import DEFAULT_HEARTBEAT
 from hived.control import EMBEDDED_CLIENT, LINK_TIMEOUT, Ping, Pong
 from hived.errors import HiveError
 from hived.node import Node, NodeSettings
@@ -56,7 +57,7 @@ class SocketLink:
         on_frames: OnFrames,
         *,
         on_lost: Callable[[str], None] = lambda reason: None,
-        heartbeat: float = 0.5,
+        heartbeat: float = DEFAULT_HEARTBEAT,
         timeout: float = LINK_TIMEOUT,
         curve: Callable[[zmq.Socket], None] | None = None,
     ) -> None:

@@ -37,6 +37,7 @@ from typing import Any
 import zmq
 
 from hived import __version__
+from hived.config import DEFAULT_DEAD_AFTER, DEFAULT_DRAIN_TIMEOUT, DEFAULT_HEARTBEAT, DEFAULT_LEASE
 from hived.control import (
     LINK_TIMEOUT,
     MAX_NODES,
@@ -106,15 +107,15 @@ class NodeSettings:
     control: str | None = None  # None: in-process clients only (embedded)
     max_tasks_per_worker: int = 0
     memory_limit: int | None = None
-    heartbeat: float = 0.5
+    heartbeat: float = DEFAULT_HEARTBEAT
     client_timeout: float = LINK_TIMEOUT  # a client silent this long is gone
-    drain_timeout: float = 30.0
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     # The mesh (None: a node of its own, as the embedded one is)
     bind: str | None = None
     advertise: str | None = None
     seeds: list[str] = field(default_factory=list)
-    dead_after: float = 3.0
-    lease: float = 2.0
+    dead_after: float = DEFAULT_DEAD_AFTER
+    lease: float = DEFAULT_LEASE
     data_dir: str | None = None
     key: ClusterKey | None = None  # CURVE on every TCP socket when set
     # The embedded node's: its caller's multiprocessing authkey, so that the

@@ -14,11 +14,12 @@ from hypothesis import strategies as st
 from simnet import SIM_SETTINGS, Faults, InvariantViolation, SimNet, fault_schedules
 
 from hived import election as el
+from hived.config import DEFAULT_HEARTBEAT, DEFAULT_LEASE
 from hived.errors import InternalError, RemoteProtocolError
 from hived.sansio import Send
 from hived.wire import decode, encode
 
-LEASE, HEARTBEAT = 2.0, 0.5
+LEASE, HEARTBEAT = DEFAULT_LEASE, DEFAULT_HEARTBEAT
 HOLD = LEASE - (LEASE * 0.01 + 0.01)
 FAILOVER = 2 * LEASE + HEARTBEAT  # the DESIGN.md target for a new agreed coordinator
 A, B, C = "tcp://a:7700", "tcp://b:7700", "tcp://c:7700"

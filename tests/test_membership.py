@@ -13,11 +13,12 @@ from simnet import SIM_SETTINGS, Faults, SimNet, fault_schedules
 
 from hived import membership as mb
 from hived import peers
+from hived.config import DEFAULT_DEAD_AFTER, DEFAULT_HEARTBEAT
 from hived.errors import InternalError, RemoteProtocolError
 from hived.gossip import BEAT_VARIANTS, Beat, Hello, Leave, NodeInfo
 from hived.wire import decode, encode
 
-H, DEAD = 0.5, 3.0
+H, DEAD = DEFAULT_HEARTBEAT, DEFAULT_DEAD_AFTER
 GRAIN = H / 4  # thresholds are checked on a quarter-heartbeat wheel
 
 
