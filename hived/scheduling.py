@@ -44,7 +44,11 @@ JobKey = tuple[bytes, int]  # (client id, job number within that client)
 # The most items one chunk may hold: the book keeps a byte per item of a
 # chunk, so a client's count is bounded before it is believed.
 MAX_CHUNK_ITEMS = 1 << 24
-SOMEWHERE = -2  # a worker died in a range, at an item it did not record
+# Where a worker was when it died, besides an item's index: the worker keeps
+# one of these in its black box, and RANGE LOST carries one across the mesh.
+BETWEEN = -1  # not running any range (never on the wire)
+SOMEWHERE = -2  # in a range, at an item not recorded (the fast path, or unpickling)
+NOT_STARTED = -3  # before the range's first item (on the wire: a node refused the range)
 
 
 @dataclass(frozen=True, slots=True)
