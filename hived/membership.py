@@ -78,9 +78,9 @@ from hived.gossip import (
     MAX_GOSSIP,
     NODE_STATES,
     Beat,
-    Hello,
     Leave,
     NodeInfo,
+    PeerHello,
     new_beats,
     new_hello,
 )
@@ -205,7 +205,7 @@ class Membership:
         self._next_beat = now + heartbeat * rng.random()
         self._live: list[Peer] = []  # see _live_view
         self._live_built = -math.inf
-        self._hellos: dict[bool, list[Hello]] = {}  # see _hello
+        self._hellos: dict[bool, list[PeerHello]] = {}  # see _hello
         self._hello_turn = 0
         self.story.add(now, "start", f"incarnation={self_info.incarnation} seeds={self._seeds}")
 
@@ -354,7 +354,7 @@ class Membership:
 
     # -- handlers ----------------------------------------------------------
 
-    def _on_hello(self, sender: str, m: Hello, now: float, out: list[Action]) -> None:
+    def _on_hello(self, sender: str, m: PeerHello, now: float, out: list[Action]) -> None:
         if m.address != sender:
             raise RemoteProtocolError(
                 f"HELLO from {sender} gives the address {m.address}; "
@@ -443,7 +443,7 @@ class Membership:
 
     # -- internals ---------------------------------------------------------
 
-    def _confirm(self, m: Hello, pending: Peer | None, now: float, out: list[Action]) -> Peer:
+    def _confirm(self, m: PeerHello, pending: Peer | None, now: float, out: list[Action]) -> Peer:
         """Make a member of a node that introduced itself."""
         if pending is not None:  # hearsay confirmed: the record is rebuilt from the HELLO
             self._peers.drop(pending, now)
@@ -462,17 +462,17 @@ class Membership:
         out.append(PeerJoined(self._view(p)))
         return p
 
-    def _update(self, p: Peer, m: Hello | Beat, now: float, out: list[Action]) -> None:
+    def _update(self, p: Peer, m: PeerHello | Beat, now: float, out: list[Action]) -> None:
         p.last_heard = now
         p.tasks_done = m.tasks_done
         if p.status == ALIVE and p.state == m.state:  # the common case: a routine BEAT
             p.slots_free, p.load = m.slots_free, m.load
-            if isinstance(m, Hello):
+            if isinstance(m, PeerHello):
                 p.version, p.cpus, p.gpus = m.version, m.cpus, m.gpus
             return
         before = p.view_state()
         p.slots_free, p.load, p.state = m.slots_free, m.load, m.state
-        if isinstance(m, Hello):
+        if isinstance(m, PeerHello):
             p.version, p.cpus, p.gpus = m.version, m.cpus, m.gpus
         p.last_heard = now
         if p.status != ALIVE:
@@ -498,7 +498,7 @@ class Membership:
             p.term = term
             out.append(TermSeen(p.address, term))
 
-    def _gossip(self, m: Hello | Beat, sender: str, now: float, out: list[Action]) -> None:
+    def _gossip(self, m: PeerHello | Beat, sender: str, now: float, out: list[Action]) -> None:
         peers = self._peers.by_name
         names, addresses, incs = m.names, m.addresses, m.incarnations
         for i in range(len(names)):
@@ -634,7 +634,7 @@ class Membership:
         m = len(variants)
         out.extend(Send(p.address, variants[i % m]) for i, p in enumerate(live))
 
-    def _hello(self, reply: bool, now: float) -> Hello:
+    def _hello(self, reply: bool, now: float) -> PeerHello:
         """Our HELLO. Like BEATs, a few variants (each with its own gossip
         sample) are built per timer grain and dealt out in turn."""
         live = self._live_view(now)
@@ -675,4 +675,4 @@ def _by_name(p: Peer) -> str:
     return p.name
 
 
-_HANDLERS = {Hello: Membership._on_hello, Beat: Membership._on_beat, Leave: Membership._on_leave}
+_HANDLERS = {PeerHello: Membership._on_hello, Beat: Membership._on_beat, Leave: Membership._on_leave}
