@@ -48,7 +48,7 @@ MAX_CHUNK_ITEMS = 1 << 24
 # one of these in its black box, and RANGE LOST carries one across the mesh.
 BETWEEN = -1  # not running any range (never on the wire)
 SOMEWHERE = -2  # in a range, at an item not recorded (the fast path, or unpickling)
-NOT_STARTED = -3  # before the range's first item (on the wire: a node refused the range)
+NOT_STARTED = -3  # on the wire for None: no item at fault (a range refused, or lost without a crash)
 
 
 @dataclass(frozen=True, slots=True)
