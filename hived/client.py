@@ -51,7 +51,17 @@ from hived.control import (
     Unwelcome,
     Welcome,
 )
-from hived.errors import HiveError, HiveUnavailable, RemoteProtocolError, SerializationError
+from hived.errors import (
+    SHUTDOWN,
+    STOPPED,
+    UNAVAILABLE,
+    UNKNOWN_BLOB,
+    HiveError,
+    HiveUnavailable,
+    RemoteProtocolError,
+    SerializationError,
+    error_type,
+)
 from hived.failover import (
     EMBEDDED,
     RECONNECT_TIMEOUT,
@@ -64,7 +74,6 @@ from hived.failover import (
 from hived.greeting import CONNECT_TIMEOUT, Greeting, Tried, greet_any
 from hived.links import EmbeddedLink, SocketLink
 from hived.mapping import (
-    FAILURE_TYPES,
     MapStream,
     check_range,
     lacks_function_again,
@@ -234,7 +243,7 @@ class Hive(concurrent.futures.Executor):
                           "of this client's (it restarted, or took this client for gone)")
         elif isinstance(msg, Nodes):
             self.book.learn(msg.nodes)
-        elif isinstance(msg, JobRefused) and msg.kind == "stopped":
+        elif isinstance(msg, JobRefused) and msg.kind == STOPPED:
             self._on_lost(greeting, f"{msg.text} (at {greeting.address})")
         elif isinstance(msg, Output):
             # (An embedded hive's workers are this process's own children,
@@ -321,7 +330,7 @@ class Hive(concurrent.futures.Executor):
             self._lost, self._moving = text, False
         log.info("%s; its jobs are lost", text)  # each call raises it
         for stream in list(self._streams.values()):
-            stream.deliver(JobRefused(stream.job, "unavailable", f"{text}; this job is lost"), [])
+            stream.deliver(JobRefused(stream.job, UNAVAILABLE, f"{text}; this job is lost"), [])
         self._dispatch()  # what was still queued here fails too
 
     # -- jobs -----------------------------------------------------------------
@@ -444,7 +453,7 @@ class Hive(concurrent.futures.Executor):
         for single in out:
             if self._lost is not None:
                 lost = f"{self._lost}; this call is lost"
-                single.deliver(JobRefused(single.job, "unavailable", lost), [])
+                single.deliver(JobRefused(single.job, UNAVAILABLE, lost), [])
             else:
                 single.send(force_blob=False)
 
@@ -466,7 +475,7 @@ class Hive(concurrent.futures.Executor):
         # lazily, so what they have not sent yet cannot complete).
         for stream in list(self._streams.values()):
             if isinstance(stream, MapStream):
-                stream.deliver(JobRefused(stream.job, "shutdown", _SHUT_DOWN), [])
+                stream.deliver(JobRefused(stream.job, SHUTDOWN, _SHUT_DOWN), [])
         if wait:
             self._finish()
         else:
@@ -577,11 +586,11 @@ class _Single:
                 future.set_result(raise_for(value))
             elif isinstance(msg, ItemsFailed):
                 self.call = None
-                future.set_exception(FAILURE_TYPES.get(msg.kind, HiveError)(msg.text))
+                future.set_exception(error_type(msg.kind)(msg.text))
             elif isinstance(msg, JobRefused):
-                if msg.kind != "unknown-blob":
+                if msg.kind != UNKNOWN_BLOB:
                     self.call = None
-                    future.set_exception(FAILURE_TYPES.get(msg.kind, HiveError)(msg.text))
+                    future.set_exception(error_type(msg.kind)(msg.text))
                 elif self.resent:
                     future.set_exception(lacks_function_again())
                 else:

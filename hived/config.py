@@ -62,6 +62,11 @@ else:  # pragma: no cover - exercised on 3.10 only
 DEFAULT_CONFIG_PATH = "/etc/hived/hived.toml"
 DEFAULT_BIND = "tcp://127.0.0.1:7700"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# The [timing] defaults, in seconds: every other default of these names is these.
+DEFAULT_HEARTBEAT = 0.5
+DEFAULT_DEAD_AFTER = 3.0
+DEFAULT_LEASE = 2.0
+DEFAULT_DRAIN_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -86,10 +91,10 @@ class PoolConfig:
 
 @dataclass(frozen=True)
 class TimingConfig:
-    heartbeat: float = 0.5
-    dead_after: float = 3.0
-    lease: float = 2.0
-    drain_timeout: float = 30.0
+    heartbeat: float = DEFAULT_HEARTBEAT
+    dead_after: float = DEFAULT_DEAD_AFTER
+    lease: float = DEFAULT_LEASE
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -307,10 +312,10 @@ def _defaults(environ: Mapping[str, str]) -> dict[str, Any]:
         "pool.gpus": "auto",
         "pool.max_tasks_per_worker": 0,
         "pool.memory_limit": "90%",
-        "timing.heartbeat": 0.5,
-        "timing.dead_after": 3.0,
-        "timing.lease": 2.0,
-        "timing.drain_timeout": 30.0,
+        "timing.heartbeat": DEFAULT_HEARTBEAT,
+        "timing.dead_after": DEFAULT_DEAD_AFTER,
+        "timing.lease": DEFAULT_LEASE,
+        "timing.drain_timeout": DEFAULT_DRAIN_TIMEOUT,
         "security.key_file": None,
         "security.insecure": False,
         "metrics.bind": None,

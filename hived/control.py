@@ -16,7 +16,7 @@ carry the same messages, so the node cannot tell them apart.
       ◀──────────────── NODES whenever the hive's nodes change
 
 A client takes its node as lost once it answers no PING for the node's
-`dead_after`, or once it refuses a job with kind "stopped" (it stops, or
+`dead_after`, or once it refuses a job with kind STOPPED (it stops, or
 drains); the client then greets another node (or the same one, back) and
 sends again what was not delivered (`hived.failover`).
 
@@ -200,15 +200,14 @@ class ItemsFailed(Message):
     chunk: int
     start: int
     stop: int
-    kind: str  # "crashed", "serialization", "unavailable"
+    kind: str  # CRASHED, SERIALIZATION or UNAVAILABLE (hived.errors)
     text: str
 
 
 @message(b"C.JOBERR")
 class JobRefused(Message):
     job: int
-    kind: str  # "unknown-blob", "invalid", "unavailable", "cancelled" (hivectl cancel),
-    # "stopped" (take it elsewhere)
+    kind: str  # UNKNOWN_BLOB, INVALID, UNAVAILABLE, CANCELLED or STOPPED (hived.errors)
     text: str
 
 

@@ -94,7 +94,8 @@ import math
 import random
 from dataclasses import dataclass
 
-from hived.errors import LocalProtocolError, RemoteProtocolError
+from hived.config import DEFAULT_LEASE
+from hived.errors import InternalError, RemoteProtocolError
 from hived.fields import MAX_TERM, Address, Name, RoundId, Seconds, Term
 from hived.sansio import Send, Story
 from hived.wire import Message, message
@@ -226,9 +227,9 @@ _MOVES = {
 
 
 def check_move(old: str, new: str, term: int) -> None:
-    """Raise LocalProtocolError unless `old -> new` is a legal election move."""
+    """Raise InternalError unless `old -> new` is a legal election move."""
     if (old, new) not in _MOVES:
-        raise LocalProtocolError(f"illegal election move {old} -> {new} in term {term}")
+        raise InternalError(f"illegal election move {old} -> {new} in term {term}")
 
 
 @dataclass(slots=True)
@@ -262,7 +263,7 @@ class Election:
         now: float,
         rng: random.Random,
         *,
-        lease: float = 2.0,
+        lease: float = DEFAULT_LEASE,
         max_drift: float = 0.01,
         min_margin: float = 0.01,
         initial_term: int = 0,
@@ -271,7 +272,7 @@ class Election:
     ) -> None:
         hold = lease - (lease * max_drift + min_margin)
         if not (lease > 0 and 0 <= max_drift < 1 and min_margin >= 0 and hold > 0):
-            raise LocalProtocolError(
+            raise InternalError(
                 f"lease {lease} leaves no time to hold it after the drift margin "
                 f"(max_drift {max_drift}, min_margin {min_margin})"
             )
@@ -471,7 +472,7 @@ class Election:
         """Feed one decoded election message from the node at `sender`."""
         handler = _HANDLERS.get(type(msg))
         if handler is None:
-            raise LocalProtocolError(
+            raise InternalError(
                 f"election got a {type(msg).__name__}, not one of its messages"
             )
         out, self._outbox = self._outbox, []
@@ -512,7 +513,7 @@ class Election:
     # -- invariants --------------------------------------------------------
 
     def validate(self) -> None:
-        """Check the invariants above; raise LocalProtocolError with the story."""
+        """Check the invariants above; raise InternalError with the story."""
         problems = []
         if self._state == COORDINATOR and self._lease_term < 1:
             problems.append("coordinator without a term")
@@ -529,7 +530,7 @@ class Election:
         if self._handed_over is not None and self._state == COORDINATOR:
             problems.append(f"coordinator again after resigning term {self._handed_over}")
         if problems:
-            raise LocalProtocolError(
+            raise InternalError(
                 f"election of {self.name} in state {self._state}, term {self._term}, broke "
                 f"invariants: {'; '.join(problems)}\n" + self.story.format(50)
             )

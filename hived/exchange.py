@@ -48,7 +48,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from hived.matchmaking import (
-    NOT_STARTED,
     HeldAsk,
     HeldTell,
     JobsAsk,
@@ -67,7 +66,7 @@ from hived.matchmaking import (
     RangeOutput,
     Want,
 )
-from hived.scheduling import Assignment, JobKey, Needs
+from hived.scheduling import NOT_STARTED, Assignment, JobKey, Needs
 from hived.serialization import function_digest
 from hived.taskoutput import Piece
 from hived.wire import Message, frame_bytes

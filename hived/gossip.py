@@ -62,7 +62,7 @@ State = Annotated[str, Rule("alive or draining", lambda v: v in NODE_STATES)]
 Version = Annotated[str, Rule("a version of at most 64 characters", lambda v: len(v) <= 64)]
 
 
-def _sample_problem(m: Hello | Beat) -> str | None:
+def _sample_problem(m: PeerHello | Beat) -> str | None:
     n = len(m.names)
     if n != len(m.addresses) or n != len(m.incarnations):
         return (f"gossip is malformed: {n} names, {len(m.addresses)} addresses, "
@@ -71,7 +71,7 @@ def _sample_problem(m: Hello | Beat) -> str | None:
 
 
 @message(b"M.HELLO")
-class Hello(Message):
+class PeerHello(Message):
     name: Name
     address: Address  # must be the connection's own: a node speaks only for itself
     version: Version
@@ -115,7 +115,7 @@ class Leave(Message):
     incarnation: Incarnation
 
 
-MESSAGES = (Hello, Beat, Leave)
+MESSAGES = (PeerHello, Beat, Leave)
 
 
 def new_beats(
@@ -151,7 +151,7 @@ def new_hello(
     live: Sequence[Peer],
     rng: random.Random,
     gossip_size: int,
-) -> Hello:
+) -> PeerHello:
     """A HELLO whose sample starts at a random offset of `live`.
 
     `live` may be up to a timer grain old, so members no longer live are
@@ -164,7 +164,7 @@ def new_hello(
             p = live[(s + i) % n]
             if p.status in LIVE and len(chosen) < gossip_size:
                 chosen.append(p)
-    return Hello(me.name, me.address, me.version, me.incarnation, me.cpus, me.gpus,
+    return PeerHello(me.name, me.address, me.version, me.incarnation, me.cpus, me.gpus,
                  me.slots_free, me.load, me.state, term, me.tasks_done, reply,
                  [p.name for p in chosen], [p.address for p in chosen],
                  [p.incarnation for p in chosen])  # fmt: skip

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from hived.config import DEFAULT_HEARTBEAT
 from hived.control import EMBEDDED_CLIENT, LINK_TIMEOUT, Ping, Pong
 from hived.errors import HiveError
 from hived.reactor import EVENTS, POLLIN
@@ -58,7 +59,7 @@ class SocketLink:
         on_frames: OnFrames,
         *,
         on_lost: Callable[[str], None] = lambda reason: None,
-        heartbeat: float = 0.5,
+        heartbeat: float = DEFAULT_HEARTBEAT,
         timeout: float = LINK_TIMEOUT,
         curve: Callable[[zmq.Socket], None] | None = None,
     ) -> None:

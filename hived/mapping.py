@@ -46,14 +46,14 @@ from typing import Any
 from hived import serialization
 from hived.control import AddChunk, CancelJob, CloseJob, ItemsFailed, JobRefused, Result
 from hived.errors import (
+    SERIALIZATION,
+    UNKNOWN_BLOB,
     HiveError,
-    HiveUnavailable,
-    JobCancelled,
     RemoteError,
     RemoteProtocolError,
     SerializationError,
     TaskTimeout,
-    WorkerCrashed,
+    error_type,
 )
 from hived.failover import Moved, Reconnecting
 from hived.progress import Progress
@@ -66,14 +66,6 @@ LONG_TASK_SECONDS = 0.01  # items this long go one per chunk
 WINDOW_BUFFER = 4  # finished chunks held for ordered output, in windows
 MAX_UNSIZED_CHUNK = 4096  # cap when the input's length is unknown
 _EMPTY = object()
-
-FAILURE_TYPES: dict[str, type[HiveError]] = {
-    "crashed": WorkerCrashed,
-    "serialization": SerializationError,
-    "unavailable": HiveUnavailable,
-    "cancelled": JobCancelled,
-}
-
 
 def check_range(msg: Result | ItemsFailed, count: int) -> None:
     """Raise RemoteProtocolError unless `msg` can be about items of a chunk of `count`."""
@@ -358,8 +350,8 @@ class MapStream:
             if self.progress:
                 self.progress.note(f"reconnecting: {msg.reason}")
         elif isinstance(msg, JobRefused):
-            if msg.kind != "unknown-blob":
-                self.refusal = FAILURE_TYPES.get(msg.kind, HiveError)(msg.text)
+            if msg.kind != UNKNOWN_BLOB:
+                self.refusal = error_type(msg.kind)(msg.text)
             elif self.resent:
                 self.refusal = lacks_function_again()
             else:
@@ -387,10 +379,10 @@ class MapStream:
         if isinstance(msg, Result):
             self.sizer.learn(stop - start, msg.elapsed)
             self._take_results(number, chunk, start, stop, payload, msg.failures)
-        elif msg.kind == "serialization" and stop - start > 1:
+        elif msg.kind == SERIALIZATION and stop - start > 1:
             self._send_alone(number, chunk, start, stop)
         else:
-            error = FAILURE_TYPES.get(msg.kind, HiveError)
+            error = error_type(msg.kind)
             failed = [_Failed(error, msg.text)] * (stop - start)
             self._fill(chunk, start, failed, failures=len(failed))
 

@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from hived.fields import Address, Count, Seconds, Term, at_most
+from hived.scheduling import NOT_STARTED
 from hived.wire import Message, Rule, message
 
-NOT_STARTED = -3  # on the wire for "the worker died before this range's items"
-# an item index, SOMEWHERE (-2, hived.worker), or NOT_STARTED
-CrashedAt = Annotated[int, Rule("an item index, -2 or -3", lambda v: -3 <= v < 1 << 62)]
+# an item index, SOMEWHERE or NOT_STARTED (hived.scheduling)
+CrashedAt = Annotated[int, Rule("an item index, -2 or -3", lambda v: NOT_STARTED <= v < 1 << 62)]
 FunctionHash = Annotated[bytes, Rule("a function hash of at most 64 bytes", lambda v: len(v) <= 64)]
 
 

@@ -72,15 +72,15 @@ import math
 import random
 from dataclasses import dataclass, replace
 
-from hived.errors import LocalProtocolError, RemoteProtocolError
+from hived.errors import InternalError, RemoteProtocolError
 from hived.gossip import (
     BEAT_VARIANTS,
     MAX_GOSSIP,
     NODE_STATES,
     Beat,
-    Hello,
     Leave,
     NodeInfo,
+    PeerHello,
     new_beats,
     new_hello,
 )
@@ -172,12 +172,12 @@ class Membership:
     ) -> None:
         suspect_after = 2 * heartbeat if suspect_after is None else suspect_after
         if not 0 < heartbeat < suspect_after < dead_after:
-            raise LocalProtocolError(
+            raise InternalError(
                 "membership needs 0 < heartbeat < suspect_after < dead_after, got "
                 f"{heartbeat}, {suspect_after}, {dead_after}"
             )
         if self_info.state not in NODE_STATES:
-            raise LocalProtocolError(
+            raise InternalError(
                 f"node state must be alive or draining, got {self_info.state!r}"
             )
         self._info = self_info
@@ -205,7 +205,7 @@ class Membership:
         self._next_beat = now + heartbeat * rng.random()
         self._live: list[Peer] = []  # see _live_view
         self._live_built = -math.inf
-        self._hellos: dict[bool, list[Hello]] = {}  # see _hello
+        self._hellos: dict[bool, list[PeerHello]] = {}  # see _hello
         self._hello_turn = 0
         self.story.add(now, "start", f"incarnation={self_info.incarnation} seeds={self._seeds}")
 
@@ -262,7 +262,7 @@ class Membership:
     ) -> None:
         """Change what the next heartbeats say about this node."""
         if state is not None and state not in NODE_STATES:
-            raise LocalProtocolError(f"node state must be alive or draining, got {state!r}")
+            raise InternalError(f"node state must be alive or draining, got {state!r}")
         changes = {
             k: v
             for k, v in (
@@ -317,7 +317,7 @@ class Membership:
         """Feed one decoded membership message from the peer at `sender`."""
         handler = _HANDLERS.get(type(msg))
         if handler is None:
-            raise LocalProtocolError(
+            raise InternalError(
                 f"membership got a {type(msg).__name__}, not one of its messages"
             )
         if self._stopped:
@@ -344,17 +344,17 @@ class Membership:
     # -- invariants --------------------------------------------------------
 
     def validate(self) -> None:
-        """Check the peer table's invariants; raise LocalProtocolError with the story."""
+        """Check the peer table's invariants; raise InternalError with the story."""
         problems = self._peers.problems(self._info.name)
         if problems:
-            raise LocalProtocolError(
+            raise InternalError(
                 f"membership of {self._info.name} broke invariants: {'; '.join(problems)}\n"
                 + self.story.format(50)
             )
 
     # -- handlers ----------------------------------------------------------
 
-    def _on_hello(self, sender: str, m: Hello, now: float, out: list[Action]) -> None:
+    def _on_hello(self, sender: str, m: PeerHello, now: float, out: list[Action]) -> None:
         if m.address != sender:
             raise RemoteProtocolError(
                 f"HELLO from {sender} gives the address {m.address}; "
@@ -443,7 +443,7 @@ class Membership:
 
     # -- internals ---------------------------------------------------------
 
-    def _confirm(self, m: Hello, pending: Peer | None, now: float, out: list[Action]) -> Peer:
+    def _confirm(self, m: PeerHello, pending: Peer | None, now: float, out: list[Action]) -> Peer:
         """Make a member of a node that introduced itself."""
         if pending is not None:  # hearsay confirmed: the record is rebuilt from the HELLO
             self._peers.drop(pending, now)
@@ -462,17 +462,17 @@ class Membership:
         out.append(PeerJoined(self._view(p)))
         return p
 
-    def _update(self, p: Peer, m: Hello | Beat, now: float, out: list[Action]) -> None:
+    def _update(self, p: Peer, m: PeerHello | Beat, now: float, out: list[Action]) -> None:
         p.last_heard = now
         p.tasks_done = m.tasks_done
         if p.status == ALIVE and p.state == m.state:  # the common case: a routine BEAT
             p.slots_free, p.load = m.slots_free, m.load
-            if isinstance(m, Hello):
+            if isinstance(m, PeerHello):
                 p.version, p.cpus, p.gpus = m.version, m.cpus, m.gpus
             return
         before = p.view_state()
         p.slots_free, p.load, p.state = m.slots_free, m.load, m.state
-        if isinstance(m, Hello):
+        if isinstance(m, PeerHello):
             p.version, p.cpus, p.gpus = m.version, m.cpus, m.gpus
         p.last_heard = now
         if p.status != ALIVE:
@@ -498,7 +498,7 @@ class Membership:
             p.term = term
             out.append(TermSeen(p.address, term))
 
-    def _gossip(self, m: Hello | Beat, sender: str, now: float, out: list[Action]) -> None:
+    def _gossip(self, m: PeerHello | Beat, sender: str, now: float, out: list[Action]) -> None:
         peers = self._peers.by_name
         names, addresses, incs = m.names, m.addresses, m.incarnations
         for i in range(len(names)):
@@ -634,7 +634,7 @@ class Membership:
         m = len(variants)
         out.extend(Send(p.address, variants[i % m]) for i, p in enumerate(live))
 
-    def _hello(self, reply: bool, now: float) -> Hello:
+    def _hello(self, reply: bool, now: float) -> PeerHello:
         """Our HELLO. Like BEATs, a few variants (each with its own gossip
         sample) are built per timer grain and dealt out in turn."""
         live = self._live_view(now)
@@ -675,4 +675,4 @@ def _by_name(p: Peer) -> str:
     return p.name
 
 
-_HANDLERS = {Hello: Membership._on_hello, Beat: Membership._on_beat, Leave: Membership._on_leave}
+_HANDLERS = {PeerHello: Membership._on_hello, Beat: Membership._on_beat, Leave: Membership._on_leave}

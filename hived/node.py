@@ -37,6 +37,7 @@ from typing import Any
 import zmq
 
 from hived import __version__
+from hived.config import DEFAULT_DEAD_AFTER, DEFAULT_DRAIN_TIMEOUT, DEFAULT_HEARTBEAT, DEFAULT_LEASE
 from hived.control import (
     LINK_TIMEOUT,
     MAX_NODES,
@@ -67,7 +68,16 @@ from hived.control import (
     Welcome,
     version_problem,
 )
-from hived.errors import LocalProtocolError
+from hived.errors import (
+    CANCELLED,
+    CRASHED,
+    INVALID,
+    SERIALIZATION,
+    STOPPED,
+    UNAVAILABLE,
+    UNKNOWN_BLOB,
+    LocalProtocolError,
+)
 from hived.exchange import Exchange
 from hived.pool import Launcher, Pool
 from hived.scheduling import Job, JobKey, Needs, Owner
@@ -97,15 +107,15 @@ class NodeSettings:
     control: str | None = None  # None: in-process clients only (embedded)
     max_tasks_per_worker: int = 0
     memory_limit: int | None = None
-    heartbeat: float = 0.5
+    heartbeat: float = DEFAULT_HEARTBEAT
     client_timeout: float = LINK_TIMEOUT  # a client silent this long is gone
-    drain_timeout: float = 30.0
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     # The mesh (None: a node of its own, as the embedded one is)
     bind: str | None = None
     advertise: str | None = None
     seeds: list[str] = field(default_factory=list)
-    dead_after: float = 3.0
-    lease: float = 2.0
+    dead_after: float = DEFAULT_DEAD_AFTER
+    lease: float = DEFAULT_LEASE
     data_dir: str | None = None
     key: ClusterKey | None = None  # CURVE on every TCP socket when set
     # The embedded node's: its caller's multiprocessing authkey, so that the
@@ -295,7 +305,7 @@ class Node:
         for key in list(self.owner.jobs):
             client = self.clients.get(key[0])
             if client is not None:
-                self._refuse(client, key[1], "stopped", f"hived on {self.name} stopped")
+                self._refuse(client, key[1], STOPPED, f"hived on {self.name} stopped")
             self.owner.cancel_job(key)
             self._forget_job(key, cancelled="the node stopped")
         for task in list(self._tasks):
@@ -326,14 +336,14 @@ class Node:
             return
         job = getattr(msg, "job", None)
         if client.unwelcome is not None and job is not None:
-            self._refuse(client, job, "invalid", client.unwelcome)
+            self._refuse(client, job, INVALID, client.unwelcome)
             return
         try:
             handler(client, msg, payload)
         except LocalProtocolError as exc:
             log.warning("control: client %s: %s", client.label, exc)
             if job is not None:
-                self._refuse(client, job, "invalid", str(exc))
+                self._refuse(client, job, INVALID, str(exc))
 
     def _on_stranger(self, cid: bytes, msg: Message) -> None:
         """A client we do not know: it may say HELLO; anything else gets an error."""
@@ -386,15 +396,15 @@ class Node:
             return
         if msg.has_blob:
             if not payload:
-                self._refuse(client, msg.job, "invalid", "the job says it carries its function but has no frame")
+                self._refuse(client, msg.job, INVALID, "the job says it carries its function but has no frame")
                 return
             blob = frame_bytes(payload[0])
             if function_digest(blob) != msg.fn:
-                self._refuse(client, msg.job, "invalid", "the function blob does not match the hash the job names")
+                self._refuse(client, msg.job, INVALID, "the function blob does not match the hash the job names")
                 return
             self.blobs.setdefault(msg.fn, blob)
         if msg.fn not in self.blobs:
-            self._refuse(client, msg.job, "unknown-blob", "this node does not have the job's function")
+            self._refuse(client, msg.job, UNKNOWN_BLOB, "this node does not have the job's function")
             return
         if msg.fn not in client.fns:
             client.fns.add(msg.fn)
@@ -420,17 +430,17 @@ class Node:
 
     def _job_problem(self, msg: OpenJob) -> tuple[str, str] | None:
         if self.draining:
-            return "stopped", f"hived on {self.name} is draining and takes no new jobs"
+            return STOPPED, f"hived on {self.name} is draining and takes no new jobs"
         if msg.cpus < 1 or msg.gpus < 0 or msg.retries < 0:
-            return "invalid", "cpus must be >= 1, gpus >= 0 and retries >= 0"
+            return INVALID, "cpus must be >= 1, gpus >= 0 and retries >= 0"
         if msg.gpus > 1:
-            return "invalid", f"a task may ask for at most 1 GPU (a worker owns one GPU); got gpus={msg.gpus}"
+            return INVALID, f"a task may ask for at most 1 GPU (a worker owns one GPU); got gpus={msg.gpus}"
         nodes = self._hive()
         if msg.gpus == 1 and not any(gpus for _, gpus in nodes):
-            return "unavailable", f"the tasks ask for a GPU but no node in this hive has one ({self.name} has 0)"
+            return UNAVAILABLE, f"the tasks ask for a GPU but no node in this hive has one ({self.name} has 0)"
         largest = max(cpus for cpus, _ in nodes)
         if msg.gpus == 0 and msg.cpus > largest:
-            return "unavailable", f"the tasks ask for {msg.cpus} CPUs but the largest node has {largest}"
+            return UNAVAILABLE, f"the tasks ask for {msg.cpus} CPUs but the largest node has {largest}"
         return None
 
     def client_addresses(self) -> list[str]:
@@ -568,7 +578,7 @@ class Node:
             return
         failed = self.owner.refused(aid)
         if failed is not None:
-            msg = ItemsFailed(key[1], failed.chunk, failed.start, failed.stop, "serialization", text)
+            msg = ItemsFailed(key[1], failed.chunk, failed.start, failed.stop, SERIALIZATION, text)
             self.control.send(key[0], msg)
         self._retire_if_finished(key)
 
@@ -582,7 +592,7 @@ class Node:
             return
         for f in self.owner.lost(aid, crashed_at):
             text = f"{why} (tried {f.tries} time{'s' if f.tries > 1 else ''})"
-            self.control.send(key[0], ItemsFailed(key[1], f.chunk, f.index, f.index + 1, "crashed", text))
+            self.control.send(key[0], ItemsFailed(key[1], f.chunk, f.index, f.index + 1, CRASHED, text))
         self._retire_if_finished(key)
 
     def on_output(self, tag: int, piece: Piece, pid: int) -> None:
@@ -787,7 +797,7 @@ class Node:
         for key in keys:  # its line says how much was done (`_forget_job`)
             client = self.clients.get(key[0])
             if client is not None:
-                self._refuse(client, key[1], "cancelled",
+                self._refuse(client, key[1], CANCELLED,
                              f"job {target} was cancelled (`hivectl cancel` on {by})")
             self._cancel(key, grace=CANCEL_GRACE, why=f"asked by {by} via hivectl")
         return True, f"job {target} cancelled on its owner {self.name}", []

@@ -24,7 +24,7 @@ import heapq
 import math
 from collections.abc import Iterator
 
-from hived.errors import LocalProtocolError
+from hived.errors import InternalError
 from hived.sansio import Story
 
 PENDING, ALIVE, SUSPECT, DEAD, GONE = "pending", "alive", "suspect", "dead", "gone"
@@ -45,9 +45,9 @@ _MOVES = {
 
 
 def check_move(old: str, new: str, name: str, incarnation: int) -> None:
-    """Raise LocalProtocolError unless `old -> new` is a legal peer move."""
+    """Raise InternalError unless `old -> new` is a legal peer move."""
     if (old, new) not in _MOVES:
-        raise LocalProtocolError(
+        raise InternalError(
             f"illegal membership move {old} -> {new} for peer {name!r} (incarnation {incarnation})"
         )
 

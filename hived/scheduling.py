@@ -38,13 +38,17 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from hived.errors import LocalProtocolError
+from hived.errors import InternalError, LocalProtocolError
 
 JobKey = tuple[bytes, int]  # (client id, job number within that client)
 # The most items one chunk may hold: the book keeps a byte per item of a
 # chunk, so a client's count is bounded before it is believed.
 MAX_CHUNK_ITEMS = 1 << 24
-SOMEWHERE = -2  # a worker died in a range, at an item it did not record
+# Where a worker was when it died, besides an item's index: the worker keeps
+# one of these in its black box, and RANGE LOST carries one across the mesh.
+BETWEEN = -1  # not running any range (never on the wire)
+SOMEWHERE = -2  # in a range, at an item not recorded (the fast path, or unpickling)
+NOT_STARTED = -3  # on the wire for None: no item at fault (a range refused, or lost without a crash)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +234,7 @@ class Owner:
             return None
         job, rng = entry
         if not (rng.start <= start < stop <= rng.stop):
-            raise LocalProtocolError(
+            raise InternalError(
                 f"assignment {aid} covers [{rng.start}, {rng.stop}), not [{start}, {stop})"
             )
         if final:
@@ -394,10 +398,10 @@ class Owner:
                     for i in range(rng.start, rng.stop):
                         if not chunk.delivered[i]:
                             if cover[i] > 1:
-                                raise LocalProtocolError(f"item {i} of chunk {chunk.number} twice")
+                                raise InternalError(f"item {i} of chunk {chunk.number} twice")
                             cover[i] += 2
                 missing = [i for i, c in enumerate(cover) if c == 0]
                 if missing:
-                    raise LocalProtocolError(
+                    raise InternalError(
                         f"items {missing[:5]} of chunk {chunk.number} are nowhere"
                     )

@@ -51,7 +51,7 @@ from typing import Annotated, Any, ClassVar, TypeVar, Union
 import msgpack
 
 from hived.errors import (
-    LocalProtocolError,
+    InternalError,
     NewerMinorType,
     OtherMajorVersion,
     RemoteProtocolError,
@@ -141,11 +141,11 @@ def message(type_name: bytes, since: int = 0):
 
     def register(cls: M) -> M:
         if type_name in _REGISTRY:
-            raise LocalProtocolError(f"message type {type_name!r} is registered twice")
+            raise InternalError(f"message type {type_name!r} is registered twice")
         if b" " in type_name or b"\n" in type_name:
-            raise LocalProtocolError(f"message type {type_name!r} may not hold a space or newline")
+            raise InternalError(f"message type {type_name!r} may not hold a space or newline")
         if since > PROTOCOL_MINOR:
-            raise LocalProtocolError(
+            raise InternalError(
                 f"message type {type_name!r} of minor {since} is newer than this protocol "
                 f"({PROTOCOL_MAJOR}.{PROTOCOL_MINOR})"
             )
@@ -163,12 +163,12 @@ def message(type_name: bytes, since: int = 0):
         for name, minor in late.items():
             field = next(f for f in fields if f.name == name)
             if minor > PROTOCOL_MINOR:
-                raise LocalProtocolError(
+                raise InternalError(
                     f"field {name!r} of {type_name!r} is of minor {minor}, newer than this "
                     f"protocol ({PROTOCOL_MAJOR}.{PROTOCOL_MINOR})"
                 )
             if field.default is dataclasses.MISSING:
-                raise LocalProtocolError(
+                raise InternalError(
                     f"field {name!r} of {type_name!r} appeared in minor {minor} and needs a "
                     "default: peers of older minors do not send it"
                 )
@@ -346,7 +346,7 @@ def _checker(hint: Any) -> Callable[[Any], bool]:
         return lambda value: type(value) is dict and all(
             key(k) and val(v) for k, v in value.items()
         )
-    raise LocalProtocolError(f"field annotation {hint!r} is not supported on the wire")
+    raise InternalError(f"field annotation {hint!r} is not supported on the wire")
 
 
 def _since(hint: Any) -> int:

@@ -40,12 +40,11 @@ import traceback
 from typing import Any
 
 from hived import serialization
+from hived.scheduling import BETWEEN, SOMEWHERE
 from hived.taskoutput import RecordPipe
 from hived.wire import Message, decode, encode, message, zero_copy
 
-BLACK_BOX = struct.Struct("<qq")  # assignment id, item index (or one of the two below)
-BETWEEN = -1  # not running any range
-SOMEWHERE = -2  # in a range, at an item not recorded (the fast path, or unpickling)
+BLACK_BOX = struct.Struct("<qq")  # assignment id, item index (or BETWEEN, SOMEWHERE)
 # A chunk is (nargs, items): nargs 1 means each item is the one argument, n > 1
 # a tuple of n arguments, KEYWORDS an (args, kwargs) pair as `submit` makes.
 KEYWORDS = -1

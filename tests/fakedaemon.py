@@ -15,6 +15,7 @@ from typing import Any
 
 import zmq
 
+from hived.config import DEFAULT_HEARTBEAT
 from hived.control import LINK_TIMEOUT, Hello, Welcome
 from hived.errors import RemoteProtocolError
 from hived.wire import Message, decode, encode
@@ -25,7 +26,7 @@ Answer = Callable[["FakeDaemon", bytes, Message, list[Any]], None]
 def welcome(fake: FakeDaemon, client: bytes, msg: Message, payload: list[Any]) -> None:
     """What every fake says to a HELLO unless told otherwise."""
     if isinstance(msg, Hello):
-        fake.send(client, Welcome("fake", "0.1.0", 2, 0.5, LINK_TIMEOUT, False, []))
+        fake.send(client, Welcome("fake", "0.1.0", 2, DEFAULT_HEARTBEAT, LINK_TIMEOUT, False, []))
 
 
 class FakeDaemon:

@@ -20,7 +20,7 @@ import zmq
 import hived.matchmaking
 import hived.meshcore  # noqa: F401 - with matchmaking, every mesh message type decodes
 from hived import __version__
-from hived.gossip import Beat, Hello
+from hived.gossip import Beat, PeerHello
 from hived.security import ClusterKey
 from hived.wire import Message, decode, encode
 
@@ -45,7 +45,7 @@ class MeshPeer:
             self.dealer.linger = 0
             self.dealer.identity = self.address.encode()
             self.dealer.connect(target)
-        self.send(Hello(name, self.address, __version__, 1, cpus, 0, cpus, 0.0, "alive", 0, 0,
+        self.send(PeerHello(name, self.address, __version__, 1, cpus, 0, cpus, 0.0, "alive", 0, 0,
                         True, [], [], []))
         self._threads = [threading.Thread(target=self._beat, args=(beat,), daemon=True),
                          threading.Thread(target=self._read, daemon=True)]

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from hived import election as el
 from hived import gossip
 from hived import membership as mb
+from hived.config import DEFAULT_DEAD_AFTER, DEFAULT_HEARTBEAT, DEFAULT_LEASE
 from hived.errors import RemoteProtocolError
 from hived.meshcore import MeshCore, MeshDriver
 from hived.wire import Message, decode, encode
@@ -137,9 +138,9 @@ class SimNet:
         self,
         seed: int = 0,
         *,
-        heartbeat: float = 0.5,
-        dead_after: float = 3.0,
-        lease: float = 2.0,
+        heartbeat: float = DEFAULT_HEARTBEAT,
+        dead_after: float = DEFAULT_DEAD_AFTER,
+        lease: float = DEFAULT_LEASE,
         max_drift: float = 0.01,
         min_margin: float = 0.01,
         skew: bool = True,

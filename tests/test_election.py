@@ -14,11 +14,12 @@ from hypothesis import strategies as st
 from simnet import SIM_SETTINGS, Faults, InvariantViolation, SimNet, fault_schedules
 
 from hived import election as el
-from hived.errors import LocalProtocolError, RemoteProtocolError
+from hived.config import DEFAULT_HEARTBEAT, DEFAULT_LEASE
+from hived.errors import InternalError, RemoteProtocolError
 from hived.sansio import Send
 from hived.wire import decode, encode
 
-LEASE, HEARTBEAT = 2.0, 0.5
+LEASE, HEARTBEAT = DEFAULT_LEASE, DEFAULT_HEARTBEAT
 HOLD = LEASE - (LEASE * 0.01 + 0.01)
 FAILOVER = 2 * LEASE + HEARTBEAT  # the DESIGN.md target for a new agreed coordinator
 A, B, C = "tcp://a:7700", "tcp://b:7700", "tcp://c:7700"
@@ -186,12 +187,12 @@ def test_a_hostile_lease_is_clamped_to_our_own():
     assert a.coordinator(LEASE) is None
 
 
-def test_misuse_raises_local_protocol_error_naming_state_and_term():
-    with pytest.raises(LocalProtocolError, match="follower -> coordinator in term 3"):
+def test_misuse_raises_internal_error_naming_state_and_term():
+    with pytest.raises(InternalError, match="follower -> coordinator in term 3"):
         el.check_move(el.FOLLOWER, el.COORDINATOR, 3)
-    with pytest.raises(LocalProtocolError, match="not one of its messages"):
+    with pytest.raises(InternalError, match="not one of its messages"):
         core().handle(B, Send(A, el.Grant(1, 1)), 0.0)  # type: ignore[arg-type]
-    with pytest.raises(LocalProtocolError, match="drift"):
+    with pytest.raises(InternalError, match="drift"):
         core(lease=0.01, min_margin=0.02)
 
 

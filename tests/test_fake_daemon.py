@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 import hived
 from hived import cli, serialization
+from hived.config import DEFAULT_HEARTBEAT
 from hived.control import (
     LINK_TIMEOUT,
     AddChunk,
@@ -43,7 +44,7 @@ from hived.control import (
     Unwelcome,
     Welcome,
 )
-from hived.errors import HiveError, RemoteProtocolError
+from hived.errors import UNKNOWN_BLOB, HiveError, RemoteProtocolError
 from hived.wire import encode
 
 # A fake that never answers the job: the caller's 4 s, then the link's
@@ -175,7 +176,7 @@ def test_unknown_blob_for_ever_is_answered_once(fake) -> None:
     def refuse(fake: FakeDaemon, client: bytes, msg: Any, payload: list[Any]) -> None:
         welcome(fake, client, msg, payload)
         if isinstance(msg, (Call, OpenJob)):
-            fake.send(client, JobRefused(msg.job, "unknown-blob", "no such function"))
+            fake.send(client, JobRefused(msg.job, UNKNOWN_BLOB, "no such function"))
 
     daemon = fake(refuse)
     outcome, took = submit_abs(daemon.address)
@@ -192,10 +193,10 @@ def test_unknown_blob_for_ever_is_answered_once(fake) -> None:
 @pytest.mark.parametrize(
     "greeting, error, match",
     [
-        (Welcome("fake", "7.0.0", 2, 0.5, LINK_TIMEOUT, False, []), HiveError, "hived 7.0.0 cannot work with hived"),
-        (Welcome("fake", "banana", 2, 0.5, LINK_TIMEOUT, False, []), HiveError, "is not a hived release"),
-        (Welcome("fake", "0.1.0", 2**62, 0.5, LINK_TIMEOUT, False, []), RemoteProtocolError, "slots"),
-        (Welcome("fake", "0.1.0", -1, 0.5, LINK_TIMEOUT, False, []), RemoteProtocolError, "slots"),
+        (Welcome("fake", "7.0.0", 2, DEFAULT_HEARTBEAT, LINK_TIMEOUT, False, []), HiveError, "hived 7.0.0 cannot work with hived"),
+        (Welcome("fake", "banana", 2, DEFAULT_HEARTBEAT, LINK_TIMEOUT, False, []), HiveError, "is not a hived release"),
+        (Welcome("fake", "0.1.0", 2**62, DEFAULT_HEARTBEAT, LINK_TIMEOUT, False, []), RemoteProtocolError, "slots"),
+        (Welcome("fake", "0.1.0", -1, DEFAULT_HEARTBEAT, LINK_TIMEOUT, False, []), RemoteProtocolError, "slots"),
         (Unwelcome("fake", "go away"), HiveError, "go away"),
     ],
 )
@@ -295,7 +296,7 @@ def test_fuzz_answers_from_a_daemon(fuzz_dir, greeting, replies, finish) -> None
         if isinstance(msg, Hello):
             if greeting is not None:
                 fake.send(client, *greeting)
-            fake.send(client, Welcome("fake", "0.1.0", 2, 0.5, LINK_TIMEOUT, False, []))
+            fake.send(client, Welcome("fake", "0.1.0", 2, DEFAULT_HEARTBEAT, LINK_TIMEOUT, False, []))
         elif isinstance(msg, Ping):
             fake.send(client, Pong())
         elif isinstance(msg, (Call, AddChunk)):

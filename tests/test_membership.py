@@ -13,11 +13,12 @@ from simnet import SIM_SETTINGS, Faults, SimNet, fault_schedules
 
 from hived import membership as mb
 from hived import peers
-from hived.errors import LocalProtocolError, RemoteProtocolError
-from hived.gossip import BEAT_VARIANTS, Beat, Hello, Leave, NodeInfo
+from hived.config import DEFAULT_DEAD_AFTER, DEFAULT_HEARTBEAT
+from hived.errors import InternalError, RemoteProtocolError
+from hived.gossip import BEAT_VARIANTS, Beat, Leave, NodeInfo, PeerHello
 from hived.wire import decode, encode
 
-H, DEAD = 0.5, 3.0
+H, DEAD = DEFAULT_HEARTBEAT, DEFAULT_DEAD_AFTER
 GRAIN = H / 4  # thresholds are checked on a quarter-heartbeat wheel
 
 
@@ -31,9 +32,9 @@ def node(name: str, seeds=(), now: float = 0.0, inc: int = 1, **options) -> mb.M
 
 
 def hello(name: str, inc: int = 1, reply: bool = False, term: int = 0, gossip=(),
-          at: str | None = None) -> Hello:
+          at: str | None = None) -> PeerHello:
     names = [g[0] for g in gossip]
-    return Hello(name, addr(at or name), "0.1.0", inc, 4, 0, 4, 0.5, "alive", term, 7, reply,
+    return PeerHello(name, addr(at or name), "0.1.0", inc, 4, 0, 4, 0.5, "alive", term, 7, reply,
                  names, [addr(n) for n in names], [g[1] for g in gossip])  # fmt: skip
 
 
@@ -69,13 +70,13 @@ def test_hello_on_connect_makes_members_on_both_sides():
     a, b = node("a", seeds=["b"]), node("b")
     first = a.tick(0.0)
     assert first[0] == mb.Connect(addr("b"))
-    (ask,) = sends(first, Hello)
+    (ask,) = sends(first, PeerHello)
     assert ask.to == addr("b") and ask.msg.reply and ask.msg.cpus == 8
     answer = b.handle(addr("a"), ask.msg, 0.01)
     (joined,) = of(answer, mb.PeerJoined)
     assert joined.member.name == "a" and joined.member.cpus == 8 and joined.member.gpus == 1
     assert mb.Connect(addr("a")) in answer
-    (back,) = sends(answer, Hello)
+    (back,) = sends(answer, PeerHello)
     assert back.to == addr("a") and not back.msg.reply
     assert of(a.handle(addr("b"), back.msg, 0.02), mb.PeerJoined)
     assert [(v.name, v.state) for v in a.members()] == [("a", "alive"), ("b", "alive")]
@@ -171,7 +172,7 @@ def test_a_quiet_peer_turns_suspect_then_dead_then_is_forgotten():
     assert left[1].reason == "forgotten" and t_dead + 20.0 <= left[0] < t_dead + 20.0 + GRAIN
     assert (left[0], mb.Disconnect(addr("b"))) in events
     # while dead it was probed with HELLOs at growing intervals, capped
-    probes = [t for t, e in events if isinstance(e, mb.Send) and isinstance(e.msg, Hello)]
+    probes = [t for t, e in events if isinstance(e, mb.Send) and isinstance(e.msg, PeerHello)]
     gaps = [b - a for a, b in pairwise(probes)]
     assert probes[0] == pytest.approx(t_dead + H, abs=GRAIN) and gaps == sorted(gaps)
     assert max(gaps) == pytest.approx(DEAD, abs=GRAIN)
@@ -196,7 +197,7 @@ def test_leave_removes_the_peer_at_once_and_stale_gossip_cannot_bring_it_back():
     assert mb.Disconnect(addr("b")) in out and a.member("b") is None
     assert a.handle(addr("c"), beat("c", gossip=[("b", 4)]), 1.1) == []
     # a new process under that name is welcome
-    assert sends(a.handle(addr("c"), beat("c", gossip=[("b", 5)]), 1.2), Hello)
+    assert sends(a.handle(addr("c"), beat("c", gossip=[("b", 5)]), 1.2), PeerHello)
 
 
 def test_a_higher_incarnation_supersedes_and_a_lower_one_is_ignored():
@@ -213,7 +214,7 @@ def test_gossip_about_a_stranger_dials_it_and_it_joins_when_it_answers():
     a = node("a")
     a.handle(addr("b"), hello("b"), 0.0)
     out = a.handle(addr("b"), beat("b", gossip=[("c", 2)]), 0.1)
-    assert out[0] == mb.Connect(addr("c")) and sends(out, Hello)[0].msg.reply
+    assert out[0] == mb.Connect(addr("c")) and sends(out, PeerHello)[0].msg.reply
     assert a.member("c") is None  # hearsay is not membership
     assert of(a.handle(addr("c"), hello("c", inc=2), 0.2), mb.PeerJoined)
     # hearsay that never answers is dropped
@@ -260,7 +261,7 @@ def test_draining_shows_in_the_view():
     ]
     view = a.member("b")
     assert (view.state, view.slots_free, view.load) == ("draining", 0, 3.5)
-    with pytest.raises(LocalProtocolError, match="alive or draining"):
+    with pytest.raises(InternalError, match="alive or draining"):
         b.update(state="asleep")
 
 
@@ -293,11 +294,11 @@ def test_a_peer_claiming_our_name_is_refused():
 
 
 def test_misuse_raises_local_protocol_error():
-    with pytest.raises(LocalProtocolError, match="dead -> suspect for peer 'b'"):
+    with pytest.raises(InternalError, match="dead -> suspect for peer 'b'"):
         peers.check_move(peers.DEAD, peers.SUSPECT, "b", 3)
-    with pytest.raises(LocalProtocolError, match="not one of its messages"):
+    with pytest.raises(InternalError, match="not one of its messages"):
         node("a").handle(addr("b"), mb.Send("x", beat("b")), 0.0)  # type: ignore[arg-type]
-    with pytest.raises(LocalProtocolError, match="heartbeat < suspect_after < dead_after"):
+    with pytest.raises(InternalError, match="heartbeat < suspect_after < dead_after"):
         mb.Membership(node("a").info, [], 1.0, 1.5, 0.0, random.Random())
 
 
@@ -452,7 +453,7 @@ def test_gossip_of_a_huge_incarnation_only_asks_the_member_itself():
     for i in range(20):  # a rumour every 50 ms for a second
         out = a.handle(addr("m"), beat("m", gossip=[("n2", 2**53 - 1)]), 0.05 * i)
         assert not of(out, mb.PeerLeft)
-        asked += [s.to for s in sends(out, Hello)]
+        asked += [s.to for s in sends(out, PeerHello)]
     assert asked == [addr("n2")] * 2  # at most once a heartbeat (0.5 s), and only n2 itself
     a.handle(addr("n2"), hello("n2", inc=5), 1.0)  # its own answer: still 5
     assert a.member("n2").incarnation == 5 and a.member("n2").state == "alive"

@@ -25,7 +25,7 @@ from meshnet import PORT, Cluster
 from netns import wait_for
 
 import hived
-from hived.gossip import Hello
+from hived.gossip import PeerHello
 from hived.security import load_key
 from hived.wire import encode
 
@@ -65,7 +65,7 @@ def test_hostile_mesh_messages_from_a_key_holder_do_no_lasting_harm(hive):
     addresses = [n.address for n in c.nodes] + [me]
     bound = 2 * c.timing["lease"] + c.timing["heartbeat"]
     baseline = {n.name: rss(n.proc.pid) for n in c.nodes}
-    introduce = Hello("m", me, hived.__version__, 1, 1, 0, 1, 0.0, "alive", 0, 0, False, [], [], [])
+    introduce = PeerHello("m", me, hived.__version__, 1, 1, 0, 1, 0.0, "alive", 0, 0, False, [], [], [])
     sent: Counter[str] = Counter()
     took: list[float] = []
     rng = random.Random(9)

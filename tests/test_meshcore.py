@@ -166,9 +166,9 @@ HONEST = [f"n{i}" for i in range(5)]
 ATTACKER = addr("m")
 
 
-def own_hello(term: int = 0) -> gossip.Hello:
+def own_hello(term: int = 0) -> gossip.PeerHello:
     """The attacker's honest introduction, so it is a member and reaches every path."""
-    return gossip.Hello("m", ATTACKER, "0.1.0", 1, 1, 0, 1, 0.0, "alive", term, 0, False,
+    return gossip.PeerHello("m", ATTACKER, "0.1.0", 1, 1, 0, 1, 0.0, "alive", term, 0, False,
                         [], [], [])  # fmt: skip
 
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hived.errors import LocalProtocolError
+from hived.errors import HiveError, InternalError, LocalProtocolError
 from hived.scheduling import MAX_CHUNK_ITEMS, SOMEWHERE, Needs, Owner
 
 CLIENT = b"c1"
@@ -202,9 +202,18 @@ def test_misuse_is_a_local_protocol_error():
     for count in (0, MAX_CHUNK_ITEMS + 1, 2**62):  # a byte each: bounded before believed
         with pytest.raises(LocalProtocolError, match=f"has {count} items; expected 1 to"):
             owner.add_chunk((CLIENT, 1), 9, count, [])
+    with pytest.raises(LocalProtocolError, match="not open"):
+        owner.add_chunk((CLIENT, 7), 0, 1, [])
+
+
+def test_a_range_the_book_never_handed_out_is_an_internal_error():
+    """The pool reports what the book assigned: any other range is hived's own
+    bug, which a user's `except HiveError` must not swallow."""
+    owner = book([1])
     a = owner.assign()
-    with pytest.raises(LocalProtocolError, match="covers"):
+    with pytest.raises(InternalError, match="covers") as raised:
         owner.completed(a.id, 0, 5, final=True)
+    assert not isinstance(raised.value, HiveError)
 
 
 events = st.lists(

@@ -18,7 +18,7 @@ import msgpack
 import pytest
 
 from hived import wire
-from hived.errors import LocalProtocolError, NewerMinorType, OtherMajorVersion, RemoteProtocolError
+from hived.errors import InternalError, NewerMinorType, OtherMajorVersion, RemoteProtocolError
 from hived.versions import PeerVersions
 from hived.wire import (
     SINCE,
@@ -84,13 +84,13 @@ def test_the_table_says_when_each_newer_thing_appeared() -> None:
 
 
 def test_a_type_or_field_newer_than_the_protocol_is_refused_at_registration() -> None:
-    with pytest.raises(LocalProtocolError, match="minor 1 is newer than this protocol"):
+    with pytest.raises(InternalError, match="minor 1 is newer than this protocol"):
 
         @message(b"T.TOONEW", since=1)
         class TooNew(Message):
             x: int
 
-    with pytest.raises(LocalProtocolError, match="field 'y' of b'T.TOONEWF' is of minor 1"):
+    with pytest.raises(InternalError, match="field 'y' of b'T.TOONEWF' is of minor 1"):
 
         @message(b"T.TOONEWF")
         class TooNewField(Message):
@@ -98,7 +98,7 @@ def test_a_type_or_field_newer_than_the_protocol_is_refused_at_registration() ->
 
 
 def test_a_later_field_needs_a_default(minor1: None) -> None:
-    with pytest.raises(LocalProtocolError, match="appeared in minor 1 and needs a default"):
+    with pytest.raises(InternalError, match="appeared in minor 1 and needs a default"):
 
         @message(b"T.NODEFAULT")
         class NoDefault(Message):
