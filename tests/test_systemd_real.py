@@ -565,6 +565,16 @@ class Node:
         state = self.show("ActiveState", "SubState", "MainPID", "NRestarts")
         return state if state["ActiveState"] == "active" and state["MainPID"] != "0" else None
 
+    def restarted(self, before: dict[str, str]) -> dict[str, str] | None:
+        """The unit's state once systemd has restarted it since `before`
+        (an `active()` state), with a new main process; else None."""
+        now = self.active()
+        if now and now["MainPID"] != before["MainPID"] and int(now["NRestarts"]) > int(
+            before["NRestarts"]
+        ):
+            return now
+        return None
+
     def status(self, user: str = "root") -> dict:
         return json.loads(self.sh("hivectl status --json", user=user, timeout=30).stdout)
 
@@ -1118,15 +1128,7 @@ def test_sigkill_of_the_coordinator_mid_map(cluster: Cluster) -> None:
             waited(new_term, 30, "a new coordinator's term", cluster.journals)
             lead = client.status()["coordinator"]
 
-        def restarted() -> dict[str, str] | None:
-            now = killed.active()
-            if now and now["MainPID"] != before["MainPID"] and int(now["NRestarts"]) > int(
-                before["NRestarts"]
-            ):
-                return now
-            return None
-
-        waited(restarted, 30, "systemd to restart the killed daemon", cluster.journals)
+        waited(lambda: killed.restarted(before), 30, "systemd to restart the killed daemon", cluster.journals)
         killed.logged(mark, "hived.service: Main process exited, code=killed, status=9/KILL")
         with step(f"{killed.name} back in the hive"):
             cluster.settled()
@@ -1242,15 +1244,7 @@ def watchdog_restart(node: Node) -> None:
         mark = time.monotonic()
         node.sh(f"kill -STOP {before['MainPID']}")
 
-        def restarted() -> dict[str, str] | None:
-            now = node.active()
-            if now and now["MainPID"] != before["MainPID"] and int(now["NRestarts"]) > int(
-                before["NRestarts"]
-            ):
-                return now
-            return None
-
-        waited(restarted, 45, "the watchdog to restart hived", lambda: node.journal()[-3000:])
+        waited(lambda: node.restarted(before), 45, "the watchdog to restart hived", lambda: node.journal()[-3000:])
         node.logged(mark, "Watchdog timeout", "Failed with result 'watchdog'")
 
 
