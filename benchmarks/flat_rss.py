@@ -29,7 +29,7 @@ CHILD = r"""
 import json, multiprocessing as mp, os, resource, sys, time
 sys.path[:0] = [{repo!r}, {here!r}]
 from benchtasks import identity
-from hived.mapping import MAX_UNSIZED_CHUNK
+from hived.caller.mapping import MAX_UNSIZED_CHUNK
 
 def rss():
     with open("/proc/self/statm") as f:

@@ -33,9 +33,9 @@ __all__ = [
 
 def __getattr__(name: str):
     # The client pulls in zmq and threads; import it only when first used so
-    # `import hived` stays cheap (worker processes import hived.worker only).
+    # `import hived` stays cheap (worker processes import hived.node.worker only).
     if name in ("Hive", "connect", "hive"):
-        from hived import client
+        from hived.caller import client
 
         return getattr(client, name)
     raise AttributeError(f"module 'hived' has no attribute {name!r}")

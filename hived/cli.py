@@ -25,9 +25,12 @@ import sys
 from typing import Any
 
 from hived import __version__
-from hived.addresses import local_control_addresses
 from hived.config import DEFAULT_CONFIG_PATH
-from hived.control import (
+from hived.errors import HiveError, RemoteProtocolError
+from hived.net.addresses import local_control_addresses
+from hived.net.security import client_curve
+from hived.node.status import check_jobs, check_status, link_problems
+from hived.protocol.control import (
     Answer,
     CancelRequest,
     DrainRequest,
@@ -36,9 +39,6 @@ from hived.control import (
     UndrainRequest,
     ask,
 )
-from hived.errors import HiveError, RemoteProtocolError
-from hived.security import client_curve
-from hived.status import check_jobs, check_status, link_problems
 
 TIMEOUT = 3.0
 # What completion waits for node names and job ids: a shell must not hang on a TAB.
@@ -199,7 +199,7 @@ def completion(args: argparse.Namespace) -> None:
 
 
 def keygen(args: argparse.Namespace) -> None:
-    from hived.security import write_key
+    from hived.net.security import write_key
 
     try:
         write_key(args.path, replace=args.force)

@@ -23,9 +23,9 @@ The result is a tree of frozen dataclasses, so nothing downstream re-checks
 or mutates it. ``Config.origins`` remembers where each value came from, for
 ``hived --check-config`` and for errors found later (``check_security``).
 
-Addresses (their defaults, syntax and reach) live in ``hived.addresses``.
+Addresses (their defaults, syntax and reach) live in ``hived.net.addresses``.
 This module must stay cheap to import all the same: the client reaches it
-through ``hived.resources``.
+through ``hived.node.resources``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
-from hived.addresses import (
+from hived.errors import ConfigError
+from hived.net.addresses import (
     default_control_address,
     derive_advertise,
     is_loopback,
@@ -51,8 +52,7 @@ from hived.addresses import (
     parse_control,
     parse_metrics_bind,
 )
-from hived.errors import ConfigError
-from hived.fields import NODE_NAME
+from hived.protocol.fields import NODE_NAME
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -19,7 +19,7 @@
 
 Runs in the foreground and logs to stderr, as systemd expects (journald's
 priority prefixes instead of timestamps where stderr is the journal:
-hived.journal). This is the only place (with the CLI) that turns errors
+hived.service.journal). This is the only place (with the CLI) that turns errors
 into exit codes.
 """
 
@@ -40,18 +40,18 @@ from typing import Any, TextIO
 import zmq
 
 from hived import __version__
+from hived.caller.links import _new_event_loop
 from hived.config import Config, PoolConfig, check_security, load_config
-from hived.control import ReloadRequest, StatusQuery, ask
 from hived.errors import ConfigError, HiveError
-from hived.journal import configure, say
-from hived.links import _new_event_loop
-from hived.metrics import MetricsServer
-from hived.node import Node, NodeSettings
-from hived.pool import STOP_MARGIN
-from hived.resources import memory_limit_bytes, resolve_cpus, resolve_gpus, total_memory
-from hived.sdnotify import EXTEND_EVERY, Notifier, stop_extension
-from hived.security import ClusterKey, load_key
-from hived.status import seed_problems
+from hived.net.security import ClusterKey, load_key
+from hived.node.node import Node, NodeSettings
+from hived.node.pool import STOP_MARGIN
+from hived.node.resources import memory_limit_bytes, resolve_cpus, resolve_gpus, total_memory
+from hived.node.status import seed_problems
+from hived.protocol.control import ReloadRequest, StatusQuery, ask
+from hived.service.journal import configure, say
+from hived.service.metrics import MetricsServer
+from hived.service.sdnotify import EXTEND_EVERY, Notifier, stop_extension
 
 log = logging.getLogger("hived")
 

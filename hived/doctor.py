@@ -35,15 +35,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from hived import __version__
-from hived.addresses import is_loopback, local_control_addresses
 from hived.config import DEFAULT_CONFIG_PATH, Config, TimingConfig, load_config
-from hived.control import StatusQuery, ask
 from hived.errors import ConfigError, HiveError, RemoteProtocolError
-from hived.pool import STOP_MARGIN  # what a stop takes past drain_timeout
-from hived.security import ClusterKey, load_key
-from hived.socketdir import group_name, user_name
-from hived.status import check_status, link_problems
-from hived.wire import PROTOCOL_MAJOR, PROTOCOL_MINOR
+from hived.net.addresses import is_loopback, local_control_addresses
+from hived.net.security import ClusterKey, load_key
+from hived.net.socketdir import group_name, user_name
+from hived.node.pool import STOP_MARGIN  # what a stop takes past drain_timeout
+from hived.node.status import check_status, link_problems
+from hived.protocol.control import StatusQuery, ask
+from hived.protocol.wire import PROTOCOL_MAJOR, PROTOCOL_MINOR
 
 Level = Literal["ok", "warn", "FAIL"]
 
@@ -196,7 +196,7 @@ def check_key(path: str, daemon_user: str = DAEMON_USER) -> tuple[ClusterKey | N
             )
         )
         return None, found
-    quiet = logging.getLogger("hived.security")
+    quiet = logging.getLogger("hived.net.security")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # its own world-readable warning: we said it above
     try:

@@ -412,7 +412,7 @@ def leases(logs: dict[str, str], history: list[Event], end: float,
         if untimed:
             report.violations.append(
                 f"{node}: {len(untimed)} coordinator lines without wall-clock times (e.g."
-                f" {untimed[0].strip()!r}); leases cannot be checked until hived.mesh logs"
+                f" {untimed[0].strip()!r}); leases cannot be checked until hived.mesh.shell logs"
                 f" 'became coordinator, term N at W0 (lease to W1)'")
         open_: tuple[int, float] | None = None
         last_term, last_became = 0, 0

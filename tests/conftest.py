@@ -28,8 +28,8 @@ from netns import wait_for
 from pythons import interpreter
 
 import hived
-from hived.control import StatusQuery, ask
 from hived.daemon import STACKS_WRITTEN
+from hived.protocol.control import StatusQuery, ask
 
 pytest_plugins = ["netns_fixtures"]
 

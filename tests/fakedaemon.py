@@ -16,9 +16,9 @@ from typing import Any
 import zmq
 
 from hived.config import DEFAULT_HEARTBEAT
-from hived.control import LINK_TIMEOUT, Hello, Welcome
 from hived.errors import RemoteProtocolError
-from hived.wire import Message, decode, encode
+from hived.protocol.control import LINK_TIMEOUT, Hello, Welcome
+from hived.protocol.wire import Message, decode, encode
 
 Answer = Callable[["FakeDaemon", bytes, Message, list[Any]], None]
 

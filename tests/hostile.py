@@ -5,12 +5,12 @@ simulator's hostile tests and the real daemons' fuzz test), control messages
 from a local client, answers from a fake daemon. `messages(types, live,
 words)` draws any registered message type, so a type added tomorrow is
 fuzzed with no change here. Each field's values come from its annotation, the
-way `hived.wire` checks it: mostly values its rules let through (so messages
+way `hived.protocol.wire` checks it: mostly values its rules let through (so messages
 reach the code behind the checks and are not all dropped as strangers), and
 values at and past every bound (msgpack's integer ends, NaN, infinities,
 wildcard and junk addresses, over-long lists, odd strings).
 
-`live` maps a field's name, or its annotation (`hived.fields.Name`), to the
+`live` maps a field's name, or its annotation (`hived.protocol.fields.Name`), to the
 values the peer under test really uses (the job numbers a client opened, the
 sender's own name and address); `words` are strings worth drawing for any
 text field (the hive's names and addresses).
@@ -28,11 +28,11 @@ from typing import Annotated, Any, Union
 
 from hypothesis import strategies as st
 
-from hived import control, election, gossip, matchmaking, worker  # noqa: F401 - register their types
-from hived.fields import Address, Name
-from hived.mesh import MESH_PREFIXES
-from hived.serialization import function_digest
-from hived.wire import _REGISTRY, Message, Rule
+from hived.mesh.shell import MESH_PREFIXES
+from hived.protocol import control  # noqa: F401 - register their types
+from hived.protocol.fields import Address, Name
+from hived.protocol.serialization import function_digest
+from hived.protocol.wire import _REGISTRY, Message, Rule
 
 # Where msgpack's integers end, and the usual suspects inside.
 EDGE_INTS = [-(2**63), -3, -1, 2**31 - 1, 2**31, 2**32, 2**53 - 1, 2**53, 2**53 + 1,
@@ -72,7 +72,7 @@ def values_for(hint: Any, words: Sequence[str] = ()) -> st.SearchStrategy[Any]:
     origin = typing.get_origin(hint)
     if hint is Any:
         return ANY
-    if origin is Annotated:  # a checked field (hived.fields): valid values three times in four
+    if origin is Annotated:  # a checked field (hived.protocol.fields): valid values three times in four
         base = values_for(hint.__origin__, words)
         rules = [r.ok for r in hint.__metadata__ if isinstance(r, Rule)]
         candidates = words if hint.__origin__ is str else _CANDIDATES.get(hint.__origin__, [])

@@ -16,8 +16,8 @@ from typing import Any
 from conftest import child_env
 from netns import Host, TestNet, wait_for
 
-from hived.control import StatusQuery, ask
-from hived.security import write_key
+from hived.net.security import write_key
+from hived.protocol.control import StatusQuery, ask
 
 PORT = 7700
 # Short enough for fast tests, long enough that a loaded 2-core CI machine does

@@ -17,12 +17,11 @@ from typing import Any
 
 import zmq
 
-import hived.matchmaking
-import hived.meshcore  # noqa: F401 - with matchmaking, every mesh message type decodes
+import hived.mesh.core  # noqa: F401 - with matchmaking, every mesh message type decodes
 from hived import __version__
-from hived.gossip import Beat, PeerHello
-from hived.security import ClusterKey
-from hived.wire import Message, decode, encode
+from hived.mesh.gossip import Beat, PeerHello
+from hived.net.security import ClusterKey
+from hived.protocol.wire import Message, decode, encode
 
 
 class MeshPeer:

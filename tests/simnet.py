@@ -1,7 +1,7 @@
 """A simulated network that drives the mesh core with a manual clock.
 
 Each simulated node runs what a real node runs: one `MeshCore` (membership
-and election wired together, hived.meshcore) carried out by a `MeshDriver`
+and election wired together, hived.mesh.core) carried out by a `MeshDriver`
 (the same class the daemon's shell subclasses, so the order of actions and
 the persist-before-send rule are the daemon's own):
 
@@ -40,13 +40,13 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from hived import election as el
-from hived import gossip
-from hived import membership as mb
 from hived.config import DEFAULT_DEAD_AFTER, DEFAULT_HEARTBEAT, DEFAULT_LEASE
 from hived.errors import RemoteProtocolError
-from hived.meshcore import MeshCore, MeshDriver
-from hived.wire import Message, decode, encode
+from hived.mesh import election as el
+from hived.mesh import gossip
+from hived.mesh import membership as mb
+from hived.mesh.core import MeshCore, MeshDriver
+from hived.protocol.wire import Message, decode, encode
 
 DELIVER, WAKE, LINK = 0, 1, 2
 

@@ -3,7 +3,7 @@
     python3 tests/speak.py MAJOR.MINOR daemon ARGS...   # hived ARGS...
     python3 tests/speak.py MAJOR.MINOR cli ARGS...      # hivectl ARGS...
 
-Sets `hived.wire`'s version before any message type is registered, so every
+Sets `hived.protocol.wire`'s version before any message type is registered, so every
 envelope this process sends says MAJOR.MINOR, and has the daemon's workers
 speak it too. From minor 1 on, the daemon also has what minor 1 brought, as
 an upgraded release would:
@@ -30,7 +30,7 @@ log = logging.getLogger("speak")
 
 def speak(major: int, minor: int) -> None:
     """Make this process speak protocol major.minor; call it before any other hived import."""
-    from hived import wire
+    from hived.protocol import wire
 
     if wire._REGISTRY:
         raise RuntimeError("message types were registered before the version was set")
@@ -40,11 +40,11 @@ def speak(major: int, minor: int) -> None:
 
 def upgrade_daemon(major: int, minor: int) -> None:
     """The daemon's part: its workers speak our version, and minor 1's additions."""
-    from hived import pool
+    from hived.node import pool
 
     pool.WORKER_MAIN = (
         f"import sys; sys.path.insert(0, {TESTS!r}); import speak; speak.speak({major}, {minor}); "
-        "from hived.worker import main; main()"
+        "from hived.node.worker import main; main()"
     )
     if minor >= 1:
         _minor_one()
@@ -53,9 +53,11 @@ def upgrade_daemon(major: int, minor: int) -> None:
 def _minor_one() -> None:
     from typing import Annotated
 
-    from hived import gossip, membership, mesh, wire
-    from hived.fields import Name
-    from hived.wire import Message, Since, message
+    from hived.mesh import gossip, membership
+    from hived.mesh import shell as mesh
+    from hived.protocol import wire
+    from hived.protocol.fields import Name
+    from hived.protocol.wire import Message, Since, message
 
     @message(b"M.NEWS", since=1)
     class News(Message):

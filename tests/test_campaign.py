@@ -97,7 +97,7 @@ def test_overlapping_leases_and_falling_terms_are_violations():
 
 def test_untimed_coordinator_lines_say_the_lease_check_cannot_run():
     r = _report()
-    leases({"h0": "x INFO hived.mesh: mesh: became coordinator, term 3\n"}, [], 1.0, r)
+    leases({"h0": "x INFO hived.mesh.shell: mesh: became coordinator, term 3\n"}, [], 1.0, r)
     assert len(r.violations) == 1 and "without wall-clock times" in r.violations[0]
 
 

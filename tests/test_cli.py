@@ -20,8 +20,8 @@ from netns import wait_for
 
 import hived
 from hived.cli import duration
-from hived.security import load_key
-from hived.wire import PROTOCOL_MAJOR, PROTOCOL_MINOR
+from hived.net.security import load_key
+from hived.protocol.wire import PROTOCOL_MAJOR, PROTOCOL_MINOR
 
 NODE_FIELDS = {
     "name": str,

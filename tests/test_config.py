@@ -12,12 +12,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hived import config as config_module
-from hived.addresses import (
-    SYSTEM_CONTROL_ADDRESS,
-    default_control_address,
-    is_loopback,
-    local_control_addresses,
-)
 from hived.config import (
     DEFAULT_CONFIG_PATH,
     Config,
@@ -27,6 +21,12 @@ from hived.config import (
     parse_memory_limit,
 )
 from hived.errors import ConfigError
+from hived.net.addresses import (
+    SYSTEM_CONTROL_ADDRESS,
+    default_control_address,
+    is_loopback,
+    local_control_addresses,
+)
 
 FULL = """\
 log_level = "debug"

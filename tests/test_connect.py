@@ -12,7 +12,7 @@ from netns import wait_for
 
 import hived
 from hived.errors import ConfigError
-from hived.resources import usable_cpus
+from hived.node.resources import usable_cpus
 
 
 def worker_count(h: hived.Hive) -> int:

@@ -40,7 +40,7 @@ import pytest
 from netns import wait_for
 
 import hived
-import hived.serialization
+import hived.protocol.serialization
 
 BAD = 3  # the bad item's value and, in ITEMS, its position
 ITEMS = list(range(6))
@@ -152,9 +152,9 @@ def _function_of_a_missing_package(ctx):
         )
     )
     ctx.monkeypatch.setattr(
-        hived.serialization,
+        hived.protocol.serialization,
         "_INSTALLED_ROOTS",
-        (*hived.serialization._INSTALLED_ROOTS, os.path.realpath(site)),
+        (*hived.protocol.serialization._INSTALLED_ROOTS, os.path.realpath(site)),
     )
     ctx.monkeypatch.syspath_prepend(str(site))
     ctx.request.addfinalizer(lambda: sys.modules.pop(MISSING_PKG, None))
@@ -246,7 +246,7 @@ def worker_procs() -> list[psutil.Process]:
     found = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if p.status() != psutil.STATUS_ZOMBIE and "hived.worker" in " ".join(p.cmdline()):
+            if p.status() != psutil.STATUS_ZOMBIE and "hived.node.worker" in " ".join(p.cmdline()):
                 found.append(p)
         except psutil.NoSuchProcess:
             continue

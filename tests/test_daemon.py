@@ -27,9 +27,13 @@ from conftest import REPO, child_env, free_port
 from netns import wait_for
 
 import hived
-from hived import serialization
 from hived.config import load_config
-from hived.control import (
+from hived.daemon import STATUS_EVERY, Daemon
+from hived.net.security import write_key
+from hived.node.pool import STOP_MARGIN
+from hived.node.resources import detect_gpus, usable_cpus
+from hived.protocol import serialization
+from hived.protocol.control import (
     Answer,
     Call,
     DrainRequest,
@@ -44,12 +48,8 @@ from hived.control import (
     Welcome,
     ask,
 )
-from hived.daemon import STATUS_EVERY, Daemon
-from hived.pool import STOP_MARGIN
-from hived.resources import detect_gpus, usable_cpus
-from hived.sdnotify import EXTEND_EVERY, Notifier
-from hived.security import write_key
-from hived.wire import MAX_HEADER_BYTES, decode, encode
+from hived.protocol.wire import MAX_HEADER_BYTES, decode, encode
+from hived.service.sdnotify import EXTEND_EVERY, Notifier
 
 try:
     import tomllib

@@ -35,10 +35,10 @@ from test_cli import hivectl
 from test_daemon import NotifySocket
 
 import hived
-from hived.control import DrainRequest, JobsQuery, ask
-from hived.matchmaking import HeldAsk, HeldTell, Nothing, Pull, RangeFailed, RangeMsg
-from hived.security import load_key
-from hived.serialization import function_digest
+from hived.mesh.matchmaking import HeldAsk, HeldTell, Nothing, Pull, RangeFailed, RangeMsg
+from hived.net.security import load_key
+from hived.protocol.control import DrainRequest, JobsQuery, ask
+from hived.protocol.serialization import function_digest
 
 BAD = 10_000  # the item that kills its worker
 SLOWDOWN = "TEST_TASK_SLOWDOWN"  # set for one daemon (and so its workers): its tasks run slower

@@ -32,7 +32,7 @@ from hived.doctor import (
     diagnose,
     unit_stop_timeout,
 )
-from hived.security import load_key, write_key
+from hived.net.security import load_key, write_key
 
 EXAMPLES = Path(REPO) / "examples" / "cluster"
 LINE = re.compile(r"^(ok  |warn|FAIL)  \S.*$")

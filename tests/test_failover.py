@@ -24,8 +24,8 @@ from meshnet import TIMING, Cluster, MeshNode
 from netns import wait_for
 
 import hived
-from hived import progress
-from hived.failover import TRIED_AT_ONCE, AddressBook, parse_addresses
+from hived.caller import progress
+from hived.caller.failover import TRIED_AT_ONCE, AddressBook, parse_addresses
 
 CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "failover_client.py")
 TASK = 0.1  # seconds per task: a map of 45 runs ~1.5 s on three slots

@@ -26,9 +26,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hived
-from hived import cli, serialization
+from hived import cli
 from hived.config import DEFAULT_HEARTBEAT
-from hived.control import (
+from hived.errors import UNKNOWN_BLOB, HiveError, RemoteProtocolError
+from hived.protocol import serialization
+from hived.protocol.control import (
     LINK_TIMEOUT,
     AddChunk,
     Answer,
@@ -44,8 +46,7 @@ from hived.control import (
     Unwelcome,
     Welcome,
 )
-from hived.errors import UNKNOWN_BLOB, HiveError, RemoteProtocolError
-from hived.wire import encode
+from hived.protocol.wire import encode
 
 # A fake that never answers the job: the caller's 4 s, then the link's
 # window for a node that answers no ping, then a heartbeat's slack.

@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hived
-from hived.control import Bye, Hello, StatusQuery, ask
-from hived.wire import encode
+from hived.protocol.control import Bye, Hello, StatusQuery, ask
+from hived.protocol.wire import encode
 
 # The daemon's own memory may grow this much over a fuzz run: what it holds
 # of a hostile client is small and goes with the client.

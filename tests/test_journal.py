@@ -1,4 +1,4 @@
-"""hived.journal: the daemon's log lines under journald, and the lines its owner,
+"""hived.service.journal: the daemon's log lines under journald, and the lines its owner,
 drains and stop write; with a real daemon whose stderr $JOURNAL_STREAM names."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from conftest import child_env
 from netns import wait_for
 
 import hived
-from hived.control import DrainRequest, UndrainRequest, ask
 from hived.daemon import STACKS_WRITTEN
-from hived.journal import JournalFormatter, configure, is_journal, priority, say
+from hived.protocol.control import DrainRequest, UndrainRequest, ask
+from hived.service.journal import JournalFormatter, configure, is_journal, priority, say
 
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
 
@@ -47,12 +47,12 @@ def test_every_line_of_a_record_carries_its_priority_and_none_a_timestamp() -> N
     try:
         raise ValueError("bad\nvalue")
     except ValueError:
-        record = logging.getLogger("hived.pool").makeRecord(
-            "hived.pool", logging.ERROR, __file__, 1, "worker %d: %s", (7, "two\nlines"),
+        record = logging.getLogger("hived.node.pool").makeRecord(
+            "hived.node.pool", logging.ERROR, __file__, 1, "worker %d: %s", (7, "two\nlines"),
             sys.exc_info(),
         )
     lines = JournalFormatter().format(record).split("\n")
-    assert lines[:2] == ["<3>ERROR hived.pool: worker 7: two", "<3>lines"]
+    assert lines[:2] == ["<3>ERROR hived.node.pool: worker 7: two", "<3>lines"]
     assert lines[2] == "<3>Traceback (most recent call last):"
     assert lines[-2:] == ["<3>ValueError: bad", "<3>value"]
     assert all(line.startswith("<3>") for line in lines), lines
@@ -193,24 +193,24 @@ def test_a_daemon_under_journald(make_daemon, tmp_path: Path) -> None:
 
     job = r"job [0-9a-f]{8}/\d+"
     expected = [
-        rf"<6>INFO hived\.node: {job} started: abs, client \S+ pid {os.getpid()}, cpus=1 gpus=0 "
+        rf"<6>INFO hived\.node\.node: {job} started: abs, client \S+ pid {os.getpid()}, cpus=1 gpus=0 "
         r"retries=2, tasks as they come",
-        rf"<6>INFO hived\.node: {job} \(abs, client \S+ pid \d+\) finished after \d+\.\d\d s: "
+        rf"<6>INFO hived\.node\.node: {job} \(abs, client \S+ pid \d+\) finished after \d+\.\d\d s: "
         r"30 done, 0 failed, 0 cancelled",
-        rf"<7>DEBUG hived\.node: {job} started: fails, client .*, 1 task \(a submit\)",
-        rf"<7>DEBUG hived\.node: {job} \(fails, .*\) finished after \d+\.\d\d s: "
+        rf"<7>DEBUG hived\.node\.node: {job} started: fails, client .*, 1 task \(a submit\)",
+        rf"<7>DEBUG hived\.node\.node: {job} \(fails, .*\) finished after \d+\.\d\d s: "
         r"0 done, 1 failed, 0 cancelled",
-        rf"<6>INFO hived\.node: {job} \(slow, .*\) cancelled \(its client cancelled it\) after "
+        rf"<6>INFO hived\.node\.node: {job} \(slow, .*\) cancelled \(its client cancelled it\) after "
         r"\d+\.\d\d s: "
         r"[1-9]\d* done, 0 failed, [1-9]\d* cancelled",
-        r"<6>INFO hived\.node: draining \(asked by testnode via hivectl\)",
-        r"<6>INFO hived\.node: drained: no task runs here any more",
-        r"<6>INFO hived\.node: drain ended \(asked by testnode via hivectl\)",
+        r"<6>INFO hived\.node\.node: draining \(asked by testnode via hivectl\)",
+        r"<6>INFO hived\.node\.node: drained: no task runs here any more",
+        r"<6>INFO hived\.node\.node: drain ended \(asked by testnode via hivectl\)",
         r"<6>INFO hived: SIGTERM: draining",
-        r"<6>INFO hived\.node: draining to stop: 1 task\(s\) running may finish within "
+        r"<6>INFO hived\.node\.node: draining to stop: 1 task\(s\) running may finish within "
         r"drain_timeout 1 s; nothing new starts",
-        r"<4>WARNING hived\.node: drain timeout: 1 task\(s\) still running after 1 s are stopped",
-        rf"<7>DEBUG hived\.node: {job} \(sleep, .*\) cancelled \(the node stopped\) after "
+        r"<4>WARNING hived\.node\.node: drain timeout: 1 task\(s\) still running after 1 s are stopped",
+        rf"<7>DEBUG hived\.node\.node: {job} \(sleep, .*\) cancelled \(the node stopped\) after "
         r"\d+\.\d\d s: 0 done, 0 failed, 1 cancelled",
         # the two maps, the three submits; the tasks the workers ran to the end
         r"<6>INFO hived: hived stopped after \d+\.\d s: (\d+) task\(s\) run here, 5 job\(s\) "

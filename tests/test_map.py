@@ -33,9 +33,8 @@ from netns import wait_for
 from tasks import nap, nap_then
 
 import hived
-import hived.progress
-from hived.control import AddChunk
-from hived.mapping import (
+import hived.caller.progress
+from hived.caller.mapping import (
     LONG_TASK_SECONDS,
     MAX_UNSIZED_CHUNK,
     TARGET_CHUNK_SECONDS,
@@ -43,7 +42,8 @@ from hived.mapping import (
     ChunkSizer,
     heuristic_chunksize,
 )
-from hived.wire import decode
+from hived.protocol.control import AddChunk
+from hived.protocol.wire import decode
 
 # -- task functions ---------------------------------------------------------------------
 
@@ -113,7 +113,7 @@ def worker_pids() -> set[int]:
     pids = set()
     for p in psutil.Process().children(recursive=True):
         try:
-            if p.status() != psutil.STATUS_ZOMBIE and "hived.worker" in " ".join(p.cmdline()):
+            if p.status() != psutil.STATUS_ZOMBIE and "hived.node.worker" in " ".join(p.cmdline()):
                 pids.add(p.pid)
         except psutil.NoSuchProcess:
             continue
@@ -371,7 +371,7 @@ def test_a_bar_in_a_terminal_with_task_output_above_it(hive, terminal, monkeypat
 
 def test_the_fallback_bar_shows_an_eta_while_it_runs(terminal):
     clock = [100.0]
-    bar = hived.progress.TextBar(1000, terminal.file, clock=lambda: clock[0])
+    bar = hived.caller.progress.TextBar(1000, terminal.file, clock=lambda: clock[0])
     clock[0] = 110.0
     bar.update(100)  # 10/s: 900 to go, 90 s
     bar.close()
@@ -566,11 +566,11 @@ def test_normal_use_logs_nothing_at_warning_or_above(caplog) -> None:
 
 
 def test_embedded_workers_start_before_the_node_and_go_if_it_fails(monkeypatch):
-    import hived.node
-    import hived.pool
+    import hived.node.node
+    import hived.node.pool
 
-    launched: list[hived.pool.Launcher] = []
-    real_prelaunch = hived.pool.Launcher.prelaunch
+    launched: list[hived.node.pool.Launcher] = []
+    real_prelaunch = hived.node.pool.Launcher.prelaunch
 
     def prelaunch(self, cpus):
         real_prelaunch(self, cpus)
@@ -579,8 +579,8 @@ def test_embedded_workers_start_before_the_node_and_go_if_it_fails(monkeypatch):
     def broken_start(self):
         raise RuntimeError("the node could not start")
 
-    monkeypatch.setattr(hived.pool.Launcher, "prelaunch", prelaunch)
-    monkeypatch.setattr(hived.node.Node, "start", broken_start)
+    monkeypatch.setattr(hived.node.pool.Launcher, "prelaunch", prelaunch)
+    monkeypatch.setattr(hived.node.node.Node, "start", broken_start)
     before = worker_pids()
     with pytest.raises(hived.HiveError, match="the embedded hive did not start: the node could not start"):
         hived.connect("embedded", cpus=2)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hived.matchmaking import Matchmaker, Offer, Puller, Want
+from hived.mesh.matchmaking import Matchmaker, Offer, Puller, Want
 
 A, B, C, N = "tcp://a:1", "tcp://b:1", "tcp://c:1", "tcp://n:1"
 

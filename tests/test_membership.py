@@ -11,12 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from simnet import SIM_SETTINGS, Faults, SimNet, fault_schedules
 
-from hived import membership as mb
-from hived import peers
 from hived.config import DEFAULT_DEAD_AFTER, DEFAULT_HEARTBEAT
 from hived.errors import InternalError, RemoteProtocolError
-from hived.gossip import BEAT_VARIANTS, Beat, Leave, NodeInfo, PeerHello
-from hived.wire import decode, encode
+from hived.mesh import membership as mb
+from hived.mesh import peers
+from hived.mesh.gossip import BEAT_VARIANTS, Beat, Leave, NodeInfo, PeerHello
+from hived.protocol.wire import decode, encode
 
 H, DEAD = DEFAULT_HEARTBEAT, DEFAULT_DEAD_AFTER
 GRAIN = H / 4  # thresholds are checked on a quarter-heartbeat wheel

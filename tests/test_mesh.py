@@ -19,10 +19,10 @@ from meshnet import Cluster
 from netns import wait_for
 
 import hived
-from hived.addresses import split_tcp
-from hived.control import StatusQuery, ask
-from hived.mesh import recall_state
-from hived.security import load_key, write_key
+from hived.mesh.shell import recall_state
+from hived.net.addresses import split_tcp
+from hived.net.security import load_key, write_key
+from hived.protocol.control import StatusQuery, ask
 
 
 @pytest.fixture

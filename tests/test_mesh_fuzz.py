@@ -25,9 +25,9 @@ from meshnet import PORT, Cluster
 from netns import wait_for
 
 import hived
-from hived.gossip import PeerHello
-from hived.security import load_key
-from hived.wire import encode
+from hived.mesh.gossip import PeerHello
+from hived.net.security import load_key
+from hived.protocol.wire import encode
 
 BATCHES = 25
 MEMORY_GROWTH = 64 << 20  # bytes a daemon's resident memory may grow over the whole run

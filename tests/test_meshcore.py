@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from simnet import SIM_SETTINGS, SimNet
 
-from hived import election as el
-from hived import gossip
-from hived import membership as mb
-from hived.gossip import NodeInfo
-from hived.meshcore import MeshCore, MeshDriver
+from hived.mesh import election as el
+from hived.mesh import gossip
+from hived.mesh import membership as mb
+from hived.mesh.core import MeshCore, MeshDriver
+from hived.mesh.gossip import NodeInfo
 
 HEARTBEAT, DEAD, LEASE = 0.2, 1.5, 1.0  # the timings of the real-host mesh tests
 TIMING = {"heartbeat": HEARTBEAT, "dead_after": DEAD, "lease": LEASE}

@@ -19,7 +19,7 @@ from conftest import Daemon
 from netns import wait_for
 
 import hived
-from hived.metrics import CLIENT_TIMEOUT, MAX_CLIENTS, MAX_REQUEST
+from hived.service.metrics import CLIENT_TIMEOUT, MAX_CLIENTS, MAX_REQUEST
 
 
 def square(x: int) -> int:

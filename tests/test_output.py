@@ -20,7 +20,7 @@ from conftest import child_env
 from netns import wait_for
 
 import hived
-from hived.taskoutput import BURST, MAX_LINE, Lines, Piece, Records
+from hived.node.taskoutput import BURST, MAX_LINE, Lines, Piece, Records
 
 FLOOD_MIB = 64
 

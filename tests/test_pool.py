@@ -13,7 +13,7 @@ from conftest import child_env
 from netns import wait_for
 
 import hived
-from hived.resources import resolve_gpus
+from hived.node.resources import resolve_gpus
 
 
 def worker_pid(_: object = None) -> int:
@@ -70,7 +70,7 @@ def test_one_spawned_worker_per_cpu_slot(make_daemon) -> None:
         assert proc.ppid() == daemon.proc.pid
         cmdline = " ".join(proc.cmdline())
         # A fresh interpreter running the worker, not a fork of the daemon.
-        assert "hived.worker" in cmdline
+        assert "hived.node.worker" in cmdline
         assert "hived.daemon" not in cmdline
         assert os.path.realpath(proc.exe()) == os.path.realpath(sys.executable)
     with hived.connect(daemon.address) as h:

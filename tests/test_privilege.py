@@ -72,7 +72,7 @@ def python() -> Iterator[tuple[str, dict[str, str]]]:
             for var in ("XDG_RUNTIME_DIR", "HIVED_ADDRESS", "HIVED_KEY_FILE"):
                 env.pop(var, None)
             for candidate in candidates:
-                probe = [candidate or "", "-c", "import hived.client"]
+                probe = [candidate or "", "-c", "import hived.caller.client"]
                 if candidate and as_user(NOBODY, probe, env).returncode == 0:
                     yield candidate, env
                     return
@@ -106,7 +106,7 @@ def victim() -> Iterator[int]:
 FAKE = """
 import os, sys, zmq
 from fakedaemon import FakeDaemon, welcome
-from hived.control import Call, Result
+from hived.protocol.control import Call, Result
 
 class Payload:  # unpickling it makes the directory, as whoever unpickles it
     def __reduce__(self):

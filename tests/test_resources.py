@@ -1,4 +1,4 @@
-"""hived.resources: CPUs, memory and GPUs on fake cgroup trees, fake nvidia-smi, and this machine."""
+"""hived.node.resources: CPUs, memory and GPUs on fake cgroup trees, fake nvidia-smi, and this machine."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hived import resources
 from hived.errors import ConfigError
-from hived.resources import (
+from hived.node import resources
+from hived.node.resources import (
     cgroup_cpu_quota,
     cgroup_memory_limit,
     detect_gpus,

@@ -1,4 +1,4 @@
-"""hived.sdnotify: datagrams received on a real AF_UNIX socket of our own, as systemd would."""
+"""hived.service.sdnotify: datagrams received on a real AF_UNIX socket of our own, as systemd would."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hived.sdnotify import EXTEND_AHEAD, Notifier, stop_extension
+from hived.service.sdnotify import EXTEND_AHEAD, Notifier, stop_extension
 
 RECV_TIMEOUT = 5.0  # seconds; a datagram on a local socket arrives at once, or never
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def test_notify_sends_one_datagram_of_lines(receiver: Receiver) -> None:
 
 
 def test_notify_from_another_process_carries_that_process_pid(receiver: Receiver) -> None:
-    code = "from hived.sdnotify import Notifier; import sys; sys.exit(0 if Notifier.from_env().notify('READY=1') else 1)"
+    code = "from hived.service.sdnotify import Notifier; import sys; sys.exit(0 if Notifier.from_env().notify('READY=1') else 1)"
     child = subprocess.Popen(
         [sys.executable, "-c", code],
         env={**os.environ, "NOTIFY_SOCKET": receiver.address, "PYTHONPATH": str(ROOT)},

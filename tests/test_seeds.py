@@ -21,9 +21,9 @@ from test_daemon import NotifySocket
 
 import hived.doctor
 from hived.doctor import diagnose
-from hived.security import write_key
-from hived.seeds import NO_CONNECTION, REFUSAL_KEPT, WRONG_KEY, SeedWatch
-from hived.wire import PROTOCOL_MAJOR, PROTOCOL_MINOR
+from hived.mesh.seeds import NO_CONNECTION, REFUSAL_KEPT, WRONG_KEY, SeedWatch
+from hived.net.security import write_key
+from hived.protocol.wire import PROTOCOL_MAJOR, PROTOCOL_MINOR
 
 
 def seed_row(daemon, address: str) -> dict | None:

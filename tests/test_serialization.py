@@ -10,10 +10,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from hived import serialization
 from hived.errors import SerializationError
-from hived.serialization import dumps, dumps_function, dumps_result, loads
-from hived.wire import ZERO_COPY_MIN
+from hived.protocol import serialization
+from hived.protocol.serialization import dumps, dumps_function, dumps_result, loads
+from hived.protocol.wire import ZERO_COPY_MIN
 
 
 def test_large_buffers_travel_as_frames_of_their_own():
@@ -113,6 +113,6 @@ def test_a_missing_module_is_named(tmp_path):
 
 
 def test_hived_itself_is_never_pickled_by_value():
-    from hived import worker
+    from hived.node import worker
 
     assert not serialization._is_callers_own(worker)

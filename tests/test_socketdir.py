@@ -1,4 +1,4 @@
-"""Who could have put a control socket where it is (hived.socketdir).
+"""Who could have put a control socket where it is (hived.net.socketdir).
 
 Run as root (as CI does), so that the directories can be given to another
 user; as anyone else the tests that need that are skipped, never in CI.
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from hived.errors import HiveError
-from hived.socketdir import check_socket, make_socket_dir
+from hived.net.socketdir import check_socket, make_socket_dir
 
 NOBODY = 65534
 root_only = pytest.mark.skipif(

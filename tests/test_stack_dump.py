@@ -13,8 +13,8 @@ from pathlib import Path
 from conftest import REPO, Daemon, child_env
 from netns import wait_for
 
-from hived.control import StatusQuery, ask
 from hived.daemon import STACKS_WRITTEN
+from hived.protocol.control import StatusQuery, ask
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 

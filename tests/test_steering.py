@@ -1,13 +1,13 @@
-"""hived.steering: forwarded drain/undrain/cancel requests, fed answers and a clock."""
+"""hived.mesh.steering: forwarded drain/undrain/cancel requests, fed answers and a clock."""
 
 from __future__ import annotations
 
 import pytest
 
 from hived.errors import RemoteProtocolError
-from hived.sansio import Send
-from hived.steering import Forwards, Steer, Steered
-from hived.wire import decode, encode
+from hived.mesh.sansio import Send
+from hived.mesh.steering import Forwards, Steer, Steered
+from hived.protocol.wire import decode, encode
 
 A, B, C = "tcp://10.0.0.1:7700", "tcp://10.0.0.2:7700", "tcp://10.0.0.3:7700"
 

@@ -55,7 +55,7 @@ import pytest
 from conftest import REPO
 from netns import Host, TestNet, require_netns, wait_for
 
-from hived import wire
+from hived.protocol import wire
 
 CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 SUITE = "bookworm"

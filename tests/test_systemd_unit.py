@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from hived.addresses import SYSTEM_CONTROL_ADDRESS
 from hived.config import TimingConfig
 from hived.doctor import check_stop_timeout, parse_timespan
+from hived.net.addresses import SYSTEM_CONTROL_ADDRESS
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "hived.service"
 ANALYZE = shutil.which("systemd-analyze")

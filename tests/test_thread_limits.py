@@ -13,7 +13,7 @@ import pytest
 from conftest import child_env
 
 import hived
-from hived.worker import THREAD_LIMITS
+from hived.node.worker import THREAD_LIMITS
 
 
 def thread_limits(_=None):

@@ -23,7 +23,7 @@ from test_cli import hivectl
 from test_distributed import check_squares, eventually, running_cluster, square_where
 
 import hived
-from hived.wire import PROTOCOL_MAJOR, PROTOCOL_MINOR
+from hived.protocol.wire import PROTOCOL_MAJOR, PROTOCOL_MINOR
 
 SPEAK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "speak.py")
 OURS = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"

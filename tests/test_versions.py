@@ -4,7 +4,7 @@ what it sends to a peer of an older minor.
 The types here are registered as a minor-1 protocol would have them: a type
 new in minor 1 (T.NEWS) and a field added in minor 1 to an older type
 (T.GROWN.note). Each test then plays a node of minor 0 or 1 by setting
-`hived.wire.PROTOCOL_MINOR`, as tests/speak.py does for a whole daemon.
+`hived.protocol.wire.PROTOCOL_MINOR`, as tests/speak.py does for a whole daemon.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Annotated
 import msgpack
 import pytest
 
-from hived import wire
 from hived.errors import InternalError, NewerMinorType, OtherMajorVersion, RemoteProtocolError
-from hived.versions import PeerVersions
-from hived.wire import (
+from hived.mesh.versions import PeerVersions
+from hived.protocol import wire
+from hived.protocol.wire import (
     SINCE,
     Message,
     Since,
@@ -135,7 +135,7 @@ def test_the_sender_speaks_each_peer_its_own_minor(minor1: None) -> None:
 def test_a_peer_is_heard_again_when_it_is_upgraded(minor1: None, caplog) -> None:
     peers = PeerVersions()
     peers.heard("tcp://a:1", b"HV1.0")
-    with caplog.at_level(logging.INFO, logger="hived.versions"):
+    with caplog.at_level(logging.INFO, logger="hived.mesh.versions"):
         peers.heard("tcp://a:1", b"HV1.1")
     assert peers.version_of("tcp://a:1") == "1.1" and peers.minor_for("tcp://a:1") == 1
     assert "tcp://a:1 now speaks protocol 1.1 (was 1.0)" in caplog.text
@@ -218,18 +218,18 @@ def test_another_major_is_refused_naming_both_versions() -> None:
 
 def test_a_type_of_a_newer_minor_is_counted_and_logged_once_per_peer(caplog) -> None:
     peers = PeerVersions()
-    with caplog.at_level(logging.DEBUG, logger="hived.versions"):
+    with caplog.at_level(logging.DEBUG, logger="hived.mesh.versions"):
         for _ in range(3):
             for sender in ("tcp://a:1", "tcp://b:1"):
                 peers.heard(sender, b"HV1.1")
                 peers.ignored(sender, b"M.LATER")
     assert peers.ignored_by_type == {"M.LATER": 6}
-    lines = [r.getMessage() for r in caplog.records if r.name == "hived.versions"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "hived.mesh.versions"]
     assert lines == [
         "mesh: ignored M.LATER from tcp://a:1 (protocol 1.1): a newer minor's type, not ours",
         "mesh: ignored M.LATER from tcp://b:1 (protocol 1.1): a newer minor's type, not ours",
     ]
-    assert all(r.levelno == logging.DEBUG for r in caplog.records if r.name == "hived.versions")
+    assert all(r.levelno == logging.DEBUG for r in caplog.records if r.name == "hived.mesh.versions")
 
 
 # -- the refusal every major reads ---------------------------------------------------------

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hived import control, worker  # noqa: F401 - registers their message types
 from hived.errors import HiveError, InternalError, RemoteProtocolError
-from hived.matchmaking import Point, RangeDone, RangeLost, RangeMsg
-from hived.wire import Message, Rule, decode, encode, message, peer_version
+from hived.mesh.matchmaking import Point, RangeDone, RangeLost, RangeMsg
+from hived.protocol import control  # noqa: F401 - registers their message types
+from hived.protocol.wire import Message, Rule, decode, encode, message, peer_version
 
 
 @message(b"T.SAMPLE")

@@ -1,0 +1,1 @@
+"""The caller's side: `hived.connect()`, one map as the caller sees it, and the link to a node."""

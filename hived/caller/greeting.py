@@ -1,0 +1,110 @@
+"""Saying HELLO to several nodes at once, and believing what they answer.
+
+A client that looks for a node (`connect` with several addresses, or after
+its node was lost) opens a link to every candidate, says HELLO on each and
+keeps the first node, in the order given, that welcomes it and takes jobs
+(not draining); the other links are closed. Each answer is checked before
+it is believed: a compatible release, a believable slot count.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hived.caller.links import SocketLink
+from hived.errors import HiveError, RemoteProtocolError
+from hived.net.security import client_curve
+from hived.protocol.control import Unwelcome, Welcome, version_problem
+
+CONNECT_TIMEOUT = 2.0  # for a WELCOME, per round of greetings
+MAX_SLOTS = 1 << 20  # more than any hive has: a WELCOME claiming more is not believed
+Tried = dict[str, "str | HiveError"]  # address: why it would not do
+
+
+class Greeting:
+    """One HELLO on a link of its own, and what the node answered."""
+
+    def __init__(self, address: str, answered: threading.Event) -> None:
+        self.address = address
+        self.answered = answered  # shared by the greetings of one round
+        self.answered_at = 0.0  # monotonic time of the answer; 0 until one came
+        self.link: Any = None
+        self.welcome: Welcome | None = None
+        self.problem: HiveError | None = None  # why this node will not serve us
+        self.served = False  # it answered one of our jobs
+
+    def believe(self, msg: Welcome | Unwelcome) -> None:
+        """The node's answer (on its link's thread), checked before it is believed."""
+        if isinstance(msg, Unwelcome):
+            problem = msg.text
+        elif not 0 <= msg.slots <= MAX_SLOTS:
+            self.problem = RemoteProtocolError(
+                f"hived at {self.address} says it has {msg.slots} slots; expected 0 to {MAX_SLOTS}"
+            )
+            problem = None
+        else:
+            problem = version_problem(msg.version)
+        if problem is not None:
+            self.problem = HiveError(
+                f"hived on {msg.node} at {self.address} will not serve this client: {problem}"
+            )
+        elif self.problem is None:
+            self.welcome = msg
+        self.answered_at = time.monotonic()
+        self.answered.set()
+
+    def takes_jobs(self) -> bool:
+        return self.welcome is not None and not self.welcome.draining
+
+
+def greet_any(
+    addresses: list[str],
+    timeout: float,
+    *,
+    key_file: str | None,
+    hello: list[Any],
+    on_frames: Callable[[Greeting, list[Any]], None],
+    on_lost: Callable[[Greeting, str], None],
+) -> tuple[Greeting | None, Tried]:
+    """Say HELLO at every address at once; the first node (in the order
+    given, among those that answered) that welcomes us and takes jobs,
+    and why each other one would not do."""
+    answered = threading.Event()
+    greetings, tried = [], {}
+    for address in addresses:
+        greeting = Greeting(address, answered)
+        try:
+            greeting.link = SocketLink(
+                address, lambda frames, g=greeting: on_frames(g, frames),
+                on_lost=lambda reason, g=greeting: on_lost(g, reason),
+                curve=client_curve(address, key_file),
+            )
+        except HiveError as exc:  # an ipc socket not to be trusted, a key missing
+            tried[address] = exc
+            continue
+        greeting.link.send(hello)
+        greetings.append(greeting)
+    deadline = time.monotonic() + timeout
+    chosen = None
+    while greetings:
+        answered.clear()  # before looking: an answer from now on wakes the wait
+        chosen = next((g for g in greetings if g.takes_jobs()), None)
+        left = deadline - time.monotonic()
+        if chosen is not None or left <= 0 or all(g.answered_at for g in greetings):
+            break
+        answered.wait(left)
+    for greeting in greetings:
+        if greeting is chosen:
+            continue
+        greeting.link.close()
+        if greeting.problem is not None:
+            tried[greeting.address] = greeting.problem
+        elif greeting.welcome is not None:
+            tried[greeting.address] = f"hived on {greeting.welcome.node} is draining"
+        else:
+            tried[greeting.address] = f"no answer within {timeout:.1f}s"
+    return chosen, tried
+

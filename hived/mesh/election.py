@@ -1,0 +1,843 @@
+"""The lease election — a sans-IO core (DESIGN.md, "Lease election").
+
+Theory of operation
+-------------------
+The voters are the seed addresses (a node with no seeds is its own, single
+voter). Every node runs the same core, which plays two parts:
+
+* **Voter** (if its address is a voter). It grants term t to a candidate only
+  if t is above every term it promised (or t is the term it promised to that
+  same candidate: a renewal), no unexpired grant of its own stands for another
+  node, and it is past its start-up quarantine of one lease (it may have
+  granted something before a restart and forgotten it). It times each grant
+  on its own clock: `grant_until = received + lease`. The promise is
+  persisted (`Persist`, emitted before the GRANT) so it survives restarts.
+* **Candidate / coordinator.** With no coordinator it believes in, and once
+  its randomised back-off runs out, a node asks every voter for term
+  t = highest seen + 1 (or again for the term it last asked, while nobody has
+  been seen at or above it: that keeps a lonely minority from inflating
+  terms). Once a majority granted it is coordinator until
+  `sent + hold`, where `sent` is when *it sent* the asks and
+  `hold = lease - (lease * max_drift + min_margin)`. From a third of the way
+  through it renews with new ask rounds for the same term (the next term if a
+  round is refused, e.g. by restarted voters that no longer know it holds
+  the term); if no round succeeds it steps down at the end of its lease.
+* **Announcements.** The coordinator broadcasts LEADER (term, name, address,
+  remaining lease) after each successful round; every node, voter or not,
+  believes it for `remaining` minus the drift margin on its own clock, which
+  is what `coordinator(now)` answers. A minority side stops hearing it and
+  answers None once that runs out.
+* **Hand-over.** A node that is stopping (`step_down`) never stands again;
+  if it holds the lease it stops acting first (LostCoordinator), then sends
+  RESIGN(t) to every voter and live member. A voter whose unexpired grant
+  stands for that sender and that term frees it, so it may grant t + 1 at
+  once; a node that believed the sender's lease for t drops the belief and
+  backs off to stand (the voters after the sender in the order move up one
+  place, so the next stands within a slot); both refuse that sender's ASK
+  and LEADER up to t from then on (a renewal or an announcement still in
+  flight). Safety needs nothing of it: a grant is freed only after its
+  holder stopped, and only for its own term (a later process of the same
+  node asks above every term its predecessor asked, the promise being on
+  disk before any ASK left), so a delayed, duplicated or reordered RESIGN
+  frees nothing anyone acts on, and a lost one (or one an older node does
+  not know) costs the old wait.
+* **Fencing.** `term` is the highest term known to have had a coordinator
+  (announced, won, or reported by heartbeats). `accept_term(t)` is False for
+  anything below it (and above `term_limit()`); coordinator messages of
+  other cores must pass it. A LEADER must come from the address it names.
+
+Terms from peers move by bounded, checked steps (a member with a bug or a
+bit flip must not wedge the election for good):
+* **Vouching.** Every other voter reports its own term (in its heartbeats,
+  and as `seen` in a DENY); `vouched` is the highest term a majority of the
+  other voters reported. `term_limit()` is TERM_STEP above the larger of
+  `vouched` and what we had written down when we started. A LEADER above it
+  is refused (`RemoteProtocolError`), an ASK above it is denied, and a
+  higher term in a heartbeat, a DENY or a POINT is not adopted: nothing
+  near the end of the range is ever persisted, so the next ask always fits.
+* **Safe.** Only fencing and liveness depend on this, never the promise
+  rule: refusing a term can stop a voter granting, and can make us ignore
+  a coordinator's message, but never make two holders of a term.
+* **Live.** Honest terms rise one per election, and voters report theirs
+  every heartbeat, so an honest term is never TERM_STEP ahead of what a
+  majority vouches for. A node far behind (a wiped disk, a long partition)
+  catches up as soon as a majority of the other voters report the hive's
+  term. One member alone, even at a voter's address, cannot lift
+  `vouched` above what an honest voter reports, so however many messages
+  it sends, terms rise at most TERM_STEP per round of heartbeats between
+  honest voters, and the 2**53 range cannot run out.
+
+Settling fast (none of this is needed for safety, only for liveness):
+* Back-off: voters stand in address order (rank × lease/8 plus jitter),
+  other nodes only after three leases; each failed attempt doubles the jitter
+  (up to 4 slots). A voter whose vote is promised to another candidate does
+  not stand until that grant runs out.
+* A DENY says how long the voter will keep refusing, so a candidate waits out
+  a dead coordinator's grants instead of hammering the voters.
+* A candidate asked by a candidate earlier in the back-off order yields (drops
+  its round and votes), so a duel ends in one round.
+* A failed candidacy sends RELEASE to the voters that granted it: the grant
+  protects nothing any more, and would otherwise block them for a lease.
+* A DENY from a free voter that promised our term to another node makes the
+  candidate ask again at once, one term higher (once per candidacy).
+
+Clocks: `max_drift` bounds how far two nodes' clock rates differ, as a ratio
+(slower / faster >= 1 - max_drift). The candidate's lease ends at real time
+`sent + hold / rate_c`; the voter's grant at `received + lease / rate_v`,
+with `received >= sent`. `hold < lease * (1 - max_drift) <= lease * rate_c /
+rate_v`, so the holder always stops first.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+from hived.config import DEFAULT_LEASE
+from hived.errors import InternalError, RemoteProtocolError
+from hived.mesh.sansio import Send, Story
+from hived.protocol.fields import MAX_TERM, Address, Name, RoundId, Seconds, Term
+from hived.protocol.wire import Message, message
+
+# --------------------------------------------------------------------------
+# Actions and events
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """Send `msg` to every live member (Membership.live_addresses()), and to
+    the addresses in `also` that are not among them."""
+
+    msg: Message
+    also: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Persist:
+    """Write these two numbers to data_dir *before* carrying out the actions
+    after it, and pass them back as `initial_term` / `initial_promised` after
+    a restart. `promised` is the highest term this node granted or asked for."""
+
+    term: int
+    promised: int
+
+
+@dataclass(frozen=True, slots=True)
+class BecameCoordinator:
+    """We hold the lease for `term` until local monotonic time `until`. Emitted
+    again when a renewal extends it (`until` later) or moves it to a new term."""
+
+    term: int
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class LostCoordinator:
+    """We no longer hold the lease for `term`: stop acting as coordinator now."""
+
+    term: int
+
+
+Action = Send | Broadcast | Persist | BecameCoordinator | LostCoordinator
+
+# --------------------------------------------------------------------------
+# Messages
+
+
+@message(b"E.ASK")
+class Ask(Message):
+    term: Term
+    round: RoundId  # ties the answers to one round of asks (and its send time)
+    name: Name
+
+
+@message(b"E.GRANT")
+class Grant(Message):
+    term: Term
+    round: RoundId
+
+
+@message(b"E.DENY")
+class Deny(Message):
+    term: Term
+    round: RoundId
+    seen: Term  # the highest term this voter promised or knows was held
+    wait: Seconds  # before it could grant anyone else, on the voter's clock
+
+
+@message(b"E.RELEASE")
+class Release(Message):
+    """A candidacy round failed: the grant given for it protects nothing."""
+
+    term: Term
+    round: RoundId
+
+
+@message(b"E.RESIGN")
+class Resign(Message):
+    """The sender stopped acting as coordinator of `term` and never will again
+    (it is stopping): a grant for it in that term protects nothing."""
+
+    term: Term
+
+
+@message(b"E.LEADER")
+class Leader(Message):
+    term: Term
+    name: Name
+    address: Address  # the sender's own: a node announces only itself
+    remaining: Seconds  # of lease left when sent, on the sender's clock
+
+
+MESSAGES = (Ask, Grant, Deny, Release, Resign, Leader)
+
+# How far above the term a majority of voters vouch for a peer's term may be
+# (honest terms rise one per election, and voters report theirs every
+# heartbeat, so an honest node is never more than a few ahead).
+TERM_STEP = 16
+
+# --------------------------------------------------------------------------
+# The role state machine.
+#
+# Invariants:
+#   1. At most one holder per term: a voter grants t only if t > promised, or
+#      t == promised to the same holder (a renewal); `promised` never goes
+#      down and is persisted before the grant leaves, so two majorities for t
+#      would share a voter that granted t to two nodes — impossible.
+#   2. A holder stops before any voter's grant ends: see the clock argument
+#      at the top. A voter grants nothing while its own unexpired grant
+#      stands for another node, and nothing for one lease after it starts.
+#   3. Hence no two nodes are coordinator at the same real instant.
+#   4. `term` (the fencing floor) and `promised` never go down, and a
+#      coordinator's term is the floor (a higher one seen makes it step down).
+#   5. A node that is stopping never stands, and once it resigned it is never
+#      coordinator again; a voter frees a grant on RESIGN only for the node
+#      and term it was given to, which stopped acting before it sent it.
+
+FOLLOWER, CANDIDATE, COORDINATOR = "follower", "candidate", "coordinator"
+
+_MOVES = {
+    (FOLLOWER, CANDIDATE): "no coordinator believed in and the back-off ran out",
+    (CANDIDATE, COORDINATOR): "a majority of voters granted the term",
+    (CANDIDATE, FOLLOWER): "the round was refused or timed out, or a coordinator announced",
+    (COORDINATOR, COORDINATOR): "a renewal round won (same or next term)",
+    (COORDINATOR, FOLLOWER): "the lease ran out unrenewed, a higher term was seen, or it stops",
+}
+
+
+def check_move(old: str, new: str, term: int) -> None:
+    """Raise InternalError unless `old -> new` is a legal election move."""
+    if (old, new) not in _MOVES:
+        raise InternalError(f"illegal election move {old} -> {new} in term {term}")
+
+
+@dataclass(slots=True)
+class _Round:
+    term: int
+    sent: float
+    expires: float
+    renewal: bool
+    grants: set[str]
+    denies: set[str]
+    wait: float = 0.0
+    outbid: bool = False  # a re-ask at a higher term: at most one per candidacy
+
+
+@dataclass(frozen=True, slots=True)
+class _Belief:
+    name: str
+    address: str
+    term: int
+    until: float
+
+
+class Election:
+    """One node's part in the lease election. See the module docstring."""
+
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        voters: list[str],
+        now: float,
+        rng: random.Random,
+        *,
+        lease: float = DEFAULT_LEASE,
+        max_drift: float = 0.01,
+        min_margin: float = 0.01,
+        initial_term: int = 0,
+        initial_promised: int = 0,
+        story_size: int = 256,
+    ) -> None:
+        hold = lease - (lease * max_drift + min_margin)
+        if not (lease > 0 and 0 <= max_drift < 1 and min_margin >= 0 and hold > 0):
+            raise InternalError(
+                f"lease {lease} leaves no time to hold it after the drift margin "
+                f"(max_drift {max_drift}, min_margin {min_margin})"
+            )
+        self.name = name
+        self.address = address
+        self._alone = not voters
+        self._voters = sorted(set(voters)) or [address]
+        self._majority = len(self._voters) // 2 + 1
+        self._ranks = {voter: i for i, voter in enumerate(self._voters)}
+        self._rank = self._ranks.get(address)
+        self.lease = lease
+        self.hold = hold
+        self._drift = max_drift
+        self._min_margin = min_margin
+        self._rng = rng
+        self.story = Story(f"election of {name}", story_size)
+        # what we know
+        self._term = initial_term  # fencing floor: highest term known held
+        self._high = max(initial_term, initial_promised)  # highest term seen at all
+        self._asked = initial_promised  # highest term we asked for
+        self._persisted = (initial_term, initial_promised)
+        # terms the other voters reported (see _report), and the highest one a
+        # majority of them reported: with what we wrote down before a restart,
+        # the base of `term_limit`
+        self._reports: dict[str, int] = {}
+        self._vouched = 0
+        self._recalled = max(initial_term, initial_promised)
+        self._belief: _Belief | None = None  # someone else's lease we believe in
+        # voter part
+        self._promised = initial_promised
+        self._holder: str | None = None
+        self._grant_round = -1
+        self._grant_until = -math.inf
+        # a node with no seeds elects itself at once; any other voter may have
+        # granted something before a restart, so it waits one lease
+        self._quiet_until = now if self._alone else now + lease
+        # candidate / coordinator part
+        self._state = FOLLOWER
+        self._lease_term = 0
+        self._lease_end = -math.inf
+        self._renew_at = math.inf
+        self._bump = False  # the next renewal round asks for a new term
+        self._rounds: dict[int, _Round] = {}
+        self._candidacy: int | None = None  # round id of our candidacy
+        self._next_round = rng.getrandbits(48)
+        self._attempt = 0
+        self._stand_at = now if self._alone else now + self._backoff()
+        self._outbox: list[Action] = []
+        # a Persist failed: no promise is made (no grant, no candidacy) until a
+        # write succeeds; the write is tried again at this time
+        self._unsaved_until: float | None = None
+        self._now = now  # the latest time we were given (for accept_term's step-down)
+        # hand-over: we are stopping (never stand again), and the term we
+        # resigned; the latest RESIGN heard: (sender, term)
+        self._stopping = False
+        self._handed_over: int | None = None
+        self._resigned: tuple[str, int] | None = None
+        self.story.add(now, "start", f"voters={self._voters} term={initial_term}")
+
+    # -- what the shell reads ----------------------------------------------
+
+    @property
+    def term(self) -> int:
+        """The highest term known to have had a coordinator (the fencing floor)."""
+        return self._term
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def stopping(self) -> bool:
+        """`step_down` was called: this node stands no more."""
+        return self._stopping
+
+    @property
+    def voters(self) -> list[str]:
+        return list(self._voters)
+
+    def is_coordinator(self, now: float) -> bool:
+        return (
+            self._state == COORDINATOR and now < self._lease_end and self._lease_term >= self._term
+        )
+
+    def coordinator(self, now: float) -> tuple[str, int] | None:
+        """(name, term) of the coordinator whose lease we believe valid, else None."""
+        if self.is_coordinator(now):
+            return self.name, self._lease_term
+        b = self._belief
+        if b is not None and b.term >= self._term and now < b.until:
+            return b.name, b.term
+        return None
+
+    def coordinator_address(self, now: float) -> str | None:
+        if self.is_coordinator(now):
+            return self.address
+        b = self._belief
+        if b is not None and b.term >= self._term and now < b.until:
+            return b.address
+        return None
+
+    def announcement(self, now: float) -> Leader | None:
+        """Our LEADER message while we hold the lease (for a peer that just
+        joined or came back), else None."""
+        if not self.is_coordinator(now):
+            return None
+        return Leader(self._lease_term, self.name, self.address, self._lease_end - now)
+
+    def persist_failed(self, now: float) -> list[Action]:
+        """The shell could not write the last Persist and dropped what came
+        after it. Until a write succeeds we promise nothing: a voter grants
+        nothing, a candidate gives up, a coordinator steps down (its renewals
+        would raise promises it cannot keep across a restart)."""
+        out, self._outbox = self._outbox, []
+        self._now = now
+        if self._unsaved_until is None:
+            self.story.add(now, "persist failed", f"term {self._term}: promising nothing")
+        self._unsaved_until = now + self.lease / 4
+        if self._state == COORDINATOR:
+            self._step_down(now, "the promise could not be written", out)
+        elif self._state == CANDIDATE:
+            rid = self._candidacy
+            self._lost_candidacy(self._rounds[rid], rid, now, out)  # type: ignore[index]
+        return out
+
+    def step_down(self, now: float) -> list[Action]:
+        """The node is stopping: it never stands again, and if it holds the
+        lease it gives it up now, first stopping (LostCoordinator), then
+        telling every voter and live member (RESIGN), so the hive elects
+        another within a round instead of a lease after we are gone. A node
+        that is its own only voter keeps the lease: nobody else could hold it."""
+        out, self._outbox = self._outbox, []
+        self._now = now
+        if not self._stopping:
+            self._stopping = True
+            self.story.add(now, "stopping", f"in state {self._state}, term {self._term}")
+        if self._state == CANDIDATE:
+            rid = self._candidacy
+            self._lost_candidacy(self._rounds[rid], rid, now, out)  # type: ignore[index]
+        elif self._state == COORDINATOR and self._voters != [self.address]:
+            term = self._lease_term
+            self._step_down(now, "stopping: handing over", out)
+            self._handed_over = term
+            others = tuple(v for v in self._voters if v != self.address)
+            out.append(Broadcast(Resign(term), also=others))
+        return self._finish(out)
+
+    def accept_term(self, term: int) -> bool:
+        """Fencing: False for a coordinator message below the highest term seen,
+        or above `term_limit()`. A higher term raises the floor (a coordinator
+        below it steps down)."""
+        if term < self._term:
+            return False
+        if term > self._term:
+            if term > self.term_limit():
+                self.story.add(self._now, "incredible", f"term {term} > {self.term_limit()}")
+                return False
+            self._raise_floor(term, self._outbox)
+        return True
+
+    def heard_term(self, address: str, term: int) -> bool:
+        """The node at `address` reported `term` for itself (in a heartbeat):
+        from a voter, what it vouches for; then as `accept_term`."""
+        self._report(address, term)
+        return self.accept_term(term)
+
+    def term_limit(self) -> int:
+        """The highest term a peer may bring us: TERM_STEP above what a majority
+        of the other voters vouch for (or what we had written down when we
+        started)."""
+        return min(max(self._vouched, self._recalled) + TERM_STEP, MAX_TERM - 2)
+
+    def next_deadline(self) -> float | None:
+        """Local time at which `tick` has work; -inf means at once."""
+        if self._outbox:
+            return -math.inf
+        if self._unsaved_until is not None:
+            due = self._unsaved_until  # the next try at writing; no standing till then
+        elif self._persisted != (self._term, max(self._promised, self._asked)):
+            return -math.inf
+        else:
+            standing = self._state == FOLLOWER and self._belief is None and not self._stopping
+            due = self._stand_at if standing else math.inf
+        if self._state == COORDINATOR:
+            due = min(due, self._lease_end)
+            if not any(r.renewal for r in self._rounds.values()):
+                due = min(due, self._renew_at)
+        elif self._belief is not None:
+            due = min(due, self._belief.until)
+        for r in self._rounds.values():
+            due = min(due, r.expires)
+        return due if due < math.inf else None
+
+    # -- what the shell feeds ----------------------------------------------
+
+    def handle(self, sender: str, msg: Message, now: float) -> list[Action]:
+        """Feed one decoded election message from the node at `sender`."""
+        handler = _HANDLERS.get(type(msg))
+        if handler is None:
+            raise InternalError(
+                f"election got a {type(msg).__name__}, not one of its messages"
+            )
+        out, self._outbox = self._outbox, []
+        self._now = now
+        handler(self, sender, msg, now, out)
+        return self._finish(out)
+
+    def tick(self, now: float) -> list[Action]:
+        """Time out rounds, renew or give up the lease, and stand when due."""
+        out, self._outbox = self._outbox, []
+        self._now = now
+        if self._unsaved_until is not None and now >= self._unsaved_until:
+            self._persisted = None  # try the write again (see _finish)
+        for rid, r in list(self._rounds.items()):
+            if now >= r.expires and rid in self._rounds:
+                self._round_failed(rid, r, now, out)
+        if self._state == COORDINATOR:
+            if now >= self._lease_end:
+                self._step_down(now, "lease ran out unrenewed", out)
+            elif now >= self._renew_at and not any(r.renewal for r in self._rounds.values()):
+                term = self._next_term() if self._bump else self._lease_term
+                self._ask(term, now, True, out)
+        if self._belief is not None and now >= self._belief.until:
+            self.story.add(now, "belief expired", f"{self._belief.name} term {self._belief.term}")
+            self._belief = None
+            self._stand_at = now + self._backoff()
+        if (self._state == FOLLOWER and self._belief is None and now >= self._stand_at
+                and self._unsaved_until is None and not self._stopping):  # fmt: skip
+            if self._holder not in (None, self.address) and self._grant_until > now:
+                # our vote is promised to another candidate: standing now would
+                # only split the votes, so wait until that grant runs out
+                self._stand_at = self._grant_until + self._backoff()
+                return self._finish(out)
+            self._move(CANDIDATE, now)
+            self._ask(self._next_term(), now, False, out)
+        return self._finish(out)
+
+    # -- invariants --------------------------------------------------------
+
+    def validate(self) -> None:
+        """Check the invariants above; raise InternalError with the story."""
+        problems = []
+        if self._state == COORDINATOR and self._lease_term < 1:
+            problems.append("coordinator without a term")
+        if self._state == CANDIDATE and self._candidacy not in self._rounds:
+            problems.append("candidate without a round")
+        if self._state == FOLLOWER and self._rounds:
+            problems.append("follower with rounds in flight")
+        if self._promised > max(self._high, self._asked):
+            problems.append(f"promised {self._promised} above anything seen")
+        if self._lease_term > self._term:
+            problems.append(f"lease term {self._lease_term} above the floor {self._term}")
+        if self._stopping and self._state == CANDIDATE:
+            problems.append("stands while stopping")
+        if self._handed_over is not None and self._state == COORDINATOR:
+            problems.append(f"coordinator again after resigning term {self._handed_over}")
+        if problems:
+            raise InternalError(
+                f"election of {self.name} in state {self._state}, term {self._term}, broke "
+                f"invariants: {'; '.join(problems)}\n" + self.story.format(50)
+            )
+
+    # -- voter part --------------------------------------------------------
+
+    def _vote(self, candidate: str, term: int, rid: int, now: float) -> tuple[bool, float]:
+        """Grant or refuse `term` to `candidate`; the refusal says for how long."""
+        if self._unsaved_until is not None:
+            return False, max(self._unsaved_until - now, 0.0)
+        if now < self._quiet_until:
+            return False, self._quiet_until - now
+        if self._resigned is not None and self._resigned[0] == candidate and term <= self._resigned[1]:
+            return False, 0.0  # a renewal of a resigned lease, still in flight
+        if self._holder not in (None, candidate) and self._grant_until > now:
+            wait = self._grant_until - now
+            if self._holder == self.address and self._candidacy in self._rounds:
+                # our own candidacy: it is decided (and our vote freed) by its timeout
+                wait = min(wait, self._rounds[self._candidacy].expires - now)
+            return False, wait
+        if term > self._promised or (term == self._promised and self._holder == candidate):
+            if term > self._promised or self._holder != candidate:
+                self.story.add(now, "granted", f"term {term} to {candidate}")
+            self._promised = term
+            self._holder = candidate
+            self._grant_round = rid
+            self._grant_until = now + self.lease
+            return True, 0.0
+        return False, 0.0
+
+    def _on_ask(self, sender: str, m: Ask, now: float, out: list[Action]) -> None:
+        if self._rank is None:
+            self.story.add(now, "not a voter", f"asked by {sender} for term {m.term}")
+            out.append(Send(sender, Deny(m.term, m.round, self._term, self.lease)))
+            return
+        if m.term > self.term_limit():
+            # a promise that high would be persisted, and every honest ask
+            # after it refused: the candidate learns our terms instead
+            self.story.add(now, "incredible", f"ASK term {m.term} from {sender}")
+            out.append(Send(sender, Deny(m.term, m.round, max(self._promised, self._term), 0.0)))
+            return
+        if self._state == CANDIDATE and self._priority(sender) < self._priority(self.address):
+            # two candidates at once: the one that stands first in the back-off
+            # order wins, so a duel ends in one round instead of a lease
+            self.story.add(now, "yields", f"to {sender}")
+            rid = self._candidacy
+            self._lost_candidacy(self._rounds[rid], rid, now, out)  # type: ignore[index]
+        granted, wait = self._vote(sender, m.term, m.round, now)
+        if granted:
+            self._high = max(self._high, m.term)  # our own next candidacy must exceed it
+            out.append(Send(sender, Grant(m.term, m.round)))
+        else:
+            seen = max(self._promised, self._term)
+            out.append(Send(sender, Deny(m.term, m.round, seen, wait)))
+
+    # -- candidate part ----------------------------------------------------
+
+    def _next_term(self) -> int:
+        if self._asked > self._high:
+            return self._asked  # nobody has been seen at or above our last ask
+        return max(self._high, self._term) + 1
+
+    def _ask(
+        self, term: int, now: float, renewal: bool, out: list[Action], outbid: bool = False
+    ) -> None:
+        rid = self._next_round
+        self._next_round += 1
+        r = _Round(term, now, now + self.lease / 4, renewal, set(), set(), outbid=outbid)
+        self._rounds[rid] = r
+        if not renewal:
+            self._candidacy = rid
+        self._asked = max(self._asked, term)
+        self.story.add(now, "renewing" if renewal else "standing", f"term {term} round {rid}")
+        ask = Ask(term, rid, self.name)
+        for voter in self._voters:
+            if voter == self.address:
+                granted, wait = self._vote(self.address, term, rid, now)
+                (r.grants if granted else r.denies).add(voter)
+                r.wait = max(r.wait, wait)
+            else:
+                out.append(Send(voter, ask))
+        self._tally(rid, r, now, out)
+
+    def _on_release(self, sender: str, m: Release, now: float, out: list[Action]) -> None:
+        if self._holder == sender and self._grant_round == m.round and self._promised == m.term:
+            self._grant_until = min(self._grant_until, now)
+            self.story.add(now, "released", f"term {m.term} by {sender}")
+            if self._state == FOLLOWER and self._belief is None:
+                self._stand_at = min(self._stand_at, now + self._backoff())
+
+    def _on_resign(self, sender: str, m: Resign, now: float, out: list[Action]) -> None:
+        if m.term > self.term_limit():
+            self.story.add(now, "incredible", f"RESIGN term {m.term} from {sender}")
+            return
+        if self._resigned is None or self._resigned[0] != sender or self._resigned[1] < m.term:
+            self._resigned = (sender, m.term)
+        if self._holder == sender and self._promised == m.term and self._grant_until > now:
+            self._grant_until = now
+            self.story.add(now, "resigned", f"term {m.term} by {sender}: grant freed")
+        b = self._belief
+        if b is not None and b.address == sender and b.term == m.term:
+            self.story.add(now, "resigned", f"{b.name} gave up term {m.term}")
+            self._belief = None
+            self._stand_at = now + self._backoff(without=sender)
+
+    def _on_grant(self, sender: str, m: Grant, now: float, out: list[Action]) -> None:
+        r = self._rounds.get(m.round)
+        if r is None or r.term != m.term or sender not in self._voters:
+            self.story.add(now, "stray grant", f"term {m.term} round {m.round} from {sender}")
+            return
+        r.grants.add(sender)
+        self._tally(m.round, r, now, out)
+
+    def _on_deny(self, sender: str, m: Deny, now: float, out: list[Action]) -> None:
+        if sender not in self._ranks:
+            return  # only voters answer asks
+        self._report(sender, m.seen)
+        if m.seen <= self.term_limit():
+            self._high = max(self._high, m.seen)
+        r = self._rounds.get(m.round)
+        if r is None or r.term != m.term:
+            return
+        if sender in r.grants:
+            return  # a duplicate ask answered after a restart: the grant still counts
+        r.denies.add(sender)
+        r.wait = max(r.wait, min(m.wait, self.lease))
+        self._tally(m.round, r, now, out)
+        if m.round == self._candidacy and m.round in self._rounds and not r.outbid:
+            if m.wait == 0 and m.seen >= r.term:
+                # the voter is free but promised our term to someone else:
+                # ask again at once, above it, instead of waiting the round out
+                self._release(r, m.round, now, out)
+                self._ask(self._next_term(), now, False, out, outbid=True)
+
+    def _tally(self, rid: int, r: _Round, now: float, out: list[Action]) -> None:
+        if len(r.grants) >= self._majority:
+            del self._rounds[rid]
+            self._won(r, now, out)
+        elif len(r.denies) > len(self._voters) - self._majority:
+            self._round_failed(rid, r, now, out)
+
+    def _won(self, r: _Round, now: float, out: list[Action]) -> None:
+        end = r.sent + self.hold
+        if end <= now or r.term < self._term:
+            self.story.add(now, "won too late", f"term {r.term} (floor {self._term})")
+            if self._state == CANDIDATE and not r.renewal:
+                self._lost_candidacy(r, self._candidacy, now, out)  # type: ignore[arg-type]
+            return
+        self._move(COORDINATOR, now)
+        new_term = r.term > self._lease_term
+        self._lease_term = max(self._lease_term, r.term)
+        self._lease_end = max(self._lease_end, end)
+        self._renew_at = r.sent + self.hold / 3
+        self._bump = False
+        self._candidacy = None
+        self._attempt = 0
+        self._belief = None
+        for rid in [rid for rid, o in self._rounds.items() if o.sent <= r.sent]:
+            del self._rounds[rid]  # older rounds can only end earlier
+        if self._lease_term > self._term:
+            self._raise_floor(self._lease_term, out)
+        if new_term or not r.renewal:
+            self.story.add(now, "coordinator", f"term {self._lease_term} until {end:.4f}")
+        out.append(BecameCoordinator(self._lease_term, self._lease_end))
+        leader = Leader(self._lease_term, self.name, self.address, self._lease_end - now)
+        out.append(Broadcast(leader))
+
+    def _round_failed(self, rid: int, r: _Round, now: float, out: list[Action]) -> None:
+        del self._rounds[rid]
+        if r.renewal:
+            if r.denies:
+                self._bump = True  # refused: the next renewal asks for a new term
+            self._renew_at = max(self._renew_at, r.sent + self.lease / 8)
+            return
+        if self._state == CANDIDATE and rid == self._candidacy:
+            self._lost_candidacy(r, rid, now, out)
+
+    def _lost_candidacy(self, r: _Round, rid: int, now: float, out: list[Action]) -> None:
+        """Back to follower: free the votes this round got (we will never act on
+        them, and late grants for it are ignored) and back off."""
+        self._move(FOLLOWER, now)
+        self._candidacy = None
+        self._release(r, rid, now, out)
+        self._attempt += 1
+        self._stand_at = now + r.wait + self._backoff()
+
+    def _release(self, r: _Round, rid: int, now: float, out: list[Action]) -> None:
+        self._rounds.pop(rid, None)
+        release = Release(r.term, rid)
+        out.extend(Send(v, release) for v in sorted(r.grants) if v != self.address)
+        self._free_own_vote(now)
+
+    def _on_leader(self, sender: str, m: Leader, now: float, out: list[Action]) -> None:
+        if m.address != sender:
+            raise RemoteProtocolError(
+                f"LEADER from {sender} announces {m.address}; a node announces only itself"
+            )
+        if m.term > self.term_limit():
+            raise RemoteProtocolError(
+                f"LEADER from {sender} has term {m.term}, more than {TERM_STEP} above the "
+                f"{self.term_limit() - TERM_STEP} a majority of voters vouch for"
+            )
+        if m.term < self._term:
+            self.story.add(now, "fenced", f"LEADER term {m.term} < {self._term} from {m.name}")
+            return
+        if m.address == self.address:
+            return  # an echo of our own announcement, or of our previous process
+        r = self._resigned
+        if r is not None and r[0] == sender and m.term <= r[1]:
+            self.story.add(now, "resigned", f"LEADER term {m.term} from {m.name} came late")
+            return
+        if m.term > self._term:
+            self._raise_floor(m.term, out)
+        elif self._state == COORDINATOR:
+            self.story.add(now, "conflict", f"{m.name} claims our term {m.term}")
+            return
+        remaining = min(m.remaining, self.lease)
+        until = now + remaining - (remaining * self._drift + self._min_margin)
+        if until <= now:
+            return
+        b = self._belief
+        if b is None or b.term != m.term or b.address != m.address:
+            self.story.add(now, "believes", f"{m.name} term {m.term} for {until - now:.3f}s")
+        self._belief = _Belief(m.name, m.address, m.term, until)
+        if self._state == CANDIDATE:
+            rid = self._candidacy
+            self._lost_candidacy(self._rounds[rid], rid, now, out)  # type: ignore[index]
+        self._attempt = 0
+
+    # -- shared ------------------------------------------------------------
+
+    def _report(self, address: str, term: int) -> None:
+        """Another voter knows of `term`. What a majority of the other voters
+        know bounds the terms we take from anyone (`term_limit`): one voter
+        alone cannot lift it above what an honest one reports, and a voter
+        whose disk was wiped still catches up with the rest."""
+        if address in self._ranks and address != self.address:
+            if term > self._reports.get(address, 0):
+                self._reports[address] = term
+                others = [v for v in self._voters if v != self.address]
+                known = sorted((self._reports.get(v, 0) for v in others), reverse=True)
+                self._vouched = max(self._vouched, known[len(others) // 2])
+
+    def _raise_floor(self, term: int, out: list[Action]) -> None:
+        self._term = term
+        self._high = max(self._high, term)
+        if self._state == COORDINATOR and self._lease_term < term:
+            self._step_down(self._now, f"term {term} seen", out)
+
+    def _step_down(self, now: float, why: str, out: list[Action]) -> None:
+        self._move(FOLLOWER, now)
+        self.story.add(now, "stepped down", f"term {self._lease_term}: {why}")
+        out.append(LostCoordinator(self._lease_term))
+        self._free_own_vote(now)
+        self._lease_end = -math.inf
+        self._renew_at = math.inf
+        self._rounds.clear()
+        self._attempt = 0
+        self._stand_at = now + self._backoff()
+
+    def _free_own_vote(self, now: float) -> None:
+        """We gave up our candidacy or lease: the vote we gave ourselves protects
+        nothing now (late grants for a dropped round are ignored), so other
+        candidates may have it at once instead of after a lease."""
+        if self._holder == self.address and self._state != COORDINATOR:
+            self._grant_until = min(self._grant_until, now)
+
+    def _move(self, new: str, now: float) -> None:
+        check_move(self._state, new, self._term)
+        if new != self._state:
+            self.story.add(now, f"{self._state}->{new}", f"term {self._term}")
+        self._state = new
+
+    def _priority(self, address: str) -> tuple[int, int, str]:
+        """Back-off order: voters by address, then everyone else by address."""
+        rank = self._ranks.get(address)
+        return (0, rank, "") if rank is not None else (1, 0, address)
+
+    def _backoff(self, without: str | None = None) -> float:
+        """How long to wait before standing: our place in the back-off order
+        (that of the voters but `without`, one that stands no more) plus jitter."""
+        slot = self.lease / 8
+        jitter = self._rng.uniform(0, slot * 2 ** min(self._attempt, 2))
+        if self._rank is None:
+            return 3 * self.lease + jitter
+        rank = self._rank
+        if without is not None and self._ranks.get(without, rank) < rank:
+            rank -= 1
+        return rank * slot + jitter
+
+    def _finish(self, out: list[Action]) -> list[Action]:
+        """Put a Persist first if what must survive a restart changed."""
+        state = (self._term, max(self._promised, self._asked))
+        if state != self._persisted:
+            self._persisted = state
+            # optimistic: if this write fails too, the shell says so before
+            # anything else reaches us (persist_failed)
+            self._unsaved_until = None
+            out.insert(0, Persist(*state))
+        return out
+
+
+_HANDLERS = {
+    Ask: Election._on_ask,
+    Release: Election._on_release,
+    Resign: Election._on_resign,
+    Grant: Election._on_grant,
+    Deny: Election._on_deny,
+    Leader: Election._on_leader,
+}

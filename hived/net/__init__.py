@@ -1,0 +1,1 @@
+"""Sockets: ZeroMQ on the asyncio loop, CURVE, addresses, and who may reach a control socket."""
