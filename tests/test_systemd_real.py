@@ -397,7 +397,7 @@ def build_wheelhouse(
 def next_release(src: Path) -> str:
     """Make the source tree at `src` the next release: protocol minor one
     higher, release the next compatible one. Returns that release."""
-    minor = bump(src / "hived" / "wire.py", r"^PROTOCOL_MINOR = (\d+)$",
+    minor = bump(src / "hived" / "protocol" / "wire.py", r"^PROTOCOL_MINOR = (\d+)$",
                  lambda m: f"PROTOCOL_MINOR = {int(m[1]) + 1}")
     version = bump(src / "hived" / "__init__.py", r'^__version__ = "(\d+)\.(\d+)\.(\d+)"$',
                    lambda m: f'__version__ = "{compatible_release(int(m[1]), int(m[2]), int(m[3]))}"')
