@@ -62,6 +62,7 @@ from hived.errors import (
     UNKNOWN_BLOB,
     HiveError,
     HiveUnavailable,
+    InternalError,
     RemoteProtocolError,
     SerializationError,
     error_type,
@@ -207,6 +208,8 @@ class Hive(concurrent.futures.Executor):
         """Talk to the node that welcomed `greeting` from now on; False if this
         Hive closed meanwhile."""
         welcome, link = greeting.welcome, greeting.link
+        if welcome is None:  # greet_any and _open_link hand over only welcomed greetings
+            raise InternalError(f"adopting the link to {greeting.address}, which did not welcome us")
         if isinstance(link, SocketLink):
             period = min(max(welcome.heartbeat, PING_PERIOD[0]), PING_PERIOD[1])
             link.watch(period, min(max(welcome.dead_after, 2 * period), LINK_TIMEOUT))
@@ -259,7 +262,8 @@ class Hive(concurrent.futures.Executor):
                 text = "".join(prefix + line for line in text.splitlines(keepends=True))
             write_output(stream, text)
         else:
-            target = self._streams.get(getattr(msg, "job", None))
+            job = getattr(msg, "job", None)  # a job's message; anything else is not for a stream
+            target = self._streams.get(job) if isinstance(job, int) else None
             if target is not None:
                 greeting.served = greeting.served or isinstance(msg, (Result, ItemsFailed))
                 target.deliver(msg, payload)
@@ -274,19 +278,20 @@ class Hive(concurrent.futures.Executor):
             # reconnect_timeout runs from the last answer of a node that
             # served us: one that welcomes us and then fails every job (says
             # it holds nothing of ours, say) must not keep us for ever.
-            link, now = greeting.link, time.monotonic()
-            if greeting.served or self._silent_since is None \
+            link, now, silent_since = greeting.link, time.monotonic(), self._silent_since
+            if greeting.served or silent_since is None \
                     or now - greeting.answered_at >= self.reconnect_timeout:
-                self._silent_since = link.last_pong or greeting.answered_at
-            self._mover = threading.Thread(target=self._move, args=(greeting, reason),
+                silent_since = self._silent_since = link.last_pong or greeting.answered_at
+            self._mover = threading.Thread(target=self._move, args=(greeting, reason, silent_since),
                                            name="hived-reconnect", daemon=True)
             self._mover.start()
 
-    def _move(self, lost: Greeting, reason: str) -> None:
+    def _move(self, lost: Greeting, reason: str, silent_since: float) -> None:
         """Greet the candidates in rounds until one node takes us (the jobs go
-        on there) or no node has answered a ping for reconnect_timeout."""
+        on there) or no node has answered a ping since `silent_since` plus
+        reconnect_timeout."""
         lost.link.lost = True  # no more pings to it
-        deadline = max(self._silent_since + self.reconnect_timeout, time.monotonic())
+        deadline = max(silent_since + self.reconnect_timeout, time.monotonic())
         if self.reconnect_timeout:
             log.warning("%s; looking for another node (for up to %.1fs)", reason,
                         deadline - time.monotonic())
@@ -304,7 +309,7 @@ class Hive(concurrent.futures.Executor):
             if greeting is not None:
                 if self._adopt(greeting):
                     log.warning("now on hived %s at %s; sending again what was not delivered",
-                                greeting.welcome.node, greeting.address)
+                                self.node_name, greeting.address)
                     self._resubmit()
                 return
             self._stop_moving.wait(min(max(period - (time.monotonic() - began), 0), left))
@@ -442,9 +447,10 @@ class Hive(concurrent.futures.Executor):
         with self._lock:
             while self._queued and (self._lost or self._sent < self.slots + QUEUED_AHEAD):
                 single = self._queued.popleft()
-                if single.state != _Single.QUEUED:
+                future = single.future  # let go only once done, and so no longer QUEUED
+                if single.state != _Single.QUEUED or future is None:
                     continue  # cancelled while queued
-                if not single.future.set_running_or_notify_cancel():
+                if not future.set_running_or_notify_cancel():
                     single.state = _Single.DROPPED  # cancelled, its waiters now told
                     continue
                 single.state = _Single.SENT
@@ -701,4 +707,5 @@ def _finish_at_exit() -> None:
 
 # threading's exit hooks run before atexit's, so a submit from an atexit
 # handler is refused (it could never run) instead of waited for.
-threading._register_atexit(_finish_at_exit)
+# (Private, and so not in typeshed; concurrent.futures registers its own hook so.)
+threading._register_atexit(_finish_at_exit)  # type: ignore[attr-defined]

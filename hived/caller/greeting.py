@@ -9,6 +9,7 @@ it is believed: a compatible release, a believable slot count.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -47,12 +48,12 @@ class Greeting:
             problem = None
         else:
             problem = version_problem(msg.version)
+            if problem is None and self.problem is None:
+                self.welcome = msg
         if problem is not None:
             self.problem = HiveError(
                 f"hived on {msg.node} at {self.address} will not serve this client: {problem}"
             )
-        elif self.problem is None:
-            self.welcome = msg
         self.answered_at = time.monotonic()
         self.answered.set()
 
@@ -73,13 +74,14 @@ def greet_any(
     given, among those that answered) that welcomes us and takes jobs,
     and why each other one would not do."""
     answered = threading.Event()
-    greetings, tried = [], {}
+    greetings: list[Greeting] = []
+    tried: Tried = {}
     for address in addresses:
         greeting = Greeting(address, answered)
         try:
             greeting.link = SocketLink(
-                address, lambda frames, g=greeting: on_frames(g, frames),
-                on_lost=lambda reason, g=greeting: on_lost(g, reason),
+                address, functools.partial(on_frames, greeting),
+                on_lost=functools.partial(on_lost, greeting),
                 curve=client_curve(address, key_file),
             )
         except HiveError as exc:  # an ipc socket not to be trusted, a key missing
