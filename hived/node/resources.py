@@ -39,7 +39,7 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-from hived.config import parse_memory_limit
+from hived.configschema import parse_memory_limit
 from hived.errors import ConfigError
 
 PROC_ROOT = "/proc"
