@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
 from hived.errors import (  # noqa: E402
@@ -31,7 +33,11 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+if TYPE_CHECKING:  # what __getattr__ below gives, for type checkers
+    from hived.caller.client import Hive, connect, hive
+
+
+def __getattr__(name: str) -> object:
     # The client pulls in zmq and threads; import it only when first used so
     # `import hived` stays cheap (worker processes import hived.node.worker only).
     if name in ("Hive", "connect", "hive"):

@@ -35,6 +35,7 @@ from hived.protocol.control import (
     CancelRequest,
     DrainRequest,
     JobsQuery,
+    Query,
     StatusQuery,
     UndrainRequest,
     ask,
@@ -80,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _query(args: argparse.Namespace, query: Any, timeout: float = TIMEOUT) -> dict[str, Any]:
+def _query(args: argparse.Namespace, query: Query, timeout: float = TIMEOUT) -> dict[str, Any]:
     named = args.connect or os.environ.get("HIVED_ADDRESS")
     addresses = [named] if named else local_control_addresses()
     answer: Answer | None = None

@@ -42,10 +42,11 @@ import zmq
 from hived import __version__
 from hived.caller.links import _new_event_loop
 from hived.config import Config, PoolConfig, check_security, load_config
-from hived.errors import ConfigError, HiveError
+from hived.errors import ConfigError, HiveError, InternalError
+from hived.net.background import Background
 from hived.net.security import ClusterKey, load_key
 from hived.node.node import Node, NodeSettings
-from hived.node.pool import STOP_MARGIN
+from hived.node.pool import STOP_MARGIN, Pool
 from hived.node.resources import memory_limit_bytes, resolve_cpus, resolve_gpus, total_memory
 from hived.node.status import seed_problems
 from hived.protocol.control import ReloadRequest, StatusQuery, ask
@@ -171,7 +172,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
-        control = self.node.settings.control
+        control = self.config.node.control  # the node's, which is optional only when embedded
         if ask(control, StatusQuery(0), timeout=0.3) is not None:
             raise HiveError(f"another hived already serves {control}; stop it first")
         if self.metrics is not None:
@@ -188,9 +189,9 @@ class Daemon:
                 ) from None
         self.node.start()
         # A drain that hivectl starts or ends shows in `systemctl status` at once.
-        self.node.on_state_change = lambda: self.notifier.notify(f"STATUS={self._status_line()}")
+        self.node.on_state_change = self._announce_status
         self.node.on_reload = self.reload_now
-        await self.node.pool.ready.wait()
+        await self._pool().ready.wait()
         s = self.node.settings
         log.info(
             "hived %s: node %s serving %s with %d CPU and %d GPU slots",
@@ -198,27 +199,25 @@ class Daemon:
         )
         self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
         self.ready = True
-        pulses = [asyncio.ensure_future(self._report())]
+        # The daemon's own pulses (STATUS=, WATCHDOG=1, EXTEND_TIMEOUT_USEC=)
+        # run until the node has closed: the stop's extension covers the close.
+        pulses = Background(loop)
+        pulses.spawn(self._report(), name="status report")
         interval = self.notifier.watchdog_interval()
         if interval:
-            pulses.append(asyncio.ensure_future(self._watchdog(interval)))
+            pulses.spawn(self._watchdog(interval), name="watchdog")
         await self.stop_requested.wait()
         self.notifier.notify("STOPPING=1", "STATUS=draining")
         # The most this stop takes: the drain, then the workers' exit.
         until = loop.time() + self.node.settings.drain_timeout + STOP_MARGIN
-        pulses.append(asyncio.ensure_future(self._extend_stop(until)))
-        drain = asyncio.ensure_future(self.node.drain())
-        second = asyncio.ensure_future(self.stop_now.wait())
-        await asyncio.wait([drain, second], return_when=asyncio.FIRST_COMPLETED)
-        drain.cancel()
-        second.cancel()
+        pulses.spawn(self._extend_stop(until), name="stop extension")
+        await self._drain_unless_stopped_now()
         if self.metrics is not None:
             await self.metrics.close()
         await self.node.close()
-        for task in pulses:
-            task.cancel()
+        await pulses.aclose()
         self.node.ctx.term()
-        node, pool = self.node, self.node.pool
+        node, pool = self.node, self._pool()
         log.info(
             "hived stopped after %.1f s: %d task(s) run here, %d job(s) owned (%d finished, "
             "%d cancelled), %d worker crash(es)",
@@ -226,6 +225,17 @@ class Daemon:
             node.jobs_finished, node.jobs_cancelled, pool.worker_crashes,
         )
         return 0
+
+    async def _drain_unless_stopped_now(self) -> None:
+        """Drain the node; a second signal cuts the drain short."""
+        drain = asyncio.ensure_future(self.node.drain())
+        second = asyncio.ensure_future(self.stop_now.wait())
+        try:
+            await asyncio.wait([drain, second], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            drain.cancel()
+            second.cancel()
+            await asyncio.gather(drain, second, return_exceptions=True)
 
     def _on_signal(self, sig: int) -> None:
         self.signals += 1
@@ -262,7 +272,7 @@ class Daemon:
         running, wanted = self.config.dotted(), new.dotted()
         changed = [key for key, value in wanted.items() if value != running[key]]
         fixed = [key for key in changed if key not in RELOADABLE]
-        settings, pool = self.node.settings, self.node.pool
+        settings, pool = self.node.settings, self._pool()
         logging.getLogger().setLevel(new.log_level.upper())
         settings.max_tasks_per_worker = pool.max_tasks_per_worker = new.pool.max_tasks_per_worker
         settings.memory_limit = pool.memory_limit = memory_limit
@@ -314,8 +324,18 @@ class Daemon:
                 self.notifier.notify(f"STATUS={line}")
                 sent = line
 
+    def _pool(self) -> Pool:
+        """The node's pool, which exists from `node.start()` on: everything
+        here but startup runs after it."""
+        if self.node.pool is None:
+            raise InternalError("the node's pool is used before node.start()")
+        return self.node.pool
+
+    def _announce_status(self) -> None:
+        self.notifier.notify(f"STATUS={self._status_line()}")
+
     def _status_line(self) -> str:
-        pool, mesh = self.node.pool, self.node.mesh
+        pool, mesh = self._pool(), self.node.mesh
         role = "coordinator" if mesh is None or mesh.is_coordinator() else "member"
         others = mesh.members()[1:] if mesh is not None else []
         heard = sum(peer.state in ("alive", "draining") for peer in others)

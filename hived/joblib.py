@@ -83,10 +83,14 @@ class HiveBackend(AutoBatchingMixin, ParallelBackendBase):
 
     apply_async = submit  # what joblib before 1.5 calls
 
-    def retrieve_result_callback(self, out: concurrent.futures.Future) -> Any:
+    # joblib hands back what our submit returned (its stubs allow a
+    # multiprocessing ApplyResult too, which this backend never makes).
+    def retrieve_result_callback(  # type: ignore[override]
+        self, out: concurrent.futures.Future[Any]
+    ) -> Any:
         return out.result()
 
-    def get_nested_backend(self) -> tuple[ParallelBackendBase, int | None]:
+    def get_nested_backend(self) -> tuple[SequentialBackend[Any], int | None]:
         # A task's own joblib calls run in its worker, one after another.
         return SequentialBackend(nesting_level=(self.nesting_level or 0) + 1), None
 

@@ -11,15 +11,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hived import config as config_module
+from hived import configschema
 from hived.config import (
     DEFAULT_CONFIG_PATH,
     Config,
     _default_data_dir,
     check_security,
     load_config,
-    parse_memory_limit,
 )
+from hived.configschema import parse_memory_limit
 from hived.errors import ConfigError
 from hived.net.addresses import (
     SYSTEM_CONTROL_ADDRESS,
@@ -629,11 +629,11 @@ def test_values_nested_deep_give_one_line(tmp_path: Path, depth: int, template: 
 _config_inputs = [0]
 
 
-_SECTIONS = st.sampled_from(sorted(config_module._SCHEMA)) | st.text(min_size=1, max_size=6)
+_SECTIONS = st.sampled_from(sorted(configschema.SCHEMA)) | st.text(min_size=1, max_size=6)
 _DOCUMENTS = st.dictionaries(
-    st.sampled_from(sorted(config_module._TOP)) | _SECTIONS,
+    st.sampled_from(sorted(configschema.TOP)) | _SECTIONS,
     st.dictionaries(
-        st.sampled_from(sorted({k for keys in config_module._SCHEMA.values() for k in keys}))
+        st.sampled_from(sorted({k for keys in configschema.SCHEMA.values() for k in keys}))
         | st.text(min_size=1, max_size=6),
         # (value, how deep in arrays): as deep as tomllib's recursion goes and past it
         st.tuples(_TOML_VALUES.filter(lambda v: v is not None), st.sampled_from([0, 0, 0, 1, 3, 200, 1200])),

@@ -24,7 +24,6 @@ import collections
 import concurrent.futures
 import itertools
 import logging
-import multiprocessing
 import os
 import socket
 import sys
@@ -44,33 +43,32 @@ from hived.caller.failover import (
     check_reconnect_timeout,
     parse_addresses,
 )
-from hived.caller.greeting import CONNECT_TIMEOUT, Greeting, Tried, greet_any
-from hived.caller.links import EmbeddedLink, SocketLink
+from hived.caller.greeting import (
+    CONNECT_TIMEOUT,
+    Greeting,
+    Tried,
+    greet_any,
+    greet_embedded,
+    no_daemon_answered,
+)
+from hived.caller.links import SocketLink
 from hived.caller.mapping import (
     MapStream,
-    check_range,
-    lacks_function_again,
-    load_values,
-    raise_for,
 )
 from hived.caller.progress import write_output
-from hived.config import check_setting
+from hived.caller.submitted import SubmittedCall
 from hived.errors import (
     SHUTDOWN,
     STOPPED,
     UNAVAILABLE,
-    UNKNOWN_BLOB,
     HiveError,
     HiveUnavailable,
-    RemoteProtocolError,
+    InternalError,
     SerializationError,
-    error_type,
 )
 from hived.net.addresses import local_control_addresses
 from hived.net.security import client_curve
 from hived.net.socketdir import check_access
-from hived.node.pool import Launcher
-from hived.node.resources import detect_gpus, resolve_cpus
 from hived.node.taskoutput import Piece, emit_record
 from hived.node.worker import KEYWORDS
 from hived.protocol import serialization
@@ -88,7 +86,7 @@ from hived.protocol.control import (
     Unwelcome,
     Welcome,
 )
-from hived.protocol.wire import Message, decode, encode
+from hived.protocol.wire import decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +119,7 @@ class Hive(concurrent.futures.Executor):
         self._job_numbers = itertools.count(1)
         self._sent_fns: set[bytes] = set()  # function hashes the current node has from us
         self._futures: set[concurrent.futures.Future] = set()
-        self._queued: collections.deque[_Single] = collections.deque()  # not sent yet
+        self._queued: collections.deque[SubmittedCall] = collections.deque()  # not sent yet
         self._sent = 0  # submitted calls at the node and not done
         self._closed = False
         self._link_closing = False
@@ -160,21 +158,7 @@ class Hive(concurrent.futures.Executor):
         addresses = parse_addresses(address)
         if addresses != [EMBEDDED]:
             return self._first_link(addresses)
-        cpus, gpus = cpus or _embedded_cpus(), detect_gpus()
-        authkey = bytes(multiprocessing.current_process().authkey)
-        # The workers boot while the node is imported and built.
-        launcher = Launcher(socket.gethostname(), gpus, authkey)
-        launcher.prelaunch(cpus)
-        from hived.node.node import NodeSettings
-
-        settings = NodeSettings(cpus=cpus, gpus=gpus, authkey=authkey, launcher=launcher)
-        greeting = Greeting(EMBEDDED, threading.Event())
-        greeting.link = EmbeddedLink(settings, lambda frames: self._on_frames(greeting, frames))
-        greeting.link.send(self._hello())
-        greeting.answered.wait()  # the node is in this process: it answers
-        if greeting.problem is not None:
-            greeting.link.close()
-            raise greeting.problem
+        greeting = greet_embedded(cpus, hello=self._hello(), on_frames=self._on_frames)
         self._adopt(greeting)
         return greeting.link
 
@@ -184,7 +168,7 @@ class Hive(concurrent.futures.Executor):
         greeting, tried = self._greet(addresses, CONNECT_TIMEOUT)
         if greeting is None:
             problems = [p for p in tried.values() if isinstance(p, HiveError)]
-            raise problems[0] if problems else HiveUnavailable(_no_daemon(tried))
+            raise problems[0] if problems else HiveUnavailable(no_daemon_answered(tried))
         self._adopt(greeting)
         return greeting.link
 
@@ -207,6 +191,8 @@ class Hive(concurrent.futures.Executor):
         """Talk to the node that welcomed `greeting` from now on; False if this
         Hive closed meanwhile."""
         welcome, link = greeting.welcome, greeting.link
+        if welcome is None:  # greet_any and _open_link hand over only welcomed greetings
+            raise InternalError(f"adopting the link to {greeting.address}, which did not welcome us")
         if isinstance(link, SocketLink):
             period = min(max(welcome.heartbeat, PING_PERIOD[0]), PING_PERIOD[1])
             link.watch(period, min(max(welcome.dead_after, 2 * period), LINK_TIMEOUT))
@@ -259,7 +245,8 @@ class Hive(concurrent.futures.Executor):
                 text = "".join(prefix + line for line in text.splitlines(keepends=True))
             write_output(stream, text)
         else:
-            target = self._streams.get(getattr(msg, "job", None))
+            job = getattr(msg, "job", None)  # a job's message; anything else is not for a stream
+            target = self._streams.get(job) if isinstance(job, int) else None
             if target is not None:
                 greeting.served = greeting.served or isinstance(msg, (Result, ItemsFailed))
                 target.deliver(msg, payload)
@@ -274,19 +261,20 @@ class Hive(concurrent.futures.Executor):
             # reconnect_timeout runs from the last answer of a node that
             # served us: one that welcomes us and then fails every job (says
             # it holds nothing of ours, say) must not keep us for ever.
-            link, now = greeting.link, time.monotonic()
-            if greeting.served or self._silent_since is None \
+            link, now, silent_since = greeting.link, time.monotonic(), self._silent_since
+            if greeting.served or silent_since is None \
                     or now - greeting.answered_at >= self.reconnect_timeout:
-                self._silent_since = link.last_pong or greeting.answered_at
-            self._mover = threading.Thread(target=self._move, args=(greeting, reason),
+                silent_since = self._silent_since = link.last_pong or greeting.answered_at
+            self._mover = threading.Thread(target=self._move, args=(greeting, reason, silent_since),
                                            name="hived-reconnect", daemon=True)
             self._mover.start()
 
-    def _move(self, lost: Greeting, reason: str) -> None:
+    def _move(self, lost: Greeting, reason: str, silent_since: float) -> None:
         """Greet the candidates in rounds until one node takes us (the jobs go
-        on there) or no node has answered a ping for reconnect_timeout."""
+        on there) or no node has answered a ping since `silent_since` plus
+        reconnect_timeout."""
         lost.link.lost = True  # no more pings to it
-        deadline = max(self._silent_since + self.reconnect_timeout, time.monotonic())
+        deadline = max(silent_since + self.reconnect_timeout, time.monotonic())
         if self.reconnect_timeout:
             log.warning("%s; looking for another node (for up to %.1fs)", reason,
                         deadline - time.monotonic())
@@ -304,7 +292,7 @@ class Hive(concurrent.futures.Executor):
             if greeting is not None:
                 if self._adopt(greeting):
                     log.warning("now on hived %s at %s; sending again what was not delivered",
-                                greeting.welcome.node, greeting.address)
+                                self.node_name, greeting.address)
                     self._resubmit()
                 return
             self._stop_moving.wait(min(max(period - (time.monotonic() - began), 0), left))
@@ -427,7 +415,7 @@ class Hive(concurrent.futures.Executor):
             blob = blob_for(force_blob)
             return encode(Call(job, digest, bool(blob), 2, label), [*blob, *frames])
 
-        single = _Single(self, job, future, call)
+        single = SubmittedCall(self, job, future, call)
         with self._lock:
             self._futures.add(future)
             self._queued.append(single)
@@ -442,12 +430,13 @@ class Hive(concurrent.futures.Executor):
         with self._lock:
             while self._queued and (self._lost or self._sent < self.slots + QUEUED_AHEAD):
                 single = self._queued.popleft()
-                if single.state != _Single.QUEUED:
+                future = single.future  # let go only once done, and so no longer QUEUED
+                if single.state != SubmittedCall.QUEUED or future is None:
                     continue  # cancelled while queued
-                if not single.future.set_running_or_notify_cancel():
-                    single.state = _Single.DROPPED  # cancelled, its waiters now told
+                if not future.set_running_or_notify_cancel():
+                    single.state = SubmittedCall.DROPPED  # cancelled, its waiters now told
                     continue
-                single.state = _Single.SENT
+                single.state = SubmittedCall.SENT
                 self._sent += 1
                 self._streams[single.job] = single
                 out.append(single)
@@ -464,7 +453,7 @@ class Hive(concurrent.futures.Executor):
                 return
             self._closed = True
             self._link_closing = wait  # else the last future's callback closes it
-            queued: list[_Single] = []
+            queued: list[SubmittedCall] = []
             if cancel_futures:  # out of the queue first, so that none is sent meanwhile
                 queued, self._queued = list(self._queued), collections.deque()
         for single in queued:
@@ -505,7 +494,7 @@ class Hive(concurrent.futures.Executor):
             self.link.send(*messages)
             return self._epoch
 
-    def _send_call(self, single: _Single, frames: list[Any], again: bool) -> None:
+    def _send_call(self, single: SubmittedCall, frames: list[Any], again: bool) -> None:
         """A call's message, at most once per link unless `again` (the node
         asked for it): the mover and `_dispatch` may both send one that was
         sent as the link changed."""
@@ -548,105 +537,12 @@ class Hive(concurrent.futures.Executor):
         return f"<Hive {self.address} node={self.node_name!r} slots={self.slots}>"
 
 
-class _Single:
-    """The one-item job behind a `submit`."""
-
-    QUEUED, SENT, DROPPED = "queued", "sent", "dropped"
-
-    def __init__(
-        self,
-        hive: Hive,
-        job: int,
-        future: concurrent.futures.Future | None,
-        call: Callable[[bool], list[Any]] | None,
-    ):
-        self.hive, self.job, self.future, self.call = hive, job, future, call
-        self.state = self.QUEUED  # changed under the hive's lock
-        self.epoch = 0  # the link it last went out on (the hive's epoch then)
-        self.resent = False  # the function went again after the node said it lacked it
-
-    def send(self, force_blob: bool, again: bool = False) -> None:
-        call = self.call
-        if call is not None:  # None once the future is done
-            self.hive._send_call(self, call(force_blob), again)
-
-    def deliver(self, msg: Message, payload: list[Any]) -> None:
-        future = self.future
-        if future is None or future.done():  # None: done, and let go
-            return
-        try:
-            if isinstance(msg, (Result, ItemsFailed)):
-                if msg.chunk != 0:
-                    raise RemoteProtocolError(f"the node sent a result for chunk {msg.chunk} of a submit")
-                check_range(msg, 1)
-            # The arguments go before the future completes: a caller woken by
-            # result() must not find them still held (done() runs after it).
-            if isinstance(msg, Result):
-                (value,) = load_values(payload, 1, "the result")
-                self.call = None
-                future.set_result(raise_for(value))
-            elif isinstance(msg, ItemsFailed):
-                self.call = None
-                future.set_exception(error_type(msg.kind)(msg.text))
-            elif isinstance(msg, JobRefused):
-                if msg.kind != UNKNOWN_BLOB:
-                    self.call = None
-                    future.set_exception(error_type(msg.kind)(msg.text))
-                elif self.resent:
-                    future.set_exception(lacks_function_again())
-                else:
-                    self.resent = True
-                    self.send(force_blob=True, again=True)
-        except BaseException as exc:  # the task's own exception, re-raised by raise_for
-            if not future.done():
-                # Without this frame in its traceback, which would keep the
-                # result's frames and this job alive as long as the exception
-                # (the remote traceback is its cause).
-                future.set_exception(exc.with_traceback(None))
-
-    def done(self, future: concurrent.futures.Future) -> None:
-        hive = self.hive
-        self.call = None  # the pickled arguments (views of the caller's buffers) go
-        hive._forget(self.job)
-        with hive._lock:
-            hive._futures.discard(future)
-            if self.state == self.SENT:
-                hive._sent -= 1
-            elif self.state == self.QUEUED:  # cancelled before it was sent
-                self.state = self.DROPPED
-                # What an executor owes a cancelled future: without it,
-                # concurrent.futures.wait/as_completed never count it as done.
-                future.set_running_or_notify_cancel()
-            # The future holds this (its callback) but not the other way
-            # round any more: a future the caller drops goes at once.
-            self.future = None
-        hive._dispatch()
-        hive._close_if_idle()
-
-
 _SHUT_DOWN = "the hive was shut down while this map was running; no more results will come"
 
 
 def _check_count(name: str, value: Any, least: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < least:
         raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-
-
-def _no_daemon(tried: Tried) -> str:
-    notes = [f"{a} ({why})" for a, why in tried.items() if "draining" in str(why)]
-    others = [a for a in tried if "draining" not in str(tried[a])]
-    where = ", ".join([*others, *notes])
-    return (
-        f"no daemon answered at {where}; is hived running? "
-        "`systemctl status hived`, or start one with `hived`"
-    )
-
-
-def _embedded_cpus() -> int:
-    """An embedded hive's CPU slots: HIVED_CPUS (as the daemon reads it), else usable CPUs."""
-    value = os.environ.get("HIVED_CPUS", "")
-    spec = check_setting("pool.cpus", value, "environment HIVED_CPUS") if value.strip() else "auto"
-    return resolve_cpus(spec)
 
 
 def connect(
@@ -701,4 +597,5 @@ def _finish_at_exit() -> None:
 
 # threading's exit hooks run before atexit's, so a submit from an atexit
 # handler is refused (it could never run) instead of waited for.
-threading._register_atexit(_finish_at_exit)
+# (Private, and so not in typeshed; concurrent.futures registers its own hook so.)
+threading._register_atexit(_finish_at_exit)  # type: ignore[attr-defined]

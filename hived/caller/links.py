@@ -120,7 +120,7 @@ class SocketLink:
                     frames = self.outbox.popleft()
                     sock.send_multipart(frames, copy=not zero_copy(frames))
                 for _ in range(RECEIVE_BATCH):
-                    if not sock.getsockopt(EVENTS) & POLLIN:
+                    if not sock.getsockopt(EVENTS) & POLLIN:  # type: ignore[operator]  # pyzmq types int options as int | bytes; EVENTS is an int
                         break
                     frames = sock.recv_multipart(copy=False)
                     if len(frames) == 1 and len(frames[0]) == len(PONG) and frames[0].bytes == PONG:
@@ -154,18 +154,21 @@ class SocketLink:
 class EmbeddedLink:
     """Runs a Node on a thread of its own and links this process's client to it."""
 
+    # Made on the node's thread (`_serve`) before `_ready` is set; None if it
+    # could not be made.
+    node: Node | None = None
+
     def __init__(self, settings: NodeSettings, on_frames: OnFrames) -> None:
         self.on_frames = on_frames
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self.node: Node | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread = threading.Thread(
             target=self._run, args=(settings,), name="hived-embedded", daemon=True
         )
         self.thread.start()
         self._ready.wait()
-        if self._error is not None:
+        if self._error is not None or self.node is None:
             raise HiveError(f"the embedded hive did not start: {self._error}") from self._error
         self.send = self.node.attach(EMBEDDED_CLIENT, on_frames)
 

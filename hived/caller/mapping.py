@@ -244,14 +244,14 @@ class MapStream:
                 # still have to be sent again alone (see _send_alone).
                 self.exhausted = True
                 break
-            first, self.read = self.read, self.read + len(items)
+            start, self.read = self.read, self.read + len(items)
             try:
                 frames = serialization.dumps((self.nargs, items), "the arguments")
             except SerializationError:
-                out.extend(self._add_one_by_one(items, first))
+                out.extend(self._add_one_by_one(items, start))
                 continue
             number, self.sent = self.sent, self.sent + 1
-            self.chunks[number] = ChunkSlots(len(items), frames, items, first)
+            self.chunks[number] = ChunkSlots(len(items), frames, items, start)
             out.append(encode(AddChunk(self.job, number, len(items)), frames))
         return self.send(*out) if out else None
 

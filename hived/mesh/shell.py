@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
@@ -124,7 +125,9 @@ class Mesh(MeshDriver):
         self.zap_channel: Channel | None = None
         self.inbox: Channel | None = None
         self.monitor: Channel | None = None
-        self.core: MeshCore | None = None
+        # `core` (MeshDriver's) is made by start(): it needs the bound port and
+        # the recalled term. Until then the node reads nothing from the mesh.
+        self.started = False
         self._timer: asyncio.TimerHandle | None = None
         self._errors: dict[tuple[str, str], int] = {}  # see _protocol_error
         self._held: int | None = None  # the term we hold the lease for
@@ -151,7 +154,7 @@ class Mesh(MeshDriver):
             port = sock.last_endpoint.decode().rsplit(":", 1)[1]
             self.advertise = self.advertise[: -len("0")] + port
             self.seed_watch = SeedWatch(self.seeds, self.advertise)
-        self.inbox = Channel(self.loop, sock, self._on_inbox)
+        self.inbox = inbox = Channel(self.loop, sock, lambda frames: self._on_inbox(inbox, frames))
         if self.key is not None:  # say so when a connection fails the handshake
             # (not NO_DETAIL: that is also a port probe closing early, `hivectl doctor`'s)
             events = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -170,6 +173,7 @@ class Mesh(MeshDriver):
             info, self.seeds, now, random.Random(), heartbeat=heartbeat,
             dead_after=dead_after, lease=lease, initial_term=term, initial_promised=promised,
         )  # fmt: skip
+        self.started = True
         self._run(self.core.tick(now))
         log.info("mesh: %s at %s, seeds %s", self.name, self.advertise, self.seeds or "none")
 
@@ -177,7 +181,7 @@ class Mesh(MeshDriver):
         """We are stopping: stand no more, and if we hold the lease hand it
         over now (the other nodes elect another within a round), not a lease
         after we are gone."""
-        if self.core is None:
+        if not self.started:
             return
         now = self.loop.time()
         actions = self.core.step_down(now)
@@ -189,7 +193,7 @@ class Mesh(MeshDriver):
 
     def leave(self) -> None:
         """Tell the peers we go, so they drop us at once rather than after dead_after."""
-        if self.core is not None:
+        if self.started:
             self._run(self.core.leave(self.loop.time()))
 
     def close(self) -> None:
@@ -242,11 +246,11 @@ class Mesh(MeshDriver):
 
     # -- the inbox ---------------------------------------------------------------
 
-    def _on_inbox(self, frames: list[Any]) -> None:
+    def _on_inbox(self, inbox: Channel, frames: list[Any]) -> None:
         envelope = frames[1].bytes if len(frames) > 1 else b""
         word, _, rest = envelope.partition(b" ")
         if rest[:2] not in MESH_PREFIXES:
-            self.on_client_frames(self.inbox, frames)
+            self.on_client_frames(inbox, frames)
             return
         sender = frames[0].bytes.decode("utf-8", "replace")
         now = self.loop.time()
@@ -263,7 +267,7 @@ class Mesh(MeshDriver):
                 self.seed_watch.refused(sender, str(exc), now)
                 if not rest.startswith(REFUSED + b"\n"):  # a refusal is never answered
                     # on the connection it came by: its sender learns it was refused
-                    self.inbox.send([frames[0], *refusal()])
+                    inbox.send([frames[0], *refusal()])
                 raise
             except NewerMinorType as exc:  # a newer minor's type: ignored, not a fault
                 self.versions.heard(sender, word)
@@ -297,7 +301,7 @@ class Mesh(MeshDriver):
             "a connection",
             "handshake",
             RemoteProtocolError(
-                f"failed the CURVE handshake ({zmq.Event(event['event']).name.lower()}): "
+                f"failed the CURVE handshake ({_event_name(event['event'])}): "
                 "not a holder of the cluster key, or not speaking CURVE"
             ),
         )
@@ -326,7 +330,11 @@ class Mesh(MeshDriver):
         finally:
             self._arm()
 
-    def send(self, address: str, msg: Message, payload: list[Any] | tuple = ()) -> bool:
+    # An override that returns more: MeshDriver.run ignores what a send
+    # returns; the node's work messages (with payloads) read whether it went.
+    def send(  # type: ignore[override]
+        self, address: str, msg: Message, payload: list[Any] | tuple[Any, ...] = ()
+    ) -> bool:
         """Send to a peer without blocking; False if not connected or its queue is full."""
         if address == self.advertise:
             return False
@@ -360,15 +368,16 @@ class Mesh(MeshDriver):
         path = self._state_path()
         if path is None:
             return
-        os.makedirs(self.data_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.data_dir, prefix=".election-")
+        data_dir = os.path.dirname(path)
+        os.makedirs(data_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=".election-")
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump({"term": term, "promised": promised}, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-            dir_fd = os.open(self.data_dir, os.O_RDONLY)  # the rename itself, durable
+            dir_fd = os.open(data_dir, os.O_RDONLY)  # the rename itself, durable
             try:
                 os.fsync(dir_fd)
             finally:
@@ -379,7 +388,8 @@ class Mesh(MeshDriver):
             raise
 
     def state_not_written(self, action: Persist, exc: OSError, dropped: int) -> None:
-        why = f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror or exc}"
+        code = errno.errorcode.get(exc.errno) if exc.errno is not None else None
+        why = f"{code or exc.errno}: {exc.strerror or exc}"
         if self._unwritten is None:  # once, until a write succeeds again
             log.error(
                 "mesh: cannot write the election state to %s (%s); %d action(s) after it "
@@ -455,12 +465,14 @@ class Mesh(MeshDriver):
                 sock.close(linger=0)
                 raise
             self.dealers[address] = sock
-            self.links[address] = Channel(self.loop, link, lambda f, a=address: self._link_event(a, f))
-            self.replies[address] = Channel(self.loop, sock, lambda f, a=address: self._on_reply(a, f))
+            self.links[address] = Channel(self.loop, link, functools.partial(self._link_event, address))
+            self.replies[address] = Channel(self.loop, sock, functools.partial(self._on_reply, address))
         return sock
 
     def _close_dealer(self, address: str, linger: int = 0) -> None:
         sock = self.dealers.pop(address, None)
+        if sock is None:  # never dialled, or closed: its link and reply go with it
+            return
         link = self.links.pop(address, None)
         reply = self.replies.pop(address, None)
         if link is not None:
@@ -468,7 +480,7 @@ class Mesh(MeshDriver):
             link.close()
         if reply is not None:
             reply.close(linger)  # and the DEALER with it
-        elif sock is not None:
+        else:
             sock.close(linger=linger)
 
     def redial(self, address: str) -> None:
@@ -551,6 +563,11 @@ def recall_state(path: str) -> tuple[int, int]:
                   usable)
         return 0, 0
     return term, promised
+
+
+def _event_name(event: int) -> str:
+    """A monitor event's name, lower-case (its number, should libzmq add one we do not know)."""
+    return (zmq.Event(event).name or str(event)).lower()
 
 
 def _wall(t: float, now: float) -> float:

@@ -64,7 +64,7 @@ class Channel:
         self._scheduled = False
         sock = self.sock
         for _ in range(BURST):
-            if self._closed or not sock.getsockopt(EVENTS) & POLLIN:
+            if self._closed or not sock.getsockopt(EVENTS) & POLLIN:  # type: ignore[operator]  # pyzmq types int options as int | bytes; EVENTS is an int
                 return
             frames = sock.recv_multipart(NOBLOCK, copy=False)
             try:

@@ -39,7 +39,7 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-from hived.config import parse_memory_limit
+from hived.configschema import parse_memory_limit
 from hived.errors import ConfigError
 
 PROC_ROOT = "/proc"
@@ -68,8 +68,9 @@ def cgroup_cpu_quota(proc_root: str = PROC_ROOT, cgroup_root: str = CGROUP_ROOT)
     groups = _own_cgroups(proc_root)
     found: list[float] = []
     unified = _unified_mount(Path(cgroup_root))
-    if unified is not None and "" in groups:
-        for d in _limit_dirs(unified, groups[""]):
+    v2_path = groups.get("")  # a str: the v2 entry's path (v1's are tuples)
+    if unified is not None and isinstance(v2_path, str):
+        for d in _limit_dirs(unified, v2_path):
             # cgroup v2 cpu.max: "$MAX $PERIOD", $MAX may be "max" (no limit).
             fields = _read(d / "cpu.max").split()
             if len(fields) == 2 and fields[0] != "max":
@@ -108,8 +109,9 @@ def cgroup_memory_limit(proc_root: str = PROC_ROOT, cgroup_root: str = CGROUP_RO
     groups = _own_cgroups(proc_root)
     found: list[int] = []
     unified = _unified_mount(Path(cgroup_root))
-    if unified is not None and "" in groups:
-        for d in _limit_dirs(unified, groups[""]):
+    v2_path = groups.get("")  # a str: the v2 entry's path (v1's are tuples)
+    if unified is not None and isinstance(v2_path, str):
+        for d in _limit_dirs(unified, v2_path):
             text = _read(d / "memory.max")
             if text.isdigit():  # "max" = no limit
                 found.append(int(text))

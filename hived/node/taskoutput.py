@@ -159,15 +159,17 @@ class RecordPipe(logging.Handler):
     def __init__(self, fd: int) -> None:
         super().__init__()
         self.fd = fd
-        self.formatter = logging.Formatter()  # the exception's text, as a caller's would show it
+        # the exception's text, as a caller's would show it (not Handler.formatter:
+        # the message itself is sent unformatted)
+        self.traceback_text = logging.Formatter()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             text = record.getMessage()
             if record.exc_info:
-                text += "\n" + self.formatter.formatException(record.exc_info)
+                text += "\n" + self.traceback_text.formatException(record.exc_info)
             if record.stack_info:
-                text += "\n" + self.formatter.formatStack(record.stack_info)
+                text += "\n" + self.traceback_text.formatStack(record.stack_info)
             data = memoryview(msgpack.packb([record.name, record.levelno, text[:MAX_LINE]]))
             while data:  # a pipe may take a large write in parts
                 data = data[os.write(self.fd, data):]

@@ -39,7 +39,7 @@ from typing import Annotated, Any
 import zmq
 
 from hived import __version__
-from hived.errors import HiveError, RemoteProtocolError
+from hived.errors import HiveError, InternalError, RemoteProtocolError
 from hived.net.reactor import Channel
 from hived.net.socketdir import check_access, check_socket, make_socket_dir
 from hived.protocol.fields import Address, Seconds, at_most
@@ -76,6 +76,8 @@ def version_problem(theirs: str, ours: str = __version__) -> str | None:
     if found is None:
         return f"version {theirs[:40]!r} is not a hived release (expected one like {ours})"
     series = _RELEASE.fullmatch(ours)
+    if series is None:
+        raise InternalError(f"this hived's own version {ours!r} is not a release")
     if _series(found) != _series(series):
         return (
             f"hived {theirs} cannot work with hived {ours}: install the same release "
@@ -272,11 +274,13 @@ class Answer(Message):
 
 
 Handler = Callable[[bytes, Message, list[Any]], None]
+# What `ask` sends: the control messages that a node answers with an Answer.
+Query = StatusQuery | JobsQuery | DrainRequest | UndrainRequest | CancelRequest | ReloadRequest
 
 
 def ask(
     address: str,
-    query: Message,
+    query: Query,
     timeout: float,
     curve: Callable[[zmq.Socket], None] | None = None,
 ) -> Answer | None:
@@ -350,7 +354,7 @@ class ControlServer:
                 os.umask(old)
         else:
             sock.bind(address)
-        self.channel = Channel(self.loop, sock, self._on_frames)
+        self.channel = channel = Channel(self.loop, sock, lambda frames: self.accept(channel, frames))
 
     def attach(self, client: bytes, deliver: Callable[[list[Any]], None]) -> Callable[..., None]:
         """Link an in-process client; returns `send(*messages)` for it (any thread)."""
@@ -377,9 +381,6 @@ class ControlServer:
     def _on_local(self, client: bytes, messages: tuple[list[Any], ...]) -> None:
         for frames in messages:
             self._dispatch(client, frames)
-
-    def _on_frames(self, frames: list[Any]) -> None:
-        self.accept(self.channel, frames)
 
     def accept(self, channel: Channel, frames: list[Any]) -> None:
         """A client's message from a ROUTER socket (routing id first)."""

@@ -42,6 +42,7 @@ sees a value a rule refuses.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -108,6 +109,8 @@ class Message:
     _defaults: ClassVar[dict[str, Any]] = {}  # fields of a later minor: their defaults
     _tuples: ClassVar[frozenset[str]] = frozenset()  # fields sent as lists, kept as tuples
     _prefix: ClassVar[bytes] = b""  # version and type, the start of the envelope
+    # Declared for type checkers: `message` makes every subclass a dataclass.
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def problem(self) -> str | None:
         """What is wrong across this message's fields, or None (override it)."""
@@ -122,7 +125,7 @@ class Message:
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:
             return NotImplemented
-        return self._values() == other._values()  # type: ignore[attr-defined]
+        return self._values() == other._values()
 
     def __hash__(self) -> int:
         return hash(self._values())
@@ -132,14 +135,29 @@ class Message:
 
 
 _REGISTRY: dict[bytes, type[Message]] = {}
-M = TypeVar("M", bound=type)
+M = TypeVar("M", bound=Message)
+_F = TypeVar("_F")
+
+# `message` makes frozen dataclasses at runtime; dataclass_transform says so to
+# type checkers. They read typing_extensions' (typeshed's stubs, no runtime
+# dependency), which they know for every Python version checked; at runtime
+# typing's own marks the function from 3.11, and 3.10 has nothing to mark.
+if typing.TYPE_CHECKING:
+    from typing_extensions import dataclass_transform
+elif sys.version_info >= (3, 11):
+    from typing import dataclass_transform
+else:
+
+    def dataclass_transform(**_: object) -> Callable[[_F], _F]:
+        return lambda decorated: decorated
 
 
-def message(type_name: bytes, since: int = 0):
+@dataclass_transform(frozen_default=True)
+def message(type_name: bytes, since: int = 0) -> Callable[[type[M]], type[M]]:
     """Register a dataclass as the message carried under `type_name`, a type
     of protocol minor `since` (peers of an older minor are not sent it)."""
 
-    def register(cls: M) -> M:
+    def register(cls: type[M]) -> type[M]:
         if type_name in _REGISTRY:
             raise InternalError(f"message type {type_name!r} is registered twice")
         if b" " in type_name or b"\n" in type_name:
@@ -190,7 +208,7 @@ def known_at(msg: Message, minor: int) -> bool:
 def encode(msg: Message, payload: Sequence[Frame] = (), minor: int | None = None) -> list[Frame]:
     """The frames that carry `msg` and its payload; for a peer of protocol
     minor `minor` (None: ours), without the fields it does not know."""
-    names = msg._names
+    names: Sequence[str] = msg._names
     if minor is not None and msg._defaults:
         names = [n for n in names if SINCE.get((msg.TYPE, n), 0) <= minor]
     header = msgpack.packb({name: getattr(msg, name) for name in names})
