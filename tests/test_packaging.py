@@ -13,9 +13,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, child_env
 
 import hived
+from hived.testing.childenv import REPO, child_env
 
 SUPPORTED = ("3.10", "3.11", "3.12", "3.13")
 

@@ -13,11 +13,11 @@ import subprocess
 import sys
 from typing import Any
 
-from conftest import child_env
-from netns import Host, TestNet, wait_for
-
 from hived.net.security import write_key
 from hived.protocol.control import StatusQuery, ask
+from hived.testing.childenv import child_env
+from hived.testing.netns import Host, TestNet
+from hived.testing.waiting import wait_for
 
 PORT = 7700
 # Short enough for fast tests, long enough that a loaded 2-core CI machine does

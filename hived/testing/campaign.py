@@ -8,7 +8,7 @@ Theory of operation::
     3 voters) ◀──── faults ──── Nemesis ──▶ history: [Event(fault, start, end)]
        ▲   ▲                                heal times (heal -> one coordinator)
        │   └── status() every 0.5 s ── Prober ──▶ probes: [Probe(node, asked, ok)]
-       └── maps ── 2 clients (tests/campaign_client.py, own processes,
+       └── maps ── 2 clients (hived.testing.campaign_client, own processes,
                    two owners) ──▶ one JSON line per map
                                      │
     daemons' logs ─────────────────▶ check() ──▶ Report: counts, violations
@@ -42,17 +42,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from campaign_client import MAP_TIMEOUT, inputs, value
-from conftest import child_env
-from meshnet import Cluster, MeshNode
-from netns import TestNet, wait_for
+from hived.testing.campaign_client import MAP_TIMEOUT, inputs, value
+from hived.testing.childenv import child_env
+from hived.testing.meshnet import Cluster, MeshNode
+from hived.testing.netns import TestNet
+from hived.testing.waiting import wait_for
 
 TIMING = {"heartbeat": 0.2, "dead_after": 1.5, "lease": 1.0}
 VOTERS = 3
 OWNERS = (1, 4)  # a voter and a non-voter own the clients' jobs
 HEAL_BOUND = 2 * TIMING["lease"] + TIMING["heartbeat"]  # after the last heal: one coordinator
 PROBE_EVERY, PROBE_TIMEOUT = 0.5, 2.0
-CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "campaign_client.py")
+CLIENT = ["-m", "hived.testing.campaign_client"]  # after the interpreter
 
 FAULTS = ("kill", "pause", "minority", "alone", "bridge", "loss", "slow", "disk-full")
 DOWN = ("kill", "pause")  # faults after which a daemon may rightly not answer
@@ -558,7 +559,7 @@ def run_campaign(net: TestNet, seed: int, seconds: float, workdir: str,
             node = cluster[i]
             out = os.path.join(workdir, f"maps-{node.name}.jsonl")
             with open(out + ".err", "ab") as err:
-                clients.append(node.host.popen([sys.executable, CLIENT, node.control, out, stop],
+                clients.append(node.host.popen([sys.executable, *CLIENT, node.control, out, stop],
                                                env=child_env(), stdout=subprocess.DEVNULL,
                                                stderr=err))
         with Prober(cluster.nodes) as prober:
