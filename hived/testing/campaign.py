@@ -177,10 +177,10 @@ class Nemesis:
         c, net = self.cluster, self.cluster.net
         nodes = [c[i] for i in step.targets]
         if step.fault == "kill":
-            event.note = f"pid {nodes[0].proc.pid}"
+            event.note = f"pid {nodes[0].process.pid}"
             nodes[0].kill9()
         elif step.fault == "pause":
-            os.kill(nodes[0].proc.pid, signal.SIGSTOP)
+            os.kill(nodes[0].process.pid, signal.SIGSTOP)
         elif step.fault in ("minority", "alone"):
             net.partition([n.host for n in nodes])
         elif step.fault == "bridge":
@@ -202,11 +202,11 @@ class Nemesis:
         if step.fault == "kill":
             if not node.alive():  # _apply may have failed before the kill
                 node.start()
-            event.note += f", restarted as {node.proc.pid}"
+            event.note += f", restarted as {node.process.pid}"
             wait_for(lambda: node.status(timeout=0.5) is not None, 30,
                      what=f"{node.name} to answer after its restart")
         elif step.fault == "pause":
-            os.kill(node.proc.pid, signal.SIGCONT)
+            os.kill(node.process.pid, signal.SIGCONT)
         elif step.fault == "disk-full":
             while self.fillers:
                 with contextlib.suppress(FileNotFoundError):
@@ -418,10 +418,11 @@ def leases(logs: dict[str, str], history: list[Event], end: float,
         open_: tuple[int, float] | None = None
         last_term, last_became = 0, 0
         for line in text.splitlines():
-            m, s = BECAME.search(line), STEPPED.search(line)
-            if not (m or s):
+            m = BECAME.search(line)
+            found = m or STEPPED.search(line)
+            if found is None:
                 continue
-            term = int((m or s).group(1))
+            term = int(found.group(1))
             if term < last_term:
                 report.violations.append(f"{node}: term fell from {last_term} to {term}: {line.strip()}")
             last_term = max(last_term, term)
@@ -430,12 +431,12 @@ def leases(logs: dict[str, str], history: list[Event], end: float,
                     report.violations.append(
                         f"{node}: became coordinator of term {term} after term {last_became}")
                 last_became = max(last_became, term)
-                start = float(m.group(2))
+                start = float(found.group(2))
                 if open_ is not None:  # never stepped down: it was killed in between
                     out.append(_ended(node, *open_, kills[node], start))
                 open_ = (term, start)
             elif open_ is not None:
-                out.append(Lease(node, open_[0], open_[1], float(s.group(2)), "stepped down"))
+                out.append(Lease(node, open_[0], open_[1], float(found.group(2)), "stepped down"))
                 open_ = None
         if open_ is not None:
             out.append(_ended(node, *open_, kills[node], end))
@@ -521,8 +522,8 @@ def dump_stacks(cluster: Cluster) -> None:
     for n in cluster.nodes:
         if n.alive():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(n.proc.pid, signal.SIGCONT)  # a paused one cannot write
-                os.kill(n.proc.pid, signal.SIGUSR1)
+                os.kill(n.process.pid, signal.SIGCONT)  # a paused one cannot write
+                os.kill(n.process.pid, signal.SIGUSR1)
                 sizes[n.name] = os.path.getsize(n.log_path)
     with contextlib.suppress(AssertionError):
         wait_for(lambda: all(os.path.getsize(cluster.node(k).log_path) > v

@@ -360,7 +360,7 @@ def _names_of(token: str) -> tuple[list[str], list[str]]:
 
     def ours(name: str) -> bool:
         m = _NAME_RE.match(name)
-        return bool(m) and m.group(1) == token
+        return m is not None and m.group(1) == token
 
     nss = sorted(n for n in _listdir(NETNS_DIR) if ours(n) and n != token)
     links = sorted(n for n in _listdir(SYS_NET) if ours(n) and n != token)
@@ -883,13 +883,13 @@ class TestNet:
                 # wake-up of this process must not count as unreachable.
                 left = max(0.0, deadline - time.monotonic())
                 for key, _ in sel.select(left):
-                    c = key.fileobj
-                    assert isinstance(c, socket.socket)
-                    sel.unregister(c)
-                    if c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
-                        ok.add(pending[c])
-                    del pending[c]
-                    c.close()
+                    ready = key.fileobj
+                    assert isinstance(ready, socket.socket)
+                    sel.unregister(ready)
+                    if ready.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                        ok.add(pending[ready])
+                    del pending[ready]
+                    ready.close()
                 if left == 0.0:
                     break
         finally:

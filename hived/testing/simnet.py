@@ -45,7 +45,7 @@ from hived.errors import RemoteProtocolError
 from hived.mesh import election as el
 from hived.mesh import gossip
 from hived.mesh import membership as mb
-from hived.mesh.core import MeshCore, MeshDriver
+from hived.mesh.core import Event, MeshCore, MeshDriver
 from hived.protocol.wire import Message, decode, encode
 
 DELIVER, WAKE, LINK = 0, 1, 2
@@ -83,7 +83,7 @@ class SimNode(MeshDriver):
         self.disk = (0, 0)  # what Persist wrote: (term, promised)
         self.disk_full = False
         self.unwritten = False  # a Persist failed since the last one that succeeded
-        self.core: MeshCore | None = None
+        # self.core (MeshDriver's): a fresh MeshCore each time SimNet.start runs it
         self.dialled: set[str] = set()  # where this process has a DEALER
         self.wake_at = math.inf
         self.last_term = 0
@@ -106,7 +106,7 @@ class SimNode(MeshDriver):
     # -- MeshDriver --------------------------------------------------------
 
     def send(self, address: str, msg: Message) -> None:
-        if type(msg) in (el.Grant, el.Ask) and msg.term > self.disk[1]:
+        if isinstance(msg, (el.Grant, el.Ask)) and msg.term > self.disk[1]:
             self.net._violation(
                 f"{self.name} sent {type(msg).__name__} for term {msg.term} with "
                 f"promised {self.disk[1]} on disk", [self])  # fmt: skip
@@ -129,7 +129,7 @@ class SimNode(MeshDriver):
     def state_written(self) -> None:
         self.unwritten = False
 
-    def event(self, event: mb.Action) -> None:
+    def event(self, event: Event) -> None:
         self.net._event(self, event)
 
 
@@ -171,8 +171,8 @@ class SimNet:
         # traffic meter: (node name, message type) -> count / bytes
         self.meter_on = False
         self.meter_bytes_for: set[str] = set()
-        self.sent = Counter()
-        self.sent_bytes = Counter()
+        self.sent: Counter[tuple[str, bytes]] = Counter()
+        self.sent_bytes: Counter[tuple[str, bytes]] = Counter()
 
     # -- building ----------------------------------------------------------
 
@@ -412,7 +412,7 @@ class SimNet:
             self._seq += 1
             heapq.heappush(self._heap, (real, self._seq, WAKE, node, node.epoch, None, None))
 
-    def _event(self, node: SimNode, a: mb.Action) -> None:
+    def _event(self, node: SimNode, a: Event) -> None:
         real = self.now
         if type(a) is el.BecameCoordinator:
             holder = self.holders.setdefault(a.term, node.name)
