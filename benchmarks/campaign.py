@@ -1,4 +1,4 @@
-"""The long fault campaign: tests/campaign.py for many minutes, then the figures.
+"""The long fault campaign: hived.testing.campaign for many minutes, then the figures.
 
     sudo python3 benchmarks/campaign.py --minutes 30 [--seed N]
 
@@ -19,11 +19,10 @@ import statistics
 import sys
 import tempfile
 
-sys.path[:0] = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d)
-                for d in ("tests", "")]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
 
-from campaign import FAULTS, HEAL_BOUND, Report, run_campaign  # noqa: E402
-from netns import TestNet, netns_available  # noqa: E402
+from hived.testing.campaign import FAULTS, HEAL_BOUND, Report, run_campaign  # noqa: E402
+from hived.testing.netns import TestNet, netns_available  # noqa: E402
 
 
 def figures(report: Report) -> str:

@@ -30,14 +30,15 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+sys.path.insert(0, os.path.dirname(HERE))  # this checkout's hived, hived.testing with it
 sys.path.insert(0, HERE)
 
 from benchtasks import burn, burn_where, identity  # noqa: E402
-from meshnet import Cluster  # noqa: E402
-from netns import TestNet, require_netns, wait_for  # noqa: E402
 
 import hived  # noqa: E402
+from hived.testing.meshnet import Cluster  # noqa: E402
+from hived.testing.netns import TestNet, netns_available  # noqa: E402
+from hived.testing.waiting import wait_for  # noqa: E402
 
 DEFAULT = {"heartbeat": 0.5, "dead_after": 3.0, "lease": 2.0}
 
@@ -192,7 +193,9 @@ def main() -> None:
     parser.add_argument("--only", choices=["speed", "traffic", "faults", "thirty"], action="append")
     args = parser.parse_args()
     todo = set(args.only or ["speed", "traffic", "faults", "thirty"])
-    require_netns()
+    ok, why = netns_available()
+    if not ok:
+        sys.exit(f"mesh_maps: {why}")
     print(f"# timings: heartbeat {DEFAULT['heartbeat']} s, dead_after {DEFAULT['dead_after']} s, "
           f"lease {DEFAULT['lease']} s; 1 CPU slot per node")
     if "speed" in todo:

@@ -28,10 +28,10 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+sys.path.insert(0, os.path.dirname(HERE))  # this checkout's hived, hived.testing with it
 
-from meshnet import Cluster  # noqa: E402
-from netns import TestNet, require_netns  # noqa: E402
+from hived.testing.meshnet import Cluster  # noqa: E402
+from hived.testing.netns import TestNet, netns_available  # noqa: E402
 
 DEFAULT = {"heartbeat": 0.5, "dead_after": 3.0, "lease": 2.0}
 
@@ -93,7 +93,9 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=10, help="failovers measured per size (0 for none)")
     parser.add_argument("--kills-up-to", type=int, default=5, help="measure failovers only for sizes up to this")
     args = parser.parse_args()
-    require_netns()
+    ok, why = netns_available()
+    if not ok:
+        sys.exit(f"mesh_scale: {why}")
     t = DEFAULT
     print(f"# timings: heartbeat {t['heartbeat']} s, dead_after {t['dead_after']} s, lease {t['lease']} s; "
           f"failover target 2 x lease + heartbeat = {2 * t['lease'] + t['heartbeat']:.1f} s")

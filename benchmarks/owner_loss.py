@@ -27,10 +27,11 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+sys.path.insert(0, os.path.dirname(HERE))  # this checkout's hived, hived.testing with it
 
-from meshnet import Cluster  # noqa: E402
-from netns import TestNet, require_netns, wait_for  # noqa: E402
+from hived.testing.meshnet import Cluster  # noqa: E402
+from hived.testing.netns import TestNet, netns_available  # noqa: E402
+from hived.testing.waiting import wait_for  # noqa: E402
 
 DEFAULT = {"heartbeat": 0.5, "dead_after": 3.0, "lease": 2.0}
 
@@ -108,7 +109,9 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=400)
     parser.add_argument("--task-seconds", type=float, default=0.03)
     opts = parser.parse_args()
-    require_netns()
+    ok, why = netns_available()
+    if not ok:
+        sys.exit(f"owner_loss: {why}")
     rows = []
     print("run  undisturbed s  owner killed s  extra s  longest gap s  ran twice")
     for i in range(opts.runs):

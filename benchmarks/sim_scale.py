@@ -4,7 +4,7 @@
     python benchmarks/sim_scale.py --sizes 100 --kills 10
 
 Every node runs the daemon's own `MeshCore` (membership and election wired
-as in the daemon) through the daemon's `MeshDriver`; tests/simnet.py drives
+as in the daemon) through the daemon's `MeshDriver`; hived.testing.simnet drives
 them with a manual millisecond clock, clock rates skewed within the 1% drift
 bound, 0.5-5 ms latency, no loss. With the default timings (heartbeat 0.5,
 dead_after 3.0, lease 2.0) and the first three nodes as seeds (voters), all
@@ -34,9 +34,9 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "tests")]
+sys.path.insert(0, os.path.dirname(HERE))  # this checkout's hived, hived.testing with it
 
-from simnet import SimNet  # noqa: E402
+from hived.testing.simnet import SimNet  # noqa: E402
 
 HEARTBEAT, DEAD_AFTER, LEASE = 0.5, 3.0, 2.0
 STEP = 0.05  # how often (simulated seconds) the run checks its stop condition

@@ -24,12 +24,13 @@ from typing import Any
 import psutil
 import pytest
 from hypothesis import settings
-from netns import wait_for
 from pythons import interpreter
 
 import hived
 from hived.daemon import STACKS_WRITTEN
 from hived.protocol.control import StatusQuery, ask
+from hived.testing.childenv import child_env
+from hived.testing.waiting import wait_for
 
 pytest_plugins = ["netns_fixtures"]
 
@@ -39,18 +40,8 @@ settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI") == "true":
     settings.load_profile("ci")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(hived.__file__)))
 # How long a timed-out test waits for its daemons to write their stacks.
 STACKS_WAIT_S = 3.0
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """The environment for a subprocess that must run this checkout's hived."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HIVED_", "NOTIFY_", "WATCHDOG_"))}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
 
 
 def free_port() -> int:

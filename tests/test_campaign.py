@@ -1,4 +1,4 @@
-"""The CI fault campaign: a few seeds of tests/campaign.py across real hosts.
+"""The CI fault campaign: a few seeds of hived.testing.campaign across real hosts.
 
 Each seed: five daemons in network namespaces, two clients mapping all the
 time through two owners, ~35 s of seeded faults (kill -9, SIGSTOP past a
@@ -13,7 +13,8 @@ import os
 import tempfile
 
 import pytest
-from campaign import (
+
+from hived.testing.campaign import (
     Event,
     Probe,
     Report,
@@ -26,7 +27,7 @@ from campaign import (
     make_schedule,
     run_campaign,
 )
-from campaign_client import inputs, value
+from hived.testing.campaign_client import inputs, value
 
 SEEDS = [int(os.environ["HIVED_CAMPAIGN_SEED"])] if os.environ.get("HIVED_CAMPAIGN_SEED") else [1, 2, 3]
 SECONDS = 35.0

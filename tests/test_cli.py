@@ -15,13 +15,13 @@ import threading
 import time
 
 import pytest
-from conftest import child_env
-from netns import wait_for
 
 import hived
 from hived.cli import duration
 from hived.net.security import load_key
 from hived.protocol.wire import PROTOCOL_MAJOR, PROTOCOL_MINOR
+from hived.testing.childenv import child_env
+from hived.testing.waiting import wait_for
 
 NODE_FIELDS = {
     "name": str,

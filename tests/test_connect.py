@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import psutil
 import pytest
-from netns import wait_for
 
 import hived
 from hived.errors import ConfigError
 from hived.node.resources import usable_cpus
+from hived.testing.waiting import wait_for
 
 
 def worker_count(h: hived.Hive) -> int:

@@ -27,8 +27,6 @@ from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
 
 import pytest
-from conftest import child_env
-from netns import wait_for
 from tasks import (
     SHARED,
     Buffer,
@@ -44,6 +42,8 @@ from tasks import (
 )
 
 import hived
+from hived.testing.childenv import child_env
+from hived.testing.waiting import wait_for
 
 KINDS = ["ppe", "embedded", "daemon"]
 

@@ -37,10 +37,10 @@ from typing import Any
 
 import psutil
 import pytest
-from netns import wait_for
 
 import hived
 import hived.protocol.serialization
+from hived.testing.waiting import wait_for
 
 BAD = 3  # the bad item's value and, in ITEMS, its position
 ITEMS = list(range(6))

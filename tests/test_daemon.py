@@ -23,8 +23,7 @@ import msgpack
 import psutil
 import pytest
 import zmq
-from conftest import REPO, child_env, free_port
-from netns import wait_for
+from conftest import free_port
 
 import hived
 from hived.config import load_config
@@ -50,6 +49,8 @@ from hived.protocol.control import (
 )
 from hived.protocol.wire import MAX_HEADER_BYTES, decode, encode
 from hived.service.sdnotify import EXTEND_EVERY, Notifier
+from hived.testing.childenv import REPO, child_env
+from hived.testing.waiting import wait_for
 
 try:
     import tomllib

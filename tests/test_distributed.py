@@ -26,11 +26,7 @@ import threading
 import time
 
 import pytest
-from campaign import BECAME, Report, check_leases, leases
-from conftest import child_env
-from meshnet import PORT, TIMING, Cluster, MeshNode
 from meshpeer import MeshPeer
-from netns import wait_for
 from test_cli import hivectl
 from test_daemon import NotifySocket
 
@@ -39,6 +35,10 @@ from hived.mesh.matchmaking import HeldAsk, HeldTell, Nothing, Pull, RangeFailed
 from hived.net.security import load_key
 from hived.protocol.control import DrainRequest, JobsQuery, ask
 from hived.protocol.serialization import function_digest
+from hived.testing.campaign import BECAME, Report, check_leases, leases
+from hived.testing.childenv import child_env
+from hived.testing.meshnet import PORT, TIMING, Cluster, MeshNode
+from hived.testing.waiting import wait_for
 
 BAD = 10_000  # the item that kills its worker
 SLOWDOWN = "TEST_TASK_SLOWDOWN"  # set for one daemon (and so its workers): its tasks run slower

@@ -12,8 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, child_env, free_port
-from netns import wait_for
+from conftest import free_port
 
 import hived.doctor
 from hived import __version__
@@ -33,6 +32,8 @@ from hived.doctor import (
     unit_stop_timeout,
 )
 from hived.net.security import load_key, write_key
+from hived.testing.childenv import REPO, child_env
+from hived.testing.waiting import wait_for
 
 EXAMPLES = Path(REPO) / "examples" / "cluster"
 LINE = re.compile(r"^(ok  |warn|FAIL)  \S.*$")

@@ -11,13 +11,14 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from simnet import SIM_SETTINGS, Faults, InvariantViolation, SimNet, fault_schedules
+from sim_strategies import SIM_SETTINGS, fault_schedules
 
 from hived.config import DEFAULT_HEARTBEAT, DEFAULT_LEASE
 from hived.errors import InternalError, RemoteProtocolError
 from hived.mesh import election as el
 from hived.mesh.sansio import Send
 from hived.protocol.wire import decode, encode
+from hived.testing.simnet import Faults, InvariantViolation, SimNet
 
 LEASE, HEARTBEAT = DEFAULT_LEASE, DEFAULT_HEARTBEAT
 HOLD = LEASE - (LEASE * 0.01 + 0.01)

@@ -19,13 +19,13 @@ import threading
 import time
 
 import pytest
-from conftest import child_env
-from meshnet import TIMING, Cluster, MeshNode
-from netns import wait_for
 
 import hived
 from hived.caller import progress
 from hived.caller.failover import TRIED_AT_ONCE, AddressBook, parse_addresses
+from hived.testing.childenv import child_env
+from hived.testing.meshnet import TIMING, Cluster, MeshNode
+from hived.testing.waiting import wait_for
 
 CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "failover_client.py")
 TASK = 0.1  # seconds per task: a map of 45 runs ~1.5 s on three slots

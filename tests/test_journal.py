@@ -14,13 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import child_env
-from netns import wait_for
 
 import hived
 from hived.daemon import STACKS_WRITTEN
 from hived.protocol.control import DrainRequest, UndrainRequest, ask
 from hived.service.journal import JournalFormatter, configure, is_journal, priority, say
+from hived.testing.childenv import child_env
+from hived.testing.waiting import wait_for
 
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
 

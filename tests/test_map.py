@@ -29,7 +29,6 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
-from netns import wait_for
 from tasks import nap, nap_then
 
 import hived
@@ -44,6 +43,7 @@ from hived.caller.mapping import (
 )
 from hived.protocol.control import AddChunk
 from hived.protocol.wire import decode
+from hived.testing.waiting import wait_for
 
 # -- task functions ---------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from itertools import pairwise
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from simnet import SIM_SETTINGS, Faults, SimNet, fault_schedules
+from sim_strategies import SIM_SETTINGS, fault_schedules
 
 from hived.config import DEFAULT_DEAD_AFTER, DEFAULT_HEARTBEAT
 from hived.errors import InternalError, RemoteProtocolError
@@ -17,6 +17,7 @@ from hived.mesh import membership as mb
 from hived.mesh import peers
 from hived.mesh.gossip import BEAT_VARIANTS, Beat, Leave, NodeInfo, PeerHello
 from hived.protocol.wire import decode, encode
+from hived.testing.simnet import Faults, SimNet
 
 H, DEAD = DEFAULT_HEARTBEAT, DEFAULT_DEAD_AFTER
 GRAIN = H / 4  # thresholds are checked on a quarter-heartbeat wheel

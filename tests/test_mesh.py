@@ -14,15 +14,15 @@ import time
 
 import pytest
 import zmq
-from conftest import child_env
-from meshnet import Cluster
-from netns import wait_for
 
 import hived
 from hived.mesh.shell import recall_state
 from hived.net.addresses import split_tcp
 from hived.net.security import load_key, write_key
 from hived.protocol.control import StatusQuery, ask
+from hived.testing.childenv import child_env
+from hived.testing.meshnet import Cluster
+from hived.testing.waiting import wait_for
 
 
 @pytest.fixture

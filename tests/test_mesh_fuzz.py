@@ -21,13 +21,13 @@ import zmq
 from hostile import mesh_messages
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from meshnet import PORT, Cluster
-from netns import wait_for
 
 import hived
 from hived.mesh.gossip import PeerHello
 from hived.net.security import load_key
 from hived.protocol.wire import encode
+from hived.testing.meshnet import PORT, Cluster
+from hived.testing.waiting import wait_for
 
 BATCHES = 25
 MEMORY_GROWTH = 64 << 20  # bytes a daemon's resident memory may grow over the whole run

@@ -9,13 +9,14 @@ import pytest
 from hostile import mesh_messages
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from simnet import SIM_SETTINGS, SimNet
+from sim_strategies import SIM_SETTINGS
 
 from hived.mesh import election as el
 from hived.mesh import gossip
 from hived.mesh import membership as mb
 from hived.mesh.core import MeshCore, MeshDriver
 from hived.mesh.gossip import NodeInfo
+from hived.testing.simnet import SimNet
 
 HEARTBEAT, DEAD, LEASE = 0.2, 1.5, 1.0  # the timings of the real-host mesh tests
 TIMING = {"heartbeat": HEARTBEAT, "dead_after": DEAD, "lease": LEASE}

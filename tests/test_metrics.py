@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 from conftest import Daemon
-from netns import wait_for
 
 import hived
 from hived.service.metrics import CLIENT_TIMEOUT, MAX_CLIENTS, MAX_REQUEST
+from hived.testing.waiting import wait_for
 
 
 def square(x: int) -> int:

@@ -12,9 +12,13 @@ import sys
 import time
 from collections.abc import Callable
 
-import netns
 import pytest
-from netns import TestNet, require_netns, sweep_stale, wait_for
+from netns_fixtures import require_netns
+
+from hived.testing import netns
+from hived.testing.childenv import REPO
+from hived.testing.netns import TestNet, sweep_stale
+from hived.testing.waiting import wait_for
 
 pytest_plugins = ["netns_fixtures"]
 
@@ -327,8 +331,8 @@ def _spawn_owner() -> tuple[subprocess.Popen, str, int]:
     """A separate python process that builds a TestNet and a process in it, then waits."""
     script = (
         "import subprocess, sys\n"
-        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
-        "from netns import TestNet\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "from hived.testing.netns import TestNet\n"
         "net = TestNet(2)\n"
         "p = net[0].popen(['sleep', '60'])\n"
         "print(net.token, p.pid, flush=True)\n"

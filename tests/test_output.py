@@ -16,11 +16,11 @@ import subprocess
 
 import msgpack
 import pytest
-from conftest import child_env
-from netns import wait_for
 
 import hived
 from hived.node.taskoutput import BURST, MAX_LINE, Lines, Piece, Records
+from hived.testing.childenv import child_env
+from hived.testing.waiting import wait_for
 
 FLOOD_MIB = 64
 

@@ -13,9 +13,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, child_env
 
 import hived
+from hived.testing.childenv import REPO, child_env
 
 SUPPORTED = ("3.10", "3.11", "3.12", "3.13")
 
@@ -68,6 +68,32 @@ def test_the_wheel_keeps_the_package_and_commands_named_hived(wheel: zipfile.Zip
 def test_the_wheel_ships_py_typed(wheel: zipfile.ZipFile) -> None:
     # PEP 561: without the marker, type checkers ignore hived's annotations.
     assert "hived/py.typed" in wheel.namelist()
+
+
+TESTING = ("netns", "meshnet", "simnet", "campaign", "campaign_client", "childenv", "waiting")
+# Fails the import of pytest and hypothesis (test-only dependencies), then imports TESTING.
+WITHOUT_TEST_DEPENDENCIES = """
+import importlib, sys
+class NoTestDependencies:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("pytest", "_pytest", "hypothesis"):
+            raise ImportError(f"{name} is a test-only dependency")
+sys.meta_path.insert(0, NoTestDependencies())
+for name in sys.argv[1:]:
+    importlib.import_module(f"hived.testing.{name}")
+"""
+
+
+def test_the_wheel_ships_what_tests_and_benchmarks_share(wheel: zipfile.ZipFile) -> None:
+    names = set(wheel.namelist())
+    assert {f"hived/testing/{m}.py" for m in ("__init__", *TESTING)} <= names
+    assert not [n for n in names if n.startswith("tests/")]
+
+
+def test_hived_testing_imports_without_pytest_or_hypothesis() -> None:
+    out = subprocess.run([sys.executable, "-c", WITHOUT_TEST_DEPENDENCIES, *TESTING],
+                         env=child_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
 
 
 def test_classifiers_name_every_supported_python_and_typed(wheel: zipfile.ZipFile) -> None:

@@ -9,11 +9,11 @@ import time
 
 import psutil
 import pytest
-from conftest import child_env
-from netns import wait_for
 
 import hived
 from hived.node.resources import resolve_gpus
+from hived.testing.childenv import child_env
+from hived.testing.waiting import wait_for
 
 
 def worker_pid(_: object = None) -> int:

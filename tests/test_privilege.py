@@ -26,8 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, child_env
-from netns import wait_for
+
+from hived.testing.childenv import REPO, child_env
+from hived.testing.waiting import wait_for
 
 NOBODY = 65534
 TESTS = os.path.dirname(os.path.abspath(__file__))

@@ -15,8 +15,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
-from conftest import child_env, free_port
-from netns import wait_for
+from conftest import free_port
 from test_daemon import NotifySocket
 
 import hived.doctor
@@ -24,6 +23,8 @@ from hived.doctor import diagnose
 from hived.mesh.seeds import NO_CONNECTION, REFUSAL_KEPT, WRONG_KEY, SeedWatch
 from hived.net.security import write_key
 from hived.protocol.wire import PROTOCOL_MAJOR, PROTOCOL_MINOR
+from hived.testing.childenv import child_env
+from hived.testing.waiting import wait_for
 
 
 def seed_row(daemon, address: str) -> dict | None:

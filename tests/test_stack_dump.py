@@ -10,11 +10,12 @@ import sys
 import textwrap
 from pathlib import Path
 
-from conftest import REPO, Daemon, child_env
-from netns import wait_for
+from conftest import Daemon
 
 from hived.daemon import STACKS_WRITTEN
 from hived.protocol.control import StatusQuery, ask
+from hived.testing.childenv import REPO, child_env
+from hived.testing.waiting import wait_for
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 

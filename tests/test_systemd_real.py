@@ -1,7 +1,7 @@
 """examples/cluster/ under a real systemd: three machines, step for step.
 
 Three Debian root file systems boot with systemd as PID 1, each in a test
-host of its own (a network namespace of tests/netns.py, with its own
+host of its own (a network namespace of hived.testing.netns, with its own
 address on a private bridge). hived is installed into each from wheels
 built once on this machine, exactly as examples/cluster/README.md says, and
 the tests then do what an operator's day holds, looking from the outside:
@@ -52,10 +52,12 @@ from typing import NamedTuple, TypeVar
 
 import psutil
 import pytest
-from conftest import REPO
-from netns import Host, TestNet, require_netns, wait_for
+from netns_fixtures import require_netns
 
 from hived.protocol import wire
+from hived.testing.childenv import REPO
+from hived.testing.netns import Host, TestNet
+from hived.testing.waiting import wait_for
 
 CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 SUITE = "bookworm"

@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import child_env
 
 import hived
 from hived.node.worker import THREAD_LIMITS
+from hived.testing.childenv import child_env
 
 
 def thread_limits(_=None):

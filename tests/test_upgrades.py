@@ -17,13 +17,13 @@ import sys
 import tempfile
 import threading
 
-from conftest import child_env
-from meshnet import Cluster, MeshNode
 from test_cli import hivectl
 from test_distributed import check_squares, eventually, running_cluster, square_where
 
 import hived
 from hived.protocol.wire import PROTOCOL_MAJOR, PROTOCOL_MINOR
+from hived.testing.childenv import child_env
+from hived.testing.meshnet import Cluster, MeshNode
 
 SPEAK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "speak.py")
 OURS = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"

@@ -1,11 +1,11 @@
 """One campaign client: maps through one daemon, one JSON line per map.
 
-    python3 tests/campaign_client.py CONTROL OUT_FILE STOP_FILE [N]
+    python3 -m hived.testing.campaign_client CONTROL OUT_FILE STOP_FILE [N]
 
 Loops until STOP_FILE exists: connect to CONTROL (which makes that daemon the
 job's owner), map `task` over N known inputs, and append what came back --
 every result, or the exception that ended the map -- to OUT_FILE. The checker
-(tests/campaign.py) recomputes the expected values with the same `task`.
+(hived.testing.campaign) recomputes the expected values with the same `task`.
 Its own process, so that a client stuck in a map is only one more fact for
 the checker, and the test process can always kill it.
 """
@@ -16,6 +16,8 @@ import json
 import os
 import sys
 import time
+
+import hived
 
 
 def value(x: int) -> int:
@@ -45,8 +47,6 @@ RECONNECT_TIMEOUT = MAP_TIMEOUT / 2
 def main(argv: list[str]) -> None:
     control, out_path, stop_path = argv[:3]
     n = int(argv[3]) if len(argv) > 3 else 24
-    import hived  # after argv: a bad command line fails fast
-
     map_id = 0
     with open(out_path, "a") as out:
         while not os.path.exists(stop_path):

@@ -13,11 +13,11 @@ import subprocess
 import sys
 from typing import Any
 
-from conftest import child_env
-from netns import Host, TestNet, wait_for
-
 from hived.net.security import write_key
 from hived.protocol.control import StatusQuery, ask
+from hived.testing.childenv import child_env
+from hived.testing.netns import Host, TestNet
+from hived.testing.waiting import wait_for
 
 PORT = 7700
 # Short enough for fast tests, long enough that a loaded 2-core CI machine does
@@ -79,15 +79,22 @@ class MeshNode:
         answer = ask(self.control, StatusQuery(1), timeout=timeout)
         return answer.body if answer is not None else None
 
+    @property
+    def process(self) -> subprocess.Popen:
+        """The daemon's process, once started."""
+        if self.proc is None:
+            raise RuntimeError(f"{self.name} was never started")
+        return self.proc
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def kill9(self) -> None:
-        self.host.kill9(self.proc)
+        self.host.kill9(self.process)
 
     def stop(self) -> int:
-        self.proc.terminate()
-        return self.proc.wait(20)
+        self.process.terminate()
+        return self.process.wait(20)
 
     @property
     def log(self) -> str:

@@ -8,7 +8,7 @@ Theory of operation::
     3 voters) ◀──── faults ──── Nemesis ──▶ history: [Event(fault, start, end)]
        ▲   ▲                                heal times (heal -> one coordinator)
        │   └── status() every 0.5 s ── Prober ──▶ probes: [Probe(node, asked, ok)]
-       └── maps ── 2 clients (tests/campaign_client.py, own processes,
+       └── maps ── 2 clients (hived.testing.campaign_client, own processes,
                    two owners) ──▶ one JSON line per map
                                      │
     daemons' logs ─────────────────▶ check() ──▶ Report: counts, violations
@@ -42,17 +42,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from campaign_client import MAP_TIMEOUT, inputs, value
-from conftest import child_env
-from meshnet import Cluster, MeshNode
-from netns import TestNet, wait_for
+from hived.testing.campaign_client import MAP_TIMEOUT, inputs, value
+from hived.testing.childenv import child_env
+from hived.testing.meshnet import Cluster, MeshNode
+from hived.testing.netns import TestNet
+from hived.testing.waiting import wait_for
 
 TIMING = {"heartbeat": 0.2, "dead_after": 1.5, "lease": 1.0}
 VOTERS = 3
 OWNERS = (1, 4)  # a voter and a non-voter own the clients' jobs
 HEAL_BOUND = 2 * TIMING["lease"] + TIMING["heartbeat"]  # after the last heal: one coordinator
 PROBE_EVERY, PROBE_TIMEOUT = 0.5, 2.0
-CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "campaign_client.py")
+CLIENT = ["-m", "hived.testing.campaign_client"]  # after the interpreter
 
 FAULTS = ("kill", "pause", "minority", "alone", "bridge", "loss", "slow", "disk-full")
 DOWN = ("kill", "pause")  # faults after which a daemon may rightly not answer
@@ -176,10 +177,10 @@ class Nemesis:
         c, net = self.cluster, self.cluster.net
         nodes = [c[i] for i in step.targets]
         if step.fault == "kill":
-            event.note = f"pid {nodes[0].proc.pid}"
+            event.note = f"pid {nodes[0].process.pid}"
             nodes[0].kill9()
         elif step.fault == "pause":
-            os.kill(nodes[0].proc.pid, signal.SIGSTOP)
+            os.kill(nodes[0].process.pid, signal.SIGSTOP)
         elif step.fault in ("minority", "alone"):
             net.partition([n.host for n in nodes])
         elif step.fault == "bridge":
@@ -201,11 +202,11 @@ class Nemesis:
         if step.fault == "kill":
             if not node.alive():  # _apply may have failed before the kill
                 node.start()
-            event.note += f", restarted as {node.proc.pid}"
+            event.note += f", restarted as {node.process.pid}"
             wait_for(lambda: node.status(timeout=0.5) is not None, 30,
                      what=f"{node.name} to answer after its restart")
         elif step.fault == "pause":
-            os.kill(node.proc.pid, signal.SIGCONT)
+            os.kill(node.process.pid, signal.SIGCONT)
         elif step.fault == "disk-full":
             while self.fillers:
                 with contextlib.suppress(FileNotFoundError):
@@ -417,10 +418,11 @@ def leases(logs: dict[str, str], history: list[Event], end: float,
         open_: tuple[int, float] | None = None
         last_term, last_became = 0, 0
         for line in text.splitlines():
-            m, s = BECAME.search(line), STEPPED.search(line)
-            if not (m or s):
+            m = BECAME.search(line)
+            found = m or STEPPED.search(line)
+            if found is None:
                 continue
-            term = int((m or s).group(1))
+            term = int(found.group(1))
             if term < last_term:
                 report.violations.append(f"{node}: term fell from {last_term} to {term}: {line.strip()}")
             last_term = max(last_term, term)
@@ -429,12 +431,12 @@ def leases(logs: dict[str, str], history: list[Event], end: float,
                     report.violations.append(
                         f"{node}: became coordinator of term {term} after term {last_became}")
                 last_became = max(last_became, term)
-                start = float(m.group(2))
+                start = float(found.group(2))
                 if open_ is not None:  # never stepped down: it was killed in between
                     out.append(_ended(node, *open_, kills[node], start))
                 open_ = (term, start)
             elif open_ is not None:
-                out.append(Lease(node, open_[0], open_[1], float(s.group(2)), "stepped down"))
+                out.append(Lease(node, open_[0], open_[1], float(found.group(2)), "stepped down"))
                 open_ = None
         if open_ is not None:
             out.append(_ended(node, *open_, kills[node], end))
@@ -520,8 +522,8 @@ def dump_stacks(cluster: Cluster) -> None:
     for n in cluster.nodes:
         if n.alive():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(n.proc.pid, signal.SIGCONT)  # a paused one cannot write
-                os.kill(n.proc.pid, signal.SIGUSR1)
+                os.kill(n.process.pid, signal.SIGCONT)  # a paused one cannot write
+                os.kill(n.process.pid, signal.SIGUSR1)
                 sizes[n.name] = os.path.getsize(n.log_path)
     with contextlib.suppress(AssertionError):
         wait_for(lambda: all(os.path.getsize(cluster.node(k).log_path) > v
@@ -558,7 +560,7 @@ def run_campaign(net: TestNet, seed: int, seconds: float, workdir: str,
             node = cluster[i]
             out = os.path.join(workdir, f"maps-{node.name}.jsonl")
             with open(out + ".err", "ab") as err:
-                clients.append(node.host.popen([sys.executable, CLIENT, node.control, out, stop],
+                clients.append(node.host.popen([sys.executable, *CLIENT, node.control, out, stop],
                                                env=child_env(), stdout=subprocess.DEVNULL,
                                                stderr=err))
         with Prober(cluster.nodes) as prober:

@@ -51,8 +51,8 @@ exec`` or ``nsenter`` wrapper), so ``proc.pid`` is the real process and
 teardown every tracked process group and every process still inside one of the
 TestNet's namespaces is SIGKILLed -- nothing else is ever signalled.
 
-Import as ``from netns import TestNet, wait_for`` (``tests/`` is on ``sys.path``
-under pytest's default import mode).
+Needs root and iproute2 (``ip``, ``tc``); :func:`netns_available` says whether
+this process can build a TestNet (tests/netns_fixtures.py skips on it).
 """
 
 from __future__ import annotations
@@ -72,18 +72,16 @@ import subprocess
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
-import pytest
+from hived.testing.waiting import wait_for
 
 __all__ = [
     "Host",
     "TestNet",
     "netns_available",
-    "require_netns",
     "sweep_stale",
-    "wait_for",
 ]
 
 PREFIX = "hvt"
@@ -108,44 +106,6 @@ _SHAPE = [
     "qdisc add dev eth0 parent 1:2 handle 2: blackhole",
 ]
 _NS_GONE_WAIT_S = 0.25
-
-T = TypeVar("T")
-
-
-# --------------------------------------------------------------------------- waiting
-
-
-def wait_for(
-    predicate: Callable[[], T],
-    timeout: float,
-    interval: float = 0.02,
-    what: str = "condition",
-    ignore: type[BaseException] | tuple[type[BaseException], ...] = (),
-) -> T:
-    """Poll ``predicate`` until it returns something truthy and return that.
-
-    Raises ``AssertionError("timed out after Xs waiting for <what>")`` at the
-    deadline.  Exceptions of the types in ``ignore`` count as "not yet" (the
-    last one is chained to the AssertionError); any other exception propagates.
-    The predicate is always tried at least once, and once more at the deadline.
-    """
-    deadline = time.monotonic() + timeout
-    last_exc: BaseException | None = None
-    while True:
-        final = time.monotonic() >= deadline
-        try:
-            value = predicate()
-        except ignore as exc:  # () catches nothing
-            last_exc = exc
-        else:
-            if value:
-                return value
-        if final:
-            detail = f" (last error: {last_exc!r})" if last_exc is not None else ""
-            raise AssertionError(
-                f"timed out after {timeout:g}s waiting for {what}{detail}"
-            ) from last_exc
-        time.sleep(max(0.0, min(interval, deadline - time.monotonic())))
 
 
 # --------------------------------------------------------------------------- namespaces
@@ -400,7 +360,7 @@ def _names_of(token: str) -> tuple[list[str], list[str]]:
 
     def ours(name: str) -> bool:
         m = _NAME_RE.match(name)
-        return bool(m) and m.group(1) == token
+        return m is not None and m.group(1) == token
 
     nss = sorted(n for n in _listdir(NETNS_DIR) if ours(n) and n != token)
     links = sorted(n for n in _listdir(SYS_NET) if ours(n) and n != token)
@@ -515,16 +475,6 @@ def netns_available() -> tuple[bool, str]:
             else:
                 _capability = (True, "")
     return _capability
-
-
-def require_netns() -> None:
-    """Skip the test (outside CI) or fail it (``CI=true``) if namespaces can't be made."""
-    ok, why = netns_available()
-    if ok:
-        return
-    if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
-        pytest.fail(f"CI=true but {why}", pytrace=False)
-    pytest.skip(why)
 
 
 # --------------------------------------------------------------------------- hosts
@@ -933,13 +883,13 @@ class TestNet:
                 # wake-up of this process must not count as unreachable.
                 left = max(0.0, deadline - time.monotonic())
                 for key, _ in sel.select(left):
-                    c = key.fileobj
-                    assert isinstance(c, socket.socket)
-                    sel.unregister(c)
-                    if c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
-                        ok.add(pending[c])
-                    del pending[c]
-                    c.close()
+                    ready = key.fileobj
+                    assert isinstance(ready, socket.socket)
+                    sel.unregister(ready)
+                    if ready.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                        ok.add(pending[ready])
+                    del pending[ready]
+                    ready.close()
                 if left == 0.0:
                     break
         finally:

@@ -45,7 +45,7 @@ from hived.errors import RemoteProtocolError
 from hived.mesh import election as el
 from hived.mesh import gossip
 from hived.mesh import membership as mb
-from hived.mesh.core import MeshCore, MeshDriver
+from hived.mesh.core import Event, MeshCore, MeshDriver
 from hived.protocol.wire import Message, decode, encode
 
 DELIVER, WAKE, LINK = 0, 1, 2
@@ -83,7 +83,7 @@ class SimNode(MeshDriver):
         self.disk = (0, 0)  # what Persist wrote: (term, promised)
         self.disk_full = False
         self.unwritten = False  # a Persist failed since the last one that succeeded
-        self.core: MeshCore | None = None
+        # self.core (MeshDriver's): a fresh MeshCore each time SimNet.start runs it
         self.dialled: set[str] = set()  # where this process has a DEALER
         self.wake_at = math.inf
         self.last_term = 0
@@ -106,7 +106,7 @@ class SimNode(MeshDriver):
     # -- MeshDriver --------------------------------------------------------
 
     def send(self, address: str, msg: Message) -> None:
-        if type(msg) in (el.Grant, el.Ask) and msg.term > self.disk[1]:
+        if isinstance(msg, (el.Grant, el.Ask)) and msg.term > self.disk[1]:
             self.net._violation(
                 f"{self.name} sent {type(msg).__name__} for term {msg.term} with "
                 f"promised {self.disk[1]} on disk", [self])  # fmt: skip
@@ -129,7 +129,7 @@ class SimNode(MeshDriver):
     def state_written(self) -> None:
         self.unwritten = False
 
-    def event(self, event: mb.Action) -> None:
+    def event(self, event: Event) -> None:
         self.net._event(self, event)
 
 
@@ -171,8 +171,8 @@ class SimNet:
         # traffic meter: (node name, message type) -> count / bytes
         self.meter_on = False
         self.meter_bytes_for: set[str] = set()
-        self.sent = Counter()
-        self.sent_bytes = Counter()
+        self.sent: Counter[tuple[str, bytes]] = Counter()
+        self.sent_bytes: Counter[tuple[str, bytes]] = Counter()
 
     # -- building ----------------------------------------------------------
 
@@ -274,7 +274,8 @@ class SimNet:
         self.log.append(f"{self.now:.4f} partition {[sorted(g) for g in groups]}")
 
     def apply(self, op: tuple) -> None:
-        """Carry out one step of a `fault_schedules` schedule, then run 50 ms."""
+        """Carry out one step of a schedule (tests/sim_strategies.py: `fault_schedules`),
+        then run 50 ms."""
         names = list(self.nodes)
         kind = op[0]
         if kind == "run":
@@ -411,7 +412,7 @@ class SimNet:
             self._seq += 1
             heapq.heappush(self._heap, (real, self._seq, WAKE, node, node.epoch, None, None))
 
-    def _event(self, node: SimNode, a: mb.Action) -> None:
+    def _event(self, node: SimNode, a: Event) -> None:
         real = self.now
         if type(a) is el.BecameCoordinator:
             holder = self.holders.setdefault(a.term, node.name)
@@ -517,47 +518,3 @@ class SimNet:
             parts.append(n.election.story.format(40))
         raise InvariantViolation("\n".join(parts))
 
-
-# Hypothesis profiles for the simulated-network property tests: "sim" keeps
-# the suite fast; HIVED_SIM_PROFILE=sim-thorough runs many more schedules.
-def _profiles():
-    import os
-
-    from hypothesis import HealthCheck, settings
-
-    settings.register_profile(
-        "sim",
-        max_examples=500,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
-    settings.register_profile("sim-thorough", settings.get_profile("sim"), max_examples=2000)
-    return settings.get_profile(os.environ.get("HIVED_SIM_PROFILE", "sim"))
-
-
-SIM_SETTINGS = _profiles()
-
-
-def fault_schedules(run_for: float, max_size: int, leave: bool = False, stop: bool = False):
-    """A hypothesis strategy: random schedules of runs, kills, restarts,
-    (leaves), (stops: a hand-over, the node draining until a later kill,
-    restart or leave), partitions into 3 groups of up to 7 nodes, heals,
-    disks that fill up and free again, and message fault rates (drop,
-    duplicate, reorder)."""
-    from hypothesis import strategies as st
-
-    node = st.integers(0, 6)
-    ops = [
-        st.tuples(st.just("run"), st.floats(0.01, run_for)),
-        st.tuples(st.just("kill"), node),
-        st.tuples(st.just("restart"), node),
-        st.tuples(st.just("partition"), st.lists(st.integers(0, 2), min_size=7, max_size=7)),
-        st.tuples(st.just("heal")),
-        st.tuples(st.just("disk"), node, st.booleans()),
-        st.tuples(st.just("faults"), st.floats(0, 0.3), st.floats(0, 0.2), st.floats(0, 0.5)),
-    ]
-    if leave:
-        ops.insert(3, st.tuples(st.just("leave"), node))
-    if stop:
-        ops.insert(3, st.tuples(st.just("stop"), node))
-    return st.lists(st.one_of(*ops), max_size=max_size)
