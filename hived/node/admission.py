@@ -6,8 +6,13 @@ of the hive could ever run its tasks: better than a job that waits for ever.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from hived.errors import INVALID, STOPPED, UNAVAILABLE
 from hived.protocol.control import OpenJob
+
+if TYPE_CHECKING:
+    from hived.mesh.membership import MemberView
 
 Slots = tuple[int, int]  # (CPU slots, GPU slots) of one node
 
@@ -28,3 +33,9 @@ def job_problem(msg: OpenJob, node_name: str, draining: bool,
     if msg.gpus == 0 and msg.cpus > largest:
         return UNAVAILABLE, f"the tasks ask for {msg.cpus} CPUs but the largest node has {largest}"
     return None
+
+
+def hive_slots(me: Slots, members: list[MemberView]) -> list[Slots]:
+    """(CPU slots, GPU slots) of every live node, this one (`me`) first;
+    `members` the mesh's, this node first."""
+    return [me, *((m.cpus, m.gpus) for m in members[1:] if m.state in ("alive", "suspect"))]

@@ -47,7 +47,7 @@ from hived.errors import (
 )
 from hived.mesh.steering import Steer, Steered
 from hived.net.background import Background
-from hived.node.admission import job_problem
+from hived.node.admission import Slots, hive_slots, job_problem
 from hived.node.blobs import BlobStore
 from hived.node.clients import ClientState, Strangers
 from hived.node.exchange import Exchange
@@ -384,13 +384,9 @@ class Node:
             if cid not in self.control.local:
                 self.control.send(cid, Nodes(nodes))
 
-    def _hive(self) -> list[tuple[int, int]]:
-        """(CPU slots, GPU slots) of every live node, this one first."""
-        me = (self.settings.cpus, len(self.settings.gpus))
-        if self.mesh is None:
-            return [me]
-        others = [(m.cpus, m.gpus) for m in self.mesh.members()[1:] if m.state in ("alive", "suspect")]
-        return [me, *others]
+    def _hive(self) -> list[Slots]:
+        members = self.mesh.members() if self.mesh is not None else []
+        return hive_slots((self.settings.cpus, len(self.settings.gpus)), members)
 
     def _add_chunk(self, client: ClientState, msg: AddChunk, payload: list[Any]) -> None:
         key = (client.id, msg.job)
