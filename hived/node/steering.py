@@ -11,13 +11,14 @@ by the node's own `steer` and answered with STEERED.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from hived.mesh.steering import MAX_JOB_IDS, Forwards, Outcome, Steer, Steered
 from hived.net.background import Background
+from hived.protocol.wire import Message
 
 if TYPE_CHECKING:
-    from hived.mesh.shell import Mesh
+    from hived.mesh.membership import MemberView
 
 # How long a node waits on the peers it forwarded a hivectl drain, undrain or
 # cancel to: below hivectl's own wait, so that it hears why not.
@@ -30,8 +31,17 @@ SteerHere = Callable[[str, str, str], tuple[bool, str, list[str]]]
 AnswerClient = Callable[[bytes, int, dict[str, Any]], None]
 
 
+class Members(Protocol):
+    """What steering asks of the mesh (hived.mesh.shell.Mesh)."""
+
+    def members(self) -> list[MemberView]: ...
+    def members_alive(self) -> list[str]: ...
+    def name_of(self, address: str) -> str | None: ...
+    def send(self, address: str, msg: Message, payload: list[Any] | tuple[Any, ...] = ()) -> bool: ...
+
+
 class Steering:
-    def __init__(self, name: str, mesh: Mesh | None, background: Background,
+    def __init__(self, name: str, mesh: Members | None, background: Background,
                  steer: SteerHere, answer: AnswerClient) -> None:
         self.name, self.mesh, self.background = name, mesh, background
         self.steer, self.answer = steer, answer
@@ -53,7 +63,7 @@ class Steering:
             self._answer(client, request, action, name, False,
                          f"no node named {name!r} in this hive (this node is {self.name!r}); "
                          f"the nodes it knows: {known}")
-        elif member.state == "dead":
+        elif member.state == "dead" and member.last_heard is not None:  # (None: this node)
             silent = self.background.loop.time() - member.last_heard
             self._answer(client, request, action, name, False,
                          f"{name} at {member.address} cannot be reached: {self.name} has not "
@@ -81,7 +91,7 @@ class Steering:
         else:
             self._settle(self.forwards.answered(sender, msg))
 
-    def _mesh(self) -> Mesh:
+    def _mesh(self) -> Members:
         assert self.mesh is not None, "only a node on a mesh forwards or is steered"
         return self.mesh
 
