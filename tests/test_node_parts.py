@@ -139,7 +139,7 @@ def test_a_steer_from_a_member_is_done_here_and_answered(loop):
 
 
 def test_a_stranger_is_told_once_and_every_query_answered(caplog):
-    strangers = Strangers("me", kept=2)
+    strangers = Strangers("me", logging.getLogger("test"), kept=2)
     with caplog.at_level(logging.INFO):
         first = strangers.answer(b"s", Ping())
         again = strangers.answer(b"s", Ping())
@@ -152,7 +152,7 @@ def test_a_stranger_is_told_once_and_every_query_answered(caplog):
 
 
 def test_the_strangers_remembered_are_bounded():
-    strangers = Strangers("me", kept=2)
+    strangers = Strangers("me", logging.getLogger("test"), kept=2)
     for cid in (b"a", b"b", b"c"):
         strangers.answer(cid, Ping())
     assert strangers.answer(b"c", Ping()) is None
@@ -175,7 +175,7 @@ def test_a_job_no_node_of_the_hive_can_run_is_refused():
 
 
 def test_a_jobs_tag_and_record_go_with_it():
-    book, own = Owner(), OwnJobs("me")
+    book, own = Owner(), OwnJobs("me", logging.getLogger("test"))
     job = book.open_job((b"\x01\x02\x03\x04\x05", 3), b"fn", Needs(), 0, 0.0)
     own.opened(job, "square", "host pid 1", call=False, detail="cpus=1")
     tag = own.tag(job.key)

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from hived.protocol.control import Answer, Stranger
 from hived.protocol.wire import Message
 
-log = logging.getLogger(__name__)
-
 # Unknown clients remembered as told (a bound: any number may write to the socket).
 STRANGERS_KEPT = 4096
 
@@ -35,8 +33,9 @@ class ClientState:
 class Strangers:
     """Unknown clients seen, and whether each was told so, oldest first."""
 
-    def __init__(self, node_name: str, kept: int = STRANGERS_KEPT) -> None:
+    def __init__(self, node_name: str, log: logging.Logger, kept: int = STRANGERS_KEPT) -> None:
         self.node_name, self.kept = node_name, kept
+        self.log = log  # the node's: a stranger is the node's news
         self._told: collections.OrderedDict[bytes, bool] = collections.OrderedDict()
 
     def known(self, cid: bytes) -> None:
@@ -50,7 +49,7 @@ class Strangers:
             told = self._told[cid] = False
             if len(self._told) > self.kept:
                 self._told.popitem(last=False)
-            log.info(
+            self.log.info(
                 "control: %s from an unknown client %s (of this node's previous process, or one "
                 "dropped as silent); told once that its calls here are lost, and not logged again",
                 type(msg).__name__, cid.hex(),

@@ -113,9 +113,9 @@ class Node:
         self.ctx = ctx or zmq.Context.instance()
         self.owner = Owner(first_assignment=random.getrandbits(48) << 8)
         self.clients: dict[bytes, ClientState] = {}
-        self._strangers = Strangers(self.name)
+        self._strangers = Strangers(self.name, log)
         self.blobs = BlobStore()
-        self.own = OwnJobs(self.name)
+        self.own = OwnJobs(self.name, log)
         self.started_at = time.monotonic()
         # Answers a `hived --reload` (C.RELOAD) with what was applied, or
         # {"error": why}; None for a node that has no configuration file (embedded).

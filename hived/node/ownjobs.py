@@ -15,8 +15,6 @@ from typing import Any
 
 from hived.node.scheduling import Job, JobKey
 
-log = logging.getLogger(__name__)
-
 
 def job_id(key: JobKey) -> str:
     """A job's id as `hivectl jobs` lists it and `hivectl cancel` takes it."""
@@ -36,8 +34,9 @@ class OpenedJob:
 
 
 class OwnJobs:
-    def __init__(self, node_name: str) -> None:
+    def __init__(self, node_name: str, log: logging.Logger) -> None:
         self.node_name = node_name
+        self.log = log  # the node's: its jobs' lines are its own
         self._opened: dict[JobKey, OpenedJob] = {}
         self._tags: dict[JobKey, int] = {}
         self._tagged: dict[int, JobKey] = {}
@@ -51,7 +50,7 @@ class OwnJobs:
             job, label, client, logging.DEBUG if call else logging.INFO
         )
         self.owned += 1
-        log.log(opened.level, "job %s started: %s, client %s, %s", job_id(job.key), label,
+        self.log.log(opened.level, "job %s started: %s, client %s, %s", job_id(job.key), label,
                 client, "1 task (a submit)" if call else detail)
 
     def forget(self, key: JobKey, now: float, cancelled: str | None = None) -> None:
@@ -67,7 +66,7 @@ class OwnJobs:
             self.finished += 1
         else:
             self.cancelled += 1
-        log.log(
+        self.log.log(
             opened.level, "job %s (%s, client %s) %s after %.2f s: %d done, %d failed, %d cancelled",
             job_id(key), opened.label, opened.client,
             "finished" if cancelled is None else f"cancelled ({cancelled})",
