@@ -9,8 +9,8 @@ Every node plays three parts here, on the node's one event loop:
   PULL from another node gets ranges that fit that node's free slots
   (RANGE, with the function blob the first time) or NONE. Results come back
   as DONE/FAIL/LOST/OUT and go to the same `Sink` as the local pool's
-  reports on our own jobs, so dedup, retries and delivery are one code path. When a
-  node is declared dead or leaves, its ranges are requeued (at-least-once
+  reports on our jobs, so dedup, retries and delivery are one code path.
+  When a node is declared dead or leaves, its ranges are requeued (at-least-once
   execution; the book drops any late result, so delivery stays exactly-once).
   A RANGE the link refused (the node's connection is down, as it is for a
   while after either side was paused) is requeued at once: no report could
