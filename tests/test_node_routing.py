@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from hived import __version__
+from hived.errors import STOPPED
 from hived.net.background import Background
 from hived.node.exchange import Exchange
 from hived.node.node import Node, NodeSettings
@@ -24,6 +25,7 @@ from hived.node.taskoutput import Piece
 from hived.protocol.control import (
     AddChunk,
     Bye,
+    CancelJob,
     CloseJob,
     ControlServer,
     Hello,
@@ -47,6 +49,7 @@ class FakePool:
         self.aborted: list[set[int]] = []
         self.holding = False
         self.kicks = 0
+        self.stopped = False
 
     @property
     def slots_busy(self) -> int:
@@ -60,6 +63,9 @@ class FakePool:
 
     def abort(self, aids: set[int], reason: str) -> None:
         self.aborted.append(aids)
+
+    async def stop(self) -> None:
+        self.stopped = True
 
     def take(self) -> Assignment | None:
         a = self.exchange.assign(lambda needs: True)
@@ -164,3 +170,20 @@ def test_a_client_gone_stops_its_running_tasks_and_drops_their_output(node, loop
     assert pool.aborted == [{a.id}]
     pool.finish(a)  # late: the book forgot the job, nothing reaches the client
     assert not client.of_type(Result) and not client.of_type(Output)
+
+
+def test_close_refuses_the_jobs_left_and_ends_the_nodes_timers(node, loop):
+    node, pool = node
+    client = hello(node, b"c1", loop)
+    for job in (1, 2):
+        client.send(OpenJob(job, FN, job == 1, 1, 0, 0, "f"), [BLOB] if job == 1 else [])
+        client.send(AddChunk(job, 0, 1), [b"args"])
+        assert pool.take() is not None
+    client.send(CancelJob(1))  # its running task may finish within the grace
+    assert len(node.background) == 1 and pool.aborted == []
+    loop.run_until_complete(node.close())
+    assert len(node.background) == 0 and pool.stopped and node.stopped.is_set()
+    (refused,) = client.of_type(JobRefused)
+    assert (refused.job, refused.kind) == (2, STOPPED)
+    loop.run_until_complete(asyncio.sleep(0.01))
+    assert pool.aborted == []  # the grace's timer went with the node
