@@ -14,11 +14,11 @@ from hived.protocol.control import OpenJob
 if TYPE_CHECKING:
     from hived.mesh.membership import MemberView
 
-Slots = tuple[int, int]  # (CPU slots, GPU slots) of one node
+Capacity = tuple[int, int]  # (CPU slots, GPU slots) of one node
 
 
 def job_problem(msg: OpenJob, node_name: str, draining: bool,
-                hive: list[Slots]) -> tuple[str, str] | None:
+                hive: list[Capacity]) -> tuple[str, str] | None:
     """(error kind, text) why `msg`'s job may not open here, or None; `hive`
     is every live node's slots, this one's first."""
     if draining:
@@ -35,7 +35,7 @@ def job_problem(msg: OpenJob, node_name: str, draining: bool,
     return None
 
 
-def hive_slots(me: Slots, members: list[MemberView]) -> list[Slots]:
+def hive_slots(me: Capacity, members: list[MemberView]) -> list[Capacity]:
     """(CPU slots, GPU slots) of every live node, this one (`me`) first;
     `members` the mesh's, this node first."""
     return [me, *((m.cpus, m.gpus) for m in members[1:] if m.state in ("alive", "suspect"))]

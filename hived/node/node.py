@@ -47,7 +47,7 @@ from hived.errors import (
 )
 from hived.mesh.steering import Steer, Steered
 from hived.net.background import Background
-from hived.node.admission import Slots, hive_slots, job_problem
+from hived.node.admission import Capacity, hive_slots, job_problem
 from hived.node.blobs import BlobStore
 from hived.node.clients import ClientState, Strangers
 from hived.node.exchange import Exchange
@@ -384,7 +384,7 @@ class Node:
             if cid not in self.control.local:
                 self.control.send(cid, Nodes(nodes))
 
-    def _hive(self) -> list[Slots]:
+    def _hive(self) -> list[Capacity]:
         members = self.mesh.members() if self.mesh is not None else []
         return hive_slots((self.settings.cpus, len(self.settings.gpus)), members)
 
