@@ -8,15 +8,17 @@ Data flow inside one node
      in-process link)                                          ▲   │
             │ JOB, CHUNK, CLOSE, CANCEL, PING                  │   │ DONE, FAIL, OUT
             ▼                                                  │   ▼
-     ControlServer ──▶ Node._handlers ──▶ Owner (sans-IO) ◀── Pool.kick / Pool sink
-            ▲                               jobs, ranges,          │
-            │ RESULT, ERROR, OUT            dedup, retries         │ pidfd: worker died
-            └───────────────────────────────────────────────────◀──┘
+     ControlServer ──▶ Node._handlers ──▶ Owner (sans-IO) ◀── Exchange ◀── Pool
+            ▲                               jobs, ranges,     (source, sink)  │
+            │ RESULT, ERROR, OUT            dedup, retries         ▲          │ pidfd: worker died
+            └──────────────────────────── Node (the Sink) ◀────────┴──────────┘
 
 - The ControlServer decodes headers only; payload frames pass through the
   node untouched (they are never unpickled here).
 - The Owner decides what runs next and what may be delivered; the Pool runs
-  what it is given and reports back; the Node only wires the two to clients.
+  what it is given and reports back; the Exchange (hived.node.exchange) is
+  the pool's source and sink, and passes the reports on the node's own jobs
+  to the Node, which only wires them to clients.
 - Every callback runs on the node's one event loop thread, so none of these
   parts need locks.
 """
@@ -24,39 +26,39 @@ Data flow inside one node
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import os
 import random
-import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from hived import __version__
-from hived.config import DEFAULT_DEAD_AFTER, DEFAULT_DRAIN_TIMEOUT, DEFAULT_HEARTBEAT, DEFAULT_LEASE
 from hived.errors import (
     CANCELLED,
     CRASHED,
     INVALID,
     SERIALIZATION,
     STOPPED,
-    UNAVAILABLE,
     UNKNOWN_BLOB,
     LocalProtocolError,
 )
-from hived.mesh.steering import MAX_JOB_IDS, Forwards, Outcome, Steer, Steered
-from hived.net.security import ClusterKey
+from hived.mesh.steering import Steer, Steered
+from hived.net.background import Background
+from hived.node.admission import Capacity, hive_slots, job_problem
+from hived.node.blobs import BlobStore
+from hived.node.clients import ClientState, Strangers
 from hived.node.exchange import Exchange
-from hived.node.pool import Launcher, Pool
-from hived.node.scheduling import Job, JobKey, Needs, Owner
+from hived.node.ownjobs import OwnJobs, job_id
+from hived.node.pool import Pool
+from hived.node.scheduling import JobKey, Needs, Owner
+from hived.node.settings import NodeSettings
 from hived.node.status import node_status
+from hived.node.steering import Steering
 from hived.node.taskoutput import Piece
 from hived.protocol.control import (
-    LINK_TIMEOUT,
     MAX_NODES,
     AddChunk,
     Answer,
@@ -79,7 +81,6 @@ from hived.protocol.control import (
     ReloadRequest,
     Result,
     StatusQuery,
-    Stranger,
     UndrainRequest,
     Unwelcome,
     Welcome,
@@ -88,83 +89,34 @@ from hived.protocol.control import (
 from hived.protocol.serialization import function_digest
 from hived.protocol.wire import Message, frame_bytes
 
+if TYPE_CHECKING:
+    from hived.mesh.shell import Mesh
+
 log = logging.getLogger(__name__)
 
 # How long a cancelled job's running tasks may finish before their workers are stopped.
 CANCEL_GRACE = 1.0
-# Unknown clients remembered as told (a bound: any number may write to the socket).
-STRANGERS_KEPT = 4096
-# How long a node waits on the peers it forwarded a hivectl drain, undrain or
-# cancel to: below hivectl's own wait, so that it hears why not.
-FORWARD_TIMEOUT = 2.0
-
-
-@dataclass
-class NodeSettings:
-    name: str = field(default_factory=socket.gethostname)
-    cpus: int = 1
-    gpus: list[str] = field(default_factory=list)
-    control: str | None = None  # None: in-process clients only (embedded)
-    max_tasks_per_worker: int = 0
-    memory_limit: int | None = None
-    heartbeat: float = DEFAULT_HEARTBEAT
-    client_timeout: float = LINK_TIMEOUT  # a client silent this long is gone
-    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
-    # The mesh (None: a node of its own, as the embedded one is)
-    bind: str | None = None
-    advertise: str | None = None
-    seeds: list[str] = field(default_factory=list)
-    dead_after: float = DEFAULT_DEAD_AFTER
-    lease: float = DEFAULT_LEASE
-    data_dir: str | None = None
-    key: ClusterKey | None = None  # CURVE on every TCP socket when set
-    # The embedded node's: its caller's multiprocessing authkey, so that the
-    # caller's multiprocessing.Manager() proxies work in the workers.
-    authkey: bytes | None = None
-    # The embedded node's workers, started before the node (see Launcher).
-    launcher: Launcher | None = None
-
-
-@dataclass
-class OpenedJob:
-    """A job this node owns, as its log lines name it."""
-
-    job: Job  # the owner's book entry: its counts outlive the book's forgetting it
-    label: str  # the function's name
-    client: str  # the client's label: host and pid
-    # INFO for a map; DEBUG for a submit, a job of one task, which a program
-    # may open thousands of a second
-    level: int
-
-
-@dataclass
-class ClientState:
-    id: bytes
-    label: str
-    last_seen: float
-    jobs: set[int] = field(default_factory=set)
-    fns: set[bytes] = field(default_factory=set)
-    unwelcome: str | None = None  # why its version may not run jobs here (queries it may ask)
 
 
 class Node:
+    # Set by `start`, on the loop thread.
+    loop: asyncio.AbstractEventLoop
+    background: Background  # the node's and its exchange's tasks and timers
+    exchange: Exchange
+    pool: Pool
+    control: ControlServer
+    steering: Steering
+
     def __init__(self, settings: NodeSettings, ctx: zmq.Context | None = None) -> None:
         self.settings = settings
         self.name = settings.name
         self.ctx = ctx or zmq.Context.instance()
         self.owner = Owner(first_assignment=random.getrandbits(48) << 8)
         self.clients: dict[bytes, ClientState] = {}
-        # Unknown clients seen, and whether each was told so (STRANGER), oldest first.
-        self._strangers: collections.OrderedDict[bytes, bool] = collections.OrderedDict()
-        self.blobs: dict[bytes, bytes] = {}
-        self._blob_users: dict[bytes, int] = {}
-        self._tags: dict[JobKey, int] = {}
-        self._tagged: dict[int, JobKey] = {}
-        self._opened: dict[JobKey, OpenedJob] = {}
-        self._next_tag = 0
+        self._strangers = Strangers(self.name, log)
+        self.blobs = BlobStore()
+        self.own = OwnJobs(self.name, log)
         self.started_at = time.monotonic()
-        # Jobs this node owned, for the line its stop logs.
-        self.jobs_owned = self.jobs_finished = self.jobs_cancelled = 0
         # Answers a `hived --reload` (C.RELOAD) with what was applied, or
         # {"error": why}; None for a node that has no configuration file (embedded).
         self.on_reload: Callable[[str], dict[str, Any]] | None = None
@@ -173,18 +125,9 @@ class Node:
         # Called when this node starts or ends a drain that hivectl asked for
         # (the daemon's STATUS= line says so at once).
         self.on_state_change: Callable[[], None] | None = None
-        self.forwards = Forwards(FORWARD_TIMEOUT)
-        # forwarded hivectl requests: Forwards' id -> (client, its request, action,
-        # target, for a cancel the ids of this node's own jobs)
-        self._forwarded: dict[int, tuple[ClientState, int, str, str, list[str]]] = {}
         self.stopped = asyncio.Event()
         self._drained = asyncio.Event()
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.pool: Pool | None = None
-        self.control: ControlServer | None = None
-        self.mesh: Any = None  # a hived.mesh.shell.Mesh once joined
-        self.exchange = Exchange(self)
-        self._tasks: set[asyncio.Task] = set()
+        self.mesh: Mesh | None = None  # once joined
         self._told_nodes: list[str] = []  # the hive's nodes as clients last heard of them
         self._handlers: dict[type[Message], Callable[[ClientState, Any, list[Any]], None]] = {
             OpenJob: self._open_job,
@@ -202,12 +145,30 @@ class Node:
             ReloadRequest: self._reload_request,
         }
 
+    @property
+    def jobs_owned(self) -> int:
+        return self.own.owned
+
+    @property
+    def jobs_finished(self) -> int:
+        return self.own.finished
+
+    @property
+    def jobs_cancelled(self) -> int:
+        return self.own.cancelled
+
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
         """Start the pool, bind the control socket, join the mesh; call on the loop thread."""
         self.loop = asyncio.get_running_loop()
+        self.background = Background(self.loop)
         s = self.settings
+        self.exchange = Exchange(
+            self.owner, self.blobs, self, self.background, name=self.name,
+            heartbeat=s.heartbeat, dead_after=s.dead_after,
+            draining=lambda: self.draining, job_rows=self.job_rows,
+        )
         self.pool = Pool(
             self.loop,
             self.ctx,
@@ -215,9 +176,9 @@ class Node:
             cpus=s.cpus,
             gpus=s.gpus,
             source=self.exchange,
-            sink=self,
+            sink=self.exchange,
             blobs=self.blobs,
-            job_tag=self._tag,
+            job_tag=self.exchange.job_tag,
             max_tasks_per_worker=s.max_tasks_per_worker,
             memory_limit=s.memory_limit,
             authkey=s.authkey,
@@ -241,12 +202,9 @@ class Node:
             )
             self.mesh.start()
             self.pool.on_idle = self.exchange.idle
-        self._spawn(self._housekeeping())
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.exchange.attach(self.pool, self.mesh)
+        self.steering = Steering(self.name, self.mesh, self.background, self._steer, self._answer)
+        self.background.spawn(self._housekeeping(), name=f"housekeeping of {self.name}")
 
     async def _housekeeping(self) -> None:
         while True:
@@ -309,8 +267,7 @@ class Node:
                 self._refuse(client, key[1], STOPPED, f"hived on {self.name} stopped")
             self.owner.cancel_job(key)
             self._forget_job(key, cancelled="the node stopped")
-        for task in list(self._tasks):
-            task.cancel()
+        await self.background.aclose()
         if self.mesh is not None:
             self.mesh.leave()
         await self.pool.stop()
@@ -349,7 +306,7 @@ class Node:
     def _on_stranger(self, cid: bytes, msg: Message) -> None:
         """A client we do not know: it may say HELLO; anything else gets an error."""
         if isinstance(msg, Hello):
-            self._strangers.pop(cid, None)
+            self._strangers.known(cid)
             client = self.clients[cid] = ClientState(cid, msg.client, self.loop.time())
             client.unwelcome = version_problem(msg.version)
             if client.unwelcome is not None:
@@ -364,34 +321,16 @@ class Node:
                               self.draining, self.client_addresses())
             self.control.send(cid, welcome)
             return
-        # A client of our previous process, one we dropped as silent, or one
-        # that never said HELLO. It pings every heartbeat until it hears, so
-        # it is logged once and told once (STRANGER): it fails its calls
-        # instead of waiting for ever, and the log does not grow by a ping.
-        told = self._strangers.get(cid)
-        if told is None:
-            told = self._strangers[cid] = False
-            if len(self._strangers) > STRANGERS_KEPT:
-                self._strangers.popitem(last=False)
-            log.info(
-                "control: %s from an unknown client %s (of this node's previous process, or one "
-                "dropped as silent); told once that its calls here are lost, and not logged again",
-                type(msg).__name__, cid.hex(),
-            )
-        request = getattr(msg, "request", None)
-        if request is not None:  # a query waits for its answer: hivectl shows the error
-            text = f"hived on {self.name} answers only clients that said HELLO first"
-            self.control.send(cid, Answer(request, {"error": text}))
-        elif not told:
-            self._strangers[cid] = True
-            self.control.send(cid, Stranger(self.name))
+        reply = self._strangers.answer(cid, msg)
+        if reply is not None:
+            self.control.send(cid, reply)
 
     def _open_job(
         self, client: ClientState, msg: OpenJob, payload: list[Any], call: bool = False
     ) -> None:
         """`call`: a submit's job of one task (`_call`)."""
         key = (client.id, msg.job)
-        problem = self._job_problem(msg)
+        problem = job_problem(msg, self.name, self.draining, self._hive())
         if problem:
             self._refuse(client, msg.job, *problem)
             return
@@ -403,22 +342,17 @@ class Node:
             if function_digest(blob) != msg.fn:
                 self._refuse(client, msg.job, INVALID, "the function blob does not match the hash the job names")
                 return
-            self.blobs.setdefault(msg.fn, blob)
+            self.blobs.add(msg.fn, blob)
         if msg.fn not in self.blobs:
             self._refuse(client, msg.job, UNKNOWN_BLOB, "this node does not have the job's function")
             return
         if msg.fn not in client.fns:
             client.fns.add(msg.fn)
-            self._blob_users[msg.fn] = self._blob_users.get(msg.fn, 0) + 1
+            self.blobs.use(msg.fn)
         job = self.owner.open_job(key, msg.fn, Needs(msg.cpus, msg.gpus), msg.retries, self.loop.time())
-        opened = self._opened[key] = OpenedJob(
-            job, msg.label, client.label, logging.DEBUG if call else logging.INFO
-        )
         client.jobs.add(msg.job)
-        self.jobs_owned += 1
-        log.log(opened.level, "job %s started: %s, client %s, %s", job_id(key), msg.label,
-                client.label, "1 task (a submit)" if call else
-                f"cpus={msg.cpus} gpus={msg.gpus} retries={msg.retries}, tasks as they come")
+        self.own.opened(job, msg.label, client.label, call,
+                        f"cpus={msg.cpus} gpus={msg.gpus} retries={msg.retries}, tasks as they come")
 
     def _call(self, client: ClientState, msg: Call, payload: list[Any]) -> None:
         """A submit in one message: open the job, add its one item, close it."""
@@ -428,21 +362,6 @@ class Node:
         if (client.id, msg.job) in self.owner.jobs:
             self._add_chunk(client, AddChunk(msg.job, 0, 1), payload[len(blob) :])
             self._close_job(client, CloseJob(msg.job), [])
-
-    def _job_problem(self, msg: OpenJob) -> tuple[str, str] | None:
-        if self.draining:
-            return STOPPED, f"hived on {self.name} is draining and takes no new jobs"
-        if msg.cpus < 1 or msg.gpus < 0 or msg.retries < 0:
-            return INVALID, "cpus must be >= 1, gpus >= 0 and retries >= 0"
-        if msg.gpus > 1:
-            return INVALID, f"a task may ask for at most 1 GPU (a worker owns one GPU); got gpus={msg.gpus}"
-        nodes = self._hive()
-        if msg.gpus == 1 and not any(gpus for _, gpus in nodes):
-            return UNAVAILABLE, f"the tasks ask for a GPU but no node in this hive has one ({self.name} has 0)"
-        largest = max(cpus for cpus, _ in nodes)
-        if msg.gpus == 0 and msg.cpus > largest:
-            return UNAVAILABLE, f"the tasks ask for {msg.cpus} CPUs but the largest node has {largest}"
-        return None
 
     def client_addresses(self) -> list[str]:
         """Where clients reach the hive's nodes that take jobs (alive, not
@@ -465,13 +384,9 @@ class Node:
             if cid not in self.control.local:
                 self.control.send(cid, Nodes(nodes))
 
-    def _hive(self) -> list[tuple[int, int]]:
-        """(CPU slots, GPU slots) of every live node, this one first."""
-        me = (self.settings.cpus, len(self.settings.gpus))
-        if self.mesh is None:
-            return [me]
-        others = [(m.cpus, m.gpus) for m in self.mesh.members()[1:] if m.state in ("alive", "suspect")]
-        return [me, *others]
+    def _hive(self) -> list[Capacity]:
+        members = self.mesh.members() if self.mesh is not None else []
+        return hive_slots((self.settings.cpus, len(self.settings.gpus)), members)
 
     def _add_chunk(self, client: ClientState, msg: AddChunk, payload: list[Any]) -> None:
         key = (client.id, msg.job)
@@ -496,7 +411,7 @@ class Node:
         if aids:
             reason = "its job was cancelled"
             if grace:
-                self.loop.call_later(grace, self._abort, aids, reason)
+                self.background.call_later(grace, self._abort, aids, reason)
             else:
                 self._abort(aids, reason)
 
@@ -510,23 +425,7 @@ class Node:
         client = self.clients.get(key[0])
         if client is not None:
             client.jobs.discard(key[1])
-        tag = self._tags.pop(key, None)
-        self._tagged.pop(tag, None)
-        opened = self._opened.pop(key, None)
-        if opened is None:  # ended before (a CANCEL after its last result, say)
-            return
-        job = opened.job
-        if cancelled is None:
-            self.jobs_finished += 1
-        else:
-            self.jobs_cancelled += 1
-        log.log(
-            opened.level, "job %s (%s, client %s) %s after %.2f s: %d done, %d failed, %d cancelled",
-            job_id(key), opened.label, opened.client,
-            "finished" if cancelled is None else f"cancelled ({cancelled})",
-            self.loop.time() - job.opened_at, job.items_done - job.items_raised,
-            job.items_raised + job.items_failed, job.items_total - job.items_done - job.items_failed,
-        )
+        self.own.forget(key, self.loop.time(), cancelled)
 
     def _drop_client(self, client: ClientState, why: str) -> None:
         if client.jobs:
@@ -534,33 +433,21 @@ class Node:
         for job in list(client.jobs):
             self._cancel((client.id, job), grace=0, why=f"its client {why}")
         for fn in client.fns:
-            self._blob_users[fn] -= 1
-            if not self._blob_users[fn]:
-                del self._blob_users[fn]
-                self.blobs.pop(fn, None)
+            self.blobs.release(fn)
         self.clients.pop(client.id, None)
         self.control.detach(client.id)
 
     def _refuse(self, client: ClientState, job: int, kind: str, text: str) -> None:
         self.control.send(client.id, JobRefused(job, kind, text))
 
-    # -- the pool's reports (Pool's Sink) --------------------------------------
+    # -- reports on our own jobs' ranges, from our pool or other nodes (the exchange's Sink) --
 
-    def _tag(self, key: JobKey) -> int:
-        tag = self._tags.get(key)
-        if tag is None:
-            self._next_tag += 1
-            tag = self._tags[key] = self._next_tag
-            self._tagged[tag] = key
-        return tag
+    def tag(self, key: JobKey) -> int:
+        return self.own.tag(key)
 
     def on_done(
         self, aid: int, start: int, stop: int, elapsed: float, failures: int, frames: list[Any]
     ) -> None:
-        if aid < 0:  # a range pulled from another owner
-            self.exchange.done(aid, start, stop, elapsed, failures, frames)
-            self._note_drained()
-            return
         key = self.owner.assignment(aid)
         if key is None:
             return
@@ -570,10 +457,6 @@ class Node:
         self._retire_if_finished(key)
 
     def on_fail(self, aid: int, text: str) -> None:
-        if aid < 0:
-            self.exchange.failed(aid, text)
-            self._note_drained()
-            return
         key = self.owner.assignment(aid)
         if key is None:
             return
@@ -584,10 +467,6 @@ class Node:
         self._retire_if_finished(key)
 
     def on_lost(self, aid: int, crashed_at: int | None, why: str) -> None:
-        if aid < 0:
-            self.exchange.lost(aid, crashed_at, why)
-            self._note_drained()
-            return
         key = self.owner.assignment(aid)
         if key is None:
             return
@@ -596,17 +475,9 @@ class Node:
             self.control.send(key[0], ItemsFailed(key[1], f.chunk, f.index, f.index + 1, CRASHED, text))
         self._retire_if_finished(key)
 
-    def on_output(self, tag: int, piece: Piece, pid: int) -> None:
-        key = self._tagged.get(tag)
-        source = f"{self.name} pid={pid}"
-        if key is not None and key[0].startswith(b"tcp://"):  # a range of another owner's job
-            self.exchange.output(key, piece, source)
-            return
-        self.forward_output(tag, piece, source)
-
-    def forward_output(self, tag: int, piece: Piece, source: str) -> None:
+    def on_output(self, tag: int, piece: Piece, source: str) -> None:
         """What a task emitted, to the client of its job (dropped once that is gone)."""
-        key = self._tagged.get(tag)
+        key = self.own.tagged(tag)
         if key is None or key[0] not in self.clients:
             # Its client is gone: the text is the user's, not for our log.
             log.debug("dropped %d characters of output from %s: its client is gone",
@@ -618,9 +489,9 @@ class Node:
     def _retire_if_finished(self, key: JobKey) -> None:
         if key not in self.owner.jobs:  # the Owner retires a job once all is delivered
             self._forget_job(key)
-        self._note_drained()
+        self.task_ended()
 
-    def _note_drained(self) -> None:
+    def task_ended(self) -> None:
         """A task ended: if we drain and none runs any more, the drain is over."""
         if self.draining and not self.pool.slots_busy and not self._drained.is_set():
             self._drained.set()
@@ -632,28 +503,13 @@ class Node:
     def status(self) -> dict[str, Any]:
         return node_status(self)
 
-    def jobs(self) -> dict[str, Any]:
-        now = self.loop.time()
-        rows = []
-        for key, job in self.owner.jobs.items():
-            client = self.clients.get(key[0])
-            age = max(now - job.opened_at, 1e-9)
-            rows.append(
-                {
-                    "id": job_id(key),
-                    "owner": self.name,
-                    "client": client.label if client else "",
-                    "function": self._opened[key].label if key in self._opened else "",
-                    "queued": job.items_queued,
-                    "running": len(job.running),
-                    "done": job.items_done,
-                    "failed": job.items_failed,
-                    "total": job.items_total,
-                    "rate": round(job.items_done / age, 1),
-                    "age": round(age, 1),
-                }
-            )
-        return {"jobs": rows}
+    def job_rows(self) -> list[dict[str, Any]]:
+        """This node's jobs as `hivectl jobs` lists them."""
+        def client_label(cid: bytes) -> str:
+            client = self.clients.get(cid)
+            return client.label if client else ""
+
+        return self.own.rows(self.owner.jobs.values(), self.loop.time(), client_label)
 
     def _status_query(self, client: ClientState, msg: StatusQuery, payload: list[Any]) -> None:
         self.control.send(client.id, Answer(msg.request, self.status()))
@@ -663,6 +519,11 @@ class Node:
             self.control.send(client.id, Answer(msg.request, {"jobs": rows}))
 
         self.exchange.gather_jobs(reply)
+
+    def _answer(self, cid: bytes, request: int, body: dict[str, Any]) -> None:
+        """Answer a client's query, unless it is gone meanwhile."""
+        if cid in self.clients:
+            self.control.send(cid, Answer(request, body))
 
     def _reload_request(self, client: ClientState, msg: ReloadRequest, payload: list[Any]) -> None:
         if self.on_reload is None:
@@ -675,100 +536,20 @@ class Node:
     # -- steering from any node: drain, undrain, cancel ---------------------------
 
     def _drain_request(self, client: ClientState, msg: DrainRequest, payload: list[Any]) -> None:
-        self._steer_node(client, msg.request, "drain", msg.node)
+        self.steering.steer_node(client.id, msg.request, "drain", msg.node)
 
     def _undrain_request(self, client: ClientState, msg: UndrainRequest, payload: list[Any]) -> None:
-        self._steer_node(client, msg.request, "undrain", msg.node)
-
-    def _steer_node(self, client: ClientState, request: int, action: str, name: str) -> None:
-        """Drain or undrain the node named `name`: this one, or forwarded to it."""
-        if name == self.name:
-            done, text, _ = self._steer(action, name, by=self.name)
-            self._answer(client, request, action, name, done, text)
-            return
-        members = self.mesh.members() if self.mesh is not None else []
-        member = next((m for m in members if m.name == name), None)
-        if member is None:
-            known = ", ".join(sorted(m.name for m in members)) or self.name
-            self._answer(client, request, action, name, False,
-                         f"no node named {name!r} in this hive (this node is {self.name!r}); "
-                         f"the nodes it knows: {known}")
-        elif member.state == "dead":
-            silent = self.loop.time() - member.last_heard
-            self._answer(client, request, action, name, False,
-                         f"{name} at {member.address} cannot be reached: {self.name} has not "
-                         f"heard from it for {silent:.1f} s (it is dead)")
-        else:
-            self._forward(client, request, action, name, [member.address])
+        self.steering.steer_node(client.id, msg.request, "undrain", msg.node)
 
     def _cancel_request(self, client: ClientState, msg: CancelRequest, payload: list[Any]) -> None:
-        """Cancel a job by its id: here if this node owns it, else on whichever peer does."""
-        done, text, mine = self._steer("cancel", msg.job_id, by=self.name)
-        peers = self.mesh.members_alive() if self.mesh is not None else []
-        if done or not peers:
-            self._answer(client, msg.request, "cancel", msg.job_id, done,
-                         text if done else _no_such_job(msg.job_id, mine, []))
-            return
-        self._forward(client, msg.request, "cancel", msg.job_id, peers, mine)
-
-    def _forward(self, client: ClientState, request: int, action: str, target: str,
-                 peers: list[str], mine: list[str] | None = None) -> None:
-        ask, sends = self.forwards.ask(peers, action, target, self.loop.time())
-        self._forwarded[ask] = (client, request, action, target, mine or [])
-        for send in sends:
-            if not self.mesh.send(send.to, send.msg):
-                self._settle(self.forwards.unsent(ask, send.to))
-        if ask in self._forwarded:
-            self.loop.call_later(FORWARD_TIMEOUT, self._forward_due, ask)
-
-    def _forward_due(self, ask: int) -> None:
-        self._settle(self.forwards.expire(ask, self.loop.time()))
+        self.steering.cancel(client.id, msg.request, msg.job_id)
 
     def _on_mesh_message(self, sender: str, msg: Message, payload: list[Any]) -> None:
         """A member's work or steering message (the mesh checked it is a member)."""
-        if isinstance(msg, Steer):
-            by = self.mesh.name_of(sender) or sender
-            done, text, jobs = self._steer(msg.action, msg.target, by=by)
-            self.mesh.send(sender, Steered(msg.request, done, text[:2000], jobs[:MAX_JOB_IDS]))
-        elif isinstance(msg, Steered):
-            self._settle(self.forwards.answered(sender, msg))
+        if isinstance(msg, (Steer, Steered)):
+            self.steering.on_message(sender, msg)
         else:
             self.exchange.handle(sender, msg, payload)
-
-    def _settle(self, outcome: Outcome | None) -> None:
-        """A forwarded request ended: answer the hivectl that asked."""
-        if outcome is None:
-            return
-        client, request, action, target, mine = self._forwarded.pop(outcome.request)
-        if outcome.done:
-            text = outcome.texts[0]
-        elif action == "cancel":
-            silent = outcome.silent + outcome.unreachable
-            text = _no_such_job(target, mine + outcome.jobs,
-                                sorted(self.mesh.name_of(a) or a for a in silent))
-        elif outcome.unreachable:
-            text = (f"{target} at {outcome.unreachable[0]} cannot be reached: {self.name} has "
-                    "no connection to it")
-        elif outcome.silent:
-            text = (f"{target} at {outcome.silent[0]} did not answer within "
-                    f"{FORWARD_TIMEOUT:.1f} s: {self.name} cannot reach it, or it runs a "
-                    "hived that cannot be steered from another node")
-        else:
-            text = outcome.texts[0]
-        if client.id in self.clients:
-            self._answer(client, request, action, target, outcome.done, text)
-
-    def _answer(self, client: ClientState, request: int, action: str, target: str,
-                done: bool, text: str) -> None:
-        if not done:
-            body: dict[str, Any] = {"error": text}
-        elif action == "drain":
-            body = {"draining": target}
-        elif action == "undrain":
-            body = {"undrained": target}
-        else:
-            body = {"cancelled": target, "text": text}
-        self.control.send(client.id, Answer(request, body))
 
     def _steer(self, action: str, target: str, by: str) -> tuple[bool, str, list[str]]:
         """Do what hivectl on node `by` asked of this node: (done, what was done
@@ -816,16 +597,3 @@ class Node:
         self.draining = True
         self.pool.holding = True
         self.exchange.hand_back()
-
-
-def job_id(key: JobKey) -> str:
-    """A job's id as `hivectl jobs` lists it and `hivectl cancel` takes it."""
-    return f"{key[0].hex()[:8]}/{key[1]}"
-
-
-def _no_such_job(target: str, ids: list[str], silent: list[str]) -> str:
-    listed = ", ".join(sorted(ids)[:20]) + (" ..." if len(ids) > 20 else "")
-    text = f"no job {target!r} in this hive; the jobs it has: {listed or 'none'} (`hivectl jobs`)"
-    if silent:
-        text += f"; {', '.join(silent)} did not answer"
-    return text

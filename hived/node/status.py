@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from hived import __version__
 from hived.errors import RemoteProtocolError
@@ -27,10 +27,33 @@ from hived.mesh.seeds import REFUSING, UNREACHABLE
 from hived.protocol.wire import PROTOCOL_MAJOR, PROTOCOL_MINOR
 
 if TYPE_CHECKING:
-    from hived.node.node import Node
+    import asyncio
+
+    from hived.mesh.shell import Mesh
+    from hived.node.pool import Pool
+    from hived.node.settings import NodeSettings
 
 
-def node_status(node: Node) -> dict[str, Any]:
+class Observed(Protocol):
+    """What `node_status` reads of a node (hived.node.node.Node)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def settings(self) -> NodeSettings: ...
+    @property
+    def draining(self) -> bool: ...
+    @property
+    def started_at(self) -> float: ...
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+    @property
+    def pool(self) -> Pool: ...
+    @property
+    def mesh(self) -> Mesh | None: ...
+
+
+def node_status(node: Observed) -> dict[str, Any]:
     pool, s = node.pool, node.settings
     me = {
         "name": node.name,

@@ -25,13 +25,16 @@ import asyncio
 import logging
 import platform
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from hived import __version__
+from hived.errors import InternalError
 from hived.net.addresses import is_loopback, split_metrics_bind
 
 if TYPE_CHECKING:
-    from hived.node.node import Node
+    from hived.mesh.shell import Mesh
+    from hived.node.pool import Pool
+    from hived.node.scheduling import Owner
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +48,23 @@ PEER_STATES = ("alive", "suspect", "dead", "draining")
 Labels = dict[str, str]
 
 
-def render(node: Node) -> str:
+class Measured(Protocol):
+    """What the metrics read of a daemon's node (hived.node.node.Node)."""
+
+    @property
+    def pool(self) -> Pool: ...
+    @property
+    def owner(self) -> Owner: ...
+    @property
+    def mesh(self) -> Mesh | None: ...
+
+
+def render(node: Measured) -> str:
     """Every figure of a daemon's `node` (one on the mesh), as Prometheus's
     text exposition format (0.0.4)."""
     pool, owner, mesh = node.pool, node.owner, node.mesh
+    if mesh is None:
+        raise InternalError("metrics are served by a daemon's node, which is on a mesh")
     out = _Exposition()
     out.family(
         "hived_build_info", "gauge", "The hived version this node runs (always 1).",
@@ -149,7 +165,7 @@ def _escape(text: str, quotes: bool = False) -> str:
 class MetricsServer:
     """GET /metrics on `bind` ("host:port"), answered with `render(node)`."""
 
-    def __init__(self, bind: str, node: Node) -> None:
+    def __init__(self, bind: str, node: Measured) -> None:
         self.bind, self.node = bind, node
         self.server: asyncio.Server | None = None
         self._clients: set[asyncio.Task] = set()
@@ -177,6 +193,8 @@ class MetricsServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        if task is None:
+            raise InternalError("a metrics scrape is answered by a task of the server")
         if len(self._clients) >= MAX_CLIENTS:
             writer.transport.abort()
             return
