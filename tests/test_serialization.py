@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from hived.errors import SerializationError
+from hived.net.frames import ZERO_COPY_MIN
 from hived.protocol import serialization
 from hived.protocol.serialization import dumps, dumps_function, dumps_result, loads
-from hived.protocol.wire import ZERO_COPY_MIN
 
 
 def test_large_buffers_travel_as_frames_of_their_own():

@@ -41,7 +41,8 @@ from hived.protocol.control import EMBEDDED_CLIENT, LINK_TIMEOUT, Ping, Pong
 
 if TYPE_CHECKING:  # the node is imported when an embedded link starts, after its workers
     from hived.node.node import Node, NodeSettings
-from hived.protocol.wire import encode, zero_copy
+from hived.net.frames import zero_copy
+from hived.protocol.wire import encode
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from hived.protocol.wire import zero_copy
+from hived.net.frames import zero_copy
 
 log = logging.getLogger(__name__)
 

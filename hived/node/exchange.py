@@ -75,11 +75,12 @@ from hived.mesh.matchmaking import (
     Want,
 )
 from hived.net.background import Background
+from hived.net.frames import frame_bytes
 from hived.node.blobs import BlobStore
 from hived.node.scheduling import NOT_STARTED, Assignment, JobKey, Needs, Owner
 from hived.node.taskoutput import Piece
 from hived.protocol.serialization import function_digest
-from hived.protocol.wire import Message, frame_bytes
+from hived.protocol.wire import Message
 
 log = logging.getLogger(__name__)
 

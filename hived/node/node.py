@@ -47,6 +47,7 @@ from hived.errors import (
 )
 from hived.mesh.steering import Steer, Steered
 from hived.net.background import Background
+from hived.net.frames import frame_bytes
 from hived.node.admission import Capacity, hive_slots, job_problem
 from hived.node.blobs import BlobStore
 from hived.node.clients import ClientState, Strangers
@@ -87,7 +88,7 @@ from hived.protocol.control import (
     version_problem,
 )
 from hived.protocol.serialization import function_digest
-from hived.protocol.wire import Message, frame_bytes
+from hived.protocol.wire import Message
 
 if TYPE_CHECKING:
     from hived.mesh.shell import Mesh

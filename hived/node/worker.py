@@ -39,10 +39,11 @@ import time
 import traceback
 from typing import Any
 
+from hived.net.frames import zero_copy
 from hived.node.scheduling import BETWEEN, SOMEWHERE
 from hived.node.taskoutput import RecordPipe
 from hived.protocol import serialization
-from hived.protocol.wire import Message, decode, encode, message, zero_copy
+from hived.protocol.wire import Message, decode, encode, message
 
 BLACK_BOX = struct.Struct("<qq")  # assignment id, item index (or BETWEEN, SOMEWHERE)
 # A chunk is (nargs, items): nargs 1 means each item is the one argument, n > 1

@@ -29,7 +29,7 @@ from typing import Any
 import cloudpickle
 
 from hived.errors import SerializationError
-from hived.protocol.wire import ZERO_COPY_MIN
+from hived.net.frames import ZERO_COPY_MIN
 
 _INSTALLED_ROOTS = tuple(
     os.path.realpath(p)

@@ -57,6 +57,7 @@ from hived.errors import (
     OtherMajorVersion,
     RemoteProtocolError,
 )
+from hived.net.frames import Frame, frame_bytes
 
 PROTOCOL_MAJOR = 1
 PROTOCOL_MINOR = 0
@@ -71,8 +72,6 @@ _MAX_VERSION_WORD = 16
 # bulk data travels in payload frames.
 MAX_HEADER_BYTES = 1 << 20
 
-Frame = Any  # bytes-like, or a zmq.Frame
-ZERO_COPY_MIN = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,20 +238,6 @@ def refusal_reason(theirs: tuple[int, int]) -> str:
         f"interoperate: upgrade {older}"
     )
 
-
-def zero_copy(frames: Sequence[Frame]) -> bool:
-    """Whether sending `frames` without a copy pays: only when one is large.
-
-    pyzmq's zero-copy send costs a Python object per frame, more than copying
-    a small frame does.
-    """
-    return any(len(f) >= ZERO_COPY_MIN for f in frames)
-
-
-def frame_bytes(frame: Frame) -> bytes:
-    """The bytes of a frame, whether a zmq.Frame or a bytes-like object."""
-    data = getattr(frame, "bytes", None)
-    return data if isinstance(data, bytes) else bytes(frame)
 
 
 def parse_version(word: bytes) -> tuple[int, int] | None:
