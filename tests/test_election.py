@@ -748,7 +748,8 @@ def _clone(c: el.Election) -> el.Election:
     new = copy.copy(c)
     new._rounds = {rid: dataclasses.replace(r, grants=set(r.grants), denies=set(r.denies))
                    for rid, r in c._rounds.items()}  # fmt: skip
-    new._reports = dict(c._reports)
+    new._vouching = copy.copy(c._vouching)
+    new._vouching._reports = dict(c._vouching._reports)
     new._book = copy.copy(c._book)
     new._outbox = list(c._outbox)
     return new

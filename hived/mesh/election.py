@@ -5,13 +5,10 @@ Theory of operation
 The voters are the seed addresses (a node with no seeds is its own, single
 voter). Every node runs the same core, which plays two parts:
 
-* **Voter** (if its address is a voter). It grants term t to a candidate only
-  if t is above every term it promised (or t is the term it promised to that
-  same candidate: a renewal), no unexpired grant of its own stands for another
-  node, and it is past its start-up quarantine of one lease (it may have
-  granted something before a restart and forgotten it). It times each grant
-  on its own clock: `grant_until = received + lease`. The promise is
-  persisted (`Persist`, emitted before the GRANT) so it survives restarts.
+* **Voter** (if its address is a voter). It grants a term by the promise
+  rule of its grant book (`hived.mesh.grants`), timing each grant on its own
+  clock: `grant_until = received + lease`. The promise is persisted
+  (`Persist`, emitted before the GRANT) so it survives restarts.
 * **Candidate / coordinator.** With no coordinator it believes in, and once
   its randomised back-off runs out, a node asks every voter for term
   t = highest seen + 1 (or again for the term it last asked, while nobody has
@@ -46,32 +43,13 @@ voter). Every node runs the same core, which plays two parts:
   anything below it (and above `term_limit()`); coordinator messages of
   other cores must pass it. A LEADER must come from the address it names.
 
-Terms from peers move by bounded, checked steps (a member with a bug or a
-bit flip must not wedge the election for good):
-* **Vouching.** Every other voter reports its own term (in its heartbeats,
-  and as `seen` in a DENY); `vouched` is the highest term a majority of the
-  other voters reported. `term_limit()` is TERM_STEP above the larger of
-  `vouched` and what we had written down when we started. A LEADER above it
-  is refused (`RemoteProtocolError`), an ASK above it is denied, and a
-  higher term in a heartbeat, a DENY or a POINT is not adopted: nothing
-  near the end of the range is ever persisted, so the next ask always fits.
-* **Safe.** Only fencing and liveness depend on this, never the promise
-  rule: refusing a term can stop a voter granting, and can make us ignore
-  a coordinator's message, but never make two holders of a term.
-* **Live.** Honest terms rise one per election, and voters report theirs
-  every heartbeat, so an honest term is never TERM_STEP ahead of what a
-  majority vouches for. A node far behind (a wiped disk, a long partition)
-  catches up as soon as a majority of the other voters report the hive's
-  term. One member alone, even at a voter's address, cannot lift
-  `vouched` above what an honest voter reports, so however many messages
-  it sends, terms rise at most TERM_STEP per round of heartbeats between
-  honest voters, and the 2**53 range cannot run out.
+Terms from peers move by bounded, checked steps (`hived.mesh.vouching`): a
+peer's term above `term_limit()` is refused, denied or not adopted.
 
 Settling fast (none of this is needed for safety, only for liveness):
-* Back-off: voters stand in address order (rank × lease/8 plus jitter),
-  other nodes only after three leases; each failed attempt doubles the jitter
-  (up to 4 slots). A voter whose vote is promised to another candidate does
-  not stand until that grant runs out.
+* Back-off (`hived.mesh.standing`): voters stand in address order, other
+  nodes after three leases. A voter whose vote is promised to another
+  candidate does not stand until that grant runs out.
 * A DENY says how long the voter will keep refusing, so a candidate waits out
   a dead coordinator's grants instead of hammering the voters.
 * A candidate asked by a candidate earlier in the back-off order yields (drops
@@ -90,7 +68,6 @@ rate_v`, so the holder always stops first.
 
 from __future__ import annotations
 
-import enum
 import math
 import random
 from dataclasses import dataclass
@@ -112,67 +89,20 @@ from hived.mesh.election_messages import (
     Resign,
 )
 from hived.mesh.grants import GrantBook
+from hived.mesh.roles import CANDIDATE, COORDINATOR, FOLLOWER, TRANSITIONS, Role, RoleEvent
 from hived.mesh.sansio import Send, Story, transition
-from hived.protocol.fields import MAX_TERM
+from hived.mesh.standing import StandingOrder
+from hived.mesh.vouching import TERM_STEP, Vouching
 from hived.protocol.wire import Message
 
+# What the shell, the mesh core and the simulator take from here.
 __all__ = [
-    "MESSAGES", "TERM_STEP", "Action", "Ask", "BecameCoordinator", "Broadcast", "Deny",
-    "Election", "Grant", "Leader", "LostCoordinator", "Persist", "Release", "Resign", "Role",
-    "RoleEvent",
+    "CANDIDATE", "COORDINATOR", "FOLLOWER", "MESSAGES", "TERM_STEP", "Action", "Ask",
+    "BecameCoordinator", "Broadcast", "Deny", "Election", "Grant", "Leader", "LostCoordinator",
+    "Persist", "Release", "Resign", "Role", "RoleEvent",
 ]  # fmt: skip
 
 
-# How far above the term a majority of voters vouch for a peer's term may be
-# (honest terms rise one per election, and voters report theirs every
-# heartbeat, so an honest node is never more than a few ahead).
-TERM_STEP = 16
-
-# --------------------------------------------------------------------------
-# The role state machine.
-#
-# Invariants:
-#   1. At most one holder per term: a voter grants t only if t > promised, or
-#      t == promised to the same holder (a renewal); `promised` never goes
-#      down and is persisted before the grant leaves, so two majorities for t
-#      would share a voter that granted t to two nodes — impossible.
-#   2. A holder stops before any voter's grant ends: see the clock argument
-#      at the top. A voter grants nothing while its own unexpired grant
-#      stands for another node, and nothing for one lease after it starts.
-#   3. Hence no two nodes are coordinator at the same real instant.
-#   4. `term` (the fencing floor) and `promised` never go down, and a
-#      coordinator's term is the floor (a higher one seen makes it step down).
-#   5. A node that is stopping never stands, and once it resigned it is never
-#      coordinator again; a voter frees a grant on RESIGN only for the node
-#      and term it was given to, which stopped acting before it sent it.
-
-
-
-class Role(enum.StrEnum):
-    """What this node is in the election; the same string in status and logs."""
-
-    FOLLOWER = "follower"
-    CANDIDATE = "candidate"
-    COORDINATOR = "coordinator"
-
-
-class RoleEvent(enum.StrEnum):
-    STAND = "stand"  # no coordinator believed in, and the back-off ran out
-    WON = "won"  # a majority of voters granted a round's term
-    LOST = "lost"  # the candidacy was refused, timed out, or a coordinator announced
-    STEP_DOWN = "step-down"  # the lease ran out unrenewed, a higher term was seen, or it stops
-
-
-FOLLOWER, CANDIDATE, COORDINATOR = Role.FOLLOWER, Role.CANDIDATE, Role.COORDINATOR
-
-# (role, event) -> the role it moves to. Nothing else moves `Election._role`.
-TRANSITIONS: dict[tuple[Role, RoleEvent], Role] = {
-    (FOLLOWER, RoleEvent.STAND): CANDIDATE,
-    (CANDIDATE, RoleEvent.WON): COORDINATOR,
-    (CANDIDATE, RoleEvent.LOST): FOLLOWER,
-    (COORDINATOR, RoleEvent.WON): COORDINATOR,  # a renewal round won (same or next term)
-    (COORDINATOR, RoleEvent.STEP_DOWN): FOLLOWER,
-}
 
 
 @dataclass(slots=True)
@@ -224,25 +154,18 @@ class Election:
         self._alone = not voters
         self._voters = sorted(set(voters)) or [address]
         self._majority = len(self._voters) // 2 + 1
-        self._ranks = {voter: i for i, voter in enumerate(self._voters)}
-        self._rank = self._ranks.get(address)
+        self._order = StandingOrder(self._voters, address, lease, rng)
         self.lease = lease
         self.hold = hold
         self._drift = max_drift
         self._min_margin = min_margin
-        self._rng = rng
         self.story = Story(f"election of {name}", story_size)
         # what we know
         self._term = initial_term  # fencing floor: highest term known held
         self._high = max(initial_term, initial_promised)  # highest term seen at all
         self._asked = initial_promised  # highest term we asked for
-        self._persisted = (initial_term, initial_promised)
-        # terms the other voters reported (see _report), and the highest one a
-        # majority of them reported: with what we wrote down before a restart,
-        # the base of `term_limit`
-        self._reports: dict[str, int] = {}
-        self._vouched = 0
-        self._recalled = max(initial_term, initial_promised)
+        self._persisted: tuple[int, int] | None = (initial_term, initial_promised)
+        self._vouching = Vouching(address, self._voters, max(initial_term, initial_promised))
         self._belief: _Belief | None = None  # someone else's lease we believe in
         # voter part
         # a node with no seeds elects itself at once; any other voter may have
@@ -334,8 +257,7 @@ class Election:
         if self._role == COORDINATOR:
             self._step_down(now, "the promise could not be written", out)
         elif self._role == CANDIDATE:
-            rid = self._candidacy
-            self._lost_candidacy(self._rounds[rid], rid, now, out)  # type: ignore[index]
+            self._lost_candidacy(now, out)
         return out
 
     def step_down(self, now: float) -> list[Action]:
@@ -350,8 +272,7 @@ class Election:
             self._stopping = True
             self.story.add(now, "stopping", f"in state {self._role}, term {self._term}")
         if self._role == CANDIDATE:
-            rid = self._candidacy
-            self._lost_candidacy(self._rounds[rid], rid, now, out)  # type: ignore[index]
+            self._lost_candidacy(now, out)
         elif self._role == COORDINATOR and self._voters != [self.address]:
             term = self._lease_term
             self._step_down(now, "stopping: handing over", out)
@@ -376,14 +297,14 @@ class Election:
     def heard_term(self, address: str, term: int) -> bool:
         """The node at `address` reported `term` for itself (in a heartbeat):
         from a voter, what it vouches for; then as `accept_term`."""
-        self._report(address, term)
+        self._vouching.report(address, term)
         return self.accept_term(term)
 
     def term_limit(self) -> int:
         """The highest term a peer may bring us: TERM_STEP above what a majority
         of the other voters vouch for (or what we had written down when we
         started)."""
-        return min(max(self._vouched, self._recalled) + TERM_STEP, MAX_TERM - 2)
+        return self._vouching.limit()
 
     def next_deadline(self) -> float | None:
         """Local time at which `tick` has work; -inf means at once."""
@@ -410,14 +331,25 @@ class Election:
 
     def handle(self, sender: str, msg: Message, now: float) -> list[Action]:
         """Feed one decoded election message from the node at `sender`."""
-        handler = _HANDLERS.get(type(msg))
-        if handler is None:
+        if not isinstance(msg, MESSAGES):
             raise InternalError(
                 f"election got a {type(msg).__name__}, not one of its messages"
             )
         out, self._outbox = self._outbox, []
         self._now = now
-        handler(self, sender, msg, now, out)
+        match msg:
+            case Ask():
+                self._on_ask(sender, msg, now, out)
+            case Grant():
+                self._on_grant(sender, msg, now, out)
+            case Deny():
+                self._on_deny(sender, msg, now, out)
+            case Release():
+                self._on_release(sender, msg, now, out)
+            case Resign():
+                self._on_resign(sender, msg, now, out)
+            case Leader():
+                self._on_leader(sender, msg, now, out)
         return self._finish(out)
 
     def tick(self, now: float) -> list[Action]:
@@ -486,7 +418,7 @@ class Election:
         )  # fmt: skip
 
     def _on_ask(self, sender: str, m: Ask, now: float, out: list[Action]) -> None:
-        if self._rank is None:
+        if self._order.rank is None:
             self.story.add(now, "not a voter", f"asked by {sender} for term {m.term}")
             out.append(Send(sender, Deny(m.term, m.round, self._term, self.lease)))
             return
@@ -496,12 +428,11 @@ class Election:
             self.story.add(now, "incredible", f"ASK term {m.term} from {sender}")
             out.append(Send(sender, Deny(m.term, m.round, max(self._book.promised, self._term), 0.0)))
             return
-        if self._role == CANDIDATE and self._priority(sender) < self._priority(self.address):
+        if self._role == CANDIDATE and self._order.priority(sender) < self._order.priority(self.address):
             # two candidates at once: the one that stands first in the back-off
             # order wins, so a duel ends in one round instead of a lease
             self.story.add(now, "yields", f"to {sender}")
-            rid = self._candidacy
-            self._lost_candidacy(self._rounds[rid], rid, now, out)  # type: ignore[index]
+            self._lost_candidacy(now, out)
         granted, wait = self._vote(sender, m.term, m.round, now)
         if granted:
             self._high = max(self._high, m.term)  # our own next candidacy must exceed it
@@ -565,9 +496,9 @@ class Election:
         self._tally(m.round, r, now, out)
 
     def _on_deny(self, sender: str, m: Deny, now: float, out: list[Action]) -> None:
-        if sender not in self._ranks:
+        if sender not in self._order.ranks:
             return  # only voters answer asks
-        self._report(sender, m.seen)
+        self._vouching.report(sender, m.seen)
         if m.seen <= self.term_limit():
             self._high = max(self._high, m.seen)
         r = self._rounds.get(m.round)
@@ -597,7 +528,7 @@ class Election:
         if end <= now or r.term < self._term:
             self.story.add(now, "won too late", f"term {r.term} (floor {self._term})")
             if self._role == CANDIDATE and not r.renewal:
-                self._lost_candidacy(r, self._candidacy, now, out)  # type: ignore[arg-type]
+                self._lost_candidacy(now, out, r)
             return
         self._move(RoleEvent.WON, now)
         new_term = r.term > self._lease_term
@@ -626,11 +557,17 @@ class Election:
             self._renew_at = max(self._renew_at, r.sent + self.lease / 8)
             return
         if self._role == CANDIDATE and rid == self._candidacy:
-            self._lost_candidacy(r, rid, now, out)
+            self._lost_candidacy(now, out, r)
 
-    def _lost_candidacy(self, r: _Round, rid: int, now: float, out: list[Action]) -> None:
-        """Back to follower: free the votes this round got (we will never act on
-        them, and late grants for it are ignored) and back off."""
+    def _lost_candidacy(self, now: float, out: list[Action], r: _Round | None = None) -> None:
+        """Back to follower: free the votes our candidacy's round `r` got (we
+        will never act on them, and late grants for it are ignored) and back
+        off. `r` is looked up unless it is given (it has left `_rounds`)."""
+        rid = self._candidacy
+        if rid is None:
+            raise InternalError(f"election of {self.name} is a candidate without a round")
+        if r is None:
+            r = self._rounds[rid]
         self._move(RoleEvent.LOST, now)
         self._candidacy = None
         self._release(r, rid, now, out)
@@ -676,23 +613,10 @@ class Election:
             self.story.add(now, "believes", f"{m.name} term {m.term} for {until - now:.3f}s")
         self._belief = _Belief(m.name, m.address, m.term, until)
         if self._role == CANDIDATE:
-            rid = self._candidacy
-            self._lost_candidacy(self._rounds[rid], rid, now, out)  # type: ignore[index]
+            self._lost_candidacy(now, out)
         self._attempt = 0
 
     # -- shared ------------------------------------------------------------
-
-    def _report(self, address: str, term: int) -> None:
-        """Another voter knows of `term`. What a majority of the other voters
-        know bounds the terms we take from anyone (`term_limit`): one voter
-        alone cannot lift it above what an honest one reports, and a voter
-        whose disk was wiped still catches up with the rest."""
-        if address in self._ranks and address != self.address:
-            if term > self._reports.get(address, 0):
-                self._reports[address] = term
-                others = [v for v in self._voters if v != self.address]
-                known = sorted((self._reports.get(v, 0) for v in others), reverse=True)
-                self._vouched = max(self._vouched, known[len(others) // 2])
 
     def _raise_floor(self, term: int, out: list[Action]) -> None:
         self._term = term
@@ -726,22 +650,8 @@ class Election:
             self.story.add(now, f"{old}->{new}", f"term {self._term}")
         self._role = new
 
-    def _priority(self, address: str) -> tuple[int, int, str]:
-        """Back-off order: voters by address, then everyone else by address."""
-        rank = self._ranks.get(address)
-        return (0, rank, "") if rank is not None else (1, 0, address)
-
     def _backoff(self, without: str | None = None) -> float:
-        """How long to wait before standing: our place in the back-off order
-        (that of the voters but `without`, one that stands no more) plus jitter."""
-        slot = self.lease / 8
-        jitter = self._rng.uniform(0, slot * 2 ** min(self._attempt, 2))
-        if self._rank is None:
-            return 3 * self.lease + jitter
-        rank = self._rank
-        if without is not None and self._ranks.get(without, rank) < rank:
-            rank -= 1
-        return rank * slot + jitter
+        return self._order.delay(self._attempt, without)
 
     def _finish(self, out: list[Action]) -> list[Action]:
         """Put a Persist first if what must survive a restart changed."""
@@ -754,12 +664,3 @@ class Election:
             out.insert(0, Persist(*state))
         return out
 
-
-_HANDLERS = {
-    Ask: Election._on_ask,
-    Release: Election._on_release,
-    Resign: Election._on_resign,
-    Grant: Election._on_grant,
-    Deny: Election._on_deny,
-    Leader: Election._on_leader,
-}
