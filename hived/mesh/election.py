@@ -103,8 +103,6 @@ __all__ = [
 ]  # fmt: skip
 
 
-
-
 @dataclass(slots=True)
 class _Round:
     term: int
@@ -426,9 +424,11 @@ class Election:
             # a promise that high would be persisted, and every honest ask
             # after it refused: the candidate learns our terms instead
             self.story.add(now, "incredible", f"ASK term {m.term} from {sender}")
-            out.append(Send(sender, Deny(m.term, m.round, max(self._book.promised, self._term), 0.0)))
+            seen = max(self._book.promised, self._term)
+            out.append(Send(sender, Deny(m.term, m.round, seen, 0.0)))
             return
-        if self._role == CANDIDATE and self._order.priority(sender) < self._order.priority(self.address):
+        order = self._order
+        if self._role == CANDIDATE and order.priority(sender) < order.priority(self.address):
             # two candidates at once: the one that stands first in the back-off
             # order wins, so a duel ends in one round instead of a lease
             self.story.add(now, "yields", f"to {sender}")
@@ -663,4 +663,3 @@ class Election:
             self._unsaved_until = None
             out.insert(0, Persist(*state))
         return out
-
