@@ -84,7 +84,7 @@ from hived.mesh.gossip import (
     new_beats,
     new_hello,
 )
-from hived.mesh.peers import ALIVE, DEAD, LIVE, PENDING, SUSPECT, Peer, PeerTable
+from hived.mesh.peers import ALIVE, DEAD, LIVE, PENDING, Peer, PeerEvent, PeerTable
 from hived.mesh.sansio import Connect, Disconnect, Send, Story
 from hived.protocol.wire import Message
 
@@ -476,7 +476,7 @@ class Membership:
             p.version, p.cpus, p.gpus = m.version, m.cpus, m.gpus
         p.last_heard = now
         if p.status != ALIVE:
-            self._peers.move(p, ALIVE, now)
+            self._peers.move(p, PeerEvent.HEARD, now)
             self._peers.arm(p, now + self.suspect_after)
         after = p.view_state()
         if after != before:
@@ -489,7 +489,7 @@ class Membership:
         p.last_heard = now
         if p.status != ALIVE:
             before = p.view_state()
-            self._peers.move(p, ALIVE, now)
+            self._peers.move(p, PeerEvent.HEARD, now)
             self._peers.arm(p, now + self.suspect_after)
             out.append(PeerStateChanged(p.name, p.address, before, p.view_state()))
 
@@ -590,13 +590,13 @@ class Membership:
             dead_at, suspect_at = last + self.dead_after, last + self.suspect_after
             before = p.view_state()
             if now >= dead_at:
-                self._peers.move(p, DEAD, now)
+                self._peers.move(p, PeerEvent.SILENT, now)
                 p.probe_every = 0.0
                 p.next_probe = now + self.heartbeat
                 self._peers.arm(p, p.next_probe)
             elif now >= suspect_at:
                 if st == ALIVE:
-                    self._peers.move(p, SUSPECT, now)
+                    self._peers.move(p, PeerEvent.QUIET, now)
                 self._peers.arm(p, dead_at)
             else:
                 self._peers.arm(p, suspect_at)
