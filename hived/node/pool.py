@@ -42,7 +42,18 @@ from typing import Any, Protocol
 import zmq
 
 import hived
+from hived.errors import InternalError
 from hived.net.reactor import Channel
+from hived.node.lifecycle import (
+    IDLE,
+    RETIRING,
+    STARTING,
+    WorkerEvent,
+    WorkerState,
+    advance,
+    pool_problems,
+    worker_problems,
+)
 from hived.node.scheduling import Assignment, Needs
 from hived.node.taskoutput import RECORDS, Lines, Piece, Records
 from hived.node.worker import (
@@ -102,7 +113,7 @@ class WorkerProc:
     running: Assignment | None = None
     blobs: set[bytes] = field(default_factory=set)
     items_done: int = 0
-    retiring: bool = False
+    state: WorkerState = STARTING  # moved only by `advance` (hived.node.lifecycle)
     kill_reason: str | None = None  # why the pool itself killed it
     routine: bool = False  # that kill was part of normal work (a stop, a cancel), not a fault
     pipes: dict[int, int] = field(default_factory=dict)  # read ends: fd 1, fd 2, RECORDS
@@ -110,7 +121,18 @@ class WorkerProc:
 
     @property
     def idle(self) -> bool:
-        return self.route is not None and self.running is None and not self.retiring
+        return self.state is IDLE
+
+    @property
+    def retiring(self) -> bool:
+        return self.state is RETIRING
+
+    def move(self, event: WorkerEvent) -> None:
+        """Move by the lifecycle table, and check what it holds agrees (O(1))."""
+        advance(self, event)
+        problems = worker_problems(self)
+        if problems:
+            raise InternalError("; ".join(problems))
 
 
 @dataclass(eq=False)
@@ -270,6 +292,7 @@ class Pool:
         self.loop.remove_reader(pidfd)
         os.close(pidfd)
         code = worker.proc.wait()
+        retiring = worker.retiring
         self._drain(worker)  # its last words (a fatal error's message) are its task's
         for fd in worker.pipes.values():
             self.loop.remove_reader(fd)
@@ -285,7 +308,7 @@ class Pool:
             os.unlink(worker.box_path)
         except OSError:
             pass
-        if not (worker.routine or worker.retiring or self.closing):
+        if not (worker.routine or retiring or self.closing):
             self.worker_crashes += 1
         if worker.running is not None:
             why = self._describe_death(worker, code, crashed_at)
@@ -293,13 +316,16 @@ class Pool:
             # cancel happens on every normal exit of a caller that left a map.
             log.log(logging.INFO if worker.routine else logging.WARNING, "%s", why)
             aid, worker.running = worker.running.id, None
+            worker.move(WorkerEvent.EXITED)
             self.sink.on_lost(aid, crashed_at, why)
-        elif not worker.retiring and not self.closing:
-            log.warning("worker pid %d exited with code %s while idle", worker.proc.pid, code)
+        else:
+            worker.move(WorkerEvent.EXITED)
+            if not retiring and not self.closing:
+                log.warning("worker pid %d exited with code %s while idle", worker.proc.pid, code)
         if self.closing:
             if not self.workers:
                 self._all_exited.set()
-        elif not worker.retiring:  # a retiring worker's successor is already up
+        elif not retiring:  # a retiring worker's successor is already up
             self._spawn(worker.device)
             self.kick()
 
@@ -357,6 +383,14 @@ class Pool:
         for name in os.listdir(self.dir):
             os.unlink(os.path.join(self.dir, name))
         os.rmdir(self.dir)
+
+    def validate(self) -> None:
+        """Check the pool's invariants (hived.node.lifecycle.pool_problems);
+        raise InternalError naming each that does not hold."""
+        problems = pool_problems(self.workers, self.by_route, self.cpus, len(self.gpus),
+                                 self.closing)  # fmt: skip
+        if problems:
+            raise InternalError(f"pool of {self.node_name} broke invariants: {'; '.join(problems)}")
 
     # -- slots -----------------------------------------------------------------
 
@@ -417,6 +451,7 @@ class Pool:
 
     def _run(self, worker: WorkerProc, a: Assignment) -> None:
         worker.running = a
+        worker.move(WorkerEvent.ASSIGNED)
         has_blob = a.fn not in worker.blobs
         payload = [self.blobs[a.fn], *a.frames] if has_blob else a.frames
         run = Run(a.id, a.fn, has_blob, a.start, a.stop, a.precise, a.needs.cpus)
@@ -460,7 +495,7 @@ class Pool:
 
     def _retire(self, worker: WorkerProc) -> None:
         """Let an idle worker exit and start its successor now."""
-        worker.retiring = True
+        worker.move(WorkerEvent.RETIRE)
         self.channel.send([worker.route, *encode(Exit())])
         self._spawn(worker.device)
 
@@ -478,6 +513,7 @@ class Pool:
             if worker is not None and worker.proc.pid == msg.pid:
                 worker.route = route
                 self.by_route[route] = worker
+                worker.move(WorkerEvent.READY)
                 if all(w.route is not None for w in self.workers.values()):
                     self.ready.set()
                 self.kick()
@@ -540,6 +576,7 @@ class Pool:
     def _finished(self, worker: WorkerProc, aid: int) -> None:
         if worker.running is not None and worker.running.id == aid:
             worker.running = None
+            worker.move(WorkerEvent.FINISHED)
 
     def _maybe_recycle(self, worker: WorkerProc, rss: int) -> None:
         worn = self.max_tasks_per_worker and worker.items_done >= self.max_tasks_per_worker
