@@ -29,6 +29,7 @@ a task's last lines reach its caller before its results do.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -37,7 +38,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 import zmq
 
@@ -90,6 +91,23 @@ LIKELY_CAUSE = {
 }
 
 
+def output_pipes(proc: subprocess.Popen[bytes]) -> tuple[IO[bytes], IO[bytes]]:
+    """A worker's stdout and stderr pipes (every worker is started with both)."""
+    if proc.stdout is None or proc.stderr is None:
+        raise InternalError(f"worker pid {proc.pid} was started without its output pipes")
+    return proc.stdout, proc.stderr
+
+
+def _fits_cpus(budget: int, needs: Needs) -> bool:
+    """What a CPU worker may take with `budget` CPU slots free."""
+    return needs.gpus == 0 and needs.cpus <= budget
+
+
+def _fits_gpu(needs: Needs) -> bool:
+    """What a GPU worker may take: a task of one GPU."""
+    return needs.gpus == 1
+
+
 class Source(Protocol):
     def assign(self, fits: Callable[[Needs], bool]) -> Assignment | None: ...
 
@@ -107,7 +125,7 @@ class Sink(Protocol):
 class WorkerProc:
     number: int
     device: str | None  # GPU id, None for a CPU worker
-    proc: subprocess.Popen
+    proc: subprocess.Popen[bytes]
     box_path: str
     route: bytes | None = None  # ROUTER identity, known once READY arrives
     running: Assignment | None = None
@@ -141,7 +159,7 @@ class Launched:
 
     number: int
     device: str | None
-    proc: subprocess.Popen
+    proc: subprocess.Popen[bytes]
     box_path: str
     records: int  # the read end of its records pipe
 
@@ -171,8 +189,8 @@ class Launcher:
         for launched in self.early:
             launched.proc.kill()
             launched.proc.wait()
-            launched.proc.stdout.close()
-            launched.proc.stderr.close()
+            for pipe in output_pipes(launched.proc):
+                pipe.close()
             os.close(launched.records)
         self.early.clear()
         for name in os.listdir(self.dir):
@@ -279,8 +297,9 @@ class Pool:
         worker = WorkerProc(launched.number, launched.device, proc, launched.box_path)
         self.workers[launched.number] = worker
         now = self.loop.time()
-        for stream, fd, reader in ((1, proc.stdout.fileno(), Lines(1, now)),
-                                   (2, proc.stderr.fileno(), Lines(2, now)),
+        stdout, stderr = output_pipes(proc)
+        for stream, fd, reader in ((1, stdout.fileno(), Lines(1, now)),
+                                   (2, stderr.fileno(), Lines(2, now)),
                                    (RECORDS, records, Records(now))):
             os.set_blocking(fd, False)
             worker.pipes[stream], worker.readers[stream] = fd, reader
@@ -296,8 +315,8 @@ class Pool:
         self._drain(worker)  # its last words (a fatal error's message) are its task's
         for fd in worker.pipes.values():
             self.loop.remove_reader(fd)
-        worker.proc.stdout.close()
-        worker.proc.stderr.close()
+        for pipe in output_pipes(worker.proc):
+            pipe.close()
         os.close(worker.pipes[RECORDS])
         worker.pipes.clear()
         self.workers.pop(worker.number, None)
@@ -346,7 +365,7 @@ class Pool:
 
     def _describe_death(self, worker: WorkerProc, code: int, index: int | None) -> str:
         running = worker.running
-        if index == SOMEWHERE:
+        if index == SOMEWHERE and running is not None:
             item = f" while running items {running.start}-{running.stop - 1} of a chunk"
         else:
             item = f" while running item {index} of a chunk" if index is not None else ""
@@ -424,15 +443,9 @@ class Pool:
             if worker.device is None:
                 if free_cpus <= 0:
                     continue
-                budget = free_cpus
-
-                def fits(needs: Needs, budget: int = budget) -> bool:
-                    return needs.gpus == 0 and needs.cpus <= budget
+                fits: Callable[[Needs], bool] = functools.partial(_fits_cpus, free_cpus)
             else:
-
-                def fits(needs: Needs) -> bool:
-                    return needs.gpus == 1
-
+                fits = _fits_gpu
             assignment = self.source.assign(fits)
             if assignment is None:
                 starved = True
