@@ -189,8 +189,8 @@ def test_a_hostile_lease_is_clamped_to_our_own():
 
 
 def test_misuse_raises_internal_error_naming_state_and_term():
-    with pytest.raises(InternalError, match="follower -> coordinator in term 3"):
-        el.check_move(el.FOLLOWER, el.COORDINATOR, 3)
+    with pytest.raises(InternalError, match="election of a, term 0: event won in state follower"):
+        core()._move(el.RoleEvent.WON, 0.0)
     with pytest.raises(InternalError, match="not one of its messages"):
         core().handle(B, Send(A, el.Grant(1, 1)), 0.0)  # type: ignore[arg-type]
     with pytest.raises(InternalError, match="drift"):
@@ -474,7 +474,7 @@ def test_no_sequence_of_messages_from_one_member_lifts_terms_past_the_step(batch
                 e.handle(sender, msg, now)
         e.tick(now)
         e.validate()
-        assert e.term <= el.TERM_STEP and e._promised <= el.TERM_STEP + 1
+        assert e.term <= el.TERM_STEP and e._book.promised <= el.TERM_STEP + 1
     assert e._next_term() <= el.TERM_STEP + 1
 
 
@@ -749,7 +749,9 @@ def _clone(c: el.Election) -> el.Election:
     new = copy.copy(c)
     new._rounds = {rid: dataclasses.replace(r, grants=set(r.grants), denies=set(r.denies))
                    for rid, r in c._rounds.items()}  # fmt: skip
-    new._reports = dict(c._reports)
+    new._vouching = copy.copy(c._vouching)
+    new._vouching._reports = dict(c._vouching._reports)
+    new._book = copy.copy(c._book)
     new._outbox = list(c._outbox)
     return new
 
@@ -761,8 +763,9 @@ def vars_of(msg):
 def _core_key(c: el.Election) -> tuple:
     rounds = tuple(sorted((rid, r.term, r.sent, r.renewal, tuple(sorted(r.grants)),
                            tuple(sorted(r.denies))) for rid, r in c._rounds.items()))  # fmt: skip
-    return (c.state, c.term, c._high, c._asked, c._promised, c._holder, c._grant_round,
-            c._grant_until, c._belief, c._lease_term, c._lease_end, c._renew_at, rounds,
+    book = c._book
+    return (c.state, c.term, c._high, c._asked, book.promised, book.holder, book.round,
+            book.until, c._belief, c._lease_term, c._lease_end, c._renew_at, rounds,
             c._candidacy, c._stand_at, c._attempt, c._bump, c._resigned, c._stopping,
             c._next_round)  # fmt: skip
 

@@ -295,8 +295,10 @@ def test_a_peer_claiming_our_name_is_refused():
 
 
 def test_misuse_raises_local_protocol_error():
-    with pytest.raises(InternalError, match="dead -> suspect for peer 'b'"):
-        peers.check_move(peers.DEAD, peers.SUSPECT, "b", 3)
+    record = peers.Peer("b", addr("b"), 3, 0.0)
+    record.status = peers.DEAD
+    with pytest.raises(InternalError, match=r"peer 'b' \(incarnation 3\): event quiet in state dead"):
+        peers.next_status(record, peers.PeerEvent.QUIET)
     with pytest.raises(InternalError, match="not one of its messages"):
         node("a").handle(addr("b"), mb.Send("x", beat("b")), 0.0)  # type: ignore[arg-type]
     with pytest.raises(InternalError, match="heartbeat < suspect_after < dead_after"):

@@ -45,11 +45,13 @@ write succeeds (it retries every quarter lease).
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from typing import Any
 
 from hived.mesh.election import (
     MESSAGES as ELECTION_MESSAGES,
 )
+from hived.mesh.election import Action as ElectionAction
 from hived.mesh.election import (
     BecameCoordinator,
     Broadcast,
@@ -59,6 +61,7 @@ from hived.mesh.election import (
 )
 from hived.mesh.gossip import MESSAGES as MEMBERSHIP_MESSAGES
 from hived.mesh.gossip import NodeInfo
+from hived.mesh.membership import Action as MembershipAction
 from hived.mesh.membership import (
     Membership,
     PeerJoined,
@@ -110,18 +113,23 @@ class MeshCore:
         included: they count as hearing from it, and the shell routes them on)."""
         if isinstance(msg, MEMBERSHIP_MESSAGES):
             return self._wire(self.membership.handle(sender, msg, now), now)
-        actions: list[Any] = self.membership.heard_from(sender, now)
+        actions: list[ElectionAction | MembershipAction] = []
+        actions += self.membership.heard_from(sender, now)
         if isinstance(msg, ELECTION_MESSAGES):
             actions += self.election.handle(sender, msg, now)
         return self._wire(actions, now)
 
     def tick(self, now: float) -> list[Action]:
-        return self._wire(self.membership.tick(now) + self.election.tick(now), now)
+        actions: list[ElectionAction | MembershipAction] = []
+        actions += self.membership.tick(now)
+        actions += self.election.tick(now)
+        return self._wire(actions, now)
 
     def link_up(self, address: str, now: float) -> list[Action]:
         """The shell's connection to `address` was made (again): what we sent
         before it was up was dropped, our LEADER with it."""
-        actions: list[Any] = self.membership.link_up(address, now)
+        actions: list[ElectionAction | MembershipAction] = []
+        actions += self.membership.link_up(address, now)
         leader = self.election.announcement(now)
         if leader is not None:
             actions.append(Send(address, leader))
@@ -166,26 +174,32 @@ class MeshCore:
 
     # -- the wiring ----------------------------------------------------------
 
-    def _wire(self, actions: list[Any], now: float) -> list[Action]:
+    def _wire(
+        self, actions: Sequence[ElectionAction | MembershipAction], now: float
+    ) -> list[Action]:
         out: list[Action] = []
         for a in actions:
-            kind = type(a)
-            if kind is Broadcast:
+            if isinstance(a, Broadcast):
                 live = self.membership.live_addresses()
                 out.extend(Send(address, a.msg) for address in live)
                 out.extend(Send(address, a.msg) for address in a.also if address not in live)
                 continue
-            if kind is TermSeen:
+            if isinstance(a, TermSeen):
                 # a step-down this causes is due at once: next_deadline() says -inf
                 self.election.heard_term(a.address, a.term)
                 continue
             out.append(a)
-            if kind is PeerJoined or (kind is PeerStateChanged and a.old in ("suspect", "dead")
-                                      and a.new not in ("suspect", "dead")):  # fmt: skip
-                address = a.member.address if kind is PeerJoined else a.address
+            if isinstance(a, PeerJoined):
+                back: str | None = a.member.address
+            elif (isinstance(a, PeerStateChanged) and a.old in ("suspect", "dead")
+                  and a.new not in ("suspect", "dead")):  # fmt: skip
+                back = a.address
+            else:
+                back = None
+            if back is not None:  # joined, or came back: tell it of our lease
                 leader = self.election.announcement(now)
                 if leader is not None:
-                    out.append(Send(address, leader))
+                    out.append(Send(back, leader))
         self.membership.set_term(self.election.term)
         return out
 
@@ -202,10 +216,9 @@ class MeshDriver:
 
     def run(self, actions: list[Action], now: float) -> None:
         for i, action in enumerate(actions):
-            kind = type(action)
-            if kind is Send:
+            if isinstance(action, Send):
                 self.send(action.to, action.msg)
-            elif kind is Persist:
+            elif isinstance(action, Persist):
                 try:
                     self.write_state(action.term, action.promised)
                 except OSError as exc:
@@ -213,9 +226,9 @@ class MeshDriver:
                     self.run(self.core.persist_failed(now), now)
                     return
                 self.state_written()
-            elif kind is Connect:
+            elif isinstance(action, Connect):
                 self.connect(action.address)
-            elif kind is Disconnect:
+            elif isinstance(action, Disconnect):
                 self.disconnect(action.address)
             else:
                 self.event(action)

@@ -5,13 +5,10 @@ Theory of operation
 The voters are the seed addresses (a node with no seeds is its own, single
 voter). Every node runs the same core, which plays two parts:
 
-* **Voter** (if its address is a voter). It grants term t to a candidate only
-  if t is above every term it promised (or t is the term it promised to that
-  same candidate: a renewal), no unexpired grant of its own stands for another
-  node, and it is past its start-up quarantine of one lease (it may have
-  granted something before a restart and forgotten it). It times each grant
-  on its own clock: `grant_until = received + lease`. The promise is
-  persisted (`Persist`, emitted before the GRANT) so it survives restarts.
+* **Voter** (if its address is a voter). It grants a term by the promise
+  rule of its grant book (`hived.mesh.grants`), timing each grant on its own
+  clock: `grant_until = received + lease`. The promise is persisted
+  (`Persist`, emitted before the GRANT) so it survives restarts.
 * **Candidate / coordinator.** With no coordinator it believes in, and once
   its randomised back-off runs out, a node asks every voter for term
   t = highest seen + 1 (or again for the term it last asked, while nobody has
@@ -46,32 +43,13 @@ voter). Every node runs the same core, which plays two parts:
   anything below it (and above `term_limit()`); coordinator messages of
   other cores must pass it. A LEADER must come from the address it names.
 
-Terms from peers move by bounded, checked steps (a member with a bug or a
-bit flip must not wedge the election for good):
-* **Vouching.** Every other voter reports its own term (in its heartbeats,
-  and as `seen` in a DENY); `vouched` is the highest term a majority of the
-  other voters reported. `term_limit()` is TERM_STEP above the larger of
-  `vouched` and what we had written down when we started. A LEADER above it
-  is refused (`RemoteProtocolError`), an ASK above it is denied, and a
-  higher term in a heartbeat, a DENY or a POINT is not adopted: nothing
-  near the end of the range is ever persisted, so the next ask always fits.
-* **Safe.** Only fencing and liveness depend on this, never the promise
-  rule: refusing a term can stop a voter granting, and can make us ignore
-  a coordinator's message, but never make two holders of a term.
-* **Live.** Honest terms rise one per election, and voters report theirs
-  every heartbeat, so an honest term is never TERM_STEP ahead of what a
-  majority vouches for. A node far behind (a wiped disk, a long partition)
-  catches up as soon as a majority of the other voters report the hive's
-  term. One member alone, even at a voter's address, cannot lift
-  `vouched` above what an honest voter reports, so however many messages
-  it sends, terms rise at most TERM_STEP per round of heartbeats between
-  honest voters, and the 2**53 range cannot run out.
+Terms from peers move by bounded, checked steps (`hived.mesh.vouching`): a
+peer's term above `term_limit()` is refused, denied or not adopted.
 
 Settling fast (none of this is needed for safety, only for liveness):
-* Back-off: voters stand in address order (rank × lease/8 plus jitter),
-  other nodes only after three leases; each failed attempt doubles the jitter
-  (up to 4 slots). A voter whose vote is promised to another candidate does
-  not stand until that grant runs out.
+* Back-off (`hived.mesh.standing`): voters stand in address order, other
+  nodes after three leases. A voter whose vote is promised to another
+  candidate does not stand until that grant runs out.
 * A DENY says how long the voter will keep refusing, so a candidate waits out
   a dead coordinator's grants instead of hammering the voters.
 * A candidate asked by a candidate earlier in the back-off order yields (drops
@@ -96,140 +74,33 @@ from dataclasses import dataclass
 
 from hived.config import DEFAULT_LEASE
 from hived.errors import InternalError, RemoteProtocolError
-from hived.mesh.sansio import Send, Story
-from hived.protocol.fields import MAX_TERM, Address, Name, RoundId, Seconds, Term
-from hived.protocol.wire import Message, message
+from hived.mesh.election_messages import (
+    MESSAGES,
+    Action,
+    Ask,
+    BecameCoordinator,
+    Broadcast,
+    Deny,
+    Grant,
+    Leader,
+    LostCoordinator,
+    Persist,
+    Release,
+    Resign,
+)
+from hived.mesh.grants import GrantBook
+from hived.mesh.roles import CANDIDATE, COORDINATOR, FOLLOWER, TRANSITIONS, Role, RoleEvent
+from hived.mesh.sansio import Send, Story, transition
+from hived.mesh.standing import StandingOrder
+from hived.mesh.vouching import TERM_STEP, Vouching
+from hived.protocol.wire import Message
 
-# --------------------------------------------------------------------------
-# Actions and events
-
-
-@dataclass(frozen=True, slots=True)
-class Broadcast:
-    """Send `msg` to every live member (Membership.live_addresses()), and to
-    the addresses in `also` that are not among them."""
-
-    msg: Message
-    also: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Persist:
-    """Write these two numbers to data_dir *before* carrying out the actions
-    after it, and pass them back as `initial_term` / `initial_promised` after
-    a restart. `promised` is the highest term this node granted or asked for."""
-
-    term: int
-    promised: int
-
-
-@dataclass(frozen=True, slots=True)
-class BecameCoordinator:
-    """We hold the lease for `term` until local monotonic time `until`. Emitted
-    again when a renewal extends it (`until` later) or moves it to a new term."""
-
-    term: int
-    until: float
-
-
-@dataclass(frozen=True, slots=True)
-class LostCoordinator:
-    """We no longer hold the lease for `term`: stop acting as coordinator now."""
-
-    term: int
-
-
-Action = Send | Broadcast | Persist | BecameCoordinator | LostCoordinator
-
-# --------------------------------------------------------------------------
-# Messages
-
-
-@message(b"E.ASK")
-class Ask(Message):
-    term: Term
-    round: RoundId  # ties the answers to one round of asks (and its send time)
-    name: Name
-
-
-@message(b"E.GRANT")
-class Grant(Message):
-    term: Term
-    round: RoundId
-
-
-@message(b"E.DENY")
-class Deny(Message):
-    term: Term
-    round: RoundId
-    seen: Term  # the highest term this voter promised or knows was held
-    wait: Seconds  # before it could grant anyone else, on the voter's clock
-
-
-@message(b"E.RELEASE")
-class Release(Message):
-    """A candidacy round failed: the grant given for it protects nothing."""
-
-    term: Term
-    round: RoundId
-
-
-@message(b"E.RESIGN")
-class Resign(Message):
-    """The sender stopped acting as coordinator of `term` and never will again
-    (it is stopping): a grant for it in that term protects nothing."""
-
-    term: Term
-
-
-@message(b"E.LEADER")
-class Leader(Message):
-    term: Term
-    name: Name
-    address: Address  # the sender's own: a node announces only itself
-    remaining: Seconds  # of lease left when sent, on the sender's clock
-
-
-MESSAGES = (Ask, Grant, Deny, Release, Resign, Leader)
-
-# How far above the term a majority of voters vouch for a peer's term may be
-# (honest terms rise one per election, and voters report theirs every
-# heartbeat, so an honest node is never more than a few ahead).
-TERM_STEP = 16
-
-# --------------------------------------------------------------------------
-# The role state machine.
-#
-# Invariants:
-#   1. At most one holder per term: a voter grants t only if t > promised, or
-#      t == promised to the same holder (a renewal); `promised` never goes
-#      down and is persisted before the grant leaves, so two majorities for t
-#      would share a voter that granted t to two nodes — impossible.
-#   2. A holder stops before any voter's grant ends: see the clock argument
-#      at the top. A voter grants nothing while its own unexpired grant
-#      stands for another node, and nothing for one lease after it starts.
-#   3. Hence no two nodes are coordinator at the same real instant.
-#   4. `term` (the fencing floor) and `promised` never go down, and a
-#      coordinator's term is the floor (a higher one seen makes it step down).
-#   5. A node that is stopping never stands, and once it resigned it is never
-#      coordinator again; a voter frees a grant on RESIGN only for the node
-#      and term it was given to, which stopped acting before it sent it.
-
-FOLLOWER, CANDIDATE, COORDINATOR = "follower", "candidate", "coordinator"
-
-_MOVES = {
-    (FOLLOWER, CANDIDATE): "no coordinator believed in and the back-off ran out",
-    (CANDIDATE, COORDINATOR): "a majority of voters granted the term",
-    (CANDIDATE, FOLLOWER): "the round was refused or timed out, or a coordinator announced",
-    (COORDINATOR, COORDINATOR): "a renewal round won (same or next term)",
-    (COORDINATOR, FOLLOWER): "the lease ran out unrenewed, a higher term was seen, or it stops",
-}
-
-
-def check_move(old: str, new: str, term: int) -> None:
-    """Raise InternalError unless `old -> new` is a legal election move."""
-    if (old, new) not in _MOVES:
-        raise InternalError(f"illegal election move {old} -> {new} in term {term}")
+# What the shell, the mesh core and the simulator take from here.
+__all__ = [
+    "CANDIDATE", "COORDINATOR", "FOLLOWER", "MESSAGES", "TERM_STEP", "Action", "Ask",
+    "BecameCoordinator", "Broadcast", "Deny", "Election", "Grant", "Leader", "LostCoordinator",
+    "Persist", "Release", "Resign", "Role", "RoleEvent",
+]  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -281,36 +152,26 @@ class Election:
         self._alone = not voters
         self._voters = sorted(set(voters)) or [address]
         self._majority = len(self._voters) // 2 + 1
-        self._ranks = {voter: i for i, voter in enumerate(self._voters)}
-        self._rank = self._ranks.get(address)
+        self._order = StandingOrder(self._voters, address, lease, rng)
         self.lease = lease
         self.hold = hold
         self._drift = max_drift
         self._min_margin = min_margin
-        self._rng = rng
         self.story = Story(f"election of {name}", story_size)
         # what we know
         self._term = initial_term  # fencing floor: highest term known held
         self._high = max(initial_term, initial_promised)  # highest term seen at all
         self._asked = initial_promised  # highest term we asked for
-        self._persisted = (initial_term, initial_promised)
-        # terms the other voters reported (see _report), and the highest one a
-        # majority of them reported: with what we wrote down before a restart,
-        # the base of `term_limit`
-        self._reports: dict[str, int] = {}
-        self._vouched = 0
-        self._recalled = max(initial_term, initial_promised)
+        self._persisted: tuple[int, int] | None = (initial_term, initial_promised)
+        self._vouching = Vouching(address, self._voters, max(initial_term, initial_promised))
         self._belief: _Belief | None = None  # someone else's lease we believe in
         # voter part
-        self._promised = initial_promised
-        self._holder: str | None = None
-        self._grant_round = -1
-        self._grant_until = -math.inf
         # a node with no seeds elects itself at once; any other voter may have
         # granted something before a restart, so it waits one lease
-        self._quiet_until = now if self._alone else now + lease
+        quiet_until = now if self._alone else now + lease
+        self._book = GrantBook(address, lease, initial_promised, quiet_until, self.story)
         # candidate / coordinator part
-        self._state = FOLLOWER
+        self._role = FOLLOWER
         self._lease_term = 0
         self._lease_end = -math.inf
         self._renew_at = math.inf
@@ -340,8 +201,8 @@ class Election:
         return self._term
 
     @property
-    def state(self) -> str:
-        return self._state
+    def state(self) -> Role:
+        return self._role
 
     @property
     def stopping(self) -> bool:
@@ -354,7 +215,7 @@ class Election:
 
     def is_coordinator(self, now: float) -> bool:
         return (
-            self._state == COORDINATOR and now < self._lease_end and self._lease_term >= self._term
+            self._role == COORDINATOR and now < self._lease_end and self._lease_term >= self._term
         )
 
     def coordinator(self, now: float) -> tuple[str, int] | None:
@@ -391,11 +252,10 @@ class Election:
         if self._unsaved_until is None:
             self.story.add(now, "persist failed", f"term {self._term}: promising nothing")
         self._unsaved_until = now + self.lease / 4
-        if self._state == COORDINATOR:
+        if self._role == COORDINATOR:
             self._step_down(now, "the promise could not be written", out)
-        elif self._state == CANDIDATE:
-            rid = self._candidacy
-            self._lost_candidacy(self._rounds[rid], rid, now, out)  # type: ignore[index]
+        elif self._role == CANDIDATE:
+            self._lost_candidacy(now, out)
         return out
 
     def step_down(self, now: float) -> list[Action]:
@@ -408,11 +268,10 @@ class Election:
         self._now = now
         if not self._stopping:
             self._stopping = True
-            self.story.add(now, "stopping", f"in state {self._state}, term {self._term}")
-        if self._state == CANDIDATE:
-            rid = self._candidacy
-            self._lost_candidacy(self._rounds[rid], rid, now, out)  # type: ignore[index]
-        elif self._state == COORDINATOR and self._voters != [self.address]:
+            self.story.add(now, "stopping", f"in state {self._role}, term {self._term}")
+        if self._role == CANDIDATE:
+            self._lost_candidacy(now, out)
+        elif self._role == COORDINATOR and self._voters != [self.address]:
             term = self._lease_term
             self._step_down(now, "stopping: handing over", out)
             self._handed_over = term
@@ -436,14 +295,14 @@ class Election:
     def heard_term(self, address: str, term: int) -> bool:
         """The node at `address` reported `term` for itself (in a heartbeat):
         from a voter, what it vouches for; then as `accept_term`."""
-        self._report(address, term)
+        self._vouching.report(address, term)
         return self.accept_term(term)
 
     def term_limit(self) -> int:
         """The highest term a peer may bring us: TERM_STEP above what a majority
         of the other voters vouch for (or what we had written down when we
         started)."""
-        return min(max(self._vouched, self._recalled) + TERM_STEP, MAX_TERM - 2)
+        return self._vouching.limit()
 
     def next_deadline(self) -> float | None:
         """Local time at which `tick` has work; -inf means at once."""
@@ -451,12 +310,12 @@ class Election:
             return -math.inf
         if self._unsaved_until is not None:
             due = self._unsaved_until  # the next try at writing; no standing till then
-        elif self._persisted != (self._term, max(self._promised, self._asked)):
+        elif self._persisted != (self._term, max(self._book.promised, self._asked)):
             return -math.inf
         else:
-            standing = self._state == FOLLOWER and self._belief is None and not self._stopping
+            standing = self._role == FOLLOWER and self._belief is None and not self._stopping
             due = self._stand_at if standing else math.inf
-        if self._state == COORDINATOR:
+        if self._role == COORDINATOR:
             due = min(due, self._lease_end)
             if not any(r.renewal for r in self._rounds.values()):
                 due = min(due, self._renew_at)
@@ -470,14 +329,25 @@ class Election:
 
     def handle(self, sender: str, msg: Message, now: float) -> list[Action]:
         """Feed one decoded election message from the node at `sender`."""
-        handler = _HANDLERS.get(type(msg))
-        if handler is None:
+        if not isinstance(msg, MESSAGES):
             raise InternalError(
                 f"election got a {type(msg).__name__}, not one of its messages"
             )
         out, self._outbox = self._outbox, []
         self._now = now
-        handler(self, sender, msg, now, out)
+        match msg:
+            case Ask():
+                self._on_ask(sender, msg, now, out)
+            case Grant():
+                self._on_grant(sender, msg, now, out)
+            case Deny():
+                self._on_deny(sender, msg, now, out)
+            case Release():
+                self._on_release(sender, msg, now, out)
+            case Resign():
+                self._on_resign(sender, msg, now, out)
+            case Leader():
+                self._on_leader(sender, msg, now, out)
         return self._finish(out)
 
     def tick(self, now: float) -> list[Action]:
@@ -489,7 +359,7 @@ class Election:
         for rid, r in list(self._rounds.items()):
             if now >= r.expires and rid in self._rounds:
                 self._round_failed(rid, r, now, out)
-        if self._state == COORDINATOR:
+        if self._role == COORDINATOR:
             if now >= self._lease_end:
                 self._step_down(now, "lease ran out unrenewed", out)
             elif now >= self._renew_at and not any(r.renewal for r in self._rounds.values()):
@@ -499,14 +369,14 @@ class Election:
             self.story.add(now, "belief expired", f"{self._belief.name} term {self._belief.term}")
             self._belief = None
             self._stand_at = now + self._backoff()
-        if (self._state == FOLLOWER and self._belief is None and now >= self._stand_at
+        if (self._role == FOLLOWER and self._belief is None and now >= self._stand_at
                 and self._unsaved_until is None and not self._stopping):  # fmt: skip
-            if self._holder not in (None, self.address) and self._grant_until > now:
+            if self._book.promised_elsewhere(now):
                 # our vote is promised to another candidate: standing now would
                 # only split the votes, so wait until that grant runs out
-                self._stand_at = self._grant_until + self._backoff()
+                self._stand_at = self._book.until + self._backoff()
                 return self._finish(out)
-            self._move(CANDIDATE, now)
+            self._move(RoleEvent.STAND, now)
             self._ask(self._next_term(), now, False, out)
         return self._finish(out)
 
@@ -515,23 +385,23 @@ class Election:
     def validate(self) -> None:
         """Check the invariants above; raise InternalError with the story."""
         problems = []
-        if self._state == COORDINATOR and self._lease_term < 1:
+        if self._role == COORDINATOR and self._lease_term < 1:
             problems.append("coordinator without a term")
-        if self._state == CANDIDATE and self._candidacy not in self._rounds:
+        if self._role == CANDIDATE and self._candidacy not in self._rounds:
             problems.append("candidate without a round")
-        if self._state == FOLLOWER and self._rounds:
+        if self._role == FOLLOWER and self._rounds:
             problems.append("follower with rounds in flight")
-        if self._promised > max(self._high, self._asked):
-            problems.append(f"promised {self._promised} above anything seen")
+        if self._book.promised > max(self._high, self._asked):
+            problems.append(f"promised {self._book.promised} above anything seen")
         if self._lease_term > self._term:
             problems.append(f"lease term {self._lease_term} above the floor {self._term}")
-        if self._stopping and self._state == CANDIDATE:
+        if self._stopping and self._role == CANDIDATE:
             problems.append("stands while stopping")
-        if self._handed_over is not None and self._state == COORDINATOR:
+        if self._handed_over is not None and self._role == COORDINATOR:
             problems.append(f"coordinator again after resigning term {self._handed_over}")
         if problems:
             raise InternalError(
-                f"election of {self.name} in state {self._state}, term {self._term}, broke "
+                f"election of {self.name} in state {self._role}, term {self._term}, broke "
                 f"invariants: {'; '.join(problems)}\n" + self.story.format(50)
             )
 
@@ -539,30 +409,14 @@ class Election:
 
     def _vote(self, candidate: str, term: int, rid: int, now: float) -> tuple[bool, float]:
         """Grant or refuse `term` to `candidate`; the refusal says for how long."""
-        if self._unsaved_until is not None:
-            return False, max(self._unsaved_until - now, 0.0)
-        if now < self._quiet_until:
-            return False, self._quiet_until - now
-        if self._resigned is not None and self._resigned[0] == candidate and term <= self._resigned[1]:
-            return False, 0.0  # a renewal of a resigned lease, still in flight
-        if self._holder not in (None, candidate) and self._grant_until > now:
-            wait = self._grant_until - now
-            if self._holder == self.address and self._candidacy in self._rounds:
-                # our own candidacy: it is decided (and our vote freed) by its timeout
-                wait = min(wait, self._rounds[self._candidacy].expires - now)
-            return False, wait
-        if term > self._promised or (term == self._promised and self._holder == candidate):
-            if term > self._promised or self._holder != candidate:
-                self.story.add(now, "granted", f"term {term} to {candidate}")
-            self._promised = term
-            self._holder = candidate
-            self._grant_round = rid
-            self._grant_until = now + self.lease
-            return True, 0.0
-        return False, 0.0
+        own = self._rounds.get(self._candidacy) if self._candidacy is not None else None
+        return self._book.vote(
+            candidate, term, rid, now, unsaved_until=self._unsaved_until,
+            resigned=self._resigned, own_round_ends=None if own is None else own.expires,
+        )  # fmt: skip
 
     def _on_ask(self, sender: str, m: Ask, now: float, out: list[Action]) -> None:
-        if self._rank is None:
+        if self._order.rank is None:
             self.story.add(now, "not a voter", f"asked by {sender} for term {m.term}")
             out.append(Send(sender, Deny(m.term, m.round, self._term, self.lease)))
             return
@@ -570,20 +424,21 @@ class Election:
             # a promise that high would be persisted, and every honest ask
             # after it refused: the candidate learns our terms instead
             self.story.add(now, "incredible", f"ASK term {m.term} from {sender}")
-            out.append(Send(sender, Deny(m.term, m.round, max(self._promised, self._term), 0.0)))
+            seen = max(self._book.promised, self._term)
+            out.append(Send(sender, Deny(m.term, m.round, seen, 0.0)))
             return
-        if self._state == CANDIDATE and self._priority(sender) < self._priority(self.address):
+        order = self._order
+        if self._role == CANDIDATE and order.priority(sender) < order.priority(self.address):
             # two candidates at once: the one that stands first in the back-off
             # order wins, so a duel ends in one round instead of a lease
             self.story.add(now, "yields", f"to {sender}")
-            rid = self._candidacy
-            self._lost_candidacy(self._rounds[rid], rid, now, out)  # type: ignore[index]
+            self._lost_candidacy(now, out)
         granted, wait = self._vote(sender, m.term, m.round, now)
         if granted:
             self._high = max(self._high, m.term)  # our own next candidacy must exceed it
             out.append(Send(sender, Grant(m.term, m.round)))
         else:
-            seen = max(self._promised, self._term)
+            seen = max(self._book.promised, self._term)
             out.append(Send(sender, Deny(m.term, m.round, seen, wait)))
 
     # -- candidate part ----------------------------------------------------
@@ -615,10 +470,8 @@ class Election:
         self._tally(rid, r, now, out)
 
     def _on_release(self, sender: str, m: Release, now: float, out: list[Action]) -> None:
-        if self._holder == sender and self._grant_round == m.round and self._promised == m.term:
-            self._grant_until = min(self._grant_until, now)
-            self.story.add(now, "released", f"term {m.term} by {sender}")
-            if self._state == FOLLOWER and self._belief is None:
+        if self._book.release(sender, m.term, m.round, now):
+            if self._role == FOLLOWER and self._belief is None:
                 self._stand_at = min(self._stand_at, now + self._backoff())
 
     def _on_resign(self, sender: str, m: Resign, now: float, out: list[Action]) -> None:
@@ -627,9 +480,7 @@ class Election:
             return
         if self._resigned is None or self._resigned[0] != sender or self._resigned[1] < m.term:
             self._resigned = (sender, m.term)
-        if self._holder == sender and self._promised == m.term and self._grant_until > now:
-            self._grant_until = now
-            self.story.add(now, "resigned", f"term {m.term} by {sender}: grant freed")
+        self._book.resign(sender, m.term, now)
         b = self._belief
         if b is not None and b.address == sender and b.term == m.term:
             self.story.add(now, "resigned", f"{b.name} gave up term {m.term}")
@@ -645,9 +496,9 @@ class Election:
         self._tally(m.round, r, now, out)
 
     def _on_deny(self, sender: str, m: Deny, now: float, out: list[Action]) -> None:
-        if sender not in self._ranks:
+        if sender not in self._order.ranks:
             return  # only voters answer asks
-        self._report(sender, m.seen)
+        self._vouching.report(sender, m.seen)
         if m.seen <= self.term_limit():
             self._high = max(self._high, m.seen)
         r = self._rounds.get(m.round)
@@ -676,10 +527,10 @@ class Election:
         end = r.sent + self.hold
         if end <= now or r.term < self._term:
             self.story.add(now, "won too late", f"term {r.term} (floor {self._term})")
-            if self._state == CANDIDATE and not r.renewal:
-                self._lost_candidacy(r, self._candidacy, now, out)  # type: ignore[arg-type]
+            if self._role == CANDIDATE and not r.renewal:
+                self._lost_candidacy(now, out, r)
             return
-        self._move(COORDINATOR, now)
+        self._move(RoleEvent.WON, now)
         new_term = r.term > self._lease_term
         self._lease_term = max(self._lease_term, r.term)
         self._lease_end = max(self._lease_end, end)
@@ -705,13 +556,19 @@ class Election:
                 self._bump = True  # refused: the next renewal asks for a new term
             self._renew_at = max(self._renew_at, r.sent + self.lease / 8)
             return
-        if self._state == CANDIDATE and rid == self._candidacy:
-            self._lost_candidacy(r, rid, now, out)
+        if self._role == CANDIDATE and rid == self._candidacy:
+            self._lost_candidacy(now, out, r)
 
-    def _lost_candidacy(self, r: _Round, rid: int, now: float, out: list[Action]) -> None:
-        """Back to follower: free the votes this round got (we will never act on
-        them, and late grants for it are ignored) and back off."""
-        self._move(FOLLOWER, now)
+    def _lost_candidacy(self, now: float, out: list[Action], r: _Round | None = None) -> None:
+        """Back to follower: free the votes our candidacy's round `r` got (we
+        will never act on them, and late grants for it are ignored) and back
+        off. `r` is looked up unless it is given (it has left `_rounds`)."""
+        rid = self._candidacy
+        if rid is None:
+            raise InternalError(f"election of {self.name} is a candidate without a round")
+        if r is None:
+            r = self._rounds[rid]
+        self._move(RoleEvent.LOST, now)
         self._candidacy = None
         self._release(r, rid, now, out)
         self._attempt += 1
@@ -744,7 +601,7 @@ class Election:
             return
         if m.term > self._term:
             self._raise_floor(m.term, out)
-        elif self._state == COORDINATOR:
+        elif self._role == COORDINATOR:
             self.story.add(now, "conflict", f"{m.name} claims our term {m.term}")
             return
         remaining = min(m.remaining, self.lease)
@@ -755,33 +612,20 @@ class Election:
         if b is None or b.term != m.term or b.address != m.address:
             self.story.add(now, "believes", f"{m.name} term {m.term} for {until - now:.3f}s")
         self._belief = _Belief(m.name, m.address, m.term, until)
-        if self._state == CANDIDATE:
-            rid = self._candidacy
-            self._lost_candidacy(self._rounds[rid], rid, now, out)  # type: ignore[index]
+        if self._role == CANDIDATE:
+            self._lost_candidacy(now, out)
         self._attempt = 0
 
     # -- shared ------------------------------------------------------------
 
-    def _report(self, address: str, term: int) -> None:
-        """Another voter knows of `term`. What a majority of the other voters
-        know bounds the terms we take from anyone (`term_limit`): one voter
-        alone cannot lift it above what an honest one reports, and a voter
-        whose disk was wiped still catches up with the rest."""
-        if address in self._ranks and address != self.address:
-            if term > self._reports.get(address, 0):
-                self._reports[address] = term
-                others = [v for v in self._voters if v != self.address]
-                known = sorted((self._reports.get(v, 0) for v in others), reverse=True)
-                self._vouched = max(self._vouched, known[len(others) // 2])
-
     def _raise_floor(self, term: int, out: list[Action]) -> None:
         self._term = term
         self._high = max(self._high, term)
-        if self._state == COORDINATOR and self._lease_term < term:
+        if self._role == COORDINATOR and self._lease_term < term:
             self._step_down(self._now, f"term {term} seen", out)
 
     def _step_down(self, now: float, why: str, out: list[Action]) -> None:
-        self._move(FOLLOWER, now)
+        self._move(RoleEvent.STEP_DOWN, now)
         self.story.add(now, "stepped down", f"term {self._lease_term}: {why}")
         out.append(LostCoordinator(self._lease_term))
         self._free_own_vote(now)
@@ -795,35 +639,23 @@ class Election:
         """We gave up our candidacy or lease: the vote we gave ourselves protects
         nothing now (late grants for a dropped round are ignored), so other
         candidates may have it at once instead of after a lease."""
-        if self._holder == self.address and self._state != COORDINATOR:
-            self._grant_until = min(self._grant_until, now)
+        if self._role != COORDINATOR:
+            self._book.free_own(now)
 
-    def _move(self, new: str, now: float) -> None:
-        check_move(self._state, new, self._term)
-        if new != self._state:
-            self.story.add(now, f"{self._state}->{new}", f"term {self._term}")
-        self._state = new
-
-    def _priority(self, address: str) -> tuple[int, int, str]:
-        """Back-off order: voters by address, then everyone else by address."""
-        rank = self._ranks.get(address)
-        return (0, rank, "") if rank is not None else (1, 0, address)
+    def _move(self, event: RoleEvent, now: float) -> None:
+        """Move by the table (TRANSITIONS); an event our role does not allow is a bug."""
+        old = self._role
+        new = transition(TRANSITIONS, f"election of {self.name}, term {self._term}", old, event)
+        if new != old:
+            self.story.add(now, f"{old}->{new}", f"term {self._term}")
+        self._role = new
 
     def _backoff(self, without: str | None = None) -> float:
-        """How long to wait before standing: our place in the back-off order
-        (that of the voters but `without`, one that stands no more) plus jitter."""
-        slot = self.lease / 8
-        jitter = self._rng.uniform(0, slot * 2 ** min(self._attempt, 2))
-        if self._rank is None:
-            return 3 * self.lease + jitter
-        rank = self._rank
-        if without is not None and self._ranks.get(without, rank) < rank:
-            rank -= 1
-        return rank * slot + jitter
+        return self._order.delay(self._attempt, without)
 
     def _finish(self, out: list[Action]) -> list[Action]:
         """Put a Persist first if what must survive a restart changed."""
-        state = (self._term, max(self._promised, self._asked))
+        state = (self._term, max(self._book.promised, self._asked))
         if state != self._persisted:
             self._persisted = state
             # optimistic: if this write fails too, the shell says so before
@@ -831,13 +663,3 @@ class Election:
             self._unsaved_until = None
             out.insert(0, Persist(*state))
         return out
-
-
-_HANDLERS = {
-    Ask: Election._on_ask,
-    Release: Election._on_release,
-    Resign: Election._on_resign,
-    Grant: Election._on_grant,
-    Deny: Election._on_deny,
-    Leader: Election._on_leader,
-}

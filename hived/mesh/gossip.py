@@ -22,8 +22,9 @@ before membership sees it.
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -168,3 +169,55 @@ def new_hello(
                  me.slots_free, me.load, me.state, term, me.tasks_done, reply,
                  [p.name for p in chosen], [p.address for p in chosen],
                  [p.incarnation for p in chosen])  # fmt: skip
+
+
+class Speaker:
+    """What one node says about itself: its BEATs and HELLOs, each with a
+    gossip sample of the live peers. The live list is rebuilt at most once a
+    timer grain (and at each heartbeat), so a HELLO's sample does not cost
+    O(N) when thousands arrive at once; a few HELLO variants are built per
+    grain and dealt out in turn."""
+
+    def __init__(self, grain: float, rng: random.Random, gossip_size: int) -> None:
+        self.gossip_size = gossip_size
+        self._grain, self._rng = grain, rng
+        self._live: list[Peer] = []
+        self._built = -math.inf
+        self._hellos: dict[bool, list[PeerHello]] = {}
+        self._turn = 0
+
+    def changed(self) -> None:
+        """What this node says about itself changed: build new HELLOs."""
+        self._hellos.clear()
+
+    def beats(
+        self, me: NodeInfo, term: int, peers: Collection[Peer], now: float
+    ) -> list[tuple[str, Beat]]:
+        """(address, BEAT) for every live peer, the period's variants (see
+        `new_beats`) dealt out in turn."""
+        live = self._live_view(peers, now, fresh=True)
+        variants = new_beats(me, term, live, self._rng, self.gossip_size)
+        m = len(variants)
+        return [(p.address, variants[i % m]) for i, p in enumerate(live)]
+
+    def hello(
+        self, me: NodeInfo, term: int, reply: bool, peers: Collection[Peer], now: float
+    ) -> PeerHello:
+        """Our HELLO (asking for one back if `reply`)."""
+        live = self._live_view(peers, now)
+        variants = self._hellos.get(reply)
+        if variants is None:
+            count = min(max(len(live), 1), BEAT_VARIANTS)
+            variants = self._hellos[reply] = [
+                new_hello(me, term, reply, live, self._rng, self.gossip_size)
+                for _ in range(count)
+            ]
+        self._turn += 1
+        return variants[self._turn % len(variants)]
+
+    def _live_view(self, peers: Collection[Peer], now: float, fresh: bool = False) -> list[Peer]:
+        if fresh or now - self._built >= self._grain:
+            self._live = [p for p in peers if p.status in LIVE]
+            self._built = now
+            self._hellos.clear()
+        return self._live

@@ -53,9 +53,7 @@ time), so a restarted node supersedes its old self everywhere.
   own answer decides, so one member's gossip cannot evict another. Nodes
   heard of and not yet met are at most `hearsay_limit`, as each is dialled.
 * **Seeds** are retried with exponential back-off (capped at `probe_cap`)
-  whenever no live member answers at that address, so a node that started
-  before its seeds, or a partition that healed after both sides forgot each
-  other, reconnects on its own.
+  whenever no live member answers at that address (`hived.mesh.seedprobes`).
 
 The peer records, their legal moves and their timers are the peer table
 (`hived.mesh.peers`): each peer is armed in a lazy timer wheel at its next
@@ -68,84 +66,42 @@ that late. The messages, and the gossip samples they carry, are
 
 from __future__ import annotations
 
-import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from hived.errors import InternalError, RemoteProtocolError
 from hived.mesh.gossip import (
-    BEAT_VARIANTS,
     MAX_GOSSIP,
+    MESSAGES,
     NODE_STATES,
     Beat,
     Leave,
     NodeInfo,
     PeerHello,
-    new_beats,
-    new_hello,
+    Speaker,
 )
-from hived.mesh.peers import ALIVE, DEAD, LIVE, PENDING, SUSPECT, Peer, PeerTable
+from hived.mesh.membership_events import (
+    Action,
+    MemberView,
+    PeerJoined,
+    PeerLeft,
+    PeerStateChanged,
+    TermSeen,
+)
+from hived.mesh.peers import ALIVE, DEAD, LIVE, PENDING, Peer, PeerEvent, PeerTable
 from hived.mesh.sansio import Connect, Disconnect, Send, Story
+from hived.mesh.seedprobes import SeedProbes
 from hived.protocol.wire import Message
 
 # Nodes heard of and not yet met, at most: each is dialled (two sockets in
 # the daemon), so a flood of made-up names must not open thousands.
 HEARSAY_LIMIT = 256
 
-# --------------------------------------------------------------------------
-# Public data and events
-
-
-@dataclass(frozen=True, slots=True)
-class MemberView:
-    """One row of the member list; `state` is alive/suspect/dead/draining."""
-
-    name: str
-    address: str
-    state: str
-    cpus: int
-    gpus: int
-    slots_free: int
-    load: float
-    version: str
-    incarnation: int
-    last_heard: float | None  # None for this node itself
-    term: int  # highest lease term the member reported
-    tasks_done: int
-
-
-@dataclass(frozen=True, slots=True)
-class PeerJoined:
-    member: MemberView
-
-
-@dataclass(frozen=True, slots=True)
-class PeerStateChanged:
-    name: str
-    address: str
-    old: str  # view states: alive, suspect, dead, draining
-    new: str
-
-
-@dataclass(frozen=True, slots=True)
-class PeerLeft:
-    name: str
-    address: str
-    incarnation: int
-    reason: str  # left | forgotten | restarted | replaced
-
-
-@dataclass(frozen=True, slots=True)
-class TermSeen:
-    """The peer at `address` reported a lease term higher than it did before:
-    feed it to `Election.heard_term` so fencing and `coordinator()` stay
-    current (and, from a voter, so the election knows what it vouches for)."""
-
-    address: str
-    term: int
-
-
-Action = Send | Connect | Disconnect | PeerJoined | PeerStateChanged | PeerLeft | TermSeen
+# What the shell, the mesh core and the tests take from here.
+__all__ = [
+    "HEARSAY_LIMIT", "Action", "Connect", "Disconnect", "MemberView", "Membership", "Message",
+    "PeerJoined", "PeerLeft", "PeerStateChanged", "Send", "TermSeen",
+]  # fmt: skip
 
 # --------------------------------------------------------------------------
 # The core
@@ -186,7 +142,6 @@ class Membership:
         self.dead_after = dead_after
         self.forget_after = 20 * dead_after if forget_after is None else forget_after
         self.probe_cap = dead_after if probe_cap is None else probe_cap
-        self.gossip_size = max(0, min(gossip_size, MAX_GOSSIP))
         self.hearsay_limit = hearsay_limit
         self._rng = rng
         self.story = Story(f"membership of {self_info.name}", story_size)
@@ -198,15 +153,10 @@ class Membership:
         self._term = 0
         self._stopped = False
         self._seeds = [s for s in dict.fromkeys(seeds) if s != self_info.address]
-        # seed address -> [next probe, current interval]
-        self._seed_probe = {s: [now, heartbeat] for s in self._seeds}
-        self._seed_due = now if self._seeds else math.inf
+        self._seed_probes = SeedProbes(self._seeds, heartbeat, self.probe_cap, now, rng)
         # a random first phase, so nodes started together do not beat in step
         self._next_beat = now + heartbeat * rng.random()
-        self._live: list[Peer] = []  # see _live_view
-        self._live_built = -math.inf
-        self._hellos: dict[bool, list[PeerHello]] = {}  # see _hello
-        self._hello_turn = 0
+        self._speaker = Speaker(self._grain, rng, max(0, min(gossip_size, MAX_GOSSIP)))
         self.story.add(now, "start", f"incarnation={self_info.incarnation} seeds={self._seeds}")
 
     # -- what the shell reads ----------------------------------------------
@@ -214,6 +164,11 @@ class Membership:
     @property
     def info(self) -> NodeInfo:
         return self._info
+
+    @property
+    def gossip_size(self) -> int:
+        """How many members each BEAT and HELLO names."""
+        return self._speaker.gossip_size
 
     @property
     def live_count(self) -> int:
@@ -224,7 +179,7 @@ class Membership:
         """The local time at which `tick` has work next (None once stopped)."""
         if self._stopped:
             return None
-        due = min(self._next_beat, self._seed_due)
+        due = min(self._next_beat, self._seed_probes.due)
         timer = self._peers.next_timer()
         return due if timer is None else min(due, timer)
 
@@ -263,22 +218,21 @@ class Membership:
         """Change what the next heartbeats say about this node."""
         if state is not None and state not in NODE_STATES:
             raise InternalError(f"node state must be alive or draining, got {state!r}")
-        changes = {
-            k: v
-            for k, v in (
-                ("load", load), ("slots_free", slots_free), ("state", state),
-                ("tasks_done", tasks_done),
-            )
-            if v is not None
-        }
-        self._info = replace(self._info, **changes)
-        self._hellos.clear()
+        me = self._info
+        self._info = replace(
+            me,
+            load=me.load if load is None else load,
+            slots_free=me.slots_free if slots_free is None else slots_free,
+            state=me.state if state is None else state,
+            tasks_done=me.tasks_done if tasks_done is None else tasks_done,
+        )
+        self._speaker.changed()
 
     def set_term(self, term: int) -> None:
         """The highest lease term this node has seen (from the election core)."""
         if term > self._term:
             self._term = term
-            self._hellos.clear()
+            self._speaker.changed()
 
     def leave(self, now: float) -> list[Action]:
         """Say goodbye to every peer; the core is stopped afterwards."""
@@ -308,22 +262,26 @@ class Membership:
         dropped, and the next probe may be a back-off away."""
         if self._stopped:
             return []
-        name = self._peers.by_address.get(address)
-        if name is not None and self._peers.by_name[name].status in LIVE:
+        if self._linked(address):
             return []
         return [Send(address, self._hello(True, now))]
 
     def handle(self, sender: str, msg: Message, now: float) -> list[Action]:
         """Feed one decoded membership message from the peer at `sender`."""
-        handler = _HANDLERS.get(type(msg))
-        if handler is None:
+        if not isinstance(msg, MESSAGES):
             raise InternalError(
                 f"membership got a {type(msg).__name__}, not one of its messages"
             )
         if self._stopped:
             return []
         out: list[Action] = []
-        handler(self, sender, msg, now, out)
+        match msg:
+            case PeerHello():
+                self._on_hello(sender, msg, now, out)
+            case Beat():
+                self._on_beat(sender, msg, now, out)
+            case Leave():
+                self._on_leave(sender, msg, now, out)
         return out
 
     def tick(self, now: float) -> list[Action]:
@@ -337,7 +295,7 @@ class Membership:
             self._beat(now, out)
             self._next_beat = max(self._next_beat + self.heartbeat, now + self.heartbeat / 2)
             self._peers.expire_tombs(now)
-        if now >= self._seed_due:
+        if now >= self._seed_probes.due:
             self._probe_seeds(now, out)
         return out
 
@@ -476,7 +434,7 @@ class Membership:
             p.version, p.cpus, p.gpus = m.version, m.cpus, m.gpus
         p.last_heard = now
         if p.status != ALIVE:
-            self._peers.move(p, ALIVE, now)
+            self._peers.move(p, PeerEvent.HEARD, now)
             self._peers.arm(p, now + self.suspect_after)
         after = p.view_state()
         if after != before:
@@ -489,7 +447,7 @@ class Membership:
         p.last_heard = now
         if p.status != ALIVE:
             before = p.view_state()
-            self._peers.move(p, ALIVE, now)
+            self._peers.move(p, PeerEvent.HEARD, now)
             self._peers.arm(p, now + self.suspect_after)
             out.append(PeerStateChanged(p.name, p.address, before, p.view_state()))
 
@@ -579,7 +537,7 @@ class Membership:
             forget_at = p.since + self.forget_after
             if now >= forget_at:
                 self._remove(p, "forgotten", now, out)
-            elif now >= p.next_probe and p.address not in self._seed_probe:
+            elif now >= p.next_probe and p.address not in self._seed_probes:
                 self._probe(p, now, out)  # seed addresses are probed by _probe_seeds
             else:
                 if now >= p.next_probe:
@@ -590,13 +548,13 @@ class Membership:
             dead_at, suspect_at = last + self.dead_after, last + self.suspect_after
             before = p.view_state()
             if now >= dead_at:
-                self._peers.move(p, DEAD, now)
+                self._peers.move(p, PeerEvent.SILENT, now)
                 p.probe_every = 0.0
                 p.next_probe = now + self.heartbeat
                 self._peers.arm(p, p.next_probe)
             elif now >= suspect_at:
                 if st == ALIVE:
-                    self._peers.move(p, SUSPECT, now)
+                    self._peers.move(p, PeerEvent.QUIET, now)
                 self._peers.arm(p, dead_at)
             else:
                 self._peers.arm(p, suspect_at)
@@ -613,57 +571,31 @@ class Membership:
 
     def _forget_address(self, address: str, out: list[Action]) -> None:
         """Hang up on `address` unless a seed or a member is there."""
-        if address not in self._seed_probe and address not in self._peers.by_address:
+        if address not in self._seed_probes and address not in self._peers.by_address:
             out.append(Disconnect(address))
 
-    def _live_view(self, now: float) -> list[Peer]:
-        """Live peers, rebuilt at most once a timer grain: a HELLO's gossip
-        sample must not cost O(N) when thousands arrive at once."""
-        if now - self._live_built >= self._grain:
-            self._live = [p for p in self._peers.by_name.values() if p.status in LIVE]
-            self._live_built = now
-            self._hellos.clear()
-        return self._live
-
     def _beat(self, now: float, out: list[Action]) -> None:
-        """One BEAT to every live peer, the period's variants (see
-        `new_beats`) dealt out in turn."""
-        self._live_built = -math.inf
-        live = self._live_view(now)
-        variants = new_beats(self._info, self._term, live, self._rng, self.gossip_size)
-        m = len(variants)
-        out.extend(Send(p.address, variants[i % m]) for i, p in enumerate(live))
+        beats = self._speaker.beats(self._info, self._term, self._peers.by_name.values(), now)
+        out.extend(Send(address, beat) for address, beat in beats)
 
     def _hello(self, reply: bool, now: float) -> PeerHello:
-        """Our HELLO. Like BEATs, a few variants (each with its own gossip
-        sample) are built per timer grain and dealt out in turn."""
-        live = self._live_view(now)
-        variants = self._hellos.get(reply)
-        if variants is None:
-            count = min(max(len(live), 1), BEAT_VARIANTS)
-            variants = self._hellos[reply] = [
-                new_hello(self._info, self._term, reply, live, self._rng, self.gossip_size)
-                for _ in range(count)
-            ]
-        self._hello_turn += 1
-        return variants[self._hello_turn % len(variants)]
+        return self._speaker.hello(self._info, self._term, reply, self._peers.by_name.values(), now)
 
     def _probe_seeds(self, now: float, out: list[Action]) -> None:
-        due = math.inf
-        hello = None
-        for address, probe in self._seed_probe.items():
-            name = self._peers.by_address.get(address)
-            if name is not None and self._peers.by_name[name].status in LIVE:
-                probe[0], probe[1] = now + self.heartbeat, self.heartbeat
-                continue  # linked: checked again on the next tick
-            if now >= probe[0]:
-                hello = hello or self._hello(True, now)
-                out.append(Connect(address))
-                out.append(Send(address, hello))
-                probe[0] = now + probe[1] * self._rng.uniform(0.8, 1.2)
-                probe[1] = min(probe[1] * 2, self.probe_cap)
-            due = min(due, probe[0])
-        self._seed_due = due if due < math.inf else now + self.heartbeat
+        hello: PeerHello | None = None
+
+        def probe(address: str) -> None:
+            nonlocal hello
+            hello = hello or self._hello(True, now)  # built once, and only if needed
+            out.append(Connect(address))
+            out.append(Send(address, hello))
+
+        self._seed_probes.run(now, self._linked, probe)
+
+    def _linked(self, address: str) -> bool:
+        """A live member answers at `address`."""
+        name = self._peers.by_address.get(address)
+        return name is not None and self._peers.by_name[name].status in LIVE
 
     def _view(self, p: Peer) -> MemberView:
         return MemberView(p.name, p.address, p.view_state(), p.cpus, p.gpus, p.slots_free,
@@ -674,5 +606,3 @@ class Membership:
 def _by_name(p: Peer) -> str:
     return p.name
 
-
-_HANDLERS = {PeerHello: Membership._on_hello, Beat: Membership._on_beat, Leave: Membership._on_leave}

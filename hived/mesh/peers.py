@@ -1,8 +1,9 @@
 """The peer table: every node this one knows of, and the legal moves of each record.
 
 Membership (`hived.mesh.membership`) decides when a peer's record moves; this
-module keeps the records and checks every move against one table, `_MOVES`,
-which gives the reason for each legal one.
+module keeps the records and moves them only by looking the event up in one
+table, `TRANSITIONS` (an event a record's status does not allow is an
+`InternalError` naming both).
 
 A record is *pending* while the node is only hearsay (gossip named it, or it
 sent a BEAT before we met), and *confirmed* (alive, suspect or dead) once it
@@ -20,36 +21,52 @@ when its slot comes up.
 
 from __future__ import annotations
 
+import enum
 import heapq
 import math
 from collections.abc import Iterator
 
-from hived.errors import InternalError
-from hived.mesh.sansio import Story
+from hived.mesh.sansio import Story, transition
 
-PENDING, ALIVE, SUSPECT, DEAD, GONE = "pending", "alive", "suspect", "dead", "gone"
+
+class PeerStatus(enum.StrEnum):
+    """What we observe of a peer; the same string in status, logs and the story."""
+
+    PENDING = "pending"
+    ALIVE = "alive"
+    SUSPECT = "suspect"
+    DEAD = "dead"
+    GONE = "gone"
+
+
+class PeerEvent(enum.StrEnum):
+    HEARD = "heard"  # it answered in person (HELLO), or was heard from again
+    QUIET = "quiet"  # quiet for suspect_after
+    SILENT = "silent"  # quiet for dead_after (from alive: the tick came late)
+    DROPPED = "dropped"  # never answered, superseded, left, restarted, replaced or forgotten
+
+
+PENDING, ALIVE, SUSPECT, DEAD, GONE = PeerStatus  # the names membership reads
 LIVE = (ALIVE, SUSPECT)
 
-_MOVES = {
-    (PENDING, ALIVE): "it answered in person (HELLO)",
-    (PENDING, GONE): "never answered, or superseded, or left",
-    (ALIVE, SUSPECT): "quiet for suspect_after",
-    (ALIVE, DEAD): "quiet for dead_after (tick came late)",
-    (SUSPECT, ALIVE): "heard from again",
-    (SUSPECT, DEAD): "quiet for dead_after",
-    (DEAD, ALIVE): "heard from again",
-    (ALIVE, GONE): "left, restarted or replaced",
-    (SUSPECT, GONE): "left, restarted or replaced",
-    (DEAD, GONE): "forgotten, left, restarted or replaced",
+# (status, event) -> the status it moves to. Nothing else sets `Peer.status`.
+TRANSITIONS: dict[tuple[PeerStatus, PeerEvent], PeerStatus] = {
+    (PENDING, PeerEvent.HEARD): ALIVE,
+    (PENDING, PeerEvent.DROPPED): GONE,
+    (ALIVE, PeerEvent.QUIET): SUSPECT,
+    (ALIVE, PeerEvent.SILENT): DEAD,
+    (ALIVE, PeerEvent.DROPPED): GONE,
+    (SUSPECT, PeerEvent.HEARD): ALIVE,
+    (SUSPECT, PeerEvent.SILENT): DEAD,
+    (SUSPECT, PeerEvent.DROPPED): GONE,
+    (DEAD, PeerEvent.HEARD): ALIVE,
+    (DEAD, PeerEvent.DROPPED): GONE,
 }
 
 
-def check_move(old: str, new: str, name: str, incarnation: int) -> None:
-    """Raise InternalError unless `old -> new` is a legal peer move."""
-    if (old, new) not in _MOVES:
-        raise InternalError(
-            f"illegal membership move {old} -> {new} for peer {name!r} (incarnation {incarnation})"
-        )
+def next_status(p: Peer, event: PeerEvent) -> PeerStatus:
+    """Where `event` moves `p`, by the table; InternalError if it may not."""
+    return transition(TRANSITIONS, f"peer {p.name!r} (incarnation {p.incarnation})", p.status, event)
 
 
 class Peer:
@@ -67,7 +84,7 @@ class Peer:
         self.cpus = self.gpus = self.slots_free = self.term = self.tasks_done = 0
         self.load = 0.0
         self.state = "alive"  # what the peer says: alive | draining
-        self.status = PENDING  # what we observe
+        self.status: PeerStatus = PENDING  # what we observe
         self.last_heard: float | None = None
         self.since = now  # when `status` was entered
         self.mentioned = now  # pending: last time gossip named it
@@ -77,6 +94,7 @@ class Peer:
         self.timer: float = math.inf  # the timer-wheel slot it is armed in
 
     def view_state(self) -> str:
+        """What the member list shows: the peer's own state while it is alive."""
         if self.status == ALIVE:
             return self.state
         return self.status
@@ -122,11 +140,12 @@ class PeerTable:
         """Record a node that introduced itself: confirmed, and alive from `now`."""
         self.by_name[p.name] = p
         self.by_address[p.address] = p.name
-        p.status, p.last_heard, p.since = ALIVE, now, now
+        p.status, p.last_heard, p.since = next_status(p, PeerEvent.HEARD), now, now
         self.live_count += 1
 
-    def move(self, p: Peer, new: str, now: float) -> None:
-        check_move(p.status, new, p.name, p.incarnation)
+    def move(self, p: Peer, event: PeerEvent, now: float) -> None:
+        """Move `p` by `event` (see TRANSITIONS)."""
+        new = next_status(p, event)
         self.live_count += (new in LIVE) - (p.status in LIVE)
         self._story.add(now, f"{p.status}->{new}", f"{p.name} inc {p.incarnation}")
         p.status = new
@@ -135,7 +154,7 @@ class PeerTable:
     def drop(self, p: Peer, now: float) -> None:
         """Move `p` to gone and forget its record and its timer."""
         confirmed = p.status != PENDING
-        self.move(p, GONE, now)
+        self.move(p, PeerEvent.DROPPED, now)
         del self.by_name[p.name]
         p.timer = math.inf
         if confirmed and self.by_address.get(p.address) == p.name:

@@ -1,16 +1,27 @@
-"""What the sans-IO cores share: the actions they return, and their story.
+"""What the sans-IO cores share: the actions they return, their story, and
+how a transition table drives their moves.
 
 The cores (membership, election) never touch a socket: they return actions
 that the mesh shell carries out. Each core also keeps a `Story`, a bounded
 ring of its recent state changes with increasing ids, printed when an
 invariant fails (and by the tests) so a failure explains itself.
+
+Each state machine (the election's role, a peer record, a pool's worker)
+keeps its legal moves in one table, `(state, event) -> next state`, and
+moves only by looking an event up in it (`transition`), as h11 does: the
+table cannot drift from the code, and an event its state does not allow
+is an `InternalError` naming both.
 """
 
 from __future__ import annotations
 
+import enum
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
+from hived.errors import InternalError
 from hived.protocol.wire import Message
 
 
@@ -71,3 +82,23 @@ class Story:
         lines = [f"story of {self.owner} ({len(events)} events):"]
         lines += [f"  #{e.id} t={e.at:.4f} {e.what} {e.detail}".rstrip() for e in events]
         return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# Transition tables
+
+S = TypeVar("S", bound=enum.Enum)
+E = TypeVar("E", bound=enum.Enum)
+
+
+def transition(table: Mapping[tuple[S, E], S], machine: str, state: S, event: E) -> S:
+    """The state `event` moves `machine` to from `state`, by `table`.
+
+    `machine` says whose move it is ("election of a, term 3"); an event the
+    table does not allow in `state` is a bug of ours: InternalError."""
+    new = table.get((state, event))
+    if new is None:
+        raise InternalError(
+            f"illegal move of {machine}: event {event.value} in state {state.value}"
+        )
+    return new

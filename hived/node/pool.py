@@ -29,6 +29,7 @@ a task's last lines reach its caller before its results do.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -37,12 +38,23 @@ import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 import zmq
 
 import hived
+from hived.errors import InternalError
 from hived.net.reactor import Channel
+from hived.node.lifecycle import (
+    IDLE,
+    RETIRING,
+    STARTING,
+    WorkerEvent,
+    WorkerState,
+    advance,
+    pool_problems,
+    worker_problems,
+)
 from hived.node.scheduling import Assignment, Needs
 from hived.node.taskoutput import RECORDS, Lines, Piece, Records
 from hived.node.worker import (
@@ -79,6 +91,23 @@ LIKELY_CAUSE = {
 }
 
 
+def output_pipes(proc: subprocess.Popen[bytes]) -> tuple[IO[bytes], IO[bytes]]:
+    """A worker's stdout and stderr pipes (every worker is started with both)."""
+    if proc.stdout is None or proc.stderr is None:
+        raise InternalError(f"worker pid {proc.pid} was started without its output pipes")
+    return proc.stdout, proc.stderr
+
+
+def _fits_cpus(budget: int, needs: Needs) -> bool:
+    """What a CPU worker may take with `budget` CPU slots free."""
+    return needs.gpus == 0 and needs.cpus <= budget
+
+
+def _fits_gpu(needs: Needs) -> bool:
+    """What a GPU worker may take: a task of one GPU."""
+    return needs.gpus == 1
+
+
 class Source(Protocol):
     def assign(self, fits: Callable[[Needs], bool]) -> Assignment | None: ...
 
@@ -96,13 +125,13 @@ class Sink(Protocol):
 class WorkerProc:
     number: int
     device: str | None  # GPU id, None for a CPU worker
-    proc: subprocess.Popen
+    proc: subprocess.Popen[bytes]
     box_path: str
     route: bytes | None = None  # ROUTER identity, known once READY arrives
     running: Assignment | None = None
     blobs: set[bytes] = field(default_factory=set)
     items_done: int = 0
-    retiring: bool = False
+    state: WorkerState = STARTING  # moved only by `advance` (hived.node.lifecycle)
     kill_reason: str | None = None  # why the pool itself killed it
     routine: bool = False  # that kill was part of normal work (a stop, a cancel), not a fault
     pipes: dict[int, int] = field(default_factory=dict)  # read ends: fd 1, fd 2, RECORDS
@@ -110,7 +139,18 @@ class WorkerProc:
 
     @property
     def idle(self) -> bool:
-        return self.route is not None and self.running is None and not self.retiring
+        return self.state is IDLE
+
+    @property
+    def retiring(self) -> bool:
+        return self.state is RETIRING
+
+    def move(self, event: WorkerEvent) -> None:
+        """Move by the lifecycle table, and check what it holds agrees (O(1))."""
+        advance(self, event)
+        problems = worker_problems(self)
+        if problems:
+            raise InternalError("; ".join(problems))
 
 
 @dataclass(eq=False)
@@ -119,7 +159,7 @@ class Launched:
 
     number: int
     device: str | None
-    proc: subprocess.Popen
+    proc: subprocess.Popen[bytes]
     box_path: str
     records: int  # the read end of its records pipe
 
@@ -149,8 +189,8 @@ class Launcher:
         for launched in self.early:
             launched.proc.kill()
             launched.proc.wait()
-            launched.proc.stdout.close()
-            launched.proc.stderr.close()
+            for pipe in output_pipes(launched.proc):
+                pipe.close()
             os.close(launched.records)
         self.early.clear()
         for name in os.listdir(self.dir):
@@ -257,8 +297,9 @@ class Pool:
         worker = WorkerProc(launched.number, launched.device, proc, launched.box_path)
         self.workers[launched.number] = worker
         now = self.loop.time()
-        for stream, fd, reader in ((1, proc.stdout.fileno(), Lines(1, now)),
-                                   (2, proc.stderr.fileno(), Lines(2, now)),
+        stdout, stderr = output_pipes(proc)
+        for stream, fd, reader in ((1, stdout.fileno(), Lines(1, now)),
+                                   (2, stderr.fileno(), Lines(2, now)),
                                    (RECORDS, records, Records(now))):
             os.set_blocking(fd, False)
             worker.pipes[stream], worker.readers[stream] = fd, reader
@@ -270,11 +311,12 @@ class Pool:
         self.loop.remove_reader(pidfd)
         os.close(pidfd)
         code = worker.proc.wait()
+        retiring = worker.retiring
         self._drain(worker)  # its last words (a fatal error's message) are its task's
         for fd in worker.pipes.values():
             self.loop.remove_reader(fd)
-        worker.proc.stdout.close()
-        worker.proc.stderr.close()
+        for pipe in output_pipes(worker.proc):
+            pipe.close()
         os.close(worker.pipes[RECORDS])
         worker.pipes.clear()
         self.workers.pop(worker.number, None)
@@ -285,7 +327,7 @@ class Pool:
             os.unlink(worker.box_path)
         except OSError:
             pass
-        if not (worker.routine or worker.retiring or self.closing):
+        if not (worker.routine or retiring or self.closing):
             self.worker_crashes += 1
         if worker.running is not None:
             why = self._describe_death(worker, code, crashed_at)
@@ -293,13 +335,16 @@ class Pool:
             # cancel happens on every normal exit of a caller that left a map.
             log.log(logging.INFO if worker.routine else logging.WARNING, "%s", why)
             aid, worker.running = worker.running.id, None
+            worker.move(WorkerEvent.EXITED)
             self.sink.on_lost(aid, crashed_at, why)
-        elif not worker.retiring and not self.closing:
-            log.warning("worker pid %d exited with code %s while idle", worker.proc.pid, code)
+        else:
+            worker.move(WorkerEvent.EXITED)
+            if not retiring and not self.closing:
+                log.warning("worker pid %d exited with code %s while idle", worker.proc.pid, code)
         if self.closing:
             if not self.workers:
                 self._all_exited.set()
-        elif not worker.retiring:  # a retiring worker's successor is already up
+        elif not retiring:  # a retiring worker's successor is already up
             self._spawn(worker.device)
             self.kick()
 
@@ -320,7 +365,7 @@ class Pool:
 
     def _describe_death(self, worker: WorkerProc, code: int, index: int | None) -> str:
         running = worker.running
-        if index == SOMEWHERE:
+        if index == SOMEWHERE and running is not None:
             item = f" while running items {running.start}-{running.stop - 1} of a chunk"
         else:
             item = f" while running item {index} of a chunk" if index is not None else ""
@@ -358,6 +403,14 @@ class Pool:
             os.unlink(os.path.join(self.dir, name))
         os.rmdir(self.dir)
 
+    def validate(self) -> None:
+        """Check the pool's invariants (hived.node.lifecycle.pool_problems);
+        raise InternalError naming each that does not hold."""
+        problems = pool_problems(self.workers, self.by_route, self.cpus, len(self.gpus),
+                                 self.closing)  # fmt: skip
+        if problems:
+            raise InternalError(f"pool of {self.node_name} broke invariants: {'; '.join(problems)}")
+
     # -- slots -----------------------------------------------------------------
 
     @property
@@ -390,15 +443,9 @@ class Pool:
             if worker.device is None:
                 if free_cpus <= 0:
                     continue
-                budget = free_cpus
-
-                def fits(needs: Needs, budget: int = budget) -> bool:
-                    return needs.gpus == 0 and needs.cpus <= budget
+                fits: Callable[[Needs], bool] = functools.partial(_fits_cpus, free_cpus)
             else:
-
-                def fits(needs: Needs) -> bool:
-                    return needs.gpus == 1
-
+                fits = _fits_gpu
             assignment = self.source.assign(fits)
             if assignment is None:
                 starved = True
@@ -417,6 +464,7 @@ class Pool:
 
     def _run(self, worker: WorkerProc, a: Assignment) -> None:
         worker.running = a
+        worker.move(WorkerEvent.ASSIGNED)
         has_blob = a.fn not in worker.blobs
         payload = [self.blobs[a.fn], *a.frames] if has_blob else a.frames
         run = Run(a.id, a.fn, has_blob, a.start, a.stop, a.precise, a.needs.cpus)
@@ -460,7 +508,7 @@ class Pool:
 
     def _retire(self, worker: WorkerProc) -> None:
         """Let an idle worker exit and start its successor now."""
-        worker.retiring = True
+        worker.move(WorkerEvent.RETIRE)
         self.channel.send([worker.route, *encode(Exit())])
         self._spawn(worker.device)
 
@@ -478,6 +526,7 @@ class Pool:
             if worker is not None and worker.proc.pid == msg.pid:
                 worker.route = route
                 self.by_route[route] = worker
+                worker.move(WorkerEvent.READY)
                 if all(w.route is not None for w in self.workers.values()):
                     self.ready.set()
                 self.kick()
@@ -540,6 +589,7 @@ class Pool:
     def _finished(self, worker: WorkerProc, aid: int) -> None:
         if worker.running is not None and worker.running.id == aid:
             worker.running = None
+            worker.move(WorkerEvent.FINISHED)
 
     def _maybe_recycle(self, worker: WorkerProc, rss: int) -> None:
         worn = self.max_tasks_per_worker and worker.items_done >= self.max_tasks_per_worker

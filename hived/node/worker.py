@@ -29,6 +29,7 @@ start (one CPU) and again before a range whose task asks for other CPUs.
 
 from __future__ import annotations
 
+import io
 import logging
 import mmap
 import os
@@ -163,7 +164,8 @@ class Worker:
 
     def serve(self) -> None:
         self.sock.send_multipart(encode(Ready(self.number, os.getpid())))
-        sys.stdout.reconfigure(line_buffering=True)  # a pipe: block-buffered otherwise
+        if isinstance(sys.stdout, io.TextIOWrapper):  # a pipe: block-buffered otherwise
+            sys.stdout.reconfigure(line_buffering=True)
         self.sock.rcvtimeo = 1000
         while True:
             try:
