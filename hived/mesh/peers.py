@@ -21,15 +21,14 @@ when its slot comes up.
 
 from __future__ import annotations
 
-import enum
 import heapq
 import math
 from collections.abc import Iterator
 
-from hived.mesh.sansio import Story, transition
+from hived.mesh.sansio import Story, StrEnum, transition
 
 
-class PeerStatus(enum.StrEnum):
+class PeerStatus(StrEnum):
     """What we observe of a peer; the same string in status, logs and the story."""
 
     PENDING = "pending"
@@ -39,7 +38,7 @@ class PeerStatus(enum.StrEnum):
     GONE = "gone"
 
 
-class PeerEvent(enum.StrEnum):
+class PeerEvent(StrEnum):
     HEARD = "heard"  # it answered in person (HELLO), or was heard from again
     QUIET = "quiet"  # quiet for suspect_after
     SILENT = "silent"  # quiet for dead_after (from alive: the tick came late)

@@ -7,7 +7,7 @@ the moves are what keeps them.
 
 from __future__ import annotations
 
-import enum
+from hived.mesh.sansio import StrEnum
 
 # Invariants:
 #   1. At most one holder per term: a voter grants t only if t > promised, or
@@ -25,7 +25,7 @@ import enum
 #      and term it was given to, which stopped acting before it sent it.
 
 
-class Role(enum.StrEnum):
+class Role(StrEnum):
     """What this node is in the election; the same string in status and logs."""
 
     FOLLOWER = "follower"
@@ -33,7 +33,7 @@ class Role(enum.StrEnum):
     COORDINATOR = "coordinator"
 
 
-class RoleEvent(enum.StrEnum):
+class RoleEvent(StrEnum):
     STAND = "stand"  # no coordinator believed in, and the back-off ran out
     WON = "won"  # a majority of voters granted a round's term
     LOST = "lost"  # the candidacy was refused, timed out, or a coordinator announced

@@ -87,6 +87,18 @@ class Story:
 # --------------------------------------------------------------------------
 # Transition tables
 
+
+class StrEnum(str, enum.Enum):
+    """A state or event name that compares, formats, logs and serializes as
+    its string, as `enum.StrEnum` does from 3.11 on (3.10 is declared too)."""
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, spec: str) -> str:
+        return str.__format__(self, spec)
+
+
 S = TypeVar("S", bound=enum.Enum)
 E = TypeVar("E", bound=enum.Enum)
 

@@ -17,15 +17,14 @@ a move (the exit that follows is).
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from typing import Protocol
 
-from hived.mesh.sansio import transition
+from hived.mesh.sansio import StrEnum, transition
 from hived.node.scheduling import Assignment
 
 
-class WorkerState(enum.StrEnum):
+class WorkerState(StrEnum):
     STARTING = "starting"
     IDLE = "idle"
     BUSY = "busy"
@@ -33,7 +32,7 @@ class WorkerState(enum.StrEnum):
     EXITED = "exited"
 
 
-class WorkerEvent(enum.StrEnum):
+class WorkerEvent(StrEnum):
     READY = "ready"  # it connected and said READY
     ASSIGNED = "assigned"  # the pool sent it an assignment
     FINISHED = "finished"  # it sent DONE or FAIL for that assignment
