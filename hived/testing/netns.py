@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import errno
 import os
 import random
@@ -75,6 +74,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from hived.testing import netns_plumbing as plumbing
 from hived.testing.waiting import wait_for
 
 __all__ = [
@@ -86,16 +86,12 @@ __all__ = [
 
 PREFIX = "hvt"
 MARKER_DIR = "/run/hived-testnet"
-NETNS_DIR = "/run/netns"
-SYS_NET = "/sys/class/net"
 MAX_HOSTS = 254
 
 # Every name a TestNet makes, and nothing else: token, then one of our suffixes.
 _NAME_RE = re.compile(r"^(hvt[0-9a-z]{7})(?:br|g[0-9]+|v[0-9]+|-[A-Za-z0-9_.-]+)?$")
 _HOST_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
-_CLONE_NEWNET = 0x40000000
 _KILL_WAIT_S = 5.0
-TC = shutil.which("tc") or "/usr/sbin/tc"
 # eth0's root HTB: 1:1 carries traffic (its rate is the cap), 1:2 ends in a
 # blackhole qdisc; filters send what is to be dropped to 1:2.
 _FAST = "10gbit"
@@ -108,144 +104,7 @@ _SHAPE = [
 _NS_GONE_WAIT_S = 0.25
 
 
-# --------------------------------------------------------------------------- namespaces
-
-
-def _setns(fd: int) -> None:
-    if hasattr(os, "setns"):  # Python 3.12+
-        os.setns(fd, _CLONE_NEWNET)
-        return
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-# The namespace this process lived in when it imported us, held open: every
-# management command (ip) runs there even if the calling thread is inside a Host.
-_HOME_FD = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-
-
-@contextlib.contextmanager
-def _in_netns(target: str | int) -> Iterator[None]:
-    """Move the calling thread (only) into a network namespace (path or fd).
-
-    Processes forked and sockets created meanwhile belong to that namespace;
-    a socket keeps its namespace after the block ends.
-    """
-    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if isinstance(target, int):
-            _setns(target)
-        else:
-            fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _setns(fd)
-            finally:
-                os.close(fd)
-        try:
-            yield
-        finally:
-            _setns(back)
-    finally:
-        os.close(back)
-
-
-def _home() -> contextlib.AbstractContextManager[None]:
-    return _in_netns(_HOME_FD)
-
-
-def _link_states(dev: str, ns: str | None) -> list[str]:
-    """A device's operstate (UP, DOWN, ...) and, for a bridge port, its port
-    state (forwarding, disabled, ...), in the home namespace or `ns`."""
-    argv = ["ip", *(["-n", ns] if ns else []), "-d", "-o", "link", "show", "dev", dev]
-    with _home():
-        words = subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout.split()
-    return [words[i + 1] for i, w in enumerate(words[:-1]) if w == "state"]
-
-
-def _ip(lines: Sequence[str], *, ns: str | None = None, force: bool = False) -> str:
-    """Run ``ip -batch`` in the home namespace (or ``-n ns``); raise with stderr."""
-    if not lines:
-        return ""
-    argv = ["ip"]
-    if ns is not None:
-        argv += ["-n", ns]
-    if force:
-        argv.append("-force")
-    argv += ["-batch", "-"]
-    with _home():
-        res = subprocess.run(
-            argv, input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=60
-        )
-    if res.returncode != 0 and not force:
-        raise RuntimeError(
-            f"{' '.join(argv)} failed ({res.returncode}): {res.stderr.strip()}\n"
-            f"commands:\n" + "\n".join(lines)
-        )
-    return res.stderr
-
-
-def _tc(ns: str, lines: Sequence[str]) -> None:
-    """Run ``tc -n ns -batch`` in the home namespace; raise with stderr."""
-    with _home():
-        res = subprocess.run([TC, "-n", ns, "-batch", "-"], input="\n".join(lines) + "\n",
-                             capture_output=True, text=True, timeout=60)
-    if res.returncode != 0:
-        raise RuntimeError(f"tc -n {ns} failed ({res.returncode}): {res.stderr.strip()}\n"
-                           "commands:\n" + "\n".join(lines))
-
-
-def _random_share(share: float) -> str:
-    """Classic BPF that matches about ``share`` of packets: the kernel's random
-    u32 (ancillary load SKF_AD_RANDOM) above a threshold."""
-    threshold = min(2**32 - 1, int((1.0 - share) * 2**32))
-    load_random = (1 << 32) - 4096 + 56  # SKF_AD_OFF + SKF_AD_RANDOM, as u32
-    return f"4,32 0 0 {load_random},37 0 1 {threshold},6 0 0 4294967295,6 0 0 0"
-
-
-def _ip_each(per_ns: Mapping[str, Sequence[str]]) -> None:
-    """``ip -n NS -batch`` for several namespaces at once."""
-    with _home():
-        procs = {
-            ns: subprocess.Popen(
-                ["ip", "-n", ns, "-batch", "-"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for ns in per_ns
-        }
-    errors = []
-    try:
-        for ns, p in procs.items():
-            assert p.stdin is not None
-            with contextlib.suppress(BrokenPipeError):
-                p.stdin.write("\n".join(per_ns[ns]) + "\n")
-                p.stdin.close()
-    finally:
-        for ns, p in procs.items():
-            with contextlib.suppress(OSError):
-                p.stdin.close()  # type: ignore[union-attr]
-            try:
-                p.wait(timeout=60)
-            finally:
-                assert p.stderr is not None
-                err = p.stderr.read()
-                p.stderr.close()
-            if p.returncode != 0:
-                errors.append(f"{ns}: {err.strip()}")
-    if errors:
-        raise RuntimeError("ip -n NS -batch failed: " + "; ".join(errors))
-
-
-def _ns_id(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
+# --------------------------------------------------------------------------- processes
 
 
 def _procs_in(ns_ids: set[tuple[int, int]]) -> list[int]:
@@ -302,7 +161,7 @@ def _kill_in_netns(ns_ids: set[tuple[int, int]]) -> list[int]:
             except OSError:
                 continue
             try:
-                if _ns_id(f"/proc/{pid}/ns/net") in ns_ids:
+                if plumbing.ns_id(f"/proc/{pid}/ns/net") in ns_ids:
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
                     killed.append(pid)
             except OSError:
@@ -362,8 +221,8 @@ def _names_of(token: str) -> tuple[list[str], list[str]]:
         m = _NAME_RE.match(name)
         return m is not None and m.group(1) == token
 
-    nss = sorted(n for n in _listdir(NETNS_DIR) if ours(n) and n != token)
-    links = sorted(n for n in _listdir(SYS_NET) if ours(n) and n != token)
+    nss = sorted(n for n in _listdir(plumbing.NETNS_DIR) if ours(n) and n != token)
+    links = sorted(n for n in _listdir(plumbing.SYS_NET) if ours(n) and n != token)
     return nss, links
 
 
@@ -380,7 +239,7 @@ def _destroy(token: str) -> list[int]:
     nss, links = _names_of(token)
     # Identify namespaces only while they are mounted under our names: once
     # one is gone its inode number may be reused by anybody's new namespace.
-    ids = {i for i in (_ns_id(os.path.join(NETNS_DIR, ns)) for ns in nss) if i is not None}
+    ids = {i for i in (plumbing.ns_id(os.path.join(plumbing.NETNS_DIR, ns)) for ns in nss) if i is not None}
     _kill_in_netns(ids)
     stuck = _procs_in(ids)
     # Namespaces first: with no process left in them the kernel tears them down
@@ -395,7 +254,7 @@ def _destroy(token: str) -> list[int]:
     # left) goes away when its last socket does.
     veths = [n for n in links if re.fullmatch(r"hvt[0-9a-z]{7}v[0-9]+", n)]
     bridges = [n for n in links if n not in veths]
-    _ip(
+    plumbing.ip(
         [f"link set {n} down" for n in veths]
         + [f"netns del {n}" for n in nss]
         + [f"link del {n}" for n in bridges],
@@ -403,11 +262,11 @@ def _destroy(token: str) -> list[int]:
     )
     deadline = time.monotonic() + _NS_GONE_WAIT_S
     while veths and time.monotonic() < deadline:
-        present = set(_listdir(SYS_NET))
+        present = set(_listdir(plumbing.SYS_NET))
         veths = [v for v in veths if v in present]
         if veths:
             time.sleep(0.005)
-    _ip([f"link del {n}" for n in veths], force=True)
+    plumbing.ip([f"link del {n}" for n in veths], force=True)
     with contextlib.suppress(OSError):
         os.unlink(os.path.join(MARKER_DIR, token))
     return stuck
@@ -423,7 +282,7 @@ def sweep_stale() -> list[str]:
     with _lock:
         _swept = True
         tokens: set[str] = set()
-        for path in (NETNS_DIR, SYS_NET, MARKER_DIR):
+        for path in (plumbing.NETNS_DIR, plumbing.SYS_NET, MARKER_DIR):
             for name in _listdir(path):
                 m = _NAME_RE.match(name)
                 if m:
@@ -440,7 +299,7 @@ def _new_token() -> str:
         token = PREFIX + pid + _b36(random.randrange(36 * 36), 2)
         if token in _made:
             continue
-        if any(n.startswith(token) for n in _listdir(NETNS_DIR) + _listdir(SYS_NET)):
+        if any(n.startswith(token) for n in _listdir(plumbing.NETNS_DIR) + _listdir(plumbing.SYS_NET)):
             continue
         return token
     raise RuntimeError("no free TestNet token")
@@ -489,7 +348,7 @@ class Host:
         self.name = name
         self.addr = addr
         self.ns = f"{net.token}-{name}"
-        self.ns_path = os.path.join(NETNS_DIR, self.ns)
+        self.ns_path = os.path.join(plumbing.NETNS_DIR, self.ns)
         self.veth = f"{net.token}v{index}"  # bridge-side end, in the root namespace
         self.mac = f"{net._mac_prefix}:{index >> 8:02x}:{index & 0xFF:02x}"  # of eth0
         self.ns_id: tuple[int, int] | None = None
@@ -509,7 +368,7 @@ class Host:
         threads are unaffected.
         """
         self.net._check_open()
-        with _in_netns(self.ns_path):
+        with plumbing.in_netns(self.ns_path):
             yield self
 
     def popen(
@@ -526,7 +385,7 @@ class Host:
             env = {**os.environ, **env}
         if "process_group" not in kw:
             kw.setdefault("start_new_session", True)
-        with _in_netns(self.ns_path):
+        with plumbing.in_netns(self.ns_path):
             proc = subprocess.Popen(list(args), env=env, **kw)
         try:
             own_group = os.getpgid(proc.pid) == proc.pid
@@ -551,7 +410,7 @@ class Host:
             env = {**os.environ, **env}
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
-        with _in_netns(self.ns_path):
+        with plumbing.in_netns(self.ns_path):
             return subprocess.run(list(args), env=env, check=check, timeout=timeout, **kw)
 
     def kill9(self, proc: subprocess.Popen, *, group: bool = False) -> int:
@@ -608,7 +467,7 @@ class TestNet:
             os.makedirs(MARKER_DIR, exist_ok=True)
             with open(os.path.join(MARKER_DIR, self.token), "w") as f:
                 f.write(f"{os.getpid()} {_starttime(os.getpid())}\n")
-            _ip(
+            plumbing.ip(
                 [
                     f"link add {self.bridge} type bridge stp_state 0 forward_delay 0"
                     " mcast_snooping 0",
@@ -694,9 +553,9 @@ class TestNet:
                     f"link add {h.veth} type veth peer name eth0 address {h.mac} netns {h.ns}",
                     f"link set {h.veth} master {self.bridge} up",
                 ]
-            _ip(root)
+            plumbing.ip(root)
             for h in new:
-                h.ns_id = _ns_id(h.ns_path)
+                h.ns_id = plumbing.ns_id(h.ns_path)
             per_ns: dict[str, list[str]] = {}
             for h in new:
                 per_ns[h.ns] = [
@@ -712,7 +571,7 @@ class TestNet:
                         for p in peers
                         if p is not h
                     )
-            _ip_each(per_ns)
+            plumbing.ip_each(per_ns)
             return new
 
     # -- faults
@@ -722,7 +581,7 @@ class TestNet:
         with self._lock:
             h = self.host(host)
             self._check_open()
-            _ip([f"link set {h.veth} down"])
+            plumbing.ip([f"link set {h.veth} down"])
             self._cut.add(h.name)
 
     def heal(self, host: Host | int | str) -> None:
@@ -730,7 +589,7 @@ class TestNet:
         with self._lock:
             h = self.host(host)
             self._check_open()
-            _ip([f"link set {h.veth} up"])
+            plumbing.ip([f"link set {h.veth} up"])
             self._cut.discard(h.name)
             self._wait_up([h])
 
@@ -763,7 +622,7 @@ class TestNet:
             for h in self.hosts:
                 if self._groups.get(h.name, self.bridge) != want[h.name]:
                     lines.append(f"link set {h.veth} master {want[h.name]}")
-            _ip(lines)
+            plumbing.ip(lines)
             self._groups = {n: br for n, br in want.items() if br != self.bridge}
 
     def heal_all(self) -> None:
@@ -772,10 +631,10 @@ class TestNet:
             self._check_open()
             lines = [f"link set {self.host(n).veth} master {self.bridge}" for n in self._groups]
             lines += [f"link set {self.host(n).veth} up" for n in self._cut]
-            _ip(lines)
+            plumbing.ip(lines)
             self._wait_up([self.host(n) for n in sorted(set(self._cut) | set(self._groups))])
             for name in sorted(self._shaped):
-                _tc(self.host(name).ns, ["qdisc del dev eth0 root"])
+                plumbing.tc(self.host(name).ns, ["qdisc del dev eth0 root"])
             self._groups.clear()
             self._cut.clear()
             self._shaped.clear()
@@ -788,8 +647,8 @@ class TestNet:
         meanwhile is dropped."""
         def up() -> bool:
             return all(
-                _link_states(h.veth, None) == ["UP", "forwarding"]
-                and _link_states("eth0", h.ns)[:1] == ["UP"]
+                plumbing.link_states(h.veth, None) == ["UP", "forwarding"]
+                and plumbing.link_states("eth0", h.ns)[:1] == ["UP"]
                 for h in hosts
             )
 
@@ -797,7 +656,7 @@ class TestNet:
 
     def _shape(self, h: Host) -> None:
         if h.name not in self._shaped:
-            _tc(h.ns, _SHAPE)
+            plumbing.tc(h.ns, _SHAPE)
             self._shaped.add(h.name)
 
     def drop_between(self, side_a: Iterable[Host | int | str],
@@ -810,7 +669,7 @@ class TestNet:
             b = [self.host(r) for r in side_b]
             for src, dsts in [(h, b) for h in a] + [(h, a) for h in b]:
                 self._shape(src)
-                _tc(src.ns, [f"filter add dev eth0 parent 1: protocol ip prio 1 u32"
+                plumbing.tc(src.ns, [f"filter add dev eth0 parent 1: protocol ip prio 1 u32"
                              f" match ip dst {d.addr}/32 classid 1:2" for d in dsts])
 
     def impair(self, host: Host | int | str, *, loss: float = 0.0,
@@ -824,11 +683,11 @@ class TestNet:
             lines = []
             if loss > 0:
                 lines.append("filter add dev eth0 parent 1: protocol all prio 2 bpf"
-                             f" bytecode '{_random_share(loss)}' classid 1:2")
+                             f" bytecode '{plumbing.random_share(loss)}' classid 1:2")
             if rate is not None:
                 lines.append(f"class change dev eth0 parent 1: classid 1:1 htb rate {rate}")
             if lines:
-                _tc(h.ns, lines)
+                plumbing.tc(h.ns, lines)
 
     # -- diagnostics
 
