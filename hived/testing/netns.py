@@ -448,7 +448,7 @@ class TestNet:
             for src, dsts in [(h, b) for h in a] + [(h, a) for h in b]:
                 self._shape(src)
                 plumbing.tc(src.ns, [f"filter add dev eth0 parent 1: protocol ip prio 1 u32"
-                             f" match ip dst {d.addr}/32 classid 1:2" for d in dsts])
+                                     f" match ip dst {d.addr}/32 classid 1:2" for d in dsts])
 
     def impair(self, host: Host | int | str, *, loss: float = 0.0,
                rate: str | None = None) -> None:
