@@ -15,7 +15,7 @@ from collections.abc import Callable
 import pytest
 from netns_fixtures import require_netns
 
-from hived.testing import netns
+from hived.testing import netns, netns_owners
 from hived.testing.childenv import REPO
 from hived.testing.netns import TestNet, sweep_stale
 from hived.testing.waiting import wait_for
@@ -311,7 +311,7 @@ def test_teardown_removes_everything_even_when_the_body_raises() -> None:
     assert server.returncode == -signal.SIGKILL
     assert helper.returncode == -signal.SIGKILL
     wait_for(lambda: pid_gone(escaped), 5, what="the escaped grandchild to die")
-    assert not os.path.exists(os.path.join(netns.MARKER_DIR, token))
+    assert not os.path.exists(os.path.join(netns_owners.MARKER_DIR, token))
     with pytest.raises(RuntimeError, match="closed"):
         a.popen(["true"])
     established.close()
@@ -359,7 +359,7 @@ def test_sweep_removes_only_runs_whose_owner_died() -> None:
             assert token in sweep_stale()
             assert leftovers(token) == ([], [])
             wait_for(lambda: pid_gone(sleeper), 5, what="the orphan of a dead run to die")
-            assert not os.path.exists(os.path.join(netns.MARKER_DIR, token))
+            assert not os.path.exists(os.path.join(netns_owners.MARKER_DIR, token))
             assert mine.connectivity() == set()  # untouched: one host, no pairs
             assert leftovers(mine.token) != ([], [])
         finally:
@@ -373,11 +373,11 @@ def test_sweep_checks_the_owner_start_time_against_pid_reuse() -> None:
     # A live process that never made a TestNet, and names made as if it had.
     bystander = subprocess.Popen(["sleep", "60"])
     try:
-        token = netns.PREFIX + netns._b36(bystander.pid, 5) + "zz"
+        token = netns_owners.PREFIX + netns_owners.b36(bystander.pid, 5) + "zz"
         subprocess.run(["ip", "netns", "add", f"{token}-x"], check=True)
-        marker = os.path.join(netns.MARKER_DIR, token)
+        marker = os.path.join(netns_owners.MARKER_DIR, token)
         with open(marker, "w") as f:
-            f.write(f"{bystander.pid} {netns._starttime(bystander.pid)}\n")
+            f.write(f"{bystander.pid} {netns_owners.starttime(bystander.pid)}\n")
         assert token not in sweep_stale()
         assert leftovers(token)[0]
         with open(marker, "w") as f:  # a marker from an earlier process with that pid

@@ -2,7 +2,8 @@
 
 * `hived.testing.netns`: real test hosts (`TestNet`, `Host`), each a Linux
   network namespace on one bridge, with faults (cuts, partitions, drops,
-  loss, bandwidth caps).
+  loss, bandwidth caps); `netns_owners` names, sweeps and tears down
+  their resources, `netns_plumbing` runs `ip` and `tc` and joins namespaces.
 * `hived.testing.meshnet`: a `Cluster` of real daemons, one per test host.
 * `hived.testing.simnet`: `SimNet`, the simulated network that drives the
   daemon's sans-IO mesh cores on a manual clock.

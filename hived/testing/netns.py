@@ -36,13 +36,11 @@ TCP connection stalls, retransmitting, until it is healed):
   ``heal_all()`` puts every port back on the original bridge and up, and
   removes every drop and impairment.
 
-Names: everything a TestNet creates is named from its token
-``hvt<owner pid, 5 base-36 digits><2 base-36 chars>``: the bridge ``<token>br``,
-group bridges ``<token>g<k>``, bridge-side veths ``<token>v<i>`` (all at most
-15 characters) and namespaces ``<token>-<host name>``; a marker file
-``/run/hived-testnet/<token>`` holds the owner's pid and start time.
-:func:`sweep_stale` (run once per process, before the first TestNet) removes
-only resources of that exact naming scheme whose owner process is gone.
+Names: everything a TestNet creates is named from its token (owner pid and
+two random characters), so :func:`sweep_stale` (run once per process, before
+the first TestNet) removes only what a crashed run left behind;
+:mod:`hived.testing.netns_owners` holds the scheme, the sweep and teardown,
+:mod:`hived.testing.netns_plumbing` the setns, ``ip`` and ``tc`` calls.
 
 Processes: ``Host.popen`` starts the command directly inside the namespace
 (the spawning thread joins the namespace around ``fork``/``exec``; no ``ip netns
@@ -57,9 +55,7 @@ this process can build a TestNet (tests/netns_fixtures.py skips on it).
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import ctypes
 import errno
 import os
 import random
@@ -75,6 +71,9 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from hived.testing import netns_owners as owners
+from hived.testing import netns_plumbing as plumbing
+from hived.testing.netns_owners import sweep_stale
 from hived.testing.waiting import wait_for
 
 __all__ = [
@@ -84,18 +83,9 @@ __all__ = [
     "sweep_stale",
 ]
 
-PREFIX = "hvt"
-MARKER_DIR = "/run/hived-testnet"
-NETNS_DIR = "/run/netns"
-SYS_NET = "/sys/class/net"
 MAX_HOSTS = 254
 
-# Every name a TestNet makes, and nothing else: token, then one of our suffixes.
-_NAME_RE = re.compile(r"^(hvt[0-9a-z]{7})(?:br|g[0-9]+|v[0-9]+|-[A-Za-z0-9_.-]+)?$")
 _HOST_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
-_CLONE_NEWNET = 0x40000000
-_KILL_WAIT_S = 5.0
-TC = shutil.which("tc") or "/usr/sbin/tc"
 # eth0's root HTB: 1:1 carries traffic (its rate is the cap), 1:2 ends in a
 # blackhole qdisc; filters send what is to be dropped to 1:2.
 _FAST = "10gbit"
@@ -105,352 +95,6 @@ _SHAPE = [
     f"class add dev eth0 parent 1: classid 1:2 htb rate {_FAST}",
     "qdisc add dev eth0 parent 1:2 handle 2: blackhole",
 ]
-_NS_GONE_WAIT_S = 0.25
-
-
-# --------------------------------------------------------------------------- namespaces
-
-
-def _setns(fd: int) -> None:
-    if hasattr(os, "setns"):  # Python 3.12+
-        os.setns(fd, _CLONE_NEWNET)
-        return
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-# The namespace this process lived in when it imported us, held open: every
-# management command (ip) runs there even if the calling thread is inside a Host.
-_HOME_FD = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-
-
-@contextlib.contextmanager
-def _in_netns(target: str | int) -> Iterator[None]:
-    """Move the calling thread (only) into a network namespace (path or fd).
-
-    Processes forked and sockets created meanwhile belong to that namespace;
-    a socket keeps its namespace after the block ends.
-    """
-    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if isinstance(target, int):
-            _setns(target)
-        else:
-            fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _setns(fd)
-            finally:
-                os.close(fd)
-        try:
-            yield
-        finally:
-            _setns(back)
-    finally:
-        os.close(back)
-
-
-def _home() -> contextlib.AbstractContextManager[None]:
-    return _in_netns(_HOME_FD)
-
-
-def _link_states(dev: str, ns: str | None) -> list[str]:
-    """A device's operstate (UP, DOWN, ...) and, for a bridge port, its port
-    state (forwarding, disabled, ...), in the home namespace or `ns`."""
-    argv = ["ip", *(["-n", ns] if ns else []), "-d", "-o", "link", "show", "dev", dev]
-    with _home():
-        words = subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout.split()
-    return [words[i + 1] for i, w in enumerate(words[:-1]) if w == "state"]
-
-
-def _ip(lines: Sequence[str], *, ns: str | None = None, force: bool = False) -> str:
-    """Run ``ip -batch`` in the home namespace (or ``-n ns``); raise with stderr."""
-    if not lines:
-        return ""
-    argv = ["ip"]
-    if ns is not None:
-        argv += ["-n", ns]
-    if force:
-        argv.append("-force")
-    argv += ["-batch", "-"]
-    with _home():
-        res = subprocess.run(
-            argv, input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=60
-        )
-    if res.returncode != 0 and not force:
-        raise RuntimeError(
-            f"{' '.join(argv)} failed ({res.returncode}): {res.stderr.strip()}\n"
-            f"commands:\n" + "\n".join(lines)
-        )
-    return res.stderr
-
-
-def _tc(ns: str, lines: Sequence[str]) -> None:
-    """Run ``tc -n ns -batch`` in the home namespace; raise with stderr."""
-    with _home():
-        res = subprocess.run([TC, "-n", ns, "-batch", "-"], input="\n".join(lines) + "\n",
-                             capture_output=True, text=True, timeout=60)
-    if res.returncode != 0:
-        raise RuntimeError(f"tc -n {ns} failed ({res.returncode}): {res.stderr.strip()}\n"
-                           "commands:\n" + "\n".join(lines))
-
-
-def _random_share(share: float) -> str:
-    """Classic BPF that matches about ``share`` of packets: the kernel's random
-    u32 (ancillary load SKF_AD_RANDOM) above a threshold."""
-    threshold = min(2**32 - 1, int((1.0 - share) * 2**32))
-    load_random = (1 << 32) - 4096 + 56  # SKF_AD_OFF + SKF_AD_RANDOM, as u32
-    return f"4,32 0 0 {load_random},37 0 1 {threshold},6 0 0 4294967295,6 0 0 0"
-
-
-def _ip_each(per_ns: Mapping[str, Sequence[str]]) -> None:
-    """``ip -n NS -batch`` for several namespaces at once."""
-    with _home():
-        procs = {
-            ns: subprocess.Popen(
-                ["ip", "-n", ns, "-batch", "-"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for ns in per_ns
-        }
-    errors = []
-    try:
-        for ns, p in procs.items():
-            assert p.stdin is not None
-            with contextlib.suppress(BrokenPipeError):
-                p.stdin.write("\n".join(per_ns[ns]) + "\n")
-                p.stdin.close()
-    finally:
-        for ns, p in procs.items():
-            with contextlib.suppress(OSError):
-                p.stdin.close()  # type: ignore[union-attr]
-            try:
-                p.wait(timeout=60)
-            finally:
-                assert p.stderr is not None
-                err = p.stderr.read()
-                p.stderr.close()
-            if p.returncode != 0:
-                errors.append(f"{ns}: {err.strip()}")
-    if errors:
-        raise RuntimeError("ip -n NS -batch failed: " + "; ".join(errors))
-
-
-def _ns_id(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
-
-
-def _procs_in(ns_ids: set[tuple[int, int]]) -> list[int]:
-    """Pids of processes (thread-group leaders) whose network namespace is one of ns_ids."""
-    if not ns_ids:
-        return []
-    me = os.getpid()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            st = os.stat(f"/proc/{entry}/ns/net")
-        except OSError:
-            continue
-        if (st.st_dev, st.st_ino) in ns_ids:
-            found.append(int(entry))
-    return found
-
-
-def _describe(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return f"{pid} (gone)"
-    return f"{pid} [{state}] {cmd[:200]}"
-
-
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return True
-
-
-def _kill_in_netns(ns_ids: set[tuple[int, int]]) -> list[int]:
-    """SIGKILL every process inside the given namespaces; wait until they are gone.
-
-    Race-free against pid reuse: the pid is pinned with a pidfd and its
-    namespace checked again before the signal is sent.
-    """
-    killed: list[int] = []
-    for _ in range(3):  # a process may fork while we scan
-        pids = _procs_in(ns_ids)
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                pidfd = os.pidfd_open(pid)
-            except OSError:
-                continue
-            try:
-                if _ns_id(f"/proc/{pid}/ns/net") in ns_ids:
-                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                    killed.append(pid)
-            except OSError:
-                pass
-            finally:
-                os.close(pidfd)
-        deadline = time.monotonic() + _KILL_WAIT_S
-        while time.monotonic() < deadline and not all(_gone(p) for p in pids):
-            time.sleep(0.005)
-    return killed
-
-
-# --------------------------------------------------------------------------- ownership
-
-_lock = threading.RLock()
-_made: set[str] = set()  # tokens made by this process (live or closed)
-_live: dict[str, TestNet] = {}
-_swept = False
-
-
-def _b36(n: int, width: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while n:
-        n, r = divmod(n, 36)
-        out = digits[r] + out
-    return out.rjust(width, "0")
-
-
-def _starttime(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _owner_alive(token: str) -> bool:
-    pid = int(token[len(PREFIX) : len(PREFIX) + 5], 36)
-    if pid == os.getpid():
-        return token in _live
-    now = _starttime(pid)
-    if now is None:
-        return False
-    try:
-        with open(os.path.join(MARKER_DIR, token)) as f:
-            _, recorded = f.read().split()
-    except (OSError, ValueError):
-        return True  # no marker to compare with: assume the pid is still the owner
-    return recorded == now
-
-
-def _names_of(token: str) -> tuple[list[str], list[str]]:
-    """(namespaces, root-namespace links) named by ``token``."""
-
-    def ours(name: str) -> bool:
-        m = _NAME_RE.match(name)
-        return m is not None and m.group(1) == token
-
-    nss = sorted(n for n in _listdir(NETNS_DIR) if ours(n) and n != token)
-    links = sorted(n for n in _listdir(SYS_NET) if ours(n) and n != token)
-    return nss, links
-
-
-def _listdir(path: str) -> list[str]:
-    try:
-        return os.listdir(path)
-    except OSError:
-        return []
-
-
-def _destroy(token: str) -> list[int]:
-    """Kill the processes in ``token``'s namespaces, delete its namespaces and
-    links; return the pids that would not die."""
-    nss, links = _names_of(token)
-    # Identify namespaces only while they are mounted under our names: once
-    # one is gone its inode number may be reused by anybody's new namespace.
-    ids = {i for i in (_ns_id(os.path.join(NETNS_DIR, ns)) for ns in nss) if i is not None}
-    _kill_in_netns(ids)
-    stuck = _procs_in(ids)
-    # Namespaces first: with no process left in them the kernel tears them down
-    # (and the veth pairs in them) in one batch, ~10x faster than deleting the
-    # veths one by one (30 hosts: 0.07 s vs 0.7 s).  Setting the bridge ends
-    # down first drops the hosts' carrier, which flushes their neighbour
-    # tables (packets queued for an unanswered ARP across a partition would
-    # otherwise hold the namespace for ~3 s).  A namespace something else
-    # still holds -- an open socket made in Host.enter(), an orphaned TCP
-    # socket still retransmitting -- keeps its veth: those are deleted
-    # explicitly after a short wait; the anonymous namespace (only `lo`
-    # left) goes away when its last socket does.
-    veths = [n for n in links if re.fullmatch(r"hvt[0-9a-z]{7}v[0-9]+", n)]
-    bridges = [n for n in links if n not in veths]
-    _ip(
-        [f"link set {n} down" for n in veths]
-        + [f"netns del {n}" for n in nss]
-        + [f"link del {n}" for n in bridges],
-        force=True,
-    )
-    deadline = time.monotonic() + _NS_GONE_WAIT_S
-    while veths and time.monotonic() < deadline:
-        present = set(_listdir(SYS_NET))
-        veths = [v for v in veths if v in present]
-        if veths:
-            time.sleep(0.005)
-    _ip([f"link del {n}" for n in veths], force=True)
-    with contextlib.suppress(OSError):
-        os.unlink(os.path.join(MARKER_DIR, token))
-    return stuck
-
-
-def sweep_stale() -> list[str]:
-    """Remove what earlier, crashed runs left behind; return the tokens removed.
-
-    Only names of this module's scheme are considered, and only those whose
-    owner process (pid in the name, start time in the marker file) is gone.
-    """
-    global _swept
-    with _lock:
-        _swept = True
-        tokens: set[str] = set()
-        for path in (NETNS_DIR, SYS_NET, MARKER_DIR):
-            for name in _listdir(path):
-                m = _NAME_RE.match(name)
-                if m:
-                    tokens.add(m.group(1))
-        stale = sorted(t for t in tokens if not _owner_alive(t))
-        for token in stale:
-            _destroy(token)
-        return stale
-
-
-def _new_token() -> str:
-    pid = _b36(os.getpid(), 5)
-    for _ in range(1000):
-        token = PREFIX + pid + _b36(random.randrange(36 * 36), 2)
-        if token in _made:
-            continue
-        if any(n.startswith(token) for n in _listdir(NETNS_DIR) + _listdir(SYS_NET)):
-            continue
-        return token
-    raise RuntimeError("no free TestNet token")
-
-
-@atexit.register
-def _close_all() -> None:
-    for net in list(_live.values()):
-        with contextlib.suppress(Exception):
-            net.close()
 
 
 # --------------------------------------------------------------------------- capability
@@ -489,7 +133,7 @@ class Host:
         self.name = name
         self.addr = addr
         self.ns = f"{net.token}-{name}"
-        self.ns_path = os.path.join(NETNS_DIR, self.ns)
+        self.ns_path = os.path.join(plumbing.NETNS_DIR, self.ns)
         self.veth = f"{net.token}v{index}"  # bridge-side end, in the root namespace
         self.mac = f"{net._mac_prefix}:{index >> 8:02x}:{index & 0xFF:02x}"  # of eth0
         self.ns_id: tuple[int, int] | None = None
@@ -509,7 +153,7 @@ class Host:
         threads are unaffected.
         """
         self.net._check_open()
-        with _in_netns(self.ns_path):
+        with plumbing.in_netns(self.ns_path):
             yield self
 
     def popen(
@@ -526,7 +170,7 @@ class Host:
             env = {**os.environ, **env}
         if "process_group" not in kw:
             kw.setdefault("start_new_session", True)
-        with _in_netns(self.ns_path):
+        with plumbing.in_netns(self.ns_path):
             proc = subprocess.Popen(list(args), env=env, **kw)
         try:
             own_group = os.getpgid(proc.pid) == proc.pid
@@ -551,7 +195,7 @@ class Host:
             env = {**os.environ, **env}
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
-        with _in_netns(self.ns_path):
+        with plumbing.in_netns(self.ns_path):
             return subprocess.run(list(args), env=env, check=check, timeout=timeout, **kw)
 
     def kill9(self, proc: subprocess.Popen, *, group: bool = False) -> int:
@@ -563,7 +207,7 @@ class Host:
                     os.killpg(proc.pid, signal.SIGKILL)
                 else:
                     os.kill(proc.pid, signal.SIGKILL)
-        return proc.wait(timeout=_KILL_WAIT_S)
+        return proc.wait(timeout=owners.KILL_WAIT_S)
 
 
 # --------------------------------------------------------------------------- the net
@@ -593,22 +237,15 @@ class TestNet:
         self._group_bridges: list[str] = []
         self._closed = False
         self._lock = threading.RLock()
-        with _lock:
-            if not _swept:
-                sweep_stale()
-            self.token = _new_token()
-            _made.add(self.token)
-            _live[self.token] = self
+        self.token = owners.claim(self)
         self.bridge = f"{self.token}br"
         self.subnet = random.randrange(256)
         self.prefixlen = 16
         self.static_neighbors = static_neighbors
         self._mac_prefix = "02:" + random.randbytes(3).hex(":")
         try:
-            os.makedirs(MARKER_DIR, exist_ok=True)
-            with open(os.path.join(MARKER_DIR, self.token), "w") as f:
-                f.write(f"{os.getpid()} {_starttime(os.getpid())}\n")
-            _ip(
+            owners.write_marker(self.token)
+            plumbing.ip(
                 [
                     f"link add {self.bridge} type bridge stp_state 0 forward_delay 0"
                     " mcast_snooping 0",
@@ -694,9 +331,9 @@ class TestNet:
                     f"link add {h.veth} type veth peer name eth0 address {h.mac} netns {h.ns}",
                     f"link set {h.veth} master {self.bridge} up",
                 ]
-            _ip(root)
+            plumbing.ip(root)
             for h in new:
-                h.ns_id = _ns_id(h.ns_path)
+                h.ns_id = plumbing.ns_id(h.ns_path)
             per_ns: dict[str, list[str]] = {}
             for h in new:
                 per_ns[h.ns] = [
@@ -712,7 +349,7 @@ class TestNet:
                         for p in peers
                         if p is not h
                     )
-            _ip_each(per_ns)
+            plumbing.ip_each(per_ns)
             return new
 
     # -- faults
@@ -722,7 +359,7 @@ class TestNet:
         with self._lock:
             h = self.host(host)
             self._check_open()
-            _ip([f"link set {h.veth} down"])
+            plumbing.ip([f"link set {h.veth} down"])
             self._cut.add(h.name)
 
     def heal(self, host: Host | int | str) -> None:
@@ -730,7 +367,7 @@ class TestNet:
         with self._lock:
             h = self.host(host)
             self._check_open()
-            _ip([f"link set {h.veth} up"])
+            plumbing.ip([f"link set {h.veth} up"])
             self._cut.discard(h.name)
             self._wait_up([h])
 
@@ -763,7 +400,7 @@ class TestNet:
             for h in self.hosts:
                 if self._groups.get(h.name, self.bridge) != want[h.name]:
                     lines.append(f"link set {h.veth} master {want[h.name]}")
-            _ip(lines)
+            plumbing.ip(lines)
             self._groups = {n: br for n, br in want.items() if br != self.bridge}
 
     def heal_all(self) -> None:
@@ -772,10 +409,10 @@ class TestNet:
             self._check_open()
             lines = [f"link set {self.host(n).veth} master {self.bridge}" for n in self._groups]
             lines += [f"link set {self.host(n).veth} up" for n in self._cut]
-            _ip(lines)
+            plumbing.ip(lines)
             self._wait_up([self.host(n) for n in sorted(set(self._cut) | set(self._groups))])
             for name in sorted(self._shaped):
-                _tc(self.host(name).ns, ["qdisc del dev eth0 root"])
+                plumbing.tc(self.host(name).ns, ["qdisc del dev eth0 root"])
             self._groups.clear()
             self._cut.clear()
             self._shaped.clear()
@@ -788,8 +425,8 @@ class TestNet:
         meanwhile is dropped."""
         def up() -> bool:
             return all(
-                _link_states(h.veth, None) == ["UP", "forwarding"]
-                and _link_states("eth0", h.ns)[:1] == ["UP"]
+                plumbing.link_states(h.veth, None) == ["UP", "forwarding"]
+                and plumbing.link_states("eth0", h.ns)[:1] == ["UP"]
                 for h in hosts
             )
 
@@ -797,7 +434,7 @@ class TestNet:
 
     def _shape(self, h: Host) -> None:
         if h.name not in self._shaped:
-            _tc(h.ns, _SHAPE)
+            plumbing.tc(h.ns, _SHAPE)
             self._shaped.add(h.name)
 
     def drop_between(self, side_a: Iterable[Host | int | str],
@@ -810,8 +447,8 @@ class TestNet:
             b = [self.host(r) for r in side_b]
             for src, dsts in [(h, b) for h in a] + [(h, a) for h in b]:
                 self._shape(src)
-                _tc(src.ns, [f"filter add dev eth0 parent 1: protocol ip prio 1 u32"
-                             f" match ip dst {d.addr}/32 classid 1:2" for d in dsts])
+                plumbing.tc(src.ns, [f"filter add dev eth0 parent 1: protocol ip prio 1 u32"
+                                     f" match ip dst {d.addr}/32 classid 1:2" for d in dsts])
 
     def impair(self, host: Host | int | str, *, loss: float = 0.0,
                rate: str | None = None) -> None:
@@ -824,11 +461,11 @@ class TestNet:
             lines = []
             if loss > 0:
                 lines.append("filter add dev eth0 parent 1: protocol all prio 2 bpf"
-                             f" bytecode '{_random_share(loss)}' classid 1:2")
+                             f" bytecode '{plumbing.random_share(loss)}' classid 1:2")
             if rate is not None:
                 lines.append(f"class change dev eth0 parent 1: classid 1:1 htb rate {rate}")
             if lines:
-                _tc(h.ns, lines)
+                plumbing.tc(h.ns, lines)
 
     # -- diagnostics
 
@@ -927,18 +564,17 @@ class TestNet:
                                 os.kill(proc.pid, signal.SIGKILL)
                 for proc in self._procs:
                     with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(timeout=_KILL_WAIT_S)
+                        proc.wait(timeout=owners.KILL_WAIT_S)
                     for stream in (proc.stdin, proc.stdout, proc.stderr):
                         if stream is not None:
                             with contextlib.suppress(OSError):
                                 stream.close()
-                left = _destroy(self.token)
-                nss, links = _names_of(self.token)
+                left = owners.destroy(self.token)
+                nss, links = owners.names_of(self.token)
                 if nss or links or left:
                     raise RuntimeError(
                         f"TestNet {self.token} teardown left namespaces {nss}, links {links}, "
-                        f"processes {[_describe(p) for p in left]}"
+                        f"processes {[owners.describe(p) for p in left]}"
                     )
             finally:
-                with _lock:
-                    _live.pop(self.token, None)
+                owners.release(self.token)
