@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hived.errors import HiveError, InternalError, LocalProtocolError
-from hived.node.scheduling import MAX_CHUNK_ITEMS, SOMEWHERE, Needs, Owner
+from hived.node.scheduling import MAX_CHUNK_ITEMS, Needs, Owner
+from hived.protocol.fields import SOMEWHERE
 
 CLIENT = b"c1"
 

@@ -33,12 +33,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from hived.node.scheduling import NOT_STARTED
-from hived.protocol.fields import Address, Count, Seconds, Term, at_most
+from hived.protocol.fields import Address, Count, CrashedAt, Seconds, Term, at_most
 from hived.protocol.wire import Message, Rule, message
 
-# an item index, SOMEWHERE or NOT_STARTED (hived.node.scheduling)
-CrashedAt = Annotated[int, Rule("an item index, -2 or -3", lambda v: NOT_STARTED <= v < 1 << 62)]
 FunctionHash = Annotated[bytes, Rule("a function hash of at most 64 bytes", lambda v: len(v) <= 64)]
 
 

@@ -77,8 +77,9 @@ from hived.mesh.matchmaking import (
 from hived.net.background import Background
 from hived.net.frames import frame_bytes
 from hived.node.blobs import BlobStore
-from hived.node.scheduling import NOT_STARTED, Assignment, JobKey, Needs, Owner
+from hived.node.scheduling import Assignment, JobKey, Needs, Owner
 from hived.node.taskoutput import Piece
+from hived.protocol.fields import NOT_STARTED
 from hived.protocol.serialization import function_digest
 from hived.protocol.wire import Message
 

@@ -59,15 +59,14 @@ from hived.node.scheduling import Assignment, Needs
 from hived.node.taskoutput import RECORDS, Lines, Piece, Records
 from hived.node.worker import (
     AUTHKEY_VARIABLE,
-    BETWEEN,
     BLACK_BOX,
-    SOMEWHERE,
     Done,
     Exit,
     Fail,
     Ready,
     Run,
 )
+from hived.protocol.fields import BETWEEN, SOMEWHERE
 from hived.protocol.wire import decode, encode
 
 log = logging.getLogger(__name__)

@@ -39,16 +39,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hived.errors import InternalError, LocalProtocolError
+from hived.protocol.fields import SOMEWHERE
 
 JobKey = tuple[bytes, int]  # (client id, job number within that client)
 # The most items one chunk may hold: the book keeps a byte per item of a
 # chunk, so a client's count is bounded before it is believed.
 MAX_CHUNK_ITEMS = 1 << 24
-# Where a worker was when it died, besides an item's index: the worker keeps
-# one of these in its black box, and RANGE LOST carries one across the mesh.
-BETWEEN = -1  # not running any range (never on the wire)
-SOMEWHERE = -2  # in a range, at an item not recorded (the fast path, or unpickling)
-NOT_STARTED = -3  # on the wire for None: no item at fault (a range refused, or lost without a crash)
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,9 +41,9 @@ import traceback
 from typing import Any
 
 from hived.net.frames import zero_copy
-from hived.node.scheduling import BETWEEN, SOMEWHERE
 from hived.node.taskoutput import RecordPipe
 from hived.protocol import serialization
+from hived.protocol.fields import BETWEEN, SOMEWHERE
 from hived.protocol.wire import Message, decode, encode, message
 
 BLACK_BOX = struct.Struct("<qq")  # assignment id, item index (or BETWEEN, SOMEWHERE)

@@ -53,6 +53,13 @@ Name = Annotated[
 ]  # fmt: skip
 Address = Annotated[str, Rule("a tcp://host:port address a peer can be dialled at", is_peer_address)]
 
+# Where a worker was when it died, besides an item's index: the worker keeps
+# one of these in its black box, and RANGE LOST carries one across the mesh.
+BETWEEN = -1  # not running any range (never on the wire)
+SOMEWHERE = -2  # in a range, at an item not recorded (the fast path, or unpickling)
+NOT_STARTED = -3  # on the wire for None: no item at fault (a range refused, or lost without a crash)
+CrashedAt = Annotated[int, Rule("an item index, -2 or -3", lambda v: NOT_STARTED <= v < MAX_COUNT)]
+
 
 def at_most(n: int, what: str) -> Rule:
     """A rule for a list field: at most `n` items."""
