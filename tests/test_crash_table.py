@@ -40,6 +40,8 @@ import pytest
 
 import hived
 import hived.protocol.serialization
+from hived.errors import InternalError
+from hived.testing.embedded import pool_valid
 from hived.testing.waiting import wait_for
 
 BAD = 3  # the bad item's value and, in ITEMS, its position
@@ -283,6 +285,8 @@ def assert_pool_serves(hive: hived.Hive) -> None:
         30,
         what=f"the pool to be back to {hive.slots} workers",
     )
+    # What the processes show, the pool's own records must agree with.
+    wait_for(lambda: pool_valid(hive), 30, what="the pool's invariants", ignore=InternalError)
 
 
 # -- the tests ---------------------------------------------------------------------------

@@ -41,8 +41,10 @@ from hived.caller.mapping import (
     ChunkSizer,
     heuristic_chunksize,
 )
+from hived.errors import InternalError
 from hived.protocol.control import AddChunk
 from hived.protocol.wire import decode
+from hived.testing.embedded import pool_valid
 from hived.testing.waiting import wait_for
 
 # -- task functions ---------------------------------------------------------------------
@@ -128,6 +130,7 @@ def wait_workers_ready(hive) -> None:
         30,
         what="every worker to be ready",
     )
+    wait_for(lambda: pool_valid(hive), 30, what="the pool's invariants", ignore=InternalError)
 
 
 # -- order and chunks -------------------------------------------------------------------

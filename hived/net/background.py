@@ -1,6 +1,6 @@
 """Background work with an owner: the tasks and timers one component started.
 
-A component (the node, the exchange, the daemon, the metrics server) starts
+A component (the node, the exchange, the daemon) starts
 tasks and timers on the loop and must not leave any behind when it closes: a
 task cancelled but never awaited logs "Task was destroyed but it is pending"
 at exit, and a forgotten timer fires into a component that has closed.
