@@ -53,7 +53,7 @@ def upgrade_daemon(major: int, minor: int) -> None:
 def _minor_one() -> None:
     from typing import Annotated
 
-    from hived.mesh import gossip, membership
+    from hived.mesh import gossip
     from hived.mesh import shell as mesh
     from hived.protocol import wire
     from hived.protocol.fields import Name
@@ -69,10 +69,10 @@ def _minor_one() -> None:
     class Beat(gossip.Beat):
         news: Annotated[bool, Since(1)] = False
 
-    membership._HANDLERS[Beat] = membership.Membership._on_beat
+    # Membership dispatches by class (match), so the subclass is a BEAT to it.
     new_beats = gossip.new_beats
     fields = gossip.Beat._names
-    membership.new_beats = lambda *a, **kw: [
+    gossip.new_beats = lambda *a, **kw: [
         Beat(*(getattr(b, f) for f in fields), news=True) for b in new_beats(*a, **kw)
     ]
 
