@@ -747,8 +747,9 @@ def _clone(c: el.Election) -> el.Election:
     slow): what the core changes in place is copied, the rest shared; the
     rng (MidRandom) draws nothing after start-up, the story is only told."""
     new = copy.copy(c)
-    new._rounds = {rid: dataclasses.replace(r, grants=set(r.grants), denies=set(r.denies))
-                   for rid, r in c._rounds.items()}  # fmt: skip
+    new._rounds = copy.copy(c._rounds)
+    new._rounds._open = {rid: dataclasses.replace(r, grants=set(r.grants), denies=set(r.denies))
+                         for rid, r in c._rounds._open.items()}  # fmt: skip
     new._vouching = copy.copy(c._vouching)
     new._vouching._reports = dict(c._vouching._reports)
     new._book = copy.copy(c._book)
@@ -762,12 +763,12 @@ def vars_of(msg):
 
 def _core_key(c: el.Election) -> tuple:
     rounds = tuple(sorted((rid, r.term, r.sent, r.renewal, tuple(sorted(r.grants)),
-                           tuple(sorted(r.denies))) for rid, r in c._rounds.items()))  # fmt: skip
+                           tuple(sorted(r.denies))) for rid, r in c._rounds._open.items()))  # fmt: skip
     book = c._book
     return (c.state, c.term, c._high, c._asked, book.promised, book.holder, book.round,
             book.until, c._belief, c._lease_term, c._lease_end, c._renew_at, rounds,
-            c._candidacy, c._stand_at, c._attempt, c._bump, c._resigned, c._stopping,
-            c._next_round)  # fmt: skip
+            c._rounds.candidacy, c._stand_at, c._attempt, c._bump, c._resigned, c._stopping,
+            c._rounds.next_id)  # fmt: skip
 
 
 def test_every_order_and_loss_of_a_hand_over_keeps_one_coordinator():

@@ -13,12 +13,12 @@ voter). Every node runs the same core, which plays two parts:
   its randomised back-off runs out, a node asks every voter for term
   t = highest seen + 1 (or again for the term it last asked, while nobody has
   been seen at or above it: that keeps a lonely minority from inflating
-  terms). Once a majority granted it is coordinator until
-  `sent + hold`, where `sent` is when *it sent* the asks and
-  `hold = lease - (lease * max_drift + min_margin)`. From a third of the way
-  through it renews with new ask rounds for the same term (the next term if a
-  round is refused, e.g. by restarted voters that no longer know it holds
-  the term); if no round succeeds it steps down at the end of its lease.
+  terms), in a round of asking (`hived.mesh.rounds`). Once a round is won it
+  is coordinator until `sent + hold`, where `sent` is when *it sent* the
+  asks and `hold = lease - (lease * max_drift + min_margin)`. From a third of
+  the way through it renews with new rounds for the same term (the next term
+  if a round is refused, e.g. by restarted voters that no longer know it
+  holds the term); if no round succeeds it steps down at the end of its lease.
 * **Announcements.** The coordinator broadcasts LEADER (term, name, address,
   remaining lease) after each successful round; every node, voter or not,
   believes it for `remaining` minus the drift margin on its own clock, which
@@ -54,10 +54,8 @@ Settling fast (none of this is needed for safety, only for liveness):
   a dead coordinator's grants instead of hammering the voters.
 * A candidate asked by a candidate earlier in the back-off order yields (drops
   its round and votes), so a duel ends in one round.
-* A failed candidacy sends RELEASE to the voters that granted it: the grant
-  protects nothing any more, and would otherwise block them for a lease.
-* A DENY from a free voter that promised our term to another node makes the
-  candidate ask again at once, one term higher (once per candidacy).
+* Rounds RELEASE what they got when given up, and re-ask above a term
+  promised elsewhere (`hived.mesh.rounds`).
 
 Clocks: `max_drift` bounds how far two nodes' clock rates differ, as a ratio
 (slower / faster >= 1 - max_drift). The candidate's lease ends at real time
@@ -90,6 +88,7 @@ from hived.mesh.election_messages import (
 )
 from hived.mesh.grants import GrantBook
 from hived.mesh.roles import CANDIDATE, COORDINATOR, FOLLOWER, TRANSITIONS, Role, RoleEvent
+from hived.mesh.rounds import Round, Rounds, Verdict
 from hived.mesh.sansio import Send, Story, transition
 from hived.mesh.standing import StandingOrder
 from hived.mesh.vouching import TERM_STEP, Vouching
@@ -101,18 +100,6 @@ __all__ = [
     "BecameCoordinator", "Broadcast", "Deny", "Election", "Grant", "Leader", "LostCoordinator",
     "Persist", "Release", "Resign", "Role", "RoleEvent",
 ]  # fmt: skip
-
-
-@dataclass(slots=True)
-class _Round:
-    term: int
-    sent: float
-    expires: float
-    renewal: bool
-    grants: set[str]
-    denies: set[str]
-    wait: float = 0.0
-    outbid: bool = False  # a re-ask at a higher term: at most one per candidacy
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +138,6 @@ class Election:
         self.address = address
         self._alone = not voters
         self._voters = sorted(set(voters)) or [address]
-        self._majority = len(self._voters) // 2 + 1
         self._order = StandingOrder(self._voters, address, lease, rng)
         self.lease = lease
         self.hold = hold
@@ -176,9 +162,7 @@ class Election:
         self._lease_end = -math.inf
         self._renew_at = math.inf
         self._bump = False  # the next renewal round asks for a new term
-        self._rounds: dict[int, _Round] = {}
-        self._candidacy: int | None = None  # round id of our candidacy
-        self._next_round = rng.getrandbits(48)
+        self._rounds = Rounds(name, address, self._voters, lease, rng, self.story)
         self._attempt = 0
         self._stand_at = now if self._alone else now + self._backoff()
         self._outbox: list[Action] = []
@@ -317,12 +301,11 @@ class Election:
             due = self._stand_at if standing else math.inf
         if self._role == COORDINATOR:
             due = min(due, self._lease_end)
-            if not any(r.renewal for r in self._rounds.values()):
+            if not self._rounds.renewing():
                 due = min(due, self._renew_at)
         elif self._belief is not None:
             due = min(due, self._belief.until)
-        for r in self._rounds.values():
-            due = min(due, r.expires)
+        due = min(due, self._rounds.next_expiry())
         return due if due < math.inf else None
 
     # -- what the shell feeds ----------------------------------------------
@@ -356,13 +339,12 @@ class Election:
         self._now = now
         if self._unsaved_until is not None and now >= self._unsaved_until:
             self._persisted = None  # try the write again (see _finish)
-        for rid, r in list(self._rounds.items()):
-            if now >= r.expires and rid in self._rounds:
-                self._round_failed(rid, r, now, out)
+        for rid, r in self._rounds.expire(now):
+            self._round_failed(rid, r, now, out)
         if self._role == COORDINATOR:
             if now >= self._lease_end:
                 self._step_down(now, "lease ran out unrenewed", out)
-            elif now >= self._renew_at and not any(r.renewal for r in self._rounds.values()):
+            elif now >= self._renew_at and not self._rounds.renewing():
                 term = self._next_term() if self._bump else self._lease_term
                 self._ask(term, now, True, out)
         if self._belief is not None and now >= self._belief.until:
@@ -387,7 +369,7 @@ class Election:
         problems = []
         if self._role == COORDINATOR and self._lease_term < 1:
             problems.append("coordinator without a term")
-        if self._role == CANDIDATE and self._candidacy not in self._rounds:
+        if self._role == CANDIDATE and self._rounds.own() is None:
             problems.append("candidate without a round")
         if self._role == FOLLOWER and self._rounds:
             problems.append("follower with rounds in flight")
@@ -409,7 +391,7 @@ class Election:
 
     def _vote(self, candidate: str, term: int, rid: int, now: float) -> tuple[bool, float]:
         """Grant or refuse `term` to `candidate`; the refusal says for how long."""
-        own = self._rounds.get(self._candidacy) if self._candidacy is not None else None
+        own = self._rounds.own()
         return self._book.vote(
             candidate, term, rid, now, unsaved_until=self._unsaved_until,
             resigned=self._resigned, own_round_ends=None if own is None else own.expires,
@@ -451,22 +433,10 @@ class Election:
     def _ask(
         self, term: int, now: float, renewal: bool, out: list[Action], outbid: bool = False
     ) -> None:
-        rid = self._next_round
-        self._next_round += 1
-        r = _Round(term, now, now + self.lease / 4, renewal, set(), set(), outbid=outbid)
-        self._rounds[rid] = r
-        if not renewal:
-            self._candidacy = rid
         self._asked = max(self._asked, term)
-        self.story.add(now, "renewing" if renewal else "standing", f"term {term} round {rid}")
-        ask = Ask(term, rid, self.name)
-        for voter in self._voters:
-            if voter == self.address:
-                granted, wait = self._vote(self.address, term, rid, now)
-                (r.grants if granted else r.denies).add(voter)
-                r.wait = max(r.wait, wait)
-            else:
-                out.append(Send(voter, ask))
+        rid, r = self._rounds.open(term, now, renewal, out, outbid)
+        if self.address in self._voters:
+            r.answer(self.address, *self._vote(self.address, term, rid, now))
         self._tally(rid, r, now, out)
 
     def _on_release(self, sender: str, m: Release, now: float, out: list[Action]) -> None:
@@ -488,12 +458,9 @@ class Election:
             self._stand_at = now + self._backoff(without=sender)
 
     def _on_grant(self, sender: str, m: Grant, now: float, out: list[Action]) -> None:
-        r = self._rounds.get(m.round)
-        if r is None or r.term != m.term or sender not in self._voters:
-            self.story.add(now, "stray grant", f"term {m.term} round {m.round} from {sender}")
-            return
-        r.grants.add(sender)
-        self._tally(m.round, r, now, out)
+        r = self._rounds.granted(sender, m, now)
+        if r is not None:
+            self._tally(m.round, r, now, out)
 
     def _on_deny(self, sender: str, m: Deny, now: float, out: list[Action]) -> None:
         if sender not in self._order.ranks:
@@ -501,29 +468,23 @@ class Election:
         self._vouching.report(sender, m.seen)
         if m.seen <= self.term_limit():
             self._high = max(self._high, m.seen)
-        r = self._rounds.get(m.round)
-        if r is None or r.term != m.term:
+        r = self._rounds.denied(sender, m)
+        if r is None:
             return
-        if sender in r.grants:
-            return  # a duplicate ask answered after a restart: the grant still counts
-        r.denies.add(sender)
-        r.wait = max(r.wait, min(m.wait, self.lease))
         self._tally(m.round, r, now, out)
-        if m.round == self._candidacy and m.round in self._rounds and not r.outbid:
-            if m.wait == 0 and m.seen >= r.term:
-                # the voter is free but promised our term to someone else:
-                # ask again at once, above it, instead of waiting the round out
-                self._release(r, m.round, now, out)
-                self._ask(self._next_term(), now, False, out, outbid=True)
+        if self._rounds.outbid(r, m):
+            self._rounds.release(m.round, r, out)
+            self._free_own_vote(now)
+            self._ask(self._next_term(), now, False, out, outbid=True)
 
-    def _tally(self, rid: int, r: _Round, now: float, out: list[Action]) -> None:
-        if len(r.grants) >= self._majority:
-            del self._rounds[rid]
+    def _tally(self, rid: int, r: Round, now: float, out: list[Action]) -> None:
+        verdict = self._rounds.decide(rid, r)
+        if verdict == Verdict.WON:
             self._won(r, now, out)
-        elif len(r.denies) > len(self._voters) - self._majority:
+        elif verdict == Verdict.LOST:
             self._round_failed(rid, r, now, out)
 
-    def _won(self, r: _Round, now: float, out: list[Action]) -> None:
+    def _won(self, r: Round, now: float, out: list[Action]) -> None:
         end = r.sent + self.hold
         if end <= now or r.term < self._term:
             self.story.add(now, "won too late", f"term {r.term} (floor {self._term})")
@@ -536,11 +497,9 @@ class Election:
         self._lease_end = max(self._lease_end, end)
         self._renew_at = r.sent + self.hold / 3
         self._bump = False
-        self._candidacy = None
+        self._rounds.won(r)
         self._attempt = 0
         self._belief = None
-        for rid in [rid for rid, o in self._rounds.items() if o.sent <= r.sent]:
-            del self._rounds[rid]  # older rounds can only end earlier
         if self._lease_term > self._term:
             self._raise_floor(self._lease_term, out)
         if new_term or not r.renewal:
@@ -549,36 +508,24 @@ class Election:
         leader = Leader(self._lease_term, self.name, self.address, self._lease_end - now)
         out.append(Broadcast(leader))
 
-    def _round_failed(self, rid: int, r: _Round, now: float, out: list[Action]) -> None:
-        del self._rounds[rid]
+    def _round_failed(self, rid: int, r: Round, now: float, out: list[Action]) -> None:
+        """Round `rid` (closed) was refused or timed out."""
         if r.renewal:
             if r.denies:
                 self._bump = True  # refused: the next renewal asks for a new term
             self._renew_at = max(self._renew_at, r.sent + self.lease / 8)
             return
-        if self._role == CANDIDATE and rid == self._candidacy:
+        if self._role == CANDIDATE and rid == self._rounds.candidacy:
             self._lost_candidacy(now, out, r)
 
-    def _lost_candidacy(self, now: float, out: list[Action], r: _Round | None = None) -> None:
-        """Back to follower: free the votes our candidacy's round `r` got (we
-        will never act on them, and late grants for it are ignored) and back
-        off. `r` is looked up unless it is given (it has left `_rounds`)."""
-        rid = self._candidacy
-        if rid is None:
-            raise InternalError(f"election of {self.name} is a candidate without a round")
-        if r is None:
-            r = self._rounds[rid]
+    def _lost_candidacy(self, now: float, out: list[Action], r: Round | None = None) -> None:
+        """Back to follower: free the votes our candidacy's round got (we will
+        never act on them, and late grants for it are ignored) and back off."""
+        r = self._rounds.give_up_candidacy(out, r)
         self._move(RoleEvent.LOST, now)
-        self._candidacy = None
-        self._release(r, rid, now, out)
+        self._free_own_vote(now)
         self._attempt += 1
         self._stand_at = now + r.wait + self._backoff()
-
-    def _release(self, r: _Round, rid: int, now: float, out: list[Action]) -> None:
-        self._rounds.pop(rid, None)
-        release = Release(r.term, rid)
-        out.extend(Send(v, release) for v in sorted(r.grants) if v != self.address)
-        self._free_own_vote(now)
 
     def _on_leader(self, sender: str, m: Leader, now: float, out: list[Action]) -> None:
         if m.address != sender:
