@@ -11,7 +11,8 @@
   `Cluster`, two clients mapping throughout, a checker), with its client
   process `hived.testing.campaign_client`.
 * `hived.testing.childenv`: the environment a subprocess needs to run this
-  hived; `hived.testing.waiting`: `wait_for`, polling with a deadline.
+  hived; `hived.testing.waiting`: `wait_for`, polling with a deadline;
+  `hived.testing.embedded`: a call run on an embedded hive's node loop.
 
 The network-namespace parts (netns, meshnet, campaign) need root and
 iproute2 (`ip`, `tc`) on Linux; `netns.netns_available()` says whether this
