@@ -24,12 +24,9 @@ import re
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from hived.testing import netns_plumbing as plumbing
-
-if TYPE_CHECKING:
-    from hived.testing.netns import TestNet
 
 PREFIX = "hvt"
 MARKER_DIR = "/run/hived-testnet"
@@ -112,9 +109,15 @@ def _kill_in_netns(ns_ids: set[tuple[int, int]]) -> list[int]:
 
 # --------------------------------------------------------------------------- ownership
 
+class Closable(Protocol):
+    """What this module needs of a TestNet: that it can be closed at exit."""
+
+    def close(self) -> None: ...
+
+
 _lock = threading.RLock()
 _made: set[str] = set()  # tokens made by this process (live or closed)
-_live: dict[str, TestNet] = {}
+_live: dict[str, Closable] = {}
 _swept = False
 
 
@@ -246,7 +249,7 @@ def _new_token() -> str:
     raise RuntimeError("no free TestNet token")
 
 
-def claim(net: TestNet) -> str:
+def claim(net: Closable) -> str:
     """A fresh token for ``net``, live until :func:`release`; sweeps once per process first."""
     with _lock:
         if not _swept:
