@@ -67,14 +67,11 @@ def cgroup_cpu_quota(proc_root: str = PROC_ROOT, cgroup_root: str = CGROUP_ROOT)
     """The tightest CFS quota over our cgroup and its ancestors, in CPUs; None = unlimited."""
     groups = _own_cgroups(proc_root)
     found: list[float] = []
-    unified = _unified_mount(Path(cgroup_root))
-    v2_path = groups.get("")  # a str: the v2 entry's path (v1's are tuples)
-    if unified is not None and isinstance(v2_path, str):
-        for d in _limit_dirs(unified, v2_path):
-            # cgroup v2 cpu.max: "$MAX $PERIOD", $MAX may be "max" (no limit).
-            fields = _read(d / "cpu.max").split()
-            if len(fields) == 2 and fields[0] != "max":
-                found.append(_ratio(fields[0], fields[1]))
+    for d in _v2_limit_dirs(Path(cgroup_root), groups):
+        # cgroup v2 cpu.max: "$MAX $PERIOD", $MAX may be "max" (no limit).
+        fields = _read(d / "cpu.max").split()
+        if len(fields) == 2 and fields[0] != "max":
+            found.append(_ratio(fields[0], fields[1]))
     for mount, path in _v1_mounts(Path(cgroup_root), groups, "cpu"):
         for d in _limit_dirs(mount, path):
             quota, period = _read(d / "cpu.cfs_quota_us"), _read(d / "cpu.cfs_period_us")
@@ -108,13 +105,10 @@ def cgroup_memory_limit(proc_root: str = PROC_ROOT, cgroup_root: str = CGROUP_RO
     """The tightest memory limit over our cgroup and its ancestors; None = unlimited."""
     groups = _own_cgroups(proc_root)
     found: list[int] = []
-    unified = _unified_mount(Path(cgroup_root))
-    v2_path = groups.get("")  # a str: the v2 entry's path (v1's are tuples)
-    if unified is not None and isinstance(v2_path, str):
-        for d in _limit_dirs(unified, v2_path):
-            text = _read(d / "memory.max")
-            if text.isdigit():  # "max" = no limit
-                found.append(int(text))
+    for d in _v2_limit_dirs(Path(cgroup_root), groups):
+        text = _read(d / "memory.max")
+        if text.isdigit():  # "max" = no limit
+            found.append(int(text))
     for mount, path in _v1_mounts(Path(cgroup_root), groups, "memory"):
         for d in _limit_dirs(mount, path):
             # v1 reports "no limit" as a huge page-rounded number; min() with
@@ -329,6 +323,15 @@ def _unified_mount(root: Path) -> Path | None:
         if (candidate / "cgroup.controllers").exists():
             return candidate
     return None
+
+
+def _v2_limit_dirs(root: Path, groups: Mapping[str, tuple[str, str] | str]) -> list[Path]:
+    """Our v2 cgroup's directory and its ancestors (leaf first); none without v2."""
+    unified = _unified_mount(root)
+    path = groups.get("")  # a str: the v2 entry's path (v1's are tuples)
+    if unified is None or not isinstance(path, str):
+        return []
+    return _limit_dirs(unified, path)
 
 
 def _v1_mounts(
