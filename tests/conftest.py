@@ -10,6 +10,7 @@ added to the failure report, before the fixtures kill the daemons.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -141,6 +142,14 @@ def make_daemon() -> Iterator:
 @pytest.fixture
 def daemon(make_daemon) -> Daemon:
     return make_daemon()
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop of the test's own, for the node's parts driven without a thread."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 import hived.node.steering
 from hived.errors import INVALID, STOPPED, UNAVAILABLE
@@ -48,13 +45,6 @@ class FakeMembers:
             return False
         self.sent.append((address, msg))
         return True
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
 
 
 class Here:

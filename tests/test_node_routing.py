@@ -10,7 +10,6 @@ test says so. A node alone: no mesh.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -90,13 +89,6 @@ class Client:
 
     def of_type(self, kind: type[Message]) -> list[Any]:
         return [m for m in self.got if isinstance(m, kind)]
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
 
 
 @pytest.fixture
