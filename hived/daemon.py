@@ -28,8 +28,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import errno
 import faulthandler
 import logging
+import os
 import signal
 import socket
 import sys
@@ -187,7 +189,10 @@ class Daemon:
                     f"{origin}: metrics.bind: cannot serve at {self.metrics.bind}: "
                     f"{exc.strerror or exc}"
                 ) from None
-        self.node.start()
+        try:
+            self.node.start()
+        except zmq.ZMQError as exc:
+            raise self._unbindable(exc) from None
         # A drain that hivectl starts or ends shows in `systemctl status` at once.
         self.node.on_state_change = self._announce_status
         self.node.on_reload = self.reload_now
@@ -323,6 +328,16 @@ class Daemon:
             if line != sent:
                 self.notifier.notify(f"STATUS={line}")
                 sent = line
+
+    def _unbindable(self, exc: zmq.ZMQError) -> ConfigError | zmq.ZMQError:
+        """A socket of the node that cannot be bound, as the key that named it."""
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            return exc
+        node = self.config.node
+        mesh = node.bind is not None and node.bind in str(exc)  # pyzmq names the address
+        key, address = ("node.bind", node.bind) if mesh else ("node.control", node.control)
+        origin = self.config.origins.get(key, "default")
+        return ConfigError(f"{origin}: {key}: cannot bind {address}: {os.strerror(exc.errno)}")
 
     def _pool(self) -> Pool:
         """The node's pool, which exists from `node.start()` on: everything

@@ -916,3 +916,17 @@ def test_a_reload_before_ready_changes_nothing_and_tells_systemd_nothing(tmp_pat
     finally:
         daemon.node.ctx.term()
         notify.close()
+
+
+def test_a_mesh_port_in_use_stops_the_daemon_naming_the_key_before_it_answers(make_daemon) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        daemon = make_daemon("--bind", f"tcp://127.0.0.1:{port}", start=False)
+        daemon.start(wait=False)
+        assert daemon.proc.wait(30) == 2
+    lines = [line for line in daemon.log.splitlines() if line.startswith("hived:")]
+    assert lines == [f"hived: flag --bind: node.bind: cannot bind tcp://127.0.0.1:{port}: Address already in use"]
+    # The mesh binds before the control socket: no client ever reached a node without its mesh.
+    assert not os.path.exists(daemon.address[len("ipc://"):])

@@ -187,9 +187,8 @@ class Node:
         )
         self.pool.start()
         self.control = ControlServer(self.loop, self._on_client_message)
-        if s.control is not None:
-            tcp = s.control.startswith("tcp://")
-            self.control.bind(self.ctx, s.control, s.key.server if tcp and s.key else None)
+        # The mesh binds first: a node whose mesh address cannot be bound
+        # never answers a client on its control socket.
         if s.bind is not None:
             # The embedded node never needs the mesh: start faster.
             from hived.mesh.shell import Mesh
@@ -203,6 +202,9 @@ class Node:
             )
             self.mesh.start()
             self.pool.on_idle = self.exchange.idle
+        if s.control is not None:
+            tcp = s.control.startswith("tcp://")
+            self.control.bind(self.ctx, s.control, s.key.server if tcp and s.key else None)
         self.exchange.attach(self.pool, self.mesh)
         self.steering = Steering(self.name, self.mesh, self.background, self._steer, self._answer)
         self.background.spawn(self._housekeeping(), name=f"housekeeping of {self.name}")
