@@ -35,7 +35,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
@@ -45,6 +44,7 @@ import zmq
 import hived
 from hived.errors import InternalError
 from hived.net.reactor import Channel
+from hived.node import pooldir
 from hived.node.lifecycle import (
     IDLE,
     RETIRING,
@@ -173,7 +173,7 @@ class Launcher:
 
     def __init__(self, node_name: str, gpus: list[str], authkey: bytes | None) -> None:
         self.node_name, self.gpus, self.authkey = node_name, list(gpus), authkey
-        self.dir = tempfile.mkdtemp(prefix="hived-pool-")
+        self.dir = pooldir.make()  # and removes dead nodes' leftovers
         self.address = f"ipc://{self.dir}/workers.sock"
         self._numbers = iter(range(1, 1 << 62))
         self.early: list[Launched] = []  # started by prelaunch, for the pool to adopt
@@ -192,9 +192,7 @@ class Launcher:
                 pipe.close()
             os.close(launched.records)
         self.early.clear()
-        for name in os.listdir(self.dir):
-            os.unlink(os.path.join(self.dir, name))
-        os.rmdir(self.dir)
+        pooldir.remove(self.dir)
 
     def launch(self, device: str | None) -> Launched:
         number = next(self._numbers)
@@ -398,9 +396,7 @@ class Pool:
                 self._kill(worker, "the pool is stopping", routine=True)
             await asyncio.wait_for(self._all_exited.wait(), EXIT_WAIT)
         self.channel.close()
-        for name in os.listdir(self.dir):
-            os.unlink(os.path.join(self.dir, name))
-        os.rmdir(self.dir)
+        pooldir.remove(self.dir)
 
     def validate(self) -> None:
         """Check the pool's invariants (hived.node.lifecycle.pool_problems);
