@@ -44,7 +44,7 @@ from hived.caller.mapping import (
 from hived.errors import InternalError
 from hived.protocol.control import AddChunk
 from hived.protocol.wire import decode
-from hived.testing.embedded import pool_valid
+from hived.testing.embedded import on_node_loop, pool_valid
 from hived.testing.waiting import wait_for
 
 # -- task functions ---------------------------------------------------------------------
@@ -591,3 +591,25 @@ def test_embedded_workers_start_before_the_node_and_go_if_it_fails(monkeypatch):
     assert not launcher.early
     assert not os.path.exists(launcher.dir)  # its sockets and black boxes gone with it
     assert worker_pids() == before  # the two early workers were killed and reaped
+
+
+def test_a_hive_made_on_a_thread_that_ends_keeps_its_workers() -> None:
+    # A worker dies with the thread that started it (PR_SET_PDEATHSIG follows
+    # the thread that forked): the embedded node's own thread starts them.
+    made: list[tuple[hived.Hive, set[int]]] = []
+
+    def make() -> None:
+        hive = hived.Hive(cpus=2)
+        wait_workers_ready(hive)  # each has set its parent-death signal by now
+        made.append((hive, {w.proc.pid for w in list(hive.link.node.pool.workers.values())}))
+
+    maker = threading.Thread(target=make)
+    maker.start()
+    maker.join()
+    ((hive, started),) = made
+    try:
+        assert sum(hive.map(abs, range(-1000, 0), chunksize=10)) == 500500
+        alive = {p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"}
+        assert alive == started and on_node_loop(hive, lambda: hive.link.node.pool.worker_crashes) == 0
+    finally:
+        hive.shutdown()

@@ -142,10 +142,8 @@ def greet_embedded(
     Raises why it will not serve us, if it will not."""
     cpus, gpus = cpus or _embedded_cpus(), detect_gpus()
     authkey = bytes(multiprocessing.current_process().authkey)
-    # The workers boot while the node is imported and built.
     launcher = Launcher(socket.gethostname(), gpus, authkey)
-    launcher.prelaunch(cpus)
-    from hived.node.node import NodeSettings
+    from hived.node.settings import NodeSettings
 
     settings = NodeSettings(cpus=cpus, gpus=gpus, authkey=authkey, launcher=launcher)
     greeting = Greeting(EMBEDDED, threading.Event())

@@ -184,6 +184,12 @@ class EmbeddedLink:
 
     async def _serve(self, settings: NodeSettings) -> None:
         try:
+            if settings.launcher is not None:
+                # The workers boot while the node is imported and built. They
+                # start from this thread, which lives as long as the node: the
+                # kernel's parent-death signal follows the thread that forked,
+                # so workers started by a caller's short-lived thread died with it.
+                settings.launcher.prelaunch(settings.cpus)
             from hived.node.node import Node
 
             self.node = Node(settings, zmq.Context())
