@@ -106,7 +106,9 @@ class HivedEngine(Engine):
             env = dict(os.environ, PYTHONPATH=REPO)
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "hived.daemon", "--control", address,
-                 "--cpus", str(WORKERS), "--gpus", "0", "--log-level", "warning"],
+                 "--cpus", str(WORKERS), "--gpus", "0", "--log-level", "warning",
+                 # any free port: another daemon (or bench) may hold the default
+                 "--bind", "tcp://127.0.0.1:0"],
                 env=env, start_new_session=True,
             )
             deadline = time.monotonic() + 30
