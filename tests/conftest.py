@@ -20,12 +20,14 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import psutil
 import pytest
+import subruns as subrun
 from hypothesis import settings
-from pythons import interpreter
+from pythons import DECLARED, interpreter
 
 import hived
 from hived.daemon import STACKS_WRITTEN
@@ -153,17 +155,40 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 
 @pytest.fixture(scope="session")
-def python_of(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], str]:
+def python_of(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], str]]:
     """An interpreter of a declared Python version for this session's tests
-    (tests/pythons.py), its venv made once."""
-    venvs, found = str(tmp_path_factory.mktemp("venvs")), {}
+    (tests/pythons.py): the first call finds or makes every declared
+    version's at once (making a venv mostly waits on pip's I/O)."""
+    venvs = str(tmp_path_factory.mktemp("venvs"))
+    with ThreadPoolExecutor(len(DECLARED), thread_name_prefix="venv") as pool:
+        found: dict[str, Future[str]] = {}
 
-    def of(version: str) -> str:
-        if version not in found:
-            found[version] = interpreter(version, venvs)
-        return found[version]
+        def of(version: str) -> str:
+            if not found:
+                found.update({v: pool.submit(interpreter, v, venvs) for v in DECLARED})
+            return found[version].result()  # its skip or failure is the caller's
 
-    return of
+        yield of
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests of runs under other interpreters (tests/subruns.py) last,
+    together: their runs start at once and load the machine meanwhile."""
+    items.sort(key=lambda item: "subruns" in getattr(item, "fixturenames", ()))
+
+
+@pytest.fixture(scope="session")
+def subruns(request: pytest.FixtureRequest, python_of: Callable[[str], str],
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[subrun.Runs]:  # fmt: skip
+    """The session's selected runs under other interpreters, started together."""
+    selected = {
+        (item.originalname, item.callspec.params["version"])
+        for item in request.session.items
+        if isinstance(item, pytest.Function) and "subruns" in item.fixturenames and hasattr(item, "callspec")
+    }
+    runs = subrun.Runs(selected, python_of, str(tmp_path_factory.mktemp("subruns")))
+    yield runs
+    runs.close()
 
 
 @pytest.fixture(autouse=True)
@@ -174,7 +199,11 @@ def no_leaked_children() -> Iterator[None]:
     yield
 
     def leaked() -> list[psutil.Process]:
-        return [p for p in me.children(recursive=True) if p.pid not in before and _alive(p)]
+        theirs = set(subrun.running())  # each run's processes are its own test's
+        for pid in list(theirs):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                theirs.update(c.pid for c in psutil.Process(pid).children(recursive=True))
+        return [p for p in me.children(recursive=True) if p.pid not in before | theirs and _alive(p)]
 
     try:
         wait_for(lambda: not leaked(), 10, what="child processes to exit")

@@ -2,17 +2,21 @@
 
 An interpreter of a version is taken from HIVED_PYTHONS (paths,
 space-separated), else found on PATH or under pyenv; where the one found
-lacks what the tests import, a venv of it is made with this checkout and
-those packages installed (what a fresh machine needs: the README's test
-command stays the whole install). Where no interpreter of the version
+lacks what the tests import, a venv of it is made with this checkout's
+dependencies (setup.cfg's install_requires) and those packages installed
+(what a fresh machine needs: the README's test command stays the whole
+install). The tests run hived from the checkout (PYTHONPATH), so it is not
+built into the venv. Where no interpreter of the version
 exists the test fails under CI (CI set) and is skipped with the reason
 elsewhere, never passed.
 """
 
 from __future__ import annotations
 
+import configparser
 import glob
 import os
+import shlex
 import subprocess
 import sys
 
@@ -25,6 +29,14 @@ DECLARED = ("3.10", "3.11", "3.12", "3.13")
 NEEDS = "zmq, cloudpickle, msgpack, psutil, pytest, pytest_timeout, hypothesis, numpy"
 PACKAGES = ("pytest", "pytest-timeout", "hypothesis", "numpy")
 VENV_TIMEOUT = 240  # seconds to make a venv and install into it
+
+
+def requirements() -> list[str]:
+    """hived's dependencies as setup.cfg's install_requires names them."""
+    config = configparser.ConfigParser()
+    config.read(os.path.join(ROOT, "setup.cfg"))
+    lines = (line.split("#")[0].strip() for line in config["options"]["install_requires"].splitlines())
+    return [line for line in lines if line]
 
 
 def version_of(python: str) -> str | None:
@@ -58,10 +70,7 @@ def interpreter(version: str, venvs: str) -> str:
         problems.append(f"{python} lacks a dependency ({deps.stderr.strip().splitlines()[-1]})")
     if bare is not None:
         venv = os.path.join(venvs, f"python{version}")
-        made = subprocess.run(
-            f"{bare} -m venv {venv} && {venv}/bin/python -m pip install -q {ROOT} {' '.join(PACKAGES)}",
-            shell=True, capture_output=True, text=True, timeout=VENV_TIMEOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        made = _make_venv(bare, venv)
         if made.returncode == 0:
             return f"{venv}/bin/python"
         problems.append(f"a venv of {bare} failed: {made.stderr.strip()[-500:]}")
@@ -73,3 +82,13 @@ def interpreter(version: str, venvs: str) -> str:
     if os.environ.get("CI"):
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+def _make_venv(python: str, venv: str) -> subprocess.CompletedProcess:
+    command = (
+        f"{shlex.quote(python)} -m venv {shlex.quote(venv)} && {shlex.quote(venv)}/bin/python -m pip install -q "
+        + " ".join(shlex.quote(r) for r in (*requirements(), *PACKAGES))
+    )
+    return subprocess.run(
+        command, shell=True, capture_output=True, text=True, timeout=VENV_TIMEOUT, stdin=subprocess.DEVNULL
+    )

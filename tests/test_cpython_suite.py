@@ -5,10 +5,11 @@ the interpreter that ships it (the 3.13 package, the 3.10 single file), in
 a process of its own: the tests reap children and count threads, and they
 start interpreters of their own. The interpreters come from
 tests/pythons.py (a venv of pyenv's where the one found lacks hived's
-dependencies).
+dependencies). The runs start together with tests/test_pythons.py's
+(tests/subruns.py), last in the session; each test collects its own.
 
-The suite takes about a minute per version (52 s on 3.13, 74 s on 3.10 on
-a 2-core machine), most of it in tests that wait
+The suite takes about a minute per version alone (52 s on 3.13, 74 s on
+3.10 on a 2-core machine), most of it in tests that wait
 by design (a 6 s task against a 5 s map timeout, interpreters started to
 test exit, crashed workers retried).
 """
@@ -17,9 +18,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import pytest
+import subruns
 from pythons import VENV_TIMEOUT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -28,21 +29,26 @@ SUITE_TIMEOUT = 280  # seconds; the suite itself takes about 60
 
 # version: (the suite's form, how many of its tests are generic, left out)
 SUITES = {"3.13": ("package", 61, 15), "3.10": ("file", 55, 11)}
+REPORT = "report.json"
+
+subruns.declare(
+    "test_cpython_executor_suite_passes_against_hive", SUITES,
+    lambda out_dir: [os.path.join(HERE, "cpython_suite.py"), os.path.join(out_dir, REPORT)],
+    SUITE_TIMEOUT,
+)  # fmt: skip
 
 
 @pytest.mark.timeout(SUITE_TIMEOUT + VENV_TIMEOUT)
 @pytest.mark.parametrize("version", sorted(SUITES))
-def test_cpython_executor_suite_passes_against_hive(version, tmp_path, python_of):
+def test_cpython_executor_suite_passes_against_hive(version, subruns):
     form, generic, left_out = SUITES[version]
-    python = python_of(version)
-    out = tmp_path / "report.json"
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    run = subprocess.run(
-        [python, os.path.join(HERE, "cpython_suite.py"), str(out)],
-        capture_output=True, text=True, env=env, timeout=SUITE_TIMEOUT,
+    run = subruns.result("test_cpython_executor_suite_passes_against_hive", version)
+    out = os.path.join(run.out_dir, REPORT)
+    assert run.returncode == 0 and os.path.exists(out), (
+        f"exit {run.returncode} (None: killed at {SUITE_TIMEOUT} s)\n" + run.output[-10000:]
     )
-    assert run.returncode == 0 and out.exists(), run.stderr[-8000:]
-    report = json.loads(out.read_text())
+    with open(out) as f:
+        report = json.load(f)
     print(
         f"CPython {report['python']} ({report['form']}): {report['collected']} generic tests, "
         f"{report['ran']} ran, {len(report['passed'])} passed, {len(report['left_out'])} left out, "
