@@ -31,6 +31,7 @@ from test_cli import hivectl
 from test_daemon import NotifySocket
 
 import hived
+from hived.mesh.gossip import Beat
 from hived.mesh.matchmaking import HeldAsk, HeldTell, Nothing, Pull, RangeFailed, RangeMsg
 from hived.net.security import load_key
 from hived.protocol.control import DrainRequest, JobsQuery, ask
@@ -752,6 +753,10 @@ def node_and_peer(testnet):
         peer = MeshPeer(c.net[1], PORT, load_key(c.key_path), "by-hand", node.address,
                         beat=TIMING["heartbeat"] / 2)
         eventually(c, lambda: c.states(node).get("by-hand") == "alive", 10, "the peer joined")
+        # and the node's own link to the peer is up: its DEALER queues only
+        # for a connected peer (ZMQ_IMMEDIATE), so an answer sent while its
+        # handshake is under way is dropped, for the protocol's HELD? to mend
+        peer.expect(Beat, 10)
         yield c, node, peer
     finally:
         print(c.logs())
