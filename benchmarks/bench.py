@@ -406,6 +406,19 @@ def _echo(address: str) -> None:
             sock.send(frames[0].bytes)
 
 
+def zero_copy_bandwidth(router: zmq.Socket, peer: bytes, count: int, size: int) -> float:
+    """MB/s of `count` frames of `size` bytes sent without a copy to `peer`
+    (an `_echo`), each answered before the next; one more first, to warm up."""
+    data = np.ones(size // 8)
+    router.send_multipart([peer, data], copy=False)  # the sockets' buffers, the pages
+    router.recv_multipart()
+    t = time.perf_counter()
+    for _ in range(count):
+        router.send_multipart([peer, data], copy=False)
+        router.recv_multipart()
+    return count * size / 1e6 / (time.perf_counter() - t)
+
+
 def floors(sizes: Sizes) -> dict[str, dict[str, float]]:
     """This round's raw pyzmq round trips (ipc, tcp) and zero-copy ipc bandwidth,
     measured as W2 and W4 measure the engines."""
@@ -427,14 +440,7 @@ def floors(sizes: Sizes) -> dict[str, dict[str, float]]:
             times.append(time.perf_counter() - t)
         out["W2"][f"{transport}_us"] = statistics.median(times[20:]) * 1e6
         if transport == "ipc":
-            data = np.ones(sizes.w4_bytes // 8)
-            router.send_multipart([peer, data], copy=False)
-            router.recv_multipart()
-            t = time.perf_counter()
-            for _ in range(sizes.w4_tasks):
-                router.send_multipart([peer, data], copy=False)
-                router.recv_multipart()
-            out["W4"]["MB_s"] = sizes.w4_tasks * sizes.w4_bytes / 1e6 / (time.perf_counter() - t)
+            out["W4"]["MB_s"] = zero_copy_bandwidth(router, peer, sizes.w4_tasks, sizes.w4_bytes)
         router.send_multipart([peer, b"q"])
         proc.join()
         router.close(linger=0)

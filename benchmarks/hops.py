@@ -22,25 +22,12 @@ import os
 import shutil
 import statistics
 import tempfile
-import time
 
-import numpy as np
 import zmq
+from bench import _echo, zero_copy_bandwidth
 
 TASKS, SIZE = 16, 32 << 20
-QUIT = b"q"
-
-
-def _sink(address: str) -> None:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.connect(address)
-    sock.send(b"hi")
-    while True:
-        frames = sock.recv_multipart(copy=False)
-        if frames[0].bytes == QUIT:
-            return
-        sock.send(b"k")  # acknowledge, never copy the data
+QUIT = b"q"  # what bench.py's _echo ends on
 
 
 def _relay(front: str, back: str) -> None:
@@ -60,7 +47,7 @@ def _relay(front: str, back: str) -> None:
             if sock is up:
                 frames = up.recv_multipart(copy=False)
                 down.send_multipart([peer, *frames], copy=False)
-                if frames[0].bytes == QUIT:
+                if len(frames[0]) == len(QUIT) and frames[0].bytes == QUIT:  # never copy the data
                     return
             else:
                 up.send_multipart(down.recv_multipart(copy=False)[1:], copy=False)
@@ -71,9 +58,9 @@ def bandwidth(hops: int) -> float:
     tmp = tempfile.mkdtemp(prefix="hived-hops-")
     first, second = f"ipc://{tmp}/a.sock", f"ipc://{tmp}/b.sock"
     spawn = mp.get_context("spawn")
-    procs = [spawn.Process(target=_sink, args=(first,))] if hops == 1 else [
+    procs = [spawn.Process(target=_echo, args=(first,))] if hops == 1 else [
         spawn.Process(target=_relay, args=(first, second)),
-        spawn.Process(target=_sink, args=(second,)),
+        spawn.Process(target=_echo, args=(second,)),
     ]
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
@@ -81,21 +68,14 @@ def bandwidth(hops: int) -> float:
     for proc in procs:
         proc.start()
     peer, _ = router.recv_multipart()
-    data = np.ones(SIZE // 8)
-    router.send_multipart([peer, data], copy=False)  # warm up: the sockets' buffers, the pages
-    router.recv_multipart()
-    t = time.perf_counter()
-    for _ in range(TASKS):
-        router.send_multipart([peer, data], copy=False)
-        router.recv_multipart()
-    elapsed = time.perf_counter() - t
+    mb_s = zero_copy_bandwidth(router, peer, TASKS, SIZE)
     router.send_multipart([peer, QUIT])
     for proc in procs:
         proc.join()
     router.close(linger=0)
     ctx.term()
     shutil.rmtree(tmp, ignore_errors=True)
-    return TASKS * SIZE / 1e6 / elapsed
+    return mb_s
 
 
 def _median(values: list[float]) -> str:
