@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import gc
 import itertools
 import logging
 import os
@@ -25,6 +26,7 @@ import termios
 import threading
 import time
 import tracemalloc
+import weakref
 from collections.abc import Iterator
 
 import psutil
@@ -591,6 +593,24 @@ def test_embedded_workers_start_before_the_node_and_go_if_it_fails(monkeypatch):
     assert not launcher.early
     assert not os.path.exists(launcher.dir)  # its sockets and black boxes gone with it
     assert worker_pids() == before  # the two early workers were killed and reaped
+
+
+def test_a_shut_down_hive_is_freed_with_its_thread_without_a_collection() -> None:
+    # As a ProcessPoolExecutor is: no reference cycle keeps a closed Hive and
+    # its node's thread until the collector runs (CPython's own executor tests
+    # count the threads left after each test).
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        hive = hived.Hive(cpus=1)
+        assert hive.submit(pow, 2, 8).result() == 256 and sum(hive.map(abs, range(-100, 0))) == 5050
+        hive_ref, thread_ref = weakref.ref(hive), weakref.ref(hive.link.thread)
+        hive.shutdown()
+        del hive
+        assert hive_ref() is None and thread_ref() is None
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def test_a_hive_made_on_a_thread_that_ends_keeps_its_workers() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import itertools
 import logging
 import os
@@ -134,7 +135,9 @@ class Hive(concurrent.futures.Executor):
         self._mover: threading.Thread | None = None
         self._stop_moving = threading.Event()  # set once the link closes
         self._silent_since: float | None = None  # when the last node that served us last answered
-        self.book = AddressBook([], self._dialable)
+        # Not a bound method: a shut-down Hive the caller drops is freed at
+        # once, with its node's thread, rather than at the next collection.
+        self.book = AddressBook([], functools.partial(_dialable, key_file))
         self.address = ""
         self.node_name = ""
         self.slots = 1
@@ -178,14 +181,6 @@ class Hive(concurrent.futures.Executor):
     def _greet(self, addresses: list[str], timeout: float) -> tuple[Greeting | None, Tried]:
         return greet_any(addresses, timeout, key_file=self.key_file, hello=self._hello(),
                          on_frames=self._on_frames, on_lost=self._on_lost)
-
-    def _dialable(self, address: str) -> bool:
-        """Whether we can dial `address` (a tcp one off this machine needs the key)."""
-        try:
-            client_curve(address, self.key_file)
-        except HiveError:
-            return False
-        return True
 
     def _adopt(self, greeting: Greeting) -> bool:
         """Talk to the node that welcomed `greeting` from now on; False if this
@@ -538,6 +533,15 @@ class Hive(concurrent.futures.Executor):
 
 
 _SHUT_DOWN = "the hive was shut down while this map was running; no more results will come"
+
+
+def _dialable(key_file: str | None, address: str) -> bool:
+    """Whether we can dial `address` (a tcp one off this machine needs the key)."""
+    try:
+        client_curve(address, key_file)
+    except HiveError:
+        return False
+    return True
 
 
 def _check_count(name: str, value: Any, least: int) -> None:
