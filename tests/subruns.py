@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -53,12 +54,48 @@ class Spec:
     timeout: float
 
 
+_DUMP = "Fatal Python error"
+_THREAD = re.compile(r"^(?:Current thread|Thread) (0x[0-9a-f]+)")
+_FRAME = re.compile(r'^\s+File "(.+)", line (\d+) in (\S+)')
+
+
 @dataclass
 class Result:
     returncode: int | None  # None: killed at its timeout
     output: str
     seconds: float
     out_dir: str
+
+    def report(self, timeout: float) -> str:
+        """What a failed run's assertion shows. A run killed at its timeout:
+        its last words, then each thread's stack on one line, last, where a
+        CI log folded in the middle still shows them."""
+        if self.returncode is not None or _DUMP not in self.output:
+            return f"exit {self.returncode}\n" + self.output[-10000:]
+        before, _, dump = self.output.rpartition(_DUMP)
+        return (f"killed at {timeout:g} s; its output ended:\n{before[-3000:]}\n"
+                f"its threads, innermost frame first, then this checkout's:\n{stacks_in_brief(dump)}")
+
+
+def stacks_in_brief(dump: str) -> str:
+    """A faulthandler dump, a line per thread: its innermost frame, then the
+    frames of this checkout's files (hived's, the tests')."""
+    lines: list[str] = []
+    frames: list[str] = []
+    for text in dump.splitlines() + [""]:
+        thread, frame = _THREAD.match(text), _FRAME.match(text)
+        if frame is not None:
+            path, line, name = frame.groups()
+            if not frames or path.startswith(ROOT + os.sep):
+                frames.append(f"{os.path.relpath(path, ROOT) if path.startswith(ROOT) else os.path.basename(path)}"
+                              f":{line} {name}")
+            continue
+        if frames:
+            lines[-1] += " " + " < ".join(frames)
+            frames = []
+        if thread is not None:
+            lines.append(f"{thread.group(1)}:")
+    return "\n".join(lines)
 
 
 _SPECS: dict[tuple[str, str], Spec] = {}

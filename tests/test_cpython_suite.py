@@ -44,9 +44,7 @@ def test_cpython_executor_suite_passes_against_hive(version, subruns):
     form, generic, left_out = SUITES[version]
     run = subruns.result("test_cpython_executor_suite_passes_against_hive", version)
     out = os.path.join(run.out_dir, REPORT)
-    assert run.returncode == 0 and os.path.exists(out), (
-        f"exit {run.returncode} (None: killed at {SUITE_TIMEOUT} s)\n" + run.output[-10000:]
-    )
+    assert run.returncode == 0 and os.path.exists(out), run.report(SUITE_TIMEOUT)
     with open(out) as f:
         report = json.load(f)
     print(
