@@ -16,6 +16,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import re
 import shutil
 import site
 import subprocess
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import textwrap
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -47,27 +49,48 @@ def as_user(uid: int, argv: list[str], env: dict[str, str], **kw) -> subprocess.
     )
 
 
+def copy_dependencies(distribution: str, into: str) -> None:
+    """Copy the installed files of what `distribution` needs to run (its
+    requirements but the extras', and theirs) into one directory."""
+    todo, seen = [distribution], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:  # a requirement for other platforms or Pythons
+            continue
+        if name != distribution:
+            for file in dist.files or ():
+                if not str(file).startswith(".."):  # scripts, outside site-packages
+                    target = os.path.join(into, str(file))
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    shutil.copy2(dist.locate_file(file), target, follow_symlinks=False)
+        todo += [re.split(r"[\s;<>=!~\[(]", r, maxsplit=1)[0]
+                 for r in dist.requires or () if "extra ==" not in r]
+
+
 @pytest.fixture(scope="module")
 def python() -> Iterator[tuple[str, dict[str, str]]]:
     """A Python and an environment in which another user imports this hived.
 
     Where the checkout or its venv lies in a directory other users cannot
     enter (a clone under a 0700 temp dir, say), a copy of hived, the tests
-    and the site-packages goes to a directory they can read."""
+    and its dependencies go to a directory they can read."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         unavailable("needs root and setpriv to act as another user")
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     candidates = [sys.executable, shutil.which(version, path="/usr/local/bin:/usr/bin")]
     with tempfile.TemporaryDirectory(prefix="hived-privilege-py-") as copy:
         os.chmod(copy, 0o755)
-        trees = [(os.path.join(REPO, "hived"), os.path.join(copy, "repo", "hived")),
-                 (TESTS, os.path.join(copy, "tests"))]
-        trees += [(sp, os.path.join(copy, f"site{i}")) for i, sp in enumerate(site.getsitepackages())]
-        for paths in ([REPO, TESTS, *site.getsitepackages()],
-                      [os.path.join(copy, "repo"), *(dst for _, dst in trees[1:])]):
-            if paths[0].startswith(copy):
-                for src, dst in trees:
-                    shutil.copytree(src, dst, symlinks=True)
+        repo, tests, packages = (os.path.join(copy, name) for name in ("repo", "tests", "site"))
+        for paths in ([REPO, TESTS, *site.getsitepackages()], [repo, tests, packages]):
+            if paths[0] == repo:
+                shutil.copytree(os.path.join(REPO, "hived"), os.path.join(repo, "hived"), symlinks=True)
+                shutil.copytree(TESTS, tests, symlinks=True)
+                copy_dependencies("hived-mesh", packages)
             env = child_env()
             env["PYTHONPATH"] = os.pathsep.join(paths)
             for var in ("XDG_RUNTIME_DIR", "HIVED_ADDRESS", "HIVED_KEY_FILE"):
