@@ -121,7 +121,10 @@ class Runs:
     def result(self, test: str, version: str) -> Result:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(AT_ONCE, thread_name_prefix="subrun")
-            self._futures = {key: self._pool.submit(self._run, key, spec) for key, spec in self._selected.items()}
+            # The longest first (a run's timeout is in proportion to its
+            # length): a short run left for last would keep one slot idle.
+            order = sorted(self._selected.items(), key=lambda item: (-item[1].timeout, item[0]))
+            self._futures = {key: self._pool.submit(self._run, key, spec) for key, spec in order}
         return self._futures[(test, version)].result()
 
     def close(self) -> None:
