@@ -39,7 +39,7 @@ import math
 import operator
 import queue
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -421,7 +421,12 @@ class MapStream:
 
     # -- the caller's iterator -------------------------------------------------
 
-    def results(self) -> Iterator[Any]:
+    def results(self) -> MapResults:
+        """The caller's iterator over the results."""
+        return MapResults(self._chunks())
+
+    def _chunks(self) -> Generator[Iterable[Any], None, None]:
+        """Each ready chunk's values, as an iterable for MapResults to chain."""
         try:
             while True:
                 ready = self._ready_chunk()
@@ -443,11 +448,10 @@ class MapStream:
                 # alone holds what it was given (as Executor.map promises).
                 values.reverse()
                 if not failed:
+                    yield map(values.pop, itertools.repeat(-1, len(values)))
+                else:  # raised here, the error ends the iteration as a generator's does
                     while values:
-                        yield values.pop()
-                else:
-                    while values:
-                        yield _raise_failed(values.pop())
+                        yield (_raise_failed(values.pop()),)
         finally:
             if self.progress:
                 self.progress.close()
@@ -468,6 +472,33 @@ class MapStream:
                 del self.chunks[number]
                 return chunk
         return None
+
+
+class MapResults:
+    """The iterator `map` returns.
+
+    A generator would cost a frame resumption per item, most of a trivial
+    task's time in the caller; here the stream's generator runs once per
+    chunk and the items come out of C iterators: `for` and `list()` iterate
+    the chain that `__iter__` hands them. `next()` and `close()` work as on
+    a generator.
+    """
+
+    __slots__ = ("_chunks", "_values")
+
+    def __init__(self, chunks: Generator[Iterable[Any], None, None]) -> None:
+        self._chunks = chunks
+        self._values = itertools.chain.from_iterable(chunks)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._values
+
+    def __next__(self) -> Any:
+        return next(self._values)
+
+    def close(self) -> None:
+        """Stop the map: what is still running is cancelled."""
+        self._chunks.close()
 
 
 class _Failed:
