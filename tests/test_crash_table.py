@@ -16,8 +16,8 @@ asserts at teardown that no child process outlived the hive.
 
 Stages covered, in loky's terms: pickling the function and the arguments
 (caller), unpickling them (worker), running, pickling the result (worker),
-unpickling it (caller), and the worker dying mid-task (SIGKILL, SIGSEGV,
-os._exit).
+unpickling it (caller), the worker dying mid-task (SIGKILL, SIGSEGV,
+os._exit), and a task breaking its worker's link to the pool.
 """
 
 from __future__ import annotations
@@ -110,6 +110,15 @@ def segfault_on_bad(x):
 def exit3_on_bad(x):
     if x == BAD:
         os._exit(3)
+    return x * 10
+
+
+def scribble_on_link_on_bad(x):
+    """Writes what is not a message on its worker's link to the pool (the
+    socketpair's fd, its worker's first argument), then waits to be stopped."""
+    if x == BAD:
+        os.write(int(sys.argv[1]), b"\xff" * 16)
+        threading.Event().wait(60)
     return x * 10
 
 
@@ -224,6 +233,11 @@ ROWS = [
     Row(
         "os-exit", _fixed(exit3_on_bad), ITEMS, BAD, hived.WorkerCrashed,
         r"worker pid (\d+) on .+ exited with code 3\b",
+    ),
+    Row(
+        "link-scribbled", _fixed(scribble_on_link_on_bad), ITEMS, BAD, hived.WorkerCrashed,
+        r"worker pid (\d+) on .+ was stopped while running item \d+ of a chunk: its link to the "
+        r"pool broke: a message of 4294967295 frames; expected 1 to 4096 \(tried 3 times\)",
     ),
     Row(
         "package-missing-on-worker", _function_of_a_missing_package, ITEMS, ALL,

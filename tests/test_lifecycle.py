@@ -28,7 +28,7 @@ ILLEGAL = sorted(
 
 
 def worker(number: int = 1, device: str | None = None) -> WorkerProc:
-    return WorkerProc(number, device, proc=None, box_path="")  # type: ignore[arg-type]  # no process here
+    return WorkerProc(number, device, proc=None, box_path="", link=None)  # type: ignore[arg-type]  # no process here
 
 
 def assignment(aid: int = 7, cpus: int = 1, gpus: int = 0) -> Assignment:
@@ -36,7 +36,7 @@ def assignment(aid: int = 7, cpus: int = 1, gpus: int = 0) -> Assignment:
 
 
 def ready(w: WorkerProc) -> WorkerProc:
-    w.route = b"r%d" % w.number
+    w.said_ready = True
     w.move(lc.WorkerEvent.READY)
     return w
 
@@ -87,10 +87,8 @@ def test_a_move_that_disagrees_with_what_the_worker_holds_is_caught() -> None:
         w.move(lc.WorkerEvent.READY)
 
 
-def pool_of(*workers: WorkerProc) -> tuple[dict[int, WorkerProc], dict[bytes, WorkerProc]]:
-    by_number = {w.number: w for w in workers}
-    by_route = {w.route: w for w in workers if w.route is not None}
-    return by_number, by_route
+def pool_of(*workers: WorkerProc) -> dict[int, WorkerProc]:
+    return {w.number: w for w in workers}
 
 
 def test_a_consistent_pool_has_no_problems() -> None:
@@ -100,33 +98,29 @@ def test_a_consistent_pool_has_no_problems() -> None:
     idle, starting, gpu = ready(worker(2)), worker(3), ready(worker(4, device="0"))
     retiring = ready(worker(5))
     retiring.move(lc.WorkerEvent.RETIRE)
-    workers, routes = pool_of(busy, idle, starting, gpu, retiring)
-    assert lc.pool_problems(workers, routes, cpus=3, gpus=1, closing=False) == []
+    workers = pool_of(busy, idle, starting, gpu, retiring)
+    assert lc.pool_problems(workers, cpus=3, gpus=1, closing=False) == []
 
 
 def test_pool_problems_name_each_broken_invariant() -> None:
     busy = ready(worker(1))
     busy.running = assignment(cpus=3)
     busy.move(lc.WorkerEvent.ASSIGNED)
-    stale = ready(worker(2))
-    workers, routes = pool_of(busy, stale)
-    del routes[b"r2"]
-    routes[b"gone"] = worker(9)
-    problems = lc.pool_problems(workers, routes, cpus=2, gpus=1, closing=False)
+    misfiled = ready(worker(2))
+    workers = {1: busy, 7: misfiled}
+    problems = lc.pool_problems(workers, cpus=2, gpus=1, closing=False)
     assert problems == [
-        "worker 2 missing from the route index",
-        "route index b'gone' -> worker 9 is stale",
+        "worker record 7 holds worker 2",
         "3 CPU slots busy of 2",
         "2 CPU and 0 GPU workers serving, for 2 CPU slots and 1 GPUs",
     ]
     # a closing pool is not short of workers
-    assert "serving" not in " ".join(lc.pool_problems(workers, routes, 2, 1, closing=True))
+    assert "serving" not in " ".join(lc.pool_problems(workers, 2, 1, closing=True))
 
 
 def test_an_exited_worker_left_in_the_pool_is_a_problem() -> None:
     w = ready(worker(1))
     w.move(lc.WorkerEvent.EXITED)
-    workers, routes = pool_of(w)
     assert "worker 1 exited but is still in the pool" in lc.pool_problems(
-        workers, routes, cpus=1, gpus=0, closing=False
+        pool_of(w), cpus=1, gpus=0, closing=False
     )

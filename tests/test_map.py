@@ -128,7 +128,7 @@ def wait_workers_ready(hive) -> None:
     pool = hive.link.node.pool
     wait_for(
         lambda: len(pool.workers) == hive.slots
-        and all(w.route for w in list(pool.workers.values())),
+        and all(w.said_ready for w in list(pool.workers.values())),
         30,
         what="every worker to be ready",
     )

@@ -63,7 +63,7 @@ class Worker(Protocol):
     number: int
     device: str | None
     state: WorkerState
-    route: bytes | None
+    said_ready: bool
     running: Assignment | None
 
 
@@ -77,24 +77,22 @@ def worker_problems(w: Worker) -> list[str]:
     problems = []
     if (w.state is BUSY) != (w.running is not None):
         problems.append(f"worker {w.number} is {w.state} holding {w.running!r}")
-    if w.state in (IDLE, BUSY) and w.route is None:
+    if w.state in (IDLE, BUSY) and not w.said_ready:
         problems.append(f"worker {w.number} is {w.state} but never said READY")
-    if w.state is STARTING and w.route is not None:
+    if w.state is STARTING and w.said_ready:
         problems.append(f"worker {w.number} said READY but is still starting")
     return problems
 
 
 def pool_problems(
     workers: Mapping[int, Worker],
-    by_route: Mapping[bytes, Worker],
     cpus: int,
     gpus: int,
     closing: bool,
 ) -> list[str]:
     """The pool's invariants that do not hold, one line each: every worker
-    consistent; the route index names exactly the workers that said READY;
-    the busy CPU slots fit in `cpus`; and, unless the pool is closing, one
-    worker that is not retiring per CPU slot and per GPU."""
+    consistent; the busy CPU slots fit in `cpus`; and, unless the pool is
+    closing, one worker that is not retiring per CPU slot and per GPU."""
     problems = []
     for number, w in workers.items():
         if w.number != number:
@@ -102,11 +100,6 @@ def pool_problems(
         if w.state is EXITED:
             problems.append(f"worker {number} exited but is still in the pool")
         problems += worker_problems(w)
-        if w.route is not None and by_route.get(w.route) is not w:
-            problems.append(f"worker {number} missing from the route index")
-    for route, w in by_route.items():
-        if workers.get(w.number) is not w or w.route != route:
-            problems.append(f"route index {route!r} -> worker {w.number} is stale")
     busy = sum(w.running.needs.cpus for w in workers.values()
                if w.running is not None and w.device is None)  # fmt: skip
     if busy > cpus:

@@ -172,7 +172,6 @@ class Node:
         )
         self.pool = Pool(
             self.loop,
-            self.ctx,
             node_name=self.name,
             cpus=s.cpus,
             gpus=s.gpus,

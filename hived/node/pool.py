@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 The pool starts one worker process per CPU slot and one per GPU (with
 `CUDA_VISIBLE_DEVICES` set to that device), each a fresh interpreter running
-`hived.node.worker`, connected to the pool's ROUTER over an ipc socket. A worker
-is *idle* or runs exactly one assignment; whenever a worker becomes idle the
+`hived.node.worker`, linked to the pool by a socketpair of its own
+(hived.node.workerlink). A worker is *idle* or runs exactly one assignment; whenever a worker becomes idle the
 pool asks its source (the node) for an assignment that fits, so work is
 pulled, never pushed. A `Launcher` starts the processes; the embedded hive
 has it start them before the node exists, and the pool adopts them.
@@ -33,17 +33,15 @@ import functools
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
-import zmq
-
 import hived
 from hived.errors import InternalError
-from hived.net.reactor import Channel
 from hived.node import pooldir
 from hived.node.lifecycle import (
     IDLE,
@@ -66,6 +64,7 @@ from hived.node.worker import (
     Ready,
     Run,
 )
+from hived.node.workerlink import Link
 from hived.protocol.fields import BETWEEN, SOMEWHERE
 from hived.protocol.wire import decode, encode
 
@@ -126,7 +125,8 @@ class WorkerProc:
     device: str | None  # GPU id, None for a CPU worker
     proc: subprocess.Popen[bytes]
     box_path: str
-    route: bytes | None = None  # ROUTER identity, known once READY arrives
+    link: Link
+    said_ready: bool = False
     running: Assignment | None = None
     blobs: set[bytes] = field(default_factory=set)
     items_done: int = 0
@@ -161,6 +161,7 @@ class Launched:
     proc: subprocess.Popen[bytes]
     box_path: str
     records: int  # the read end of its records pipe
+    link: socket.socket  # the pool's end of its socketpair
 
 
 class Launcher:
@@ -168,13 +169,12 @@ class Launcher:
 
     Apart from the Pool so that workers can start before their pool does:
     the embedded hive starts them first and imports and builds its node
-    while they boot (`prelaunch`). A worker that connects before the pool's
-    socket is bound is let in once it is (ZeroMQ dials again)."""
+    while they boot (`prelaunch`). What a worker sends before its pool
+    exists waits in its socketpair."""
 
     def __init__(self, node_name: str, gpus: list[str], authkey: bytes | None) -> None:
         self.node_name, self.gpus, self.authkey = node_name, list(gpus), authkey
         self.dir = pooldir.make()  # and removes dead nodes' leftovers
-        self.address = f"ipc://{self.dir}/workers.sock"
         self._numbers = iter(range(1, 1 << 62))
         self.early: list[Launched] = []  # started by prelaunch, for the pool to adopt
 
@@ -191,6 +191,7 @@ class Launcher:
             for pipe in output_pipes(launched.proc):
                 pipe.close()
             os.close(launched.records)
+            launched.link.close()
         self.early.clear()
         pooldir.remove(self.dir)
 
@@ -211,33 +212,36 @@ class Launcher:
             env["CUDA_VISIBLE_DEVICES"] = ""
         where = f"{self.node_name}" + (f" gpu {device}" if device is not None else "")
         records, records_end = os.pipe()
+        link, link_end = socket.socketpair()
         # `-c`, not `-m hived.node.worker`: run as __main__, the worker's classes
         # (TaskError in results) would pickle as `__main__.TaskError`.
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-c", WORKER_MAIN, self.address, str(number), box_path, where,
-                 str(os.getpid()), str(records_end)],
+                [sys.executable, "-c", WORKER_MAIN, str(link_end.fileno()), str(number), box_path,
+                 where, str(os.getpid()), str(records_end)],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # a Ctrl-C at the caller's terminal is not the task's
                 close_fds=True,
-                pass_fds=(records_end,),
+                pass_fds=(records_end, link_end.fileno()),
             )
         except BaseException:
             os.close(records)
+            link.close()
             raise
         finally:
-            os.close(records_end)  # the worker's now; ours would keep the pipe open after it
-        return Launched(number, device, proc, box_path, records)
+            # The worker's now; ours would keep them open after it is gone.
+            os.close(records_end)
+            link_end.close()
+        return Launched(number, device, proc, box_path, records, link)
 
 
 class Pool:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        ctx: zmq.Context,
         *,
         node_name: str,
         cpus: int,
@@ -258,14 +262,7 @@ class Pool:
         self.max_tasks_per_worker, self.memory_limit = max_tasks_per_worker, memory_limit
         self.launcher = launcher or Launcher(node_name, gpus, authkey)
         self.dir = self.launcher.dir
-        sock = ctx.socket(zmq.ROUTER)
-        sock.linger = 0
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.address = self.launcher.address
-        sock.bind(self.address)
-        self.channel = Channel(loop, sock, self._on_frames)
         self.workers: dict[int, WorkerProc] = {}
-        self.by_route: dict[bytes, WorkerProc] = {}
         self.closing = False
         self.holding = False  # draining: running tasks finish, no new one starts
         self.on_idle: Callable[[], None] | None = None  # called when idle workers found no work
@@ -291,7 +288,10 @@ class Pool:
     def _adopt(self, launched: Launched) -> None:
         """Watch a started worker's pipes and exit on this pool's loop."""
         proc, records = launched.proc, launched.records
-        worker = WorkerProc(launched.number, launched.device, proc, launched.box_path)
+        worker = WorkerProc(launched.number, launched.device, proc, launched.box_path,
+                            Link(self.loop, launched.link))
+        worker.link.start(functools.partial(self._on_frames, worker),
+                          functools.partial(self._on_broken_link, worker))
         self.workers[launched.number] = worker
         now = self.loop.time()
         stdout, stderr = output_pipes(proc)
@@ -308,17 +308,17 @@ class Pool:
         self.loop.remove_reader(pidfd)
         os.close(pidfd)
         code = worker.proc.wait()
-        retiring = worker.retiring
         self._drain(worker)  # its last words (a fatal error's message) are its task's
+        self.workers.pop(worker.number, None)  # nothing more is assigned to it
+        worker.link.receive(to_the_end=True)  # a DONE it sent before it died still counts
+        worker.link.close()
+        retiring = worker.retiring
         for fd in worker.pipes.values():
             self.loop.remove_reader(fd)
         for pipe in output_pipes(worker.proc):
             pipe.close()
         os.close(worker.pipes[RECORDS])
         worker.pipes.clear()
-        self.workers.pop(worker.number, None)
-        if worker.route is not None:
-            self.by_route.pop(worker.route, None)
         crashed_at = self._read_box(worker)[1] if worker.running is not None else None
         try:  # only once read: the black box says which item killed the worker
             os.unlink(worker.box_path)
@@ -384,8 +384,8 @@ class Pool:
         if not self.workers:
             self._all_exited.set()
         for worker in list(self.workers.values()):
-            if worker.route is not None and worker.running is None:
-                self.channel.send([worker.route, *encode(Exit())])
+            if worker.said_ready and worker.running is None:
+                worker.link.send(encode(Exit()))
             else:  # still starting, or busy with a task: it cannot hear us
                 self._kill(worker, "the pool is stopping", routine=True)  # not "out of memory"
         # Exits arrive through the pidfd callbacks, which set the event.
@@ -395,14 +395,12 @@ class Pool:
             for worker in list(self.workers.values()):
                 self._kill(worker, "the pool is stopping", routine=True)
             await asyncio.wait_for(self._all_exited.wait(), EXIT_WAIT)
-        self.channel.close()
         pooldir.remove(self.dir)
 
     def validate(self) -> None:
         """Check the pool's invariants (hived.node.lifecycle.pool_problems);
         raise InternalError naming each that does not hold."""
-        problems = pool_problems(self.workers, self.by_route, self.cpus, len(self.gpus),
-                                 self.closing)  # fmt: skip
+        problems = pool_problems(self.workers, self.cpus, len(self.gpus), self.closing)
         if problems:
             raise InternalError(f"pool of {self.node_name} broke invariants: {'; '.join(problems)}")
 
@@ -463,7 +461,7 @@ class Pool:
         has_blob = a.fn not in worker.blobs
         payload = [self.blobs[a.fn], *a.frames] if has_blob else a.frames
         run = Run(a.id, a.fn, has_blob, a.start, a.stop, a.precise, a.needs.cpus)
-        if self.channel.send([worker.route, *encode(run, payload)]):
+        if worker.link.send(encode(run, payload)):
             worker.blobs.add(a.fn)
         # else: the worker is gone; its pidfd callback hands the assignment back
 
@@ -504,30 +502,26 @@ class Pool:
     def _retire(self, worker: WorkerProc) -> None:
         """Let an idle worker exit and start its successor now."""
         worker.move(WorkerEvent.RETIRE)
-        self.channel.send([worker.route, *encode(Exit())])
+        worker.link.send(encode(Exit()))
         self._spawn(worker.device)
 
     # -- messages from workers -------------------------------------------------
 
-    def _on_frames(self, frames: list[Any]) -> None:
-        route, body = frames[0].bytes, frames[1:]
+    def _on_frames(self, worker: WorkerProc, frames: list[Any]) -> None:
         try:
-            msg, payload = decode(body)
+            msg, payload = decode(frames)
         except Exception as exc:
-            log.warning("dropping a malformed message from a worker: %s", exc)
+            log.warning("dropping a malformed message from worker pid %d: %s", worker.proc.pid, exc)
             return
         if isinstance(msg, Ready):
-            worker = self.workers.get(msg.worker)
-            if worker is not None and worker.proc.pid == msg.pid:
-                worker.route = route
-                self.by_route[route] = worker
+            if not worker.said_ready and (msg.worker, msg.pid) == (worker.number, worker.proc.pid):
+                worker.said_ready = True
                 worker.move(WorkerEvent.READY)
-                if all(w.route is not None for w in self.workers.values()):
+                if all(w.said_ready for w in self.workers.values()):
                     self.ready.set()
                 self.kick()
             return
-        worker = self.by_route.get(route)
-        if worker is None:
+        if not worker.said_ready:
             return
         if isinstance(msg, Done):
             self._drain(worker)
@@ -542,6 +536,12 @@ class Pool:
             self._finished(worker, msg.assignment)
             self.sink.on_fail(msg.assignment, msg.message)
             self.kick()
+
+    def _on_broken_link(self, worker: WorkerProc, why: str) -> None:
+        """What came from the worker is not messages (its task wrote to the
+        link's fd?): nothing more from it can be trusted."""
+        log.warning("worker pid %d broke its link to the pool: %s", worker.proc.pid, why)
+        self._kill(worker, f"its link to the pool broke: {why}", routine=False)
 
     # -- what workers write to fds 1 and 2 -------------------------------------
 
@@ -574,7 +574,7 @@ class Pool:
         for piece in pieces:
             if worker.running is not None:
                 self.sink.on_output(self.job_tag(worker.running.job), piece, worker.proc.pid)
-            elif worker.route is None:  # before READY: the worker's own start failing, not a task
+            elif not worker.said_ready:  # before READY: the worker's own start failing, not a task
                 log.warning("worker pid %d: %s", worker.proc.pid, piece.text.rstrip("\n"))
             else:
                 # A past task's child writing on: the user's, so not for our log.

@@ -3,7 +3,7 @@
 A node that dies without stopping its pool (kill -9, out of memory, a power
 cut) cannot remove its directory. So the name says whose it is,
 `hived-pool-<pid namespace>-<pid>-<start time>-<random>` (numbers in base
-36: the workers' ipc path must fit in 107 bytes under a long TMPDIR), the start time
+36, to keep it short), the start time
 (from /proc/<pid>/stat) telling the owner apart from a later process given
 the same pid; and a pool that starts removes its own user's directories
 whose owner is gone. Only directories of its own pid namespace: a container
@@ -91,7 +91,7 @@ def make() -> str:
 
 
 def remove(path: str) -> None:
-    """Remove a stopped pool's directory: its socket and black boxes, then itself."""
+    """Remove a stopped pool's directory: its black boxes, then itself."""
     for name in os.listdir(path):
         os.unlink(os.path.join(path, name))
     os.rmdir(path)

@@ -1,10 +1,10 @@
 """A worker process: runs tasks the node sends it, one range at a time.
 
 Started by the node's pool as `python -c 'from hived.node.worker import main; main()'` (a fresh interpreter,
-never a fork of the event loop), it connects a DEALER to the node's worker
-ROUTER over ipc and loops: receive RUN, run each item, send DONE. It imports
-as little as it can, so it starts fast; the user's function and data are
-unpickled only here.
+never a fork of the event loop) with one end of a socketpair
+(hived.node.workerlink), it loops: receive RUN, run each item, send DONE,
+and exits when the pool closes its end. It imports as little as it can, so
+it starts fast; the user's function and data are unpickled only here.
 
 Before each item the worker writes (assignment, item) into a small shared
 file, its *black box*. If the process dies in the middle of an item
@@ -34,14 +34,16 @@ import logging
 import mmap
 import os
 import signal
+import socket
 import struct
 import sys
 import time
 import traceback
+from collections import deque
 from typing import Any
 
-from hived.net.frames import zero_copy
 from hived.node.taskoutput import RecordPipe
+from hived.node.workerlink import FrameReader, recv_blocking, send_blocking
 from hived.protocol import serialization
 from hived.protocol.fields import BETWEEN, SOMEWHERE
 from hived.protocol.wire import Message, decode, encode, message
@@ -142,15 +144,10 @@ class ThreadLimits:
 
 
 class Worker:
-    def __init__(self, zmq: Any, address: str, number: int, black_box: str, where: str):
-        self.zmq = zmq
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.linger = 0
-        # A worker may start before its pool binds (Launcher.prelaunch): dial
-        # again soon, not after ZeroMQ's default 100 ms.
-        self.sock.reconnect_ivl = 5
-        self.sock.connect(address)
+    def __init__(self, link: int, number: int, black_box: str, where: str):
+        os.set_inheritable(link, False)  # the task's own children do not hold the pool's link
+        self.sock = socket.socket(fileno=link)
+        self.reader, self.ready = FrameReader(), deque[list[Any]]()
         self.number, self.where = number, where
         self.functions: dict[bytes, Any] = {}
         fd = os.open(black_box, os.O_RDWR)
@@ -158,22 +155,17 @@ class Worker:
         os.close(fd)
         self.page = os.sysconf("SC_PAGE_SIZE")
         self.statm = os.open("/proc/self/statm", os.O_RDONLY)
-        self.parent = os.getppid()
         self.threads = ThreadLimits(os.environ)
         self.threads.apply(1)
 
     def serve(self) -> None:
-        self.sock.send_multipart(encode(Ready(self.number, os.getpid())))
+        self.send(encode(Ready(self.number, os.getpid())))
         if isinstance(sys.stdout, io.TextIOWrapper):  # a pipe: block-buffered otherwise
             sys.stdout.reconfigure(line_buffering=True)
-        self.sock.rcvtimeo = 1000
         while True:
-            try:
-                frames = self.sock.recv_multipart(copy=False)
-            except self.zmq.Again:
-                if os.getppid() != self.parent:
-                    return  # the node is gone; never outlive it
-                continue
+            frames = recv_blocking(self.sock, self.reader, self.ready)
+            if frames is None:
+                return  # the pool closed its end: the node is gone or done with us
             msg, payload = decode(frames)
             if isinstance(msg, Exit):
                 return
@@ -199,7 +191,7 @@ class Worker:
                 raise _Unloadable(str(fn))  # a fresh one: no traceback piling up
             nargs, items = serialization.loads(payload, f"the arguments (on {where})")
         except Exception as exc:
-            self.sock.send_multipart(encode(Fail(msg.assignment, str(exc))))
+            self.send(encode(Fail(msg.assignment, str(exc))))
             return
         call = _CALLS[nargs] if nargs in _CALLS else _CALLS[None]
         results: list[Any] = []
@@ -214,7 +206,7 @@ class Worker:
         frames, spoiled = _pickle_results(results, where)
         failures += spoiled
         done = Done(msg.assignment, msg.start, msg.stop, elapsed, self._rss(), failures)
-        self.sock.send_multipart(encode(done, frames), copy=not zero_copy(frames))
+        self.send(encode(done, frames))
         BLACK_BOX.pack_into(self.box, 0, msg.assignment, BETWEEN)
 
     def _run_recording(self, msg: Run, fn: Any, call: Any, items: list[Any],
@@ -230,6 +222,12 @@ class Worker:
                 failures += 1
         BLACK_BOX.pack_into(box, 0, msg.assignment, SOMEWHERE)
         return failures
+
+    def send(self, frames: list[Any]) -> None:
+        try:
+            send_blocking(self.sock, frames)
+        except OSError:  # the pool's end is closed: the node is gone
+            os._exit(0)
 
     def _rss(self) -> int:
         return int(os.pread(self.statm, 128, 0).split()[1]) * self.page
@@ -306,7 +304,8 @@ def _pickle_results(results: list[Any], where: str) -> tuple[list[Any], int]:
 
 def _set_up_process(parent: int) -> None:
     """Never outlive the node: the kernel kills us when it dies (Linux), and
-    if it died before we got here, we go at once. `serve` also polls.
+    if it died before we got here, we go at once. `serve` also ends when the
+    pool's end of the link closes.
 
     And C's stdout, block-buffered on a pipe, is made line-buffered as on a
     terminal, so a C library's printf reaches the caller line by line
@@ -343,13 +342,11 @@ def _take_authkey() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = argv if argv is not None else sys.argv[1:]
-    address, number, black_box, where, parent = args[0], int(args[1]), args[2], args[3], int(args[4])
+    link, number, black_box, where, parent = int(args[0]), int(args[1]), args[2], args[3], int(args[4])
     _set_up_process(parent)
     _forward_logging(int(args[5]))
     _take_authkey()
-    import zmq  # imported here so `import hived.node.worker` stays light for the node
-
-    Worker(zmq, address, number, black_box, where).serve()
+    Worker(link, number, black_box, where).serve()
 
 
 if __name__ == "__main__":
