@@ -73,6 +73,16 @@ def test_a_count_out_of_bounds_breaks_the_stream(count) -> None:
         reader.wrote(4)
 
 
+def test_messages_before_the_bytes_that_break_the_stream_are_kept() -> None:
+    reader = FrameReader()
+    data = stream_of([[b"fine"]]) + b"\xff" * 16  # both in one read
+    space = reader.space()
+    space[: len(data)] = data
+    with pytest.raises(BrokenStream) as info:
+        reader.wrote(len(data))
+    assert info.value.messages == [[b"fine"]]
+
+
 def run_link(peer, check) -> None:
     """A Link on a fresh loop against `peer(sock)` in a thread; `check(link, got, broken)`
     runs on the loop and returns when the test is done."""

@@ -41,7 +41,12 @@ BURST = 64  # reads per readable callback, so one worker cannot starve the loop
 
 
 class BrokenStream(Exception):
-    """The bytes from the other end are not messages: the stream cannot be trusted."""
+    """The bytes from the other end are not messages: the stream cannot be trusted.
+    `messages` holds those completed before the bytes that broke it."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.messages: list[list[Any]] = []
 
 
 def _buffer(frame: Any) -> memoryview:
@@ -92,13 +97,20 @@ class FrameReader:
         else:
             self._end += n
         out: list[list[Any]] = []
+        try:
+            self._parse(out)
+        except BrokenStream as exc:
+            exc.messages = out
+            raise
+        if self._start == self._end:
+            self._start = self._end = 0
+        return out
+
+    def _parse(self, out: list[list[Any]]) -> None:
         while self._step():
             if self._lengths is not None and len(self._frames) == len(self._lengths):
                 out.append(self._frames)
                 self._frames, self._lengths = [], None
-        if self._start == self._end:
-            self._start = self._end = 0
-        return out
 
     def _step(self) -> bool:
         """Parse what the buffered bytes allow; False when more must be read."""
@@ -227,17 +239,20 @@ class Link:
             if n == 0:  # the worker is gone: its pidfd says so to the pool
                 self.loop.remove_reader(self.fd)
                 return
+            broken = None
             try:
                 messages = self.reader.wrote(n)
-            except BrokenStream as exc:
-                self.close()
-                self.on_broken(str(exc))
-                return
+            except BrokenStream as exc:  # what came before the bad bytes still counts
+                broken, messages = exc, exc.messages
             for frames in messages:
                 try:
                     self.on_message(frames)
                 except Exception:  # a handler's bug must not stop the link
                     log.exception("error handling a message from a worker")
+            if broken is not None:
+                self.close()
+                self.on_broken(str(broken))
+                return
             if n < len(space) and not to_the_end:  # read dry: wait for the next readable
                 return
 
